@@ -1,0 +1,33 @@
+# The two commands of the README. Each creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is installed before the package so pip never resolves an unpinned torch (a multi-GB CUDA build).
+# A torch already in the venv (a GPU user's CUDA build) is kept. Override for another CPU wheel source:
+#   make test TORCH_SPEC=torch==2.13.0 TORCH_PIP_ARGS="--index-url <your CPU wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,report]"
+	touch $@
+
+demo: venv
+	$(PY) -m pytest examples -v -rA $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "make demo: no example ran" >&2; exit $$rc; }
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "make test: pytest collected no tests, which counts as a failure" >&2; exit $$rc; }
+
+bench: venv
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

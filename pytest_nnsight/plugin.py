@@ -1,0 +1,95 @@
+"""The pytest11 entry point: options, ini keys, markers and hooks. Imports only pytest and the standard library."""
+
+from __future__ import annotations
+
+import pytest
+
+from . import settings as _settings
+from .environment import library_versions
+from .errors import SettingsError
+from .fixtures import model, nnsight_model, nnsight_models  # noqa: F401  (fixtures pytest collects from this module)
+from .fixtures import CACHE_KEY, SETTINGS_KEY
+
+MARKERS = (
+    "nnsight_models(*model_ids): run the test once per model, served through the `model` fixture "
+    "(ids: hub ids, local checkpoint dirs, or bundled:NAME).",
+    "gpu: the test needs a CUDA device; skipped with a reason where there is none.",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("nnsight", "pytest-nnsight (interpretability findings as tests)")
+    for opt in _settings.OPTIONS:
+        where = f"env {opt.env}, ini {opt.ini}"
+        if opt.metavar is None:
+            group.addoption(opt.flag, action="store_const", const=True, default=None, dest=opt.dest,
+                            help=f"{opt.help} (default: off; {where}).")
+        else:
+            group.addoption(opt.flag, action="store", default=None, dest=opt.dest, metavar=opt.metavar,
+                            help=f"{opt.help} (default: {opt.default}; {where}).")
+        parser.addini(opt.ini, help=f"{opt.help} (default: {opt.default}).", type="string", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+    cli = {o.noun: config.getoption(o.dest, None) for o in _settings.OPTIONS}
+    ini = {o.noun: config.getini(o.ini) for o in _settings.OPTIONS}
+    try:
+        resolved = _settings.resolve(cli, ini=ini)
+        if resolved.device.startswith("cuda"):  # asked for explicitly: check now, not in 50 failing tests
+            from .models import resolve_device
+
+            resolve_device(resolved.device)
+    except SettingsError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SETTINGS_KEY] = resolved
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    s = config.stash[SETTINGS_KEY]
+    v = library_versions()
+    device = s.device + (" (CUDA when available, else CPU)" if s.device == "auto" else "")
+    return (
+        f"pytest-nnsight: nnsight {v['nnsight']}, torch {v['torch']}, transformers {v['transformers']}; "
+        f"device {device}, dtype {s.dtype}" + (", offline" if s.offline else "")
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("nnsight_models")
+    if marker is None:
+        return
+    if not marker.args:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: @pytest.mark.nnsight_models() needs at least one model id")
+    if "model" not in metafunc.fixturenames:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: @pytest.mark.nnsight_models parametrizes the `model` fixture, "
+            "but the test does not take a `model` argument"
+        )
+    ids = [m if isinstance(m, str) else type(m).__name__ for m in marker.args]
+    metafunc.parametrize("model", list(marker.args), ids=ids, indirect=True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is None:
+        return
+    s = item.config.stash[SETTINGS_KEY]
+    if s.device == "cpu":
+        pytest.skip(f"needs a CUDA device, but the device is cpu (from {s.source_of('device')}); use --nnsight-device auto or cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(f"needs a CUDA device; torch {torch.__version__} sees none here (run it on a GPU runner)")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    cache = config.stash.get(CACHE_KEY, None)
+    if cache is None or not cache.loaded() or config.get_verbosity() < 0:
+        return
+    terminalreporter.section("pytest-nnsight models")
+    for entry in cache.loaded():
+        terminalreporter.write_line(
+            f"{entry.info.get('id', entry.key.source)}: {entry.info.get('device')} {entry.info.get('dtype')}, "
+            f"loaded {cache.load_counts[entry.key]}x in {entry.load_seconds:.2f} s"
+        )

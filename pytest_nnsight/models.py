@@ -364,7 +364,10 @@ def wrap(module: Any, tokenizer: Any = None) -> Any:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
         return wrapped
-    wrapped = nnsight.NNsight(module)
+    with warnings.catch_warnings():
+        # BERT's child modules named `output` are served as `E_output` by nnsight 0.8; the notice is for nnsight users, not test output
+        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+        wrapped = nnsight.NNsight(module)
     if tokenizer is not None:
         wrapped.tokenizer = tokenizer
     module.register_forward_pre_hook(_text_guard(type(module).__name__, tokenizer is not None), with_kwargs=True)

@@ -14,9 +14,9 @@ Usage::
 Tasks:
 
 * ``capitals``: ``The capital of France is`` -> ``Paris`` for 48 countries and
-  8 prompt templates (2 more templates are held out). Subject information
-  moves from the country position to the last position between layer 0 and
-  layer 1.
+  8 prompt templates (2 more templates are held out). Layer 0 moves the
+  country's information from its own position to the last position; layer 1
+  reads it there.
 * ``induction``: associative recall. ``<bos> x1 .. xN`` then query/answer
   pairs ``q s`` where ``q`` is some ``xj`` and ``s`` is ``x(j+1)``. Layer 0
   learns a previous-token head, layer 1 induction heads.
@@ -129,13 +129,14 @@ CAPITALS_DESCRIPTION = (
     "France is' with the capital ('Paris') for 48 single-token countries and 8 "
     "prompt templates; 2 further templates are held out and only partly "
     "generalise, so tests should use the trained ones. Every entity is one "
-    "token, so clean and corrupted prompts have equal length. Known mechanism: "
-    "the country's information sits at the subject position after the "
-    "embeddings and moves to the last position between layer 0 and layer 1 "
-    "(activation patching of the block outputs, clean country into a "
-    "corrupted run: layer 0 has about 0.25-0.3 of the effect at the subject "
-    "position and about 0.7 at the last position; layer 1 has about 1.0 at "
-    "the last position and about 0 elsewhere)."
+    "token, so clean and corrupted prompts have equal length. Known mechanism "
+    "(activation patching of a clean run into a run with the next country, "
+    "effect = (LD_patched - LD_corrupt) / (LD_clean - LD_corrupt) on the logit "
+    "difference of the two capitals): in the embeddings only the subject "
+    "position matters (effect 1.0); layer 0 moves the subject's information "
+    "to the last position (block 0 output: about 1.0 at the last position, "
+    "about 0 at the subject); block 1 output matters only at the last "
+    "position (1.0). Every other (site, position) cell is about 0."
 )
 
 INDUCTION_DESCRIPTION = (
@@ -342,7 +343,9 @@ def capitals_batcher(
     looks exactly as if it ran alone with that many left pads and the model's
     default positions. The model therefore predicts the same with or without
     mask-derived ``position_ids`` (nnsight >= 0.8 supplies them; older
-    versions and plain batched HF calls do not).
+    versions and plain batched HF calls do not). Training on the default
+    positions of the batch-wide padding instead reached only 382/384 in 300
+    steps.
     """
     gen = torch.Generator().manual_seed(DATA_SEED)
     width = max(map(len, prompts)) + max_extra_pad

@@ -1,0 +1,34 @@
+"""Shared fixtures of the project's own tests.
+
+torch, transformers and nnsight are imported here, before any pytester inline run: pytester
+restores sys.modules after each inline run, and torch cannot be imported a second time in one
+process (nor can submodules it loads lazily on first use, hence the warm-up trace below).
+Tests that check the plugin imports none of them run pytest in a subprocess.
+"""
+
+import pytest
+import torch  # noqa: F401
+import transformers  # noqa: F401
+
+from pytest_nnsight.models import import_nnsight
+from pytest_nnsight.testing import tiny_gpt2
+
+
+
+def _warm_up() -> None:
+    from pytest_nnsight import ModelCache, Settings
+
+    model = ModelCache(Settings(device="cpu")).get("bundled:capitals")
+    with torch.inference_mode():
+        with model.trace(["The capital of France is", "Everyone knows that the capital of Spain is"]):
+            model.lm_head.output.save()
+
+
+import_nnsight()
+_warm_up()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A seeded random 2-layer GPT-2 (d_model 32) and its word tokenizer."""
+    return tiny_gpt2()

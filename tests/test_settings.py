@@ -1,0 +1,62 @@
+"""Settings resolve as command line > environment > ini > default, and bad values name their source."""
+
+import pytest
+
+from pytest_nnsight.errors import SettingsError
+from pytest_nnsight.settings import OPTIONS, Settings, resolve
+
+
+def test_defaults_when_nothing_is_set():
+    s = resolve({}, env={}, ini={})
+    assert (s.device, s.dtype, s.offline, s.require_models) == ("auto", "auto", False, False)
+    assert s.source_of("device") == "default"
+
+
+@pytest.mark.parametrize(
+    "cli, env, ini, expected, source",
+    [
+        ("cuda:1", "cpu", "cuda", "cuda:1", "command line option --nnsight-device"),
+        (None, "cpu", "cuda", "cpu", "environment variable PYTEST_NNSIGHT_DEVICE"),
+        (None, None, "CUDA:0", "cuda:0", "ini key nnsight_device in the config file"),
+        (None, None, "", "auto", "default"),
+    ],
+)
+def test_precedence(cli, env, ini, expected, source):
+    s = resolve({"device": cli}, env={"PYTEST_NNSIGHT_DEVICE": env} if env else {}, ini={"device": ini})
+    assert s.device == expected
+    assert s.source_of("device") == source
+
+
+@pytest.mark.parametrize(
+    "noun, value, accepted",
+    [
+        ("device", "gpu", "auto, cpu, cuda or cuda:N"),
+        ("device", "cuda:x", "auto, cpu, cuda or cuda:N"),
+        ("dtype", "fp16", "auto, float32, float16 or bfloat16"),
+        ("offline", "maybe", "true or false"),
+        ("check_batching_cells", "0", "positive integer"),
+    ],
+)
+def test_bad_value_names_value_source_and_accepted(noun, value, accepted):
+    with pytest.raises(SettingsError) as info:
+        resolve({}, env={}, ini={noun: value})
+    msg = str(info.value)
+    assert repr(value) in msg and f"nnsight_{noun}" in msg and "config file" in msg and accepted in msg
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(SettingsError, match="PYTEST_NNSIGHT_DTYPE"):
+        resolve({}, env={"PYTEST_NNSIGHT_DTYPE": "half"}, ini={})
+
+
+def test_flags_and_booleans():
+    assert resolve({"offline": True}, env={}, ini={}).offline is True
+    assert resolve({}, env={"PYTEST_NNSIGHT_OFFLINE": "yes"}, ini={"offline": "false"}).offline is True
+    assert resolve({}, env={}, ini={"offline": "off"}).offline is False
+
+
+def test_every_option_has_consistent_names():
+    for opt in OPTIONS:
+        assert opt.flag == "--nnsight-" + opt.noun.replace("_", "-")
+        assert opt.ini == "nnsight_" + opt.noun and opt.env == "PYTEST_NNSIGHT_" + opt.noun.upper()
+        assert hasattr(Settings(), opt.noun)

@@ -32,3 +32,31 @@ class ModelLoadError(NnsightTestError, RuntimeError):
 
 class ModelUsageError(NnsightTestError, TypeError):
     """A served model was used in a way it cannot support, e.g. a prompt given to a model without a tokenizer."""
+
+
+class SiteError(NnsightTestError, ValueError):
+    """A site names no module of the model, a layer or head out of range, or a part that does not exist."""
+
+
+class PositionError(NnsightTestError, ValueError):
+    """A position is out of range, absent from the prompt, ambiguous, or the prompts do not line up."""
+
+
+class MetricError(NnsightTestError, ValueError):
+    """A metric cannot be computed: a multi-token answer, an unknown word, a wrong-shaped user metric."""
+
+
+class InterventionError(NnsightTestError, RuntimeError):
+    """An intervention cannot run: a shape that does not fit, a site never reached, a device mismatch."""
+
+
+class BrokenExperimentError(NnsightTestError, ValueError):
+    """Clean and corrupt runs barely differ, so a normalised effect would divide noise by noise."""
+
+
+class NonFiniteMetricError(NnsightTestError, ArithmeticError):
+    """A metric came out NaN or infinite; comparisons with it never pass."""
+
+
+class BatchingMismatchError(NnsightTestError, AssertionError):
+    """A batched sweep disagrees with the same cells run one at a time (--nnsight-check-batching)."""

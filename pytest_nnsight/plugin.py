@@ -44,6 +44,12 @@ def pytest_configure(config: pytest.Config) -> None:
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = resolved
+    _settings.ACTIVE = resolved
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(SETTINGS_KEY, None) is _settings.ACTIVE:
+        _settings.ACTIVE = None
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -81,6 +87,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
     if not torch.cuda.is_available():
         pytest.skip(f"needs a CUDA device; torch {torch.__version__} sees none here (run it on a GPU runner)")
+
+
+def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, right: object) -> list[str] | None:
+    """Explain a failed comparison of a measured value: the claim, site, position, prompts, numbers."""
+    from .results import Measured
+
+    if isinstance(left, Measured):
+        return left.explain(op, right)
+    if isinstance(right, Measured):
+        flipped = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}.get(op, op)
+        return right.explain(flipped, left)
+    return None
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -107,6 +107,10 @@ class Settings:
         return self.sources.get(noun, "default")
 
 
+#: The settings of the running pytest session (set in pytest_configure); library code outside pytest sees None.
+ACTIVE: Settings | None = None
+
+
 def resolve(
     cli: Mapping[str, Any],
     env: Mapping[str, str] | None = None,

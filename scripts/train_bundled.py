@@ -143,13 +143,11 @@ INDUCTION_DESCRIPTION = (
     "Associative recall (induction): a 2-layer GPT-2 (d_model 64, 4 heads) "
     "reads a list of 4-12 distinct symbols t0..t63 after <bos>, then 6 queries "
     "q, each a symbol from the list, and must predict the symbol that followed "
-    "q in the list. Known mechanism: a layer-0 previous-token head (head 1 in "
-    "the released weights) copies each symbol into the next position, and the "
-    "layer-1 heads attend from the query to the position after the query's "
-    "earlier occurrence (induction heads). Patching the clean block outputs "
-    "into a run where the answer symbol in the list is replaced: layer 0 "
-    "carries the effect at the answer's list position, layer 1 at the query "
-    "position."
+    "q in the list. Known mechanism (eager attention, lists of 10): layer-0 "
+    "head 0 is a previous-token head (attention to the previous token about "
+    "0.99 at list positions), copying each symbol into the next position; all "
+    "4 layer-1 heads are induction heads, attending from the query to the "
+    "position after the query's earlier occurrence (about 0.98-0.99)."
 )
 
 

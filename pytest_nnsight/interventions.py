@@ -1,0 +1,367 @@
+"""Interventions: patch, ablate and steer one site, each returning an `Effect`.
+
+Every forward pass goes through `run`, which applies edits in execution order inside one nnsight
+trace, saves activations detached and cloned (a later in-place op cannot change them: nnsight
+issue #630), and evaluates the metric inside the trace so only one number per row leaves it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .errors import BrokenExperimentError, InterventionError, PositionError
+from .metrics import Metric, as_metric, logits_of, per_row
+from .results import Effect
+from .sites import Site, describe_positions, execution_order, resolve_position, resolve_site, show_tokens, site_value, tokens_of
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Write `values[k]` (op 'set') or add it (op 'add') at (rows[k], positions[k]) of a site."""
+
+    site: Site
+    rows: tuple[int, ...]
+    positions: tuple[int, ...]
+    values: torch.Tensor  # [k, d]
+    op: str = "set"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt with the words filling its template slots, so positions like '{country}' resolve."""
+
+    text: str
+    slots: Mapping[str, str]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def text_of(prompt: Any) -> str:
+    if isinstance(prompt, Prompt):
+        return prompt.text
+    if not isinstance(prompt, str):
+        raise PositionError(f"prompt {prompt!r} is not a string: expected a str (or a Prompt with slots)")
+    if not prompt.strip():
+        raise PositionError(f"prompt {prompt!r} is empty: expected text the model can read")
+    return prompt
+
+
+def slots_of(prompt: Any) -> Mapping[str, str] | None:
+    return prompt.slots if isinstance(prompt, Prompt) else None
+
+
+def check_context(model: Any, tokens: Sequence[str], prompt: str) -> None:
+    limit = getattr(getattr(getattr(model, "_module", model), "config", None), "n_positions", None) or getattr(
+        getattr(getattr(model, "_module", model), "config", None), "max_position_embeddings", None
+    )
+    if limit and len(tokens) > limit:
+        raise PositionError(f"prompt {prompt[:60]!r}... is {len(tokens)} tokens, longer than the model's context of {limit}")
+
+
+def pair_positions(model: Any, clean: Any, corrupt: Any, position: Any) -> tuple[list[str], list[str], list[int]]:
+    """Tokenize both prompts, check they line up, and resolve `position` to the same indices in both."""
+    ct, xt = tokens_of(model, text_of(clean)), tokens_of(model, text_of(corrupt))
+    check_context(model, ct, text_of(clean))
+    both = f"\n  clean:   [{show_tokens(ct)}]\n  corrupt: [{show_tokens(xt)}]"
+    if len(ct) != len(xt):
+        raise PositionError(f"clean and corrupt prompts tokenize to different lengths ({len(ct)} vs {len(xt)}), so positions do not line up:{both}")
+    try:
+        pos = resolve_position(ct, position, prompt=text_of(clean), slots=slots_of(clean))
+    except PositionError as exc:
+        raise PositionError(f"{exc}{both}") from None
+    if slots_of(corrupt) is not None and isinstance(position, str) and position.startswith("{"):
+        other = resolve_position(xt, position, prompt=text_of(corrupt), slots=slots_of(corrupt))
+        if other != pos:
+            raise PositionError(f"slot {position} sits at {pos} in the clean prompt but at {other} in the corrupt one:{both}")
+    return ct, xt, pos
+
+
+def _device(model: Any) -> torch.device:
+    module = getattr(model, "_module", model)
+    return next(module.parameters()).device
+
+
+def run(
+    model: Any,
+    inputs: Any,
+    metric: Metric,
+    *,
+    edits: Sequence[Edit] = (),
+    save: Sequence[Site] = (),
+    reference: Any = None,
+) -> tuple[torch.Tensor, dict[Site, torch.Tensor]]:
+    """One forward over `inputs` with `edits` applied; returns (metric per row on CPU, saved activations)."""
+    rows = len(inputs) if isinstance(inputs, list) else 1
+    order = execution_order(model, {e.site for e in edits} | set(save))
+    by_site: dict[Site, list[Edit]] = {}
+    for e in edits:
+        by_site.setdefault(e.site, []).append(e)
+    saved: dict[Site, torch.Tensor] = {}
+    result: list[Any] = []
+    try:
+        with torch.inference_mode():
+            with model.trace(inputs):
+                for site in order:
+                    value = site_value(model, site)
+                    if site in save:
+                        saved[site] = value.detach().clone().save()
+                    for e in by_site.get(site, ()):
+                        _apply(value, e)
+                result.append(metric(model.output, reference).save())
+    except (AttributeError, IndexError, ValueError, RuntimeError, TypeError) as exc:
+        raise _translate(exc, model, order) from exc
+    return per_row(result[0], rows, metric), saved
+
+
+def _apply(value: torch.Tensor, edit: Edit) -> None:
+    if value.shape[-1] != edit.values.shape[-1]:
+        raise InterventionError(f"cannot write a [{', '.join(map(str, edit.values.shape))}] value into {edit.site} of shape [{', '.join(map(str, value.shape))}]: the last dimension differs")
+    if edit.values.device != value.device:
+        raise InterventionError(f"value for {edit.site} is on {edit.values.device} but the model runs on {value.device}: move it with .to({str(value.device)!r})")
+    rows = torch.tensor(edit.rows, device=value.device)
+    pos = torch.tensor(edit.positions, device=value.device)
+    src = edit.values.to(value.dtype)
+    if edit.op == "add":
+        value[rows, pos, :] += src
+    else:
+        value[rows, pos, :] = src
+
+
+def _translate(exc: Exception, model: Any, sites: Sequence[Site]) -> Exception:
+    """One clear message for the errors nnsight raises from deep inside a trace, whatever its version calls them."""
+    if isinstance(exc, (InterventionError, PositionError)):
+        return exc
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else name
+    where = ", ".join(map(str, sites)) or "the model output"
+    if name in ("OutOfOrderError", "MissedProviderError") or "was not provided" in text or "ran past it" in text:
+        return InterventionError(f"site(s) {where} were not reached in the forward pass ({name}: {text}); is the module used by this model's forward?")
+    if "expanded size" in text or "shape" in text:
+        return InterventionError(f"a value written at {where} does not fit its shape: {text}")
+    return InterventionError(f"the trace failed at {where}: {name}: {text}")
+
+
+def normalized(intervened: float, target: float, source: float, *, min_gap: float, what: str) -> float:
+    """(intervened - target) / (source - target), refusing when source and target barely differ."""
+    gap = source - target
+    if not (math.isfinite(source) and math.isfinite(target)):
+        return math.nan
+    if abs(gap) <= min_gap:
+        raise BrokenExperimentError(
+            f"{what}: the two runs barely differ ({source:.6g} vs {target:.6g}, gap {gap:.3g} <= min_gap {min_gap:g}), so the "
+            "normalized effect would divide noise by noise. The corrupt prompt must change the metric: pick one that flips the answer."
+        )
+    return (intervened - target) / gap
+
+
+def patch(
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    *,
+    site: Any,
+    position: Any,
+    metric: Any,
+    direction: str = "clean->corrupt",
+    controls: bool = False,
+    control_position: Any = None,
+    min_gap: float = 1e-4,
+    seed: int = 0,
+) -> Effect:
+    """Activation patching: write one run's activation at (site, position) into the other run.
+
+    direction 'clean->corrupt' (default) measures how much the patch restores the clean behaviour;
+    'corrupt->clean' how much it breaks it. `controls=True` adds the same patch from a random donor
+    of matched norm and at `control_position` (default: the first other non-special position).
+
+    >>> effect = patch(model, "The capital of France is", "The capital of Germany is",   # doctest: +SKIP
+    ...                site="transformer.h.0", position="France", metric=logit_diff("Paris", "Berlin"))
+    """
+    if direction not in ("clean->corrupt", "corrupt->clean"):
+        raise ValueError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+    m = as_metric(model, metric)
+    s = resolve_site(model, site)
+    ct, xt, pos = pair_positions(model, clean, corrupt, position)
+    source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
+    reference = _reference(model, m, text_of(clean))
+    base, acts = run(model, [text_of(source), text_of(target)], m, save=[s], reference=reference)
+    src_act = acts[s][0]
+    values = src_act[pos]
+    patched, _ = run(model, text_of(target), m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference)
+    what = f"patching {s} at {describe_positions(ct, pos)}"
+    eff = normalized(float(patched[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what)
+    ctrl: dict[str, float] = {}
+    if controls:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(values.shape, generator=gen).to(values.device, values.dtype)
+        donor = noise / noise.norm(dim=-1, keepdim=True) * values.norm(dim=-1, keepdim=True)
+        r, _ = run(model, text_of(target), m, edits=[Edit(s, (0,) * len(pos), tuple(pos), donor)], reference=reference)
+        ctrl["random_donor"] = normalized(float(r[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what)
+        other = _control_positions(model, ct, pos, control_position, text_of(clean))
+        if other:
+            r, _ = run(model, text_of(target), m, edits=[Edit(s, (0,) * len(other), tuple(other), src_act[other])], reference=reference)
+            ctrl[f"position {other[0]} {ct[other[0]]!r}"] = normalized(float(r[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what)
+    target_tokens = xt if direction == "clean->corrupt" else ct
+    return Effect(
+        "patch", str(s), tuple(pos), tuple(target_tokens[p] for p in pos), m.name, text_of(source), text_of(target),
+        float(base[0]), float(base[1]), float(patched[0]), eff, direction, tuple(target_tokens), controls=ctrl,
+    )
+
+
+def _reference(model: Any, metric: Metric, clean: str) -> Any:
+    if not metric.needs_reference:
+        return None
+    with torch.inference_mode():
+        with model.trace(clean):
+            last = logits_of(model.output)[:, -1, :].detach().clone().save()
+    return last
+
+
+def _control_positions(model: Any, tokens: Sequence[str], pos: Sequence[int], control: Any, prompt: str) -> list[int]:
+    if control is not None:
+        return resolve_position(tokens, control, prompt=prompt)
+    special = set(getattr(getattr(model, "tokenizer", None), "all_special_tokens", []) or [])
+    for i, t in enumerate(tokens):
+        if i not in pos and t not in special:
+            return [i]
+    return []
+
+
+def ablate(
+    model: Any,
+    prompt: Any,
+    *,
+    site: Any,
+    position: Any,
+    metric: Any,
+    method: str = "zero",
+    reference_prompts: Sequence[Any] = (),
+    donor: Any = None,
+) -> Effect:
+    """Ablation: replace the activation at (site, position) with zeros, its mean over `reference_prompts`, or a `donor` prompt's.
+
+    `normalized` is the change relative to the unablated metric, (ablated - unablated) / |unablated|;
+    `effect.delta` is the raw change (negative when the ablation lowers the metric).
+    """
+    if method not in ("zero", "mean", "resample"):
+        raise ValueError(f"ablation method {method!r}: expected 'zero', 'mean' or 'resample'")
+    m = as_metric(model, metric)
+    s = resolve_site(model, site)
+    text = text_of(prompt)
+    tokens = tokens_of(model, text)
+    check_context(model, tokens, text)
+    pos = resolve_position(tokens, position, prompt=text, slots=slots_of(prompt))
+    reference = _reference(model, m, text)
+    base, acts = run(model, text, m, save=[s], reference=reference)
+    width = acts[s].shape[-1]
+    if method == "zero":
+        values = torch.zeros(len(pos), width, device=acts[s].device, dtype=acts[s].dtype)
+        how = "zero ablation"
+    elif method == "mean":
+        if not reference_prompts:
+            raise ValueError("mean ablation needs reference_prompts: the prompts whose mean activation replaces this one")
+        values = _mean_activation(model, s, reference_prompts, position, pos)
+        how = f"mean ablation ({len(reference_prompts)} prompts)"
+    else:
+        if donor is None:
+            raise ValueError("resample ablation needs donor=: the prompt whose activation replaces this one")
+        values = _mean_activation(model, s, [donor], position, pos)
+        how = f"resample ablation (from {text_of(donor)!r})"
+    ablated, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference)
+    b, a = float(base[0]), float(ablated[0])
+    rel = (a - b) / abs(b) if b != 0 else math.copysign(math.inf, a - b) if a != b else 0.0
+    return Effect(how, str(s), tuple(pos), tuple(tokens[p] for p in pos), m.name, "", text, b, b, a, rel, "ablation", tuple(tokens))
+
+
+def _mean_activation(model: Any, site: Site, prompts: Sequence[Any], position: Any, own: Sequence[int]) -> torch.Tensor:
+    """Mean over prompts of the activation at `position` resolved in each prompt (left padding accounted for).
+
+    A word of the ablated prompt ('France') that a reference prompt lacks stands for the same indices `own`.
+    """
+    texts = [text_of(p) for p in prompts]
+    token_lists = [tokens_of(model, t) for t in texts]
+    longest = max(len(t) for t in token_lists)
+    m = Metric("none", lambda out, ref: torch.zeros(len(texts)))
+    _, acts = run(model, texts, m, save=[site])
+    rows = []
+    for r, (tokens, prompt) in enumerate(zip(token_lists, prompts)):
+        try:
+            pos = resolve_position(tokens, position, prompt=text_of(prompt), slots=slots_of(prompt))
+        except PositionError:
+            if not (isinstance(position, str) and not position.startswith("{") and position != "last" and max(own) < len(tokens)):
+                raise
+            pos = list(own)
+        if len(pos) != len(own):
+            raise PositionError(f"position {position!r} names {len(pos)} tokens in {text_of(prompt)!r} but {len(own)} in the ablated prompt")
+        pad = longest - len(tokens)
+        rows.append(acts[site][r, [p + pad for p in pos]])
+    return torch.stack(rows).mean(0)
+
+
+def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Tensor, metric: Any, alpha: float = 1.0) -> Effect:
+    """Steering: add `alpha * vector` to the activation at (site, position); `vector` must be [d] of that site."""
+    m = as_metric(model, metric)
+    s = resolve_site(model, site)
+    text = text_of(prompt)
+    tokens = tokens_of(model, text)
+    pos = resolve_position(tokens, position, prompt=text, slots=slots_of(prompt))
+    reference = _reference(model, m, text)
+    base, acts = run(model, text, m, save=[s], reference=reference)
+    width = acts[s].shape[-1]
+    if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != (width,):
+        shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
+        raise InterventionError(f"steering vector of shape {shape} does not fit {s}: expected a tensor of shape ({width},); a broadcastable shape would silently change every position")
+    if vector.device != acts[s].device:
+        raise InterventionError(f"steering vector is on {vector.device} but the model runs on {acts[s].device}: move it with .to({str(acts[s].device)!r})")
+    if not torch.isfinite(vector).all():
+        raise InterventionError(f"steering vector for {s} contains NaN or inf")
+    values = (alpha * vector.to(acts[s].dtype)).expand(len(pos), width)
+    steered, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values, op="add")], reference=reference)
+    b, a = float(base[0]), float(steered[0])
+    rel = (a - b) / abs(b) if b != 0 else (math.inf if a != b else 0.0)
+    return Effect(f"steering (alpha={alpha:g})", str(s), tuple(pos), tuple(tokens[p] for p in pos), m.name, "", text, b, b, a, rel, "steering", tuple(tokens))
+
+
+@dataclass(frozen=True)
+class TopTokens:
+    """The seed's `patch_layer` result: the next-token distribution after a patch, top k."""
+
+    prompt: str
+    source_prompt: str
+    site: str
+    position: int
+    tokens: tuple[str, ...]
+    probs: tuple[float, ...]
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{t!r} {p:.3f}" for t, p in zip(self.tokens, self.probs))
+        return f"TopTokens({self.site} @ {self.position}: {top})"
+
+
+def patch_layer(model: Any, prompt: str, source_prompt: str, layer: int, pos: int, k: int = 5) -> TopTokens:
+    """The seed document's InterventionExp.patch_layer: the source prompt's hidden state at (layer, pos) written into the prompt's run; top-k tokens after."""
+    from .sites import block
+
+    s = block(model, layer)
+    st, pt = tokens_of(model, source_prompt), tokens_of(model, prompt)
+    p_src = resolve_position(st, pos, prompt=source_prompt)
+    p_dst = resolve_position(pt, pos, prompt=prompt)
+    holder: list[torch.Tensor] = []
+
+    def last_logits(out: Any, ref: Any) -> torch.Tensor:
+        holder.append(logits_of(out)[0, -1].detach().float().cpu())
+        return torch.zeros(1)
+
+    keep = Metric("last logits", last_logits)
+    _, acts = run(model, source_prompt, keep, save=[s])
+    holder.clear()
+    run(model, prompt, keep, edits=[Edit(s, (0,), (p_dst[0],), acts[s][0, p_src])])
+    probs = holder[0].softmax(-1)
+    top = torch.topk(probs, k)
+    tok = model.tokenizer
+    return TopTokens(prompt, source_prompt, str(s), p_dst[0], tuple(tok.decode([int(i)]) for i in top.indices), tuple(float(v) for v in top.values))

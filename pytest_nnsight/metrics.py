@@ -1,0 +1,144 @@
+"""Metrics: numbers computed from a model's output, one per batch row.
+
+Built-in metrics read the logits at the last position (the last real token: prompts are
+left-padded). Answers are token strings, checked to be single tokens, or token ids. Any callable
+from the model's output to one value per row is a metric too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import MetricError
+
+
+def logits_of(output: Any) -> Any:
+    """The logits tensor in a model output (ModelOutput.logits, a tensor, or a tuple's first element)."""
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not hasattr(logits, "ndim"):
+        raise MetricError(f"cannot find logits in a {type(output).__name__} output: use a metric function for this model")
+    return logits
+
+
+def token_id(tokenizer: Any, token: str | int) -> int:
+    """The id of a single-token answer; MetricError naming the tokenization when it is not one token."""
+    if isinstance(token, int) and not isinstance(token, bool):
+        if tokenizer is not None and not 0 <= token < len(tokenizer):
+            raise MetricError(f"token id {token} is out of range: the vocabulary has {len(tokenizer)} ids")
+        return token
+    if not isinstance(token, str) or token == "":
+        raise MetricError(f"answer {token!r} is not a token string or id")
+    if tokenizer is None:
+        raise MetricError(f"answer {token!r} is a string, but the model has no tokenizer: pass a token id")
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise MetricError(
+            f"answer {token!r} is {len(ids)} tokens {pieces} for this tokenizer: metrics need single-token answers "
+            "(for GPT-2 style tokenizers mind the leading space: ' Paris'), or pass a token id"
+        )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids[0] == unk and token.strip() != tokenizer.unk_token:
+        raise MetricError(f"answer {token!r} is not in the vocabulary (it tokenizes to {tokenizer.unk_token})")
+    return ids[0]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric over the model's output: `fn(output, reference) -> tensor[batch]`, bound to token ids."""
+
+    name: str
+    fn: Callable[[Any, Any], Any]
+    needs_reference: bool = False
+
+    def __call__(self, output: Any, reference: Any = None) -> Any:
+        return self.fn(output, reference)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class MetricSpec:
+    """A metric before it meets a tokenizer: `bind(model)` checks the answers and returns a Metric."""
+
+    def __init__(self, name: str, tokens: tuple[Any, ...], build: Callable[..., Callable[[Any, Any], Any]], needs_reference: bool = False):
+        self.name, self.tokens, self.build, self.needs_reference = name, tokens, build, needs_reference
+
+    def bind(self, model: Any) -> Metric:
+        tokenizer = getattr(model, "tokenizer", None)
+        ids = [token_id(tokenizer, t) for t in self.tokens]
+        return Metric(self.name, self.build(*ids), self.needs_reference)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _last(output: Any) -> Any:
+    logits = logits_of(output)
+    return logits[:, -1, :].float() if logits.ndim == 3 else logits.float()
+
+
+def logit_diff(answer: str | int, distractor: str | int) -> MetricSpec:
+    """logit[answer] - logit[distractor] at the last position.
+
+    >>> logit_diff("Paris", "Berlin")
+    logit_diff('Paris', 'Berlin')
+    """
+    return MetricSpec(f"logit_diff({answer!r}, {distractor!r})", (answer, distractor), lambda a, b: lambda out, ref: _last(out)[:, a] - _last(out)[:, b])
+
+
+def prob(token: str | int) -> MetricSpec:
+    """Probability of `token` at the last position."""
+    return MetricSpec(f"prob({token!r})", (token,), lambda a: lambda out, ref: _last(out).softmax(-1)[:, a])
+
+
+def logprob(token: str | int) -> MetricSpec:
+    """Log-probability of `token` at the last position."""
+    return MetricSpec(f"logprob({token!r})", (token,), lambda a: lambda out, ref: _last(out).log_softmax(-1)[:, a])
+
+
+def rank(token: str | int) -> MetricSpec:
+    """Rank of `token` at the last position (0 = the top prediction)."""
+    return MetricSpec(f"rank({token!r})", (token,), lambda a: lambda out, ref: (_last(out) > _last(out)[:, a : a + 1]).sum(-1).float())
+
+
+def kl_div() -> MetricSpec:
+    """KL(reference || run) of the next-token distributions at the last position; the reference is the clean run."""
+
+    def build() -> Callable[[Any, Any], Any]:
+        def fn(out: Any, ref: Any) -> Any:
+            logp = _last(out).log_softmax(-1)
+            ref_logp = ref.float().log_softmax(-1).to(logp.device)
+            return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+
+        return fn
+
+    return MetricSpec("kl_div()", (), build, needs_reference=True)
+
+
+def as_metric(model: Any, metric: Any) -> Metric:
+    """A bound Metric from a MetricSpec, a Metric, or a user function `output -> value per row`."""
+    if isinstance(metric, Metric):
+        return metric
+    if isinstance(metric, MetricSpec):
+        return metric.bind(model)
+    if callable(metric):
+        name = getattr(metric, "__name__", type(metric).__name__)
+        return Metric(name, lambda out, ref: metric(out))
+    raise MetricError(f"metric {metric!r} is not a metric: expected logit_diff(...), prob(...), logprob(...), rank(...), kl_div() or a function of the model output")
+
+
+def per_row(values: Any, rows: int, metric: Metric) -> Any:
+    """Check a metric returned one finite-or-not value per row; a single number for several rows is an error."""
+    import torch
+
+    t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+    t = t.detach().float().reshape(-1).cpu()
+    if t.numel() == 1 and rows > 1:
+        raise MetricError(f"metric {metric.name} returned one number for a batch of {rows} rows: return one value per row (shape [{rows}]), or run with batch_size=1")
+    if t.numel() != rows:
+        raise MetricError(f"metric {metric.name} returned {t.numel()} values for {rows} rows: expected shape [{rows}]")
+    return t

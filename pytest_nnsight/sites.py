@@ -1,0 +1,325 @@
+"""Where to intervene: sites (a module's output or input, a named component, one attention head) and positions.
+
+A site is resolved once against the model (so a bad path or layer fails before any forward pass)
+and read or written inside a trace through `site_value`, which hides the tuple-vs-tensor change
+of block outputs between transformers 4 and 5 (hazard H1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import PositionError, SiteError
+
+# (layers, attention, mlp, head projection whose input holds the concatenated heads) per family
+LAYOUTS: tuple[tuple[str, str, str, str], ...] = (
+    ("transformer.h", "attn", "mlp", "attn.c_proj"),  # GPT-2, GPT-J (mlp/attn.out_proj differ: see issue on families)
+    ("gpt_neox.layers", "attention", "mlp", "attention.dense"),  # GPT-NeoX / Pythia
+    ("model.layers", "self_attn", "mlp", "self_attn.o_proj"),  # Llama, Mistral, Qwen2
+    ("model.decoder.layers", "self_attn", "fc2", "self_attn.out_proj"),  # OPT
+)
+EMBED_PATHS = ("transformer.drop", "gpt_neox.emb_dropout", "model.embed_tokens", "model.decoder.embed_tokens")
+PARTS = ("output", "input")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the model: `path` of a module (relative to the model root), its `part`, optionally one head."""
+
+    path: str
+    part: str = "output"
+    head: int | None = None
+    n_heads: int | None = None
+    label: str | None = None
+
+    def __str__(self) -> str:
+        return self.label or (self.path + ("" if self.part == "output" else f":{self.part}"))
+
+
+def module_of(model: Any) -> Any:
+    """The torch module under an nnsight wrapper (or the module itself)."""
+    return getattr(model, "_module", model)
+
+
+def model_name(model: Any) -> str:
+    cfg = getattr(module_of(model), "config", None)
+    return getattr(cfg, "_name_or_path", "") or type(module_of(model)).__name__
+
+
+def _layout(model: Any) -> tuple[str, str, str, str]:
+    root = module_of(model)
+    for layout in LAYOUTS:
+        try:
+            root.get_submodule(layout[0])
+            return layout
+        except AttributeError:
+            continue
+    raise SiteError(
+        f"cannot find the layer list of {type(root).__name__}: known layouts are "
+        + ", ".join(layout[0] for layout in LAYOUTS)
+        + "; name sites by module path instead (e.g. 'transformer.h.0')"
+    )
+
+
+def n_layers(model: Any) -> int:
+    return len(module_of(model).get_submodule(_layout(model)[0]))
+
+
+def _layer_index(model: Any, layer: int) -> int:
+    n = n_layers(model)
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise SiteError(f"layer {layer!r} is not an int: expected 0..{n - 1} (or -{n}..-1)")
+    if not -n <= layer < n:
+        raise SiteError(f"layer {layer} is out of range: {model_name(model)} has {n} layers, valid 0..{n - 1} (or -{n}..-1)")
+    return layer % n
+
+
+def block(model: Any, layer: int) -> Site:
+    """The residual stream after block `layer` (the block's output)."""
+    layer = _layer_index(model, layer)
+    return Site(f"{_layout(model)[0]}.{layer}", label=f"block {layer}")
+
+
+def attn_out(model: Any, layer: int) -> Site:
+    """The attention output of block `layer`."""
+    layer = _layer_index(model, layer)
+    layers, attn, _, _ = _layout(model)
+    return Site(f"{layers}.{layer}.{attn}", label=f"attn {layer}")
+
+
+def mlp_out(model: Any, layer: int) -> Site:
+    """The MLP output of block `layer`."""
+    layer = _layer_index(model, layer)
+    layers, _, mlp, _ = _layout(model)
+    return Site(f"{layers}.{layer}.{mlp}", label=f"mlp {layer}")
+
+
+def head(model: Any, layer: int, index: int) -> Site:
+    """One attention head's output of block `layer`, before the output projection mixes the heads."""
+    layer = _layer_index(model, layer)
+    layers, _, _, proj = _layout(model)
+    cfg = module_of(model).config
+    heads = getattr(cfg, "n_head", None) or getattr(cfg, "num_attention_heads")
+    if not isinstance(index, int) or not 0 <= index < heads:
+        raise SiteError(f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1}")
+    return Site(f"{layers}.{layer}.{proj}", part="input", head=index, n_heads=heads, label=f"head {layer}.{index}")
+
+
+def embed(model: Any) -> Site:
+    """The embeddings entering block 0 (token + position embeddings where the model adds them)."""
+    root = module_of(model)
+    for path in EMBED_PATHS:
+        try:
+            root.get_submodule(path)
+            return Site(path, label="embed")
+        except AttributeError:
+            continue
+    raise SiteError(f"cannot find the embedding output of {type(root).__name__}: name it by module path")
+
+
+def blocks(model: Any) -> list[Site]:
+    """Every block's output, first to last."""
+    return [block(model, i) for i in range(n_layers(model))]
+
+
+NAMED = {"blocks": blocks, "attn": lambda m: [attn_out(m, i) for i in range(n_layers(m))], "mlp": lambda m: [mlp_out(m, i) for i in range(n_layers(m))]}
+
+
+def resolve_site(model: Any, spec: Any) -> Site:
+    """A Site from a Site, an nnsight envoy (`model.transformer.h[3]`) or a path ('transformer.h.3', 'transformer.h.3:input')."""
+    if isinstance(spec, Site):
+        _check_path(model, spec.path)
+        return spec
+    path = getattr(spec, "path", None)
+    if isinstance(path, str) and not isinstance(spec, str):  # an envoy
+        return resolve_site(model, path.split(".", 1)[1] if path.startswith("model.") else "")
+    if not isinstance(spec, str):
+        raise SiteError(f"site {spec!r} is not a Site, an envoy or a path string: expected e.g. 'transformer.h.0' or model.transformer.h[0]")
+    path, _, part = spec.partition(":")
+    part = part or "output"
+    if part not in PARTS:
+        raise SiteError(f"site {spec!r} names part {part!r}: expected one of {', '.join(PARTS)}")
+    path = path[len("model."):] if path.startswith("model.") else path
+    _check_path(model, path)
+    return Site(path, part=part)
+
+
+def resolve_sites(model: Any, spec: Any) -> list[Site]:
+    """A list of sites from one site, a list of them, or a named group ('blocks', 'attn', 'mlp')."""
+    if isinstance(spec, str) and spec in NAMED:
+        return NAMED[spec](model)
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise SiteError("an empty list of sites: name at least one site, or use 'blocks', 'attn' or 'mlp'")
+        return [resolve_site(model, s) for s in spec]
+    return [resolve_site(model, spec)]
+
+
+def _check_path(model: Any, path: str) -> None:
+    root = module_of(model)
+    if path == "":
+        return
+    try:
+        root.get_submodule(path)
+        return
+    except AttributeError:
+        pass
+    names = [name for name, _ in root.named_modules() if name]
+    parent, _, last = path.rpartition(".")
+    if last.isdigit():
+        try:
+            container = root.get_submodule(parent)
+            raise SiteError(f"index {last} in site {path!r} is out of range: {parent} has {len(container)} entries, valid 0..{len(container) - 1}")
+        except AttributeError:
+            pass
+    close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
+    hint = f"close matches: {', '.join(close)}" if close else f"top-level modules: {', '.join(n for n in names if '.' not in n)}"
+    raise SiteError(f"unknown site {path!r} in {type(root).__name__}; {hint}")
+
+
+def envoy_at(model: Any, path: str) -> Any:
+    """The nnsight envoy at a module path (call inside a trace, in execution order)."""
+    envoy = model
+    for name in path.split(".") if path else ():
+        if name.isdigit():
+            envoy = envoy[int(name)]
+        else:
+            envoy = getattr(envoy, "E_output" if name == "output" and hasattr(envoy, "E_output") else name)
+    return envoy
+
+
+def site_value(model: Any, site: Site) -> Any:
+    """Inside a trace: the tensor at `site` (a view, so writing into it patches the model)."""
+    envoy = envoy_at(model, site.path)
+    value = envoy.output if site.part == "output" else envoy.input
+    hidden = value[0] if isinstance(value, tuple) else value
+    if site.head is not None:
+        b, t, d = hidden.shape
+        hidden = hidden.view(b, t, site.n_heads, d // site.n_heads)[:, :, site.head, :]
+    return hidden
+
+
+def execution_order(model: Any, sites: Iterable[Site]) -> list[Site]:
+    """`sites` sorted in the order the forward pass reaches them (nnsight 0.8 requires that order in a trace)."""
+    order = _event_order(model)
+    return sorted(sites, key=lambda s: (order.get((s.path, s.part), -1), s.head or 0))
+
+
+_ORDER_CACHE: dict[int, dict[tuple[str, str], int]] = {}
+
+
+def _event_order(model: Any) -> dict[tuple[str, str], int]:
+    """When each module's input and output become available in one probe forward; cached per model."""
+    root = module_of(model)
+    cached = _ORDER_CACHE.get(id(root))
+    if cached is not None:
+        return cached
+    import torch
+
+    order: dict[tuple[str, str], int] = {}
+
+    def note(key: tuple[str, str]) -> None:
+        order.setdefault(key, len(order))
+
+    handles = []
+    for name, m in root.named_modules():
+        if name:
+            handles.append(m.register_forward_pre_hook(lambda *_a, n=name: note((n, "input"))))
+            handles.append(m.register_forward_hook(lambda *_a, n=name: note((n, "output"))))
+    try:
+        device = next(root.parameters()).device
+        with torch.inference_mode():
+            root(torch.ones(1, 2, dtype=torch.long, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    _ORDER_CACHE[id(root)] = order
+    return order
+
+
+# -- positions ------------------------------------------------------------------------------------
+
+Position = Any  # int | str | slice | Sequence[int]
+
+
+def tokens_of(model: Any, prompt: str) -> list[str]:
+    """The tokens the model sees for `prompt` (special tokens included), as strings."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise PositionError("this model has no tokenizer, so positions can only be ints or slices")
+    ids = tok(prompt)["input_ids"]
+    return tok.convert_ids_to_tokens(ids)
+
+
+def show_tokens(tokens: Sequence[str]) -> str:
+    return " ".join(f"{i}:{t}" for i, t in enumerate(tokens))
+
+
+def _word(tok: str) -> str:
+    return re.sub(r"^(Ġ|▁|##)", "", tok).strip()
+
+
+SLOT_RE = re.compile(r"^\{(\w+)\}$")
+
+
+def resolve_position(tokens: Sequence[str], position: Position, *, prompt: str = "", slots: Mapping[str, str] | None = None) -> list[int]:
+    """Token indices (non-negative) that `position` names in a prompt tokenized as `tokens`.
+
+    Accepts an int (negative counts from the end), "last", a slice, a list of ints, a word of the
+    prompt ("France", matched on whole tokens, possibly several in a row) or a template slot
+    ("{country}", given `slots`).
+    """
+    n = len(tokens)
+    where = f"in prompt {prompt!r} tokenized as [{show_tokens(tokens)}]"
+    if isinstance(position, bool):
+        raise PositionError(f"position {position!r} is a bool: expected an int, 'last', a slice, a word or a '{{slot}}'")
+    if isinstance(position, int):
+        if not -n <= position < n:
+            raise PositionError(f"position {position} is out of range {where}: valid 0..{n - 1} or -{n}..-1")
+        return [position % n]
+    if isinstance(position, slice):
+        picked = list(range(n))[position]
+        if not picked:
+            raise PositionError(f"position slice {position} selects no token {where}")
+        return picked
+    if isinstance(position, (list, tuple)) and position and all(isinstance(p, int) and not isinstance(p, bool) for p in position):
+        return sorted({resolve_position(tokens, p, prompt=prompt)[0] for p in position})
+    if isinstance(position, str):
+        if position == "last":
+            return [n - 1]
+        slot = SLOT_RE.match(position)
+        if slot:
+            name = slot.group(1)
+            if not slots or name not in slots:
+                known = ", ".join("{" + s + "}" for s in (slots or {})) or "none (plain prompt strings carry no slots)"
+                raise PositionError(f"position {position!r} names a template slot this prompt does not have; its slots: {known}")
+            return resolve_position(tokens, slots[name], prompt=prompt)
+        return _find_word(tokens, position, where)
+    raise PositionError(f"position {position!r} ({type(position).__name__}) is not an int, 'last', a slice, a list of ints, a word or a '{{slot}}'")
+
+
+def _find_word(tokens: Sequence[str], word: str, where: str) -> list[int]:
+    target = word.strip()
+    words = [_word(t) for t in tokens]
+    spans = []
+    for start in range(len(tokens)):
+        text = ""
+        for end in range(start, len(tokens)):
+            text += words[end]
+            if text == target.replace(" ", ""):
+                spans.append(list(range(start, end + 1)))
+                break
+            if not target.replace(" ", "").startswith(text):
+                break
+    if not spans:
+        raise PositionError(f"word {word!r} does not occur as whole tokens {where}")
+    if len(spans) > 1:
+        raise PositionError(f"word {word!r} is ambiguous: it occurs at {[s[0] for s in spans]} {where}; give an int position instead")
+    return spans[0]
+
+
+def describe_positions(tokens: Sequence[str], positions: Sequence[int]) -> str:
+    return ", ".join(f"{p} {tokens[p]!r}" for p in positions)

@@ -1,0 +1,190 @@
+"""Benchmarks of pytest-nnsight (`make bench`): prints a table and writes benchmarks/results.json.
+
+Each entry is {"name", "value", "unit", "target", "passed"}; every ratio is measured side by side
+in the same run (variants interleaved round-robin, median of the repetitions), so load on the
+machine affects both sides alike. Runs on CPU here and on CUDA where available (--device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+from pytest_nnsight import ModelCache, Settings  # noqa: E402
+from pytest_nnsight.metrics import logit_diff  # noqa: E402
+from pytest_nnsight.interventions import patch  # noqa: E402
+from pytest_nnsight.sweeps import sweep  # noqa: E402
+
+CLEAN = "As everyone knows , the capital city of France is"
+CORRUPT = "As everyone knows , the capital city of Germany is"
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each variant, run round-robin so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def naive_sweep(model: Any, answer: int, distractor: int) -> torch.Tensor:
+    """One nnsight trace per (layer, position) cell, written by hand as a user would."""
+    n_layers = len(model.transformer.h)
+    with torch.inference_mode():
+        acts = []
+        with model.trace(CLEAN):
+            for i in range(n_layers):
+                acts.append(model.transformer.h[i].output.detach().clone().save())
+            clean_logits = model.lm_head.output[0, -1].save()
+        with model.trace(CORRUPT):
+            corrupt_logits = model.lm_head.output[0, -1].save()
+        clean_ld = float(clean_logits[answer] - clean_logits[distractor])
+        corrupt_ld = float(corrupt_logits[answer] - corrupt_logits[distractor])
+        seq = acts[0].shape[1]
+        out = torch.empty(n_layers, seq)
+        for layer in range(n_layers):
+            for pos in range(seq):
+                with model.trace(CORRUPT):
+                    model.transformer.h[layer].output[:, pos, :] = acts[layer][:, pos, :]
+                    logits = model.lm_head.output[0, -1].save()
+                out[layer, pos] = (float(logits[answer] - logits[distractor]) - corrupt_ld) / (clean_ld - corrupt_ld)
+    return out
+
+
+def hand_patch(model: Any, layer: int, pos: int, answer: int, distractor: int) -> float:
+    """The single-patch experiment written by hand in nnsight: clean, corrupt and patched runs."""
+    with torch.inference_mode():
+        with model.trace(CLEAN):
+            act = model.transformer.h[layer].output[:, pos, :].detach().clone().save()
+            clean_logits = model.lm_head.output[0, -1].save()
+        with model.trace(CORRUPT):
+            corrupt_logits = model.lm_head.output[0, -1].save()
+        with model.trace(CORRUPT):
+            model.transformer.h[layer].output[:, pos, :] = act
+            patched_logits = model.lm_head.output[0, -1].save()
+    ld = lambda l: float(l[answer] - l[distractor])  # noqa: E731
+    return (ld(patched_logits) - ld(corrupt_logits)) / (ld(clean_logits) - ld(corrupt_logits))
+
+
+def bench_sweep_and_patch(device: str, reps: int) -> list[dict[str, Any]]:
+    model = ModelCache(Settings(device=device)).get("bundled:capitals")
+    tok = model.tokenizer
+    answer, distractor = tok.convert_tokens_to_ids(["Paris", "Berlin"])
+    metric = logit_diff("Paris", "Berlin")
+    batched = sweep(model, CLEAN, CORRUPT, metric, check_batching=False)
+    naive = naive_sweep(model, answer, distractor)
+    diff = float((batched.tensor() - naive.double()).abs().max())
+    t = interleaved(
+        {
+            "naive": lambda: naive_sweep(model, answer, distractor),
+            "batched": lambda: sweep(model, CLEAN, CORRUPT, metric, check_batching=False),
+        },
+        reps,
+    )
+    speedup = t["naive"] / t["batched"]
+    cells = batched.shape[0] * batched.shape[1]
+
+    layer, pos = 1, len(batched.tokens) - 1
+    ours = float(patch(model, CLEAN, CORRUPT, site=f"transformer.h.{layer}", position=pos, metric=metric).normalized)
+    theirs = hand_patch(model, layer, pos, answer, distractor)
+    tp = interleaved(
+        {
+            "hand": lambda: hand_patch(model, layer, pos, answer, distractor),
+            "patch": lambda: patch(model, CLEAN, CORRUPT, site=f"transformer.h.{layer}", position=pos, metric=metric),
+        },
+        reps * 4,
+    )
+    overhead = tp["patch"] / tp["hand"]
+    return [
+        {"name": "sweep_speedup", "value": round(speedup, 2), "unit": "x", "target": ">= 5", "passed": speedup >= 5 and diff <= 1e-5,
+         "detail": f"{cells} cells on bundled:capitals ({device}): naive {t['naive'] * 1e3:.1f} ms, batched {t['batched'] * 1e3:.1f} ms, max |diff| {diff:.2e}"},
+        {"name": "patch_overhead", "value": round(overhead, 3), "unit": "ratio", "target": "<= 1.10", "passed": overhead <= 1.10 and abs(ours - theirs) <= 1e-5,
+         "detail": f"patch() {tp['patch'] * 1e3:.2f} ms vs hand-written {tp['hand'] * 1e3:.2f} ms; effects {ours:.6f} vs {theirs:.6f}"},
+    ]
+
+
+PEAK_CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.sweeps import sweep
+from pytest_nnsight.testing import tiny_gpt2
+from pytest_nnsight import sites
+positions, batch, device = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+words = [f"w{i}" for i in range(8000)]
+module, tok = tiny_gpt2(n_layer=8, n_embd=128, words=words)
+model = ModelCache(Settings(device=device)).get(module, tok)
+clean = " ".join(words[:40]); corrupt = " ".join(words[1:41])
+metric = lambda out: out.logits[:, -1, 5] - out.logits[:, -1, 6]
+sweep(model, clean, corrupt, metric, sites=sites.blocks(model)[:1], positions=[0], batch_size=1, check_batching=False)
+if device.startswith("cuda"):
+    torch.cuda.reset_peak_memory_stats(); before = torch.cuda.max_memory_allocated()
+else:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+m = sweep(model, clean, corrupt, metric, positions=slice(0, positions), batch_size=batch, check_batching=False)
+peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"cells": m.shape[0] * m.shape[1], "peak_mb": (peak - before) / 2**20}))
+"""
+
+
+def bench_peak_memory(device: str) -> list[dict[str, Any]]:
+    """Peak memory added by a sweep, each configuration in a fresh process (RSS high-water mark on CPU)."""
+    runs = {}
+    for positions, batch in ((10, 16), (41, 16), (41, 64)):
+        out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(HERE.parent), str(positions), str(batch), device], capture_output=True, text=True, check=True)
+        runs[(positions, batch)] = json.loads(out.stdout.strip().splitlines()[-1])
+    few, many, wide = runs[(10, 16)], runs[(41, 16)], runs[(41, 64)]
+    flat = many["peak_mb"] <= 1.25 * few["peak_mb"] + 4
+    grows = wide["peak_mb"] > 1.5 * many["peak_mb"]
+    entries = []
+    for (positions, batch), r in runs.items():
+        entries.append({"name": f"sweep_peak_mem_bs{batch}_cells{r['cells']}", "value": round(r["peak_mb"], 1), "unit": "MB", "target": "flat in cells, grows with batch_size",
+                        "passed": flat and grows, "detail": f"8-layer random GPT-2 (d 128, vocab 8003), 41-token prompt, {positions} positions, batch_size {batch}, {device}"})
+    return entries
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--out", default=str(HERE / "results.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    entries = bench_sweep_and_patch(args.device, args.reps) + bench_peak_memory(args.device)
+    width = max(len(e["name"]) for e in entries)
+    for e in entries:
+        print(f"{e['name']:<{width}}  {e['value']:>8} {e['unit']:<5} target {e['target']:<34} {'PASS' if e['passed'] else 'FAIL'}  {e.get('detail', '')}")
+    merged = {}
+    path = Path(args.out)
+    if path.exists():
+        merged = {e["name"]: e for e in json.loads(path.read_text())}
+    merged.update({e["name"]: e for e in entries})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(list(merged.values()), indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0 if all(e["passed"] for e in entries) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -73,7 +73,12 @@ def pair_positions(model: Any, clean: Any, corrupt: Any, position: Any) -> tuple
     try:
         pos = resolve_position(ct, position, prompt=text_of(clean), slots=slots_of(clean))
     except PositionError as exc:
-        raise PositionError(f"{exc}{both}") from None
+        try:  # a word of the corrupt prompt ('Germany') names the same position
+            if not (isinstance(position, str) and position != "last" and not position.startswith("{")):
+                raise
+            pos = resolve_position(xt, position, prompt=text_of(corrupt))
+        except PositionError:
+            raise PositionError(f"{exc}{both}") from None
     if slots_of(corrupt) is not None and isinstance(position, str) and position.startswith("{"):
         other = resolve_position(xt, position, prompt=text_of(corrupt), slots=slots_of(corrupt))
         if other != pos:

@@ -54,7 +54,7 @@ class Measured(float):
 
     def explain(self, op: str, other: Any) -> list[str]:
         """Failure text: the claim, aligned context lines, what to try."""
-        lines = [f"{self.what} {op} {other!r} failed: measured {float(self):.4g}"]
+        lines = [f"{float(self):.4g} {op} {other!r}", f"claim: {self.what} {op} {other!r}"]
         width = max([len(k) for k, _ in self.context] + [9])
         lines += [f"{k + ':':<{width + 1}} {v}" for k, v in self.context]
         lines.append(f"{'expected:':<{width + 1}} {self.what} {op} {other!r}")
@@ -109,6 +109,7 @@ class Effect:
             ("site", self.site),
             ("position", pos),
             ("prompt", f"{self.target_prompt!r}" + (f" <- {self.source_prompt!r} ({self.direction})" if self.source_prompt else "")),
+            ("tokens", " ".join(f"{i}:{t}" for i, t in enumerate(self.tokens))),
             ("metric", self.metric),
             ("measured", f"{_fmt(self.intervened)} after the {self.kind}, {_fmt(self.target)} before" + (f", {_fmt(self.source)} on the source prompt" if self.source_prompt else "")),
         ]

@@ -37,7 +37,7 @@ _LAZY = {
     "patch": "interventions", "ablate": "interventions", "steer": "interventions", "patch_layer": "interventions",
     "Prompt": "interventions", "TopTokens": "interventions",
     "sweep": "sweeps",
-    "attribution_patch": "attribution", "check_attribution": "attribution",
+    "attribution_patch": "attribution", "check_attribution": "attribution", "AttributionCheck": "attribution",
     "logit_diff": "metrics", "prob": "metrics", "logprob": "metrics", "rank": "metrics", "kl_div": "metrics",
     "Site": "sites", "block": "sites", "attn_out": "sites", "mlp_out": "sites", "head": "sites", "embed": "sites", "blocks": "sites",
     "assert_restores": "assertions", "assert_drops": "assertions", "assert_beats_controls": "assertions",

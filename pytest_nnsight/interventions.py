@@ -124,6 +124,13 @@ def run(
 
 
 def _apply(value: torch.Tensor, edit: Edit) -> None:
+    expected = (len(edit.rows), value.shape[-1])
+    if tuple(edit.values.shape) != expected:
+        # a broadcastable shape would be accepted by torch and overwrite more than asked (hazard H11)
+        raise InterventionError(
+            f"cannot write a [{', '.join(map(str, edit.values.shape))}] value at {edit.site} (activation shape "
+            f"[{', '.join(map(str, value.shape))}]): expected exactly [{expected[0]}, {expected[1]}], one row per patched cell"
+        )
     if value.shape[-1] != edit.values.shape[-1]:
         raise InterventionError(f"cannot write a [{', '.join(map(str, edit.values.shape))}] value into {edit.site} of shape [{', '.join(map(str, value.shape))}]: the last dimension differs")
     if edit.values.device != value.device:
@@ -314,6 +321,7 @@ def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Te
     s = resolve_site(model, site)
     text = text_of(prompt)
     tokens = tokens_of(model, text)
+    check_context(model, tokens, text)
     pos = resolve_position(tokens, position, prompt=text, slots=slots_of(prompt))
     reference = _reference(model, m, text)
     base, acts = run(model, text, m, save=[s], reference=reference)
@@ -353,7 +361,10 @@ def patch_layer(model: Any, prompt: str, source_prompt: str, layer: int, pos: in
     from .sites import block
 
     s = block(model, layer)
+    source_prompt, prompt = text_of(source_prompt), text_of(prompt)
     st, pt = tokens_of(model, source_prompt), tokens_of(model, prompt)
+    check_context(model, st, source_prompt)
+    check_context(model, pt, prompt)
     p_src = resolve_position(st, pos, prompt=source_prompt)
     p_dst = resolve_position(pt, pos, prompt=prompt)
     holder: list[torch.Tensor] = []

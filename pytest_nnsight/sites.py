@@ -103,7 +103,7 @@ def head(model: Any, layer: int, index: int) -> Site:
     layers, _, _, proj = _layout(model)
     cfg = module_of(model).config
     heads = getattr(cfg, "n_head", None) or getattr(cfg, "num_attention_heads")
-    if not isinstance(index, int) or not 0 <= index < heads:
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < heads:
         raise SiteError(f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1}")
     return Site(f"{layers}.{layer}.{proj}", part="input", head=index, n_heads=heads, label=f"head {layer}.{index}")
 
@@ -172,9 +172,10 @@ def _check_path(model: Any, path: str) -> None:
     if last.isdigit():
         try:
             container = root.get_submodule(parent)
-            raise SiteError(f"index {last} in site {path!r} is out of range: {parent} has {len(container)} entries, valid 0..{len(container) - 1}")
         except AttributeError:
-            pass
+            container = None
+        if hasattr(container, "__len__"):  # a ModuleList/Sequential; 'transformer.drop.0' falls through to close matches
+            raise SiteError(f"index {last} in site {path!r} is out of range: {parent} has {len(container)} entries, valid 0..{len(container) - 1}")
     close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
     hint = f"close matches: {', '.join(close)}" if close else f"top-level modules: {', '.join(n for n in names if '.' not in n)}"
     raise SiteError(f"unknown site {path!r} in {type(root).__name__}; {hint}")

@@ -15,7 +15,7 @@ import torch
 
 from . import settings as _settings
 from .errors import BatchingMismatchError
-from .interventions import Edit, _reference, normalized, pair_positions, run, text_of
+from .interventions import Edit, _reference, normalized, pair_positions, run, slots_of, text_of
 from .metrics import as_metric
 from .results import EffectMap
 from .sites import Site, resolve_position, resolve_sites
@@ -51,7 +51,7 @@ def sweep(
     m = as_metric(model, metric)
     site_list = resolve_sites(model, sites)
     ct, xt, _ = pair_positions(model, clean, corrupt, "last")
-    cols = list(range(len(ct))) if positions is None else resolve_position(ct, positions, prompt=text_of(clean))
+    cols = list(range(len(ct))) if positions is None else resolve_position(ct, positions, prompt=text_of(clean), slots=slots_of(clean))
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
     reference = _reference(model, m, text_of(clean))
     base, acts = run(model, [text_of(source), text_of(target)], m, save=site_list, reference=reference)

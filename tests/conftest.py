@@ -32,3 +32,9 @@ _warm_up()
 def tiny():
     """A seeded random 2-layer GPT-2 (d_model 32) and its word tokenizer."""
     return tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def capitals(nnsight_models):
+    """The bundled trained capitals model on CPU, from the session's model cache (loaded once)."""
+    return nnsight_models.get("bundled:capitals", device="cpu")

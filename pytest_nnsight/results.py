@@ -15,7 +15,8 @@ from .errors import NonFiniteMetricError
 class Measured(float):
     """A float measured by an intervention; `assert effect.normalized >= 0.8` shows where it came from.
 
-    Comparing a NaN or infinite Measured raises NonFiniteMetricError, so a broken run never passes.
+    Comparing (<, <=, >, >=, ==, !=) a NaN or infinite Measured raises NonFiniteMetricError, so a
+    broken run never passes an assert.
     """
 
     what: str
@@ -27,25 +28,40 @@ class Measured(float):
         return obj
 
     def _check(self) -> None:
+        __tracebackhide__ = True
         if not math.isfinite(self):
             where = "; ".join(f"{k} {v}" for k, v in self.context[:3])
             raise NonFiniteMetricError(f"{self.what} is {float(self)} ({where}): the model output or the metric is not finite")
 
     def __lt__(self, other: Any) -> bool:
+        __tracebackhide__ = True
         self._check()
         return float(self) < other
 
     def __le__(self, other: Any) -> bool:
+        __tracebackhide__ = True
         self._check()
         return float(self) <= other
 
     def __gt__(self, other: Any) -> bool:
+        __tracebackhide__ = True
         self._check()
         return float(self) > other
 
     def __ge__(self, other: Any) -> bool:
+        __tracebackhide__ = True
         self._check()
         return float(self) >= other
+
+    def __eq__(self, other: object) -> bool:
+        __tracebackhide__ = True
+        self._check()
+        return float(self) == other
+
+    def __ne__(self, other: object) -> bool:
+        __tracebackhide__ = True
+        self._check()
+        return float(self) != other
 
     __hash__ = float.__hash__
 

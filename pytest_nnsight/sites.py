@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -45,8 +46,11 @@ def module_of(model: Any) -> Any:
 
 
 def model_name(model: Any) -> str:
+    """A readable name: the hub id, `bundled:NAME` for bundled models, or the module's class."""
     cfg = getattr(module_of(model), "config", None)
-    return getattr(cfg, "_name_or_path", "") or type(module_of(model)).__name__
+    name = getattr(cfg, "_name_or_path", "") or type(module_of(model)).__name__
+    match = re.search(r"pytest_nnsight[/\\]bundled[/\\](\w+)[/\\]?$", name)
+    return f"bundled:{match.group(1)}" if match else name
 
 
 def _layout(model: Any) -> tuple[str, str, str, str]:
@@ -168,14 +172,17 @@ def _check_path(model: Any, path: str) -> None:
     except AttributeError:
         pass
     names = [name for name, _ in root.named_modules() if name]
-    parent, _, last = path.rpartition(".")
-    if last.isdigit():
+    parts = path.split(".")
+    for k, part in enumerate(parts):  # the first index out of range, also inside a longer path ('transformer.h.5.attn')
+        if not part.isdigit() or k == 0:
+            continue
+        parent = ".".join(parts[:k])
         try:
             container = root.get_submodule(parent)
         except AttributeError:
-            container = None
-        if hasattr(container, "__len__"):  # a ModuleList/Sequential; 'transformer.drop.0' falls through to close matches
-            raise SiteError(f"index {last} in site {path!r} is out of range: {parent} has {len(container)} entries, valid 0..{len(container) - 1}")
+            break
+        if hasattr(container, "__len__") and int(part) >= len(container):  # a ModuleList/Sequential
+            raise SiteError(f"index {part} in site {path!r} is out of range: {parent} has {len(container)} entries, valid 0..{len(container) - 1}")
     close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
     hint = f"close matches: {', '.join(close)}" if close else f"top-level modules: {', '.join(n for n in names if '.' not in n)}"
     raise SiteError(f"unknown site {path!r} in {type(root).__name__}; {hint}")
@@ -209,13 +216,13 @@ def execution_order(model: Any, sites: Iterable[Site]) -> list[Site]:
     return sorted(sites, key=lambda s: (order.get((s.path, s.part), -1), s.head or 0))
 
 
-_ORDER_CACHE: dict[int, dict[tuple[str, str], int]] = {}
+_ORDER_CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], int]]" = weakref.WeakKeyDictionary()
 
 
 def _event_order(model: Any) -> dict[tuple[str, str], int]:
     """When each module's input and output become available in one probe forward; cached per model."""
     root = module_of(model)
-    cached = _ORDER_CACHE.get(id(root))
+    cached = _ORDER_CACHE.get(root)
     if cached is not None:
         return cached
     import torch
@@ -237,7 +244,7 @@ def _event_order(model: Any) -> dict[tuple[str, str], int]:
     finally:
         for h in handles:
             h.remove()
-    _ORDER_CACHE[id(root)] = order
+    _ORDER_CACHE[root] = order
     return order
 
 

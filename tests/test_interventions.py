@@ -350,6 +350,10 @@ def test_nan_effect_never_passes_a_comparison(nan_model):
         assert effect.intervened > -1e9
     with pytest.raises(NonFiniteMetricError):
         assert_restores(effect, at_least=0.5)
+    with pytest.raises(NonFiniteMetricError):
+        assert effect.normalized != 0.0
+    with pytest.raises(NonFiniteMetricError):
+        assert not effect.normalized == 0.0
 
 
 def test_nan_is_an_arithmetic_error_not_an_assertion(nan_model):

@@ -114,6 +114,13 @@ def test_out_of_range_index_in_a_path_names_the_valid_range(capitals):
         resolve_site(capitals, "transformer.h.2")
     with pytest.raises(SiteError, match=r"valid 0\.\.1"):
         resolve_site(capitals, "model.transformer.h.9:input")
+    with pytest.raises(SiteError, match=r"index 5 in site 'transformer\.h\.5\.attn' is out of range: transformer\.h has 2 entries"):
+        resolve_site(capitals, "transformer.h.5.attn")
+
+
+def test_bundled_model_is_named_by_its_id_in_messages(capitals):
+    with pytest.raises(SiteError, match=r"bundled:capitals has 2 layers"):
+        block(capitals, 2)
 
 
 def test_digit_under_a_module_that_is_no_list_is_an_unknown_site(capitals):

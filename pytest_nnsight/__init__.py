@@ -12,6 +12,10 @@ from typing import Any
 
 from .environment import library_versions
 from .errors import (
+    ActivationCacheError,
+    ActivationCacheWarning,
+    ProbeError,
+    SiteNotCachedError,
     BatchingMismatchError,
     BrokenExperimentError,
     InterventionError,
@@ -40,8 +44,19 @@ _LAZY = {
     "attribution_patch": "attribution", "check_attribution": "attribution", "AttributionCheck": "attribution",
     "logit_diff": "metrics", "prob": "metrics", "logprob": "metrics", "rank": "metrics", "kl_div": "metrics",
     "Site": "sites", "block": "sites", "attn_out": "sites", "mlp_out": "sites", "head": "sites", "embed": "sites", "blocks": "sites",
+    "population": "populations", "assert_population": "populations", "PopulationResult": "populations", "wilson_interval": "stats",
+    "counterfactual_pairs": "strategies", "prompts": "strategies", "CounterfactualPair": "strategies",
     "assert_restores": "assertions", "assert_drops": "assertions", "assert_beats_controls": "assertions",
     "assert_peaks_at": "assertions", "assert_top_token": "assertions", "FindingFailed": "assertions",
+    "FindingSnapshotExtension": "snapshots", "Tolerance": "snapshots", "calibrate_tolerance": "snapshots",
+    "ActivationCache": "activation_cache", "Activations": "activation_cache", "weights_fingerprint": "fingerprint",
+    "Family": "families", "register_family": "families", "family_of": "families", "validate": "families",
+    "n_layers": "families", "n_heads": "families", "d_model": "families", "UnknownArchitectureError": "families",
+    "FamilyMismatchError": "families", "EagerAttentionWarning": "families", "site": "sites", "resolve_site": "sites",
+    "attention_pattern": "patterns", "assert_attends": "patterns", "assert_previous_token_head": "patterns",
+    "previous_token_scores": "patterns",
+    "probe": "probing", "probe_sites": "probing", "fit_probe": "probing", "assert_probe": "probing",
+    "ProbeResult": "probing", "ProbeSweep": "probing",
 }
 
 
@@ -58,6 +73,7 @@ __all__ = sorted(
         "BatchingMismatchError", "BrokenExperimentError", "Effect", "EffectMap", "InterventionError", "LoadedModel", "Measured",
         "MetricError", "ModelCache", "ModelKey", "ModelLoadError", "ModelSpecError", "ModelUnavailableError", "ModelUsageError",
         "NnsightTestError", "NonFiniteMetricError", "PositionError", "Settings", "SettingsError", "SiteError", "library_versions", "wrap",
+        "ActivationCacheError", "ActivationCacheWarning", "ProbeError", "SiteNotCachedError",
         *_LAZY,
     ]
 )

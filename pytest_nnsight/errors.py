@@ -60,3 +60,30 @@ class NonFiniteMetricError(NnsightTestError, ArithmeticError):
 
 class BatchingMismatchError(NnsightTestError, AssertionError):
     """A batched sweep disagrees with the same cells run one at a time (--nnsight-check-batching)."""
+
+
+class ActivationCacheError(NnsightTestError, OSError):
+    """The activation cache cannot work here: its directory is not writable, or pytest's cache is off."""
+
+
+class ActivationCacheWarning(UserWarning):
+    """A cached activation entry was corrupt (checksum, size or manifest) and is being recomputed."""
+
+
+class SiteNotCachedError(NnsightTestError, LookupError):
+    """Activations were asked for at a site the cache entry does not hold."""
+
+    def __str__(self) -> str:  # LookupError would show the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ProbeError(NnsightTestError, ValueError):
+    """A probe cannot be fitted: labels of the wrong length, a single class, too few examples to split."""
+
+
+class SnapshotFileError(NnsightTestError, ValueError):
+    """A findings snapshot file is malformed, hand-broken or from a newer format; the message names the file and line."""
+
+
+class SnapshotValueError(NnsightTestError, TypeError):
+    """A value given to a findings snapshot cannot be stored: not a number, a label, a result, a tensor or an array."""

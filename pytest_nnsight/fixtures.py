@@ -12,6 +12,7 @@ from .settings import Settings
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 CACHE_KEY = pytest.StashKey[ModelCache]()
+ACTIVATION_CACHE_KEY = pytest.StashKey[Any]()
 
 
 def model_cache(config: pytest.Config) -> ModelCache:
@@ -92,3 +93,26 @@ def model(request: pytest.FixtureRequest, nnsight_model: Callable[..., Any]) -> 
             pytrace=False,
         )
     return nnsight_model(model_id)
+
+
+@pytest.fixture(scope="session")
+def activation_cache(pytestconfig: pytest.Config, nnsight_models: ModelCache) -> Any:
+    """On-disk activation cache: run a model on prompts once, reuse the stored sites/positions in later tests and runs.
+
+    Stored under pytest's cache dir (``--cache-clear`` clears it) or ``--nnsight-cache-dir``;
+    ``--nnsight-cache-clear`` empties it, ``--nnsight-no-cache`` computes in memory every time.
+    ``activation_cache.forwards`` counts the forward passes it ran.
+
+    Example::
+
+        def test_block0_last(activation_cache, nnsight_model):
+            model = nnsight_model("bundled:capitals")
+            acts = activation_cache.get(model, ["The capital of France is"], sites="blocks", positions="last")
+            assert acts["block 0"].shape == (1, 1, 64)
+    """
+    from .activation_cache import ActivationCache, directory_for
+
+    settings = pytestconfig.stash.get(SETTINGS_KEY, Settings())
+    directory, source = directory_for(pytestconfig, settings)
+    cache = pytestconfig.stash[ACTIVATION_CACHE_KEY] = ActivationCache(directory, models=nnsight_models, source=source)
+    return cache

@@ -8,7 +8,11 @@ from . import settings as _settings
 from .environment import library_versions
 from .errors import SettingsError
 from .fixtures import model, nnsight_model, nnsight_models  # noqa: F401  (fixtures pytest collects from this module)
+from .fixtures import activation_cache  # noqa: F401
 from .fixtures import CACHE_KEY, SETTINGS_KEY
+from .fixtures import ACTIVATION_CACHE_KEY
+from .snapshots import hooks as _snapshot_hooks
+from .snapshots.hooks import finding_snapshot  # noqa: F401
 
 MARKERS = (
     "nnsight_models(*model_ids): run the test once per model, served through the `model` fixture "
@@ -41,13 +45,23 @@ def pytest_configure(config: pytest.Config) -> None:
             from .models import resolve_device
 
             resolve_device(resolved.device)
+        if resolved.hypothesis_profile:  # imports hypothesis (~0.3 s) only when a profile is asked for
+            _settings.load_hypothesis_profile(resolved.hypothesis_profile, resolved.source_of("hypothesis_profile"))
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = resolved
     _settings.ACTIVE = resolved
+    _snapshot_hooks.configure(config, resolved)
+    if not hasattr(config, "workerinput"):  # the controller clears once, before xdist workers start
+        from .activation_cache import clear_at_start
+
+        clear_at_start(config, resolved)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    _snapshot_hooks.unconfigure(config)
+    if config.stash[SETTINGS_KEY].hypothesis_profile if SETTINGS_KEY in config.stash else False:
+        _settings.restore_hypothesis_profile()
     if config.stash.get(SETTINGS_KEY, None) is _settings.ACTIVE:
         _settings.ACTIVE = None
 
@@ -101,7 +115,17 @@ def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, righ
     return None
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _snapshot_hooks.record_skipped_test(report)  # a skipped test's snapshots are not stale
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _snapshot_hooks.module_skipped(report)  # nor are those of a module skipped at collection
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    _snapshot_hooks.terminal_summary(terminalreporter)
+    _activation_cache_summary(terminalreporter, config)
     cache = config.stash.get(CACHE_KEY, None)
     if cache is None or not cache.loaded() or config.get_verbosity() < 0:
         return
@@ -111,3 +135,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
             f"{entry.info.get('id', entry.key.source)}: {entry.info.get('device')} {entry.info.get('dtype')}, "
             f"loaded {cache.load_counts[entry.key]}x in {entry.load_seconds:.2f} s"
         )
+
+
+def _activation_cache_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """One line on what the activation cache did this run (per process: xdist workers report nothing here)."""
+    cache = config.stash.get(ACTIVATION_CACHE_KEY, None)
+    if cache is None or config.get_verbosity() < 0 or not (cache.computed or cache.loaded):
+        return
+    where = cache.directory if cache.enabled else "off (--nnsight-no-cache), in memory"
+    corrupt = f", {cache.recomputed_corrupt} corrupt entr{'y' if cache.recomputed_corrupt == 1 else 'ies'} recomputed" if cache.recomputed_corrupt else ""
+    terminalreporter.write_line(f"activation cache {where}: {cache.computed} computed ({cache.forwards} forward passes), {cache.loaded} loaded{corrupt}")
+

@@ -43,6 +43,30 @@ def parse_bool(value: str | bool) -> bool:
     raise ValueError("expected true or false (1/0, yes/no, on/off)")
 
 
+def parse_profile(value: str) -> str:
+    v = value.strip()
+    if not re.match(r"^[\w.:-]+$", v):
+        raise ValueError("expected a hypothesis profile name such as nnsight-dev or nnsight-ci")
+    return v
+
+
+def parse_path(value: str) -> str:
+    v = str(value).strip()
+    if not v:
+        raise ValueError("expected a directory path")
+    return v
+
+
+def parse_tolerance(value: str | float) -> float:
+    try:
+        x = float(str(value).strip())
+    except ValueError:
+        raise ValueError("expected a number >= 0, such as 1e-4") from None
+    if not (x >= 0) or x == float("inf"):
+        raise ValueError("expected a finite number >= 0, such as 1e-4")
+    return x
+
+
 def parse_positive_int(value: str | int) -> int:
     try:
         n = int(str(value).strip())
@@ -87,6 +111,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("require_models", "fail, instead of skip, tests whose model weights cannot be had (for CI on GPU runners)", False, parse_bool),
     Option("check_batching", "re-run a sample of batched sweep cells one at a time and fail when they disagree", False, parse_bool),
     Option("check_batching_cells", "how many cells of each sweep --nnsight-check-batching re-runs", 3, parse_positive_int, "N"),
+    Option("hypothesis_profile", "hypothesis settings profile to load: nnsight-dev, nnsight-ci or any registered one; unset leaves "
+           "the hypothesis profile alone", None, parse_profile, "NAME"),
+    Option("cache_dir", "directory of the on-disk activation cache (relative paths: from the rootdir); unset: inside pytest's "
+           "cache dir, so --cache-clear clears it", None, parse_path, "DIR"),
+    Option("cache_clear", "delete the activation cache's entries at the start of the run (only them: pytest's other caches stay)", False, parse_bool),
+    Option("no_cache", "run without the activation cache: compute activations every time and keep them in memory", False, parse_bool),
+    Option("snapshot_atol", "absolute tolerance of finding_snapshot comparisons; unset: by dtype (1e-4 float32, 2e-2 float16, "
+           "5e-2 bfloat16)", None, parse_tolerance, "ATOL"),
+    Option("snapshot_rtol", "relative tolerance of finding_snapshot comparisons; unset: by dtype (1e-4 float32, 1e-2 float16, "
+           "2e-2 bfloat16)", None, parse_tolerance, "RTOL"),
+    Option("snapshot_refresh_env", "rewrite only the recorded environment of findings snapshots whose values are still within "
+           "tolerance (accept an upgrade without rewriting numbers)", False, parse_bool),
 )
 OPTIONS_BY_NOUN: Mapping[str, Option] = {o.noun: o for o in OPTIONS}
 
@@ -101,10 +137,61 @@ class Settings:
     require_models: bool = False
     check_batching: bool = False
     check_batching_cells: int = 3
+    hypothesis_profile: str | None = None
+    cache_dir: str | None = None
+    cache_clear: bool = False
+    no_cache: bool = False
+    snapshot_atol: float | None = None
+    snapshot_rtol: float | None = None
+    snapshot_refresh_env: bool = False
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def source_of(self, noun: str) -> str:
         return self.sources.get(noun, "default")
+
+
+#: hypothesis settings profiles for model tests: no deadline (the first forward pass is slow), no
+#: health check about function-scoped fixtures (the model fixtures are cached per session).
+HYPOTHESIS_PROFILES: Mapping[str, Mapping[str, Any]] = {
+    "nnsight-dev": {"max_examples": 25, "deadline": None},
+    "nnsight-ci": {"max_examples": 50, "deadline": None, "derandomize": True, "database": None, "print_blob": True},
+}
+
+
+def register_hypothesis_profiles() -> None:
+    """Register HYPOTHESIS_PROFILES with hypothesis (imported here, only when asked for)."""
+    from hypothesis import HealthCheck, settings
+
+    for name, values in HYPOTHESIS_PROFILES.items():
+        settings.register_profile(name, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], **values)
+
+
+PREVIOUS_HYPOTHESIS_PROFILE: str | None = None
+
+
+def restore_hypothesis_profile() -> None:
+    """Load the profile that was current before load_hypothesis_profile (pytest_unconfigure; matters for in-process runs)."""
+    global PREVIOUS_HYPOTHESIS_PROFILE
+    if PREVIOUS_HYPOTHESIS_PROFILE is not None:
+        from hypothesis import settings
+
+        settings.load_profile(PREVIOUS_HYPOTHESIS_PROFILE)
+        PREVIOUS_HYPOTHESIS_PROFILE = None
+
+
+def load_hypothesis_profile(name: str, source: str) -> None:
+    """Register ours and load profile `name`; SettingsError naming the source when hypothesis does not know it."""
+    global PREVIOUS_HYPOTHESIS_PROFILE
+    register_hypothesis_profiles()
+    from hypothesis import settings
+    from hypothesis.errors import InvalidArgument
+
+    PREVIOUS_HYPOTHESIS_PROFILE = settings.get_current_profile_name()
+    try:
+        settings.load_profile(name)
+    except InvalidArgument:
+        raise SettingsError(f"invalid nnsight_hypothesis_profile {name!r} from {source}: no such hypothesis profile; "
+                            f"expected {' or '.join(HYPOTHESIS_PROFILES)} or one registered in a conftest.py") from None
 
 
 #: The settings of the running pytest session (set in pytest_configure); library code outside pytest sees None.

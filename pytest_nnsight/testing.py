@@ -47,3 +47,109 @@ def tiny_gpt2(*, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int 
     model = GPT2LMHeadModel(cfg)
     model.eval()
     return model, tok
+
+
+def check_snapshot_lifecycle(pytester: Any, source: str, *, module: str = "test_finding", args: Sequence[str] = (), delta: float = 1.0) -> list[str]:
+    """Walk a test using `finding_snapshot` through fail -> record -> pass -> drift -> fail -> update -> pass.
+
+    `source` is one test module with one snapshot assertion. The environment change is simulated by
+    editing the recorded torch version, the moved finding by adding `delta` to every stored number.
+    Returns the stages checked; a stage that behaves otherwise fails the calling test.
+
+    >>> def test_my_snapshot_plugin_setup(pytester):                   # doctest: +SKIP
+    ...     check_snapshot_lifecycle(pytester, "def test_x(finding_snapshot): assert [1.0] == finding_snapshot")
+    """
+    __tracebackhide__ = True
+    import json
+
+    from .snapshots.encode import dumps
+
+    def run(*extra: str) -> Any:
+        import pytest
+
+        with pytest.MonkeyPatch.context() as mp:  # inner runs under `pytest -n` are not xdist workers
+            for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_TESTRUNUID", "PYTEST_XDIST_WORKER_COUNT"):
+                mp.delenv(name, raising=False)
+            return pytester.runpytest(*args, *extra)
+
+    def files() -> list[Any]:
+        return sorted((pytester.path / "__snapshots__" / module).glob("*.json"))
+
+    def edit(change: Any) -> None:
+        for path in files():
+            rec = json.loads(path.read_text())
+            change(rec)
+            path.write_text(dumps(rec))
+
+    def shift(x: Any) -> Any:
+        if isinstance(x, float):
+            return x + delta
+        if isinstance(x, list):
+            return [shift(v) for v in x]
+        if isinstance(x, dict):
+            return {k: shift(v) for k, v in x.items()}
+        return x
+
+    pytester.makepyfile(**{module: source})
+    run().assert_outcomes(failed=1)
+    run("--snapshot-update").assert_outcomes(passed=1)
+    assert files(), f"--snapshot-update wrote no findings snapshot under __snapshots__/{module}"
+    run().assert_outcomes(passed=1)
+    edit(lambda rec: rec["environment"].update(torch="0.0.0-old"))
+    result = run()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*re-verified under a new environment: torch 0.0.0-old -> *"])
+    edit(lambda rec: rec.update(finding=shift(rec["finding"])))
+    result = run()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*this finding drifted after torch 0.0.0-old -> *--snapshot-update accepts it*", "*cells moved beyond tolerance*"])
+    run("--snapshot-update").assert_outcomes(passed=1)
+    result = run()
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("*re-verified*")
+    return ["fail (not recorded)", "record", "pass", "re-verified after an upgrade", "drift fails", "update", "pass"]
+
+
+TINY_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gptj", "bert")
+
+
+def tiny_model(family: str, *, seed: int = 0, n_layer: int = 2, d_model: int = 32, n_head: int = 4, words: Sequence[str] = DEFAULT_WORDS) -> tuple[Any, Any]:
+    """A seeded random model of `family` (one of TINY_FAMILIES) and its word tokenizer, built from a transformers config.
+
+    Decoders come with their LM head; 'bert' is a bare BertModel (an encoder, like MiniLM). Llama-style
+    models use grouped-query attention (n_head // 2 key/value heads) so per-head sites see it.
+
+    >>> model, tok = tiny_model("llama")          # doctest: +SKIP
+    """
+    import torch
+    import transformers as t
+
+    if family == "gpt2":
+        return tiny_gpt2(seed=seed, n_layer=n_layer, n_embd=d_model, n_head=n_head, words=words)
+    tok = word_tokenizer(words)
+    ids = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    llama_like = dict(
+        hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer, num_attention_heads=n_head,
+        num_key_value_heads=max(1, n_head // 2), max_position_embeddings=64, **ids,
+    )
+    builders = {
+        "gpt_neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(
+            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer, num_attention_heads=n_head,
+            max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, **ids)),
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama_like)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**llama_like)),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama_like)),
+        "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(
+            n_embd=d_model, n_layer=n_layer, n_head=n_head, rotary_dim=4, n_positions=64,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)),
+        "bert": lambda: t.BertModel(t.BertConfig(
+            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer, num_attention_heads=n_head,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+            vocab_size=len(tok)), add_pooling_layer=False),
+    }
+    if family not in builders:
+        raise ValueError(f"tiny_model family {family!r}: expected one of {', '.join(TINY_FAMILIES)}")
+    torch.manual_seed(seed)
+    model = builders[family]()
+    model.eval()
+    return model, tok

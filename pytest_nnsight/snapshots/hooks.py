@@ -1,0 +1,148 @@
+"""What the plugin's hooks do for findings snapshots: run state, skip records, the summary, the fixture.
+
+Imports only pytest and the standard library (syrupy's classes load inside the fixture), so the
+plugin stays light at start-up.
+
+Skipped is not stale. syrupy already keeps the snapshots of tests skipped at setup or in the call
+(they count as skipped items, never as unused). Two gaps remain, and are closed here:
+a module skipped as a whole at collection (``pytest.skip(allow_module_level=True)``,
+``pytest.importorskip``) yields no items, but syrupy still counts it as collected, so its snapshots
+would be reported unused and deleted by ``--snapshot-update``; ``module_skipped`` removes such a
+module from syrupy's collected modules, which is how syrupy recognises a module kept out of the run.
+And the extension's own discovery (``FindingSnapshotExtension.discover_snapshots``) leaves out the
+files of tests this run skipped, whatever syrupy version does the accounting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+USER_PROPERTY = "nnsight_snapshot"
+
+
+@dataclass
+class SnapshotState:
+    """One pytest run's snapshot settings and records (a stack, for pytest run inside pytest)."""
+
+    update: bool = False
+    refresh_env: bool = False
+    atol: float | None = None
+    rtol: float | None = None
+    skipped_tests: set[tuple[str, str, str]] = field(default_factory=set)  # (test dir, module stem, snapshot name)
+    skipped_modules: set[tuple[str, str]] = field(default_factory=set)  # (test dir, module stem)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (test, line) from assertions without a test item
+    config: Any = None
+    versions: dict[str, str] | None = None  # library versions, read once per run (~50 ms each time)
+
+
+_STACK: list[SnapshotState] = []
+
+
+def active() -> SnapshotState:
+    """The running session's state (a default one outside pytest)."""
+    return _STACK[-1] if _STACK else SnapshotState()
+
+
+def configure(config: pytest.Config, settings: Any) -> None:
+    _STACK.append(SnapshotState(
+        update=bool(getattr(config.option, "update_snapshots", False)),
+        refresh_env=bool(getattr(settings, "snapshot_refresh_env", False)),
+        atol=getattr(settings, "snapshot_atol", None), rtol=getattr(settings, "snapshot_rtol", None), config=config,
+    ))
+
+
+def unconfigure(config: pytest.Config) -> None:
+    if _STACK and _STACK[-1].config is config:
+        _STACK.pop()
+
+
+def _split(rootpath: Path, relpath: str) -> tuple[str, str]:
+    p = (rootpath / relpath).absolute()
+    return str(p.parent), p.stem
+
+
+def record_skipped_test(report: pytest.TestReport) -> None:
+    """Remember a test skipped at setup or in its call, so its snapshots are not stale."""
+    if report.skipped and report.when in ("setup", "call") and _STACK and _STACK[-1].config is not None:
+        d, stem = _split(_STACK[-1].config.rootpath, report.location[0])
+        _STACK[-1].skipped_tests.add((d, stem, report.location[2]))
+
+
+def module_skipped(report: pytest.CollectReport) -> None:
+    """A module skipped as a whole at collection keeps its snapshots: tell syrupy it was not collected."""
+    config = _STACK[-1].config if _STACK else None
+    if config is None or not (report.skipped and report.nodeid.endswith((".py", ".pyi")) and "::" not in report.nodeid):
+        return
+    path = (config.rootpath / report.nodeid).absolute()
+    _STACK[-1].skipped_modules.add((str(path.parent), path.stem))
+    syrupy_session = getattr(config, "_syrupy", None)
+    modules = getattr(syrupy_session, "_collected_modules", None)
+    if isinstance(modules, set):
+        from syrupy.location import PyTestLocation
+
+        modules.discard(PyTestLocation.module_path_key(path))
+
+
+def _stem_matches(stem: str, name: str) -> bool:
+    return stem == name or stem.startswith((name + ".", name + "["))
+
+
+def protected(snapshot_location: str) -> bool:
+    """True when the snapshot file belongs to a test or module this run skipped."""
+    state = active()
+    loc = Path(snapshot_location)
+    collection_dir, snap_dir = loc.parent, loc.parent.parent
+    test_dir, module = str(snap_dir.parent.absolute()), collection_dir.name
+    if (test_dir, module) in state.skipped_modules:
+        return True
+    return any(d == test_dir and m == module and _stem_matches(loc.stem, name) for d, m, name in state.skipped_tests)
+
+
+def note(item: Any, line: str) -> None:
+    """Record a line for the summary on the test's report (travels back from xdist workers)."""
+    if item is not None and hasattr(item, "user_properties"):
+        item.user_properties.append((USER_PROPERTY, line))
+    else:
+        active().events.append(("", line))
+
+
+def terminal_summary(terminalreporter: Any) -> None:
+    """The 'pytest-nnsight snapshots' section: findings re-verified under a new environment, refreshed, ..."""
+    lines: list[str] = []
+    seen = set()
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            for key, value in getattr(rep, "user_properties", ()) or ():
+                if key == USER_PROPERTY and (rep.nodeid, value) not in seen:
+                    seen.add((rep.nodeid, value))
+                    lines.append(f"{rep.nodeid}: {value}")
+    lines += [line for _, line in active().events]
+    if lines:
+        terminalreporter.section("pytest-nnsight snapshots")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def finding_snapshot(snapshot: Any, request: pytest.FixtureRequest) -> Any:
+    """syrupy's ``snapshot.use_extension(FindingSnapshotExtension)``: findings stored as JSON, compared with tolerance.
+
+    Records the environment (library versions, device, dtype, model, weights fingerprint) and
+    reports a finding re-verified under a new one. ``finding_snapshot(atol=, rtol=, tolerance=,
+    model=, across_weights=)`` sets options for one assertion; ``.with_tolerance(...)`` for all.
+
+    Example::
+
+        def test_capitals_map(nnsight_model, finding_snapshot):
+            model = nnsight_model("bundled:capitals")
+            effects = sweep(model, "The capital of France is", "The capital of Germany is", logit_diff("Paris", "Berlin"))
+            assert effects == finding_snapshot(model=model, atol=1e-3)
+    """
+    from ..fixtures import model_cache
+    from .extension import FindingSnapshotAssertion
+
+    return FindingSnapshotAssertion.from_snapshot(snapshot, cache=model_cache(request.config))

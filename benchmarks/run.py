@@ -163,6 +163,69 @@ def bench_peak_memory(device: str) -> list[dict[str, Any]]:
     return entries
 
 
+def bench_variants(device: str, reps: int) -> list[dict[str, Any]]:
+    """Population assertion over 64 variants (batched) vs 64 separate patch() calls, same numbers."""
+    from pytest_nnsight.populations import population
+    from pytest_nnsight.strategies import counterfactual_pairs
+    from pytest_nnsight.wordlists import CAPITAL_TEMPLATES, CAPITALS
+
+    model = ModelCache(Settings(device=device)).get("bundled:capitals")
+    pairs = counterfactual_pairs(model, CAPITAL_TEMPLATES, {"country": CAPITALS}).space.sample(64, seed=0)
+
+    def separate() -> list[Any]:
+        return [patch(model, p.clean, p.corrupt, site="transformer.h.0", position="last", metric=logit_diff(p.answer, p.distractor)) for p in pairs]
+
+    def batched() -> Any:
+        return population(model, pairs, "transformer.h.0", "last", threshold=0.7)
+
+    singles, pop = separate(), batched()
+    raw_diff = max(
+        max(abs(e.clean - c), abs(e.corrupt - x), abs(float(e.intervened) - q))
+        for e, c, x, q in zip(singles, pop.clean, pop.corrupt, pop.patched)
+    )
+    eff_diff = max(abs(float(e.normalized) - v) for e, v in zip(singles, pop.effects))
+    t = interleaved({"separate": separate, "batched": batched}, max(3, reps // 3), warmup=1)
+    speedup = t["separate"] / t["batched"]
+    return [{"name": "variants_speedup", "value": round(speedup, 2), "unit": "x", "target": ">= 5", "passed": speedup >= 5 and raw_diff <= 1e-5,
+             "detail": f"64 variants on bundled:capitals ({device}): separate {t['separate'] * 1e3:.0f} ms, population {t['batched'] * 1e3:.0f} ms; "
+                       f"max |diff| of clean/corrupt/patched metrics {raw_diff:.2e}, of normalized effects {eff_diff:.2e}"}]
+
+
+def bench_cache_rerun(device: str) -> list[dict[str, Any]]:
+    """Wall time of a suite of cached activations (benchmarks/cached_suite.py) on its first run over its second.
+
+    Both runs are pytest sessions in this process (imports warm, so the ratio measures the suite, not
+    interpreter start-up), with the activation cache in a fresh temp dir; the second must load every set.
+    """
+    import shutil
+    import tempfile
+
+    import pytest
+
+    work = Path(tempfile.mkdtemp(prefix="nnsight-cache-bench-"))
+    try:
+        shutil.copy(HERE / "cached_suite.py", work / "test_cached_suite.py")
+        (work / "pytest.ini").write_text("[pytest]\n")
+        args = [str(work), "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:anyio",  # anyio cannot import after nnsight
+                "--rootdir", str(work), "-c", str(work / "pytest.ini"),
+                "--nnsight-cache-dir", str(work / "cache"), "--nnsight-device", device]
+        ModelCache(Settings(device=device)).get("bundled:capitals")  # imports warm before the first timed run
+        times, codes = {}, {}
+        for run in ("computed", "loaded"):
+            os.environ["CACHED_SUITE_EXPECT"] = run
+            t = time.perf_counter()
+            codes[run] = int(pytest.main(args))
+            times[run] = time.perf_counter() - t
+    finally:
+        os.environ.pop("CACHED_SUITE_EXPECT", None)
+        shutil.rmtree(work, ignore_errors=True)
+    speedup = times["computed"] / times["loaded"]
+    ok = all(c == 0 for c in codes.values())
+    return [{"name": "cache_rerun_speedup", "value": round(speedup, 2), "unit": "x", "target": ">= 3", "passed": speedup >= 3 and ok,
+             "detail": f"2 tests x 480 prompts x 3 sites on bundled:capitals ({device}): first run {times['computed']:.2f} s (computes, stores), "
+                       f"second {times['loaded']:.2f} s (loads, no forward pass); exit codes {codes['computed']}/{codes['loaded']}"}]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -170,7 +233,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    entries = bench_sweep_and_patch(args.device, args.reps) + bench_peak_memory(args.device)
+    entries = bench_sweep_and_patch(args.device, args.reps) + bench_variants(args.device, args.reps) + bench_peak_memory(args.device) + bench_cache_rerun(args.device)
     width = max(len(e["name"]) for e in entries)
     for e in entries:
         print(f"{e['name']:<{width}}  {e['value']:>8} {e['unit']:<5} target {e['target']:<34} {'PASS' if e['passed'] else 'FAIL'}  {e.get('detail', '')}")

@@ -62,3 +62,15 @@ def verified_path(model_id: str) -> Path:
             "or retrain it with scripts/train_bundled.py"
         )
     return folder
+
+
+def tokenizer(model_id: str) -> Any:
+    """The tokenizer of a bundled model alone (no weights loaded), e.g. for building strategies at collection time.
+
+    Pinned as the model fixtures pin it (left padding), so token positions agree with the served model.
+    """
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(path_of(model_id)), local_files_only=True)
+    tok.padding_side = "left"
+    return tok

@@ -1,0 +1,234 @@
+"""Claims over populations of prompt variants: pass rate, Wilson 95% lower bound, mean, spread, worst variants.
+
+`population` runs every pair batched: one trace per chunk for the clean and corrupt runs (saving the
+site's activation), then one trace per chunk of patched corrupt runs. Prompts of different lengths
+are left-padded by nnsight 0.8, so each row's positions are shifted by its padding.
+
+>>> pairs = counterfactual_pairs(model, CAPITAL_TEMPLATES, {"country": CAPITALS})              # doctest: +SKIP
+>>> result = population(model, pairs, "transformer.h.0", "last", n=64, threshold=0.7)         # doctest: +SKIP
+>>> assert_population(result, min_rate=0.9)                                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .assertions import _fail
+from .errors import BrokenExperimentError, MetricError
+from .interventions import Edit, normalized, pair_positions, run, text_of
+from .metrics import Metric, as_metric, logit_diff
+from .sites import resolve_site
+from .strategies import CounterfactualPair, StrategyError
+from .stats import wilson_interval
+
+
+
+
+@dataclass(frozen=True)
+class PopulationResult:
+    """The effect of one intervention over n variants, with the claim `effect >= threshold` per variant."""
+
+    n: int
+    effects: tuple[float, ...]  # normalized effect per variant (NaN where clean and corrupt barely differ)
+    passed: int
+    rate: float
+    lower_bound: float  # Wilson 95% lower bound of the pass rate
+    mean: float
+    std: float
+    threshold: float
+    site: str
+    position: Any
+    metric: str
+    variants: tuple[CounterfactualPair, ...]
+    clean: tuple[float, ...] = ()
+    corrupt: tuple[float, ...] = ()
+    patched: tuple[float, ...] = ()
+
+    @property
+    def failed(self) -> int:
+        return self.n - self.passed
+
+    def worst(self, k: int = 5) -> list[tuple[float, CounterfactualPair]]:
+        """The k variants with the smallest effect (NaN first), as (effect, pair)."""
+        order = sorted(range(self.n), key=lambda i: (not math.isnan(self.effects[i]), self.effects[i]))
+        return [(self.effects[i], self.variants[i]) for i in order[:k]]
+
+    def __repr__(self) -> str:
+        return (
+            f"PopulationResult({self.site} @ {self.position!r}: {self.passed}/{self.n} >= {self.threshold:g} "
+            f"(rate {self.rate:.3f}, Wilson lower {self.lower_bound:.3f}), mean {self.mean:.3g} ± {self.std:.3g})"
+        )
+
+
+def _pairs(pairs: Any, n: int | None, seed: int) -> list[CounterfactualPair]:
+    space = getattr(pairs, "space", None)
+    if space is not None:
+        if n is None:
+            raise StrategyError(f"a strategy of pairs needs n=: how many of its {len(space)} distinct variants to evaluate")
+        return space.sample(n, seed)
+    if not isinstance(pairs, Sequence) or not pairs or not all(isinstance(p, CounterfactualPair) for p in pairs):
+        raise StrategyError(f"pairs={pairs!r:.80}: expected counterfactual_pairs(...) with n=, or a non-empty list of CounterfactualPair")
+    pairs = list(pairs)
+    if n is not None:
+        distinct = list(dict.fromkeys(pairs))
+        if n > len(distinct):
+            raise StrategyError(f"n={n} is larger than the {len(distinct)} distinct variants given: lower n or pass more pairs")
+        pairs = distinct[:n]
+    return pairs
+
+
+def _row_metric(metrics: Sequence[Metric]) -> Metric:
+    """One Metric over a batch whose row r is measured by metrics[r] (each distinct metric computed once)."""
+    groups: dict[str, tuple[Metric, list[int]]] = {}
+    for r, m in enumerate(metrics):
+        if m.needs_reference:
+            raise MetricError(f"metric {m.name} needs a reference run, which population() does not provide: use logit_diff, prob, logprob or rank")
+        groups.setdefault(m.name, (m, []))[1].append(r)
+
+    def fn(out: Any, ref: Any) -> Any:
+        values = None
+        for m, rows in groups.values():
+            v = m(out, None).reshape(-1).float()
+            idx = torch.tensor(rows, device=v.device)
+            values = torch.zeros_like(v) if values is None else values
+            values = values.index_copy(0, idx, v[idx])
+        return values
+
+    return Metric("per-variant metric", fn)
+
+
+def _chunks(lengths: Sequence[int], size: int, same_length: bool) -> list[list[int]]:
+    """Indices in chunks of at most `size`; with `same_length`, each chunk holds one token length only."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if same_length else list(range(len(lengths)))
+    chunks: list[list[int]] = []
+    for i in order:
+        if not chunks or len(chunks[-1]) == size or (same_length and lengths[chunks[-1][0]] != lengths[i]):
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
+
+
+def _lengths(model: Any, texts: Sequence[str]) -> list[int]:
+    tok = model.tokenizer
+    return [len(tok(t)["input_ids"]) for t in texts]
+
+
+def population(
+    model: Any,
+    pairs: Any,
+    site: Any,
+    position: Any,
+    metric: Callable[[CounterfactualPair], Any] | None = None,
+    *,
+    threshold: float,
+    n: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    direction: str = "clean->corrupt",
+    min_gap: float = 1e-4,
+    same_length: bool = True,
+) -> PopulationResult:
+    """Patch `site` at `position` from clean into corrupt for every pair; effect per pair, batched.
+
+    `pairs`: counterfactual_pairs(...) with `n=` (n distinct variants, the same for the same seed) or
+    a list of CounterfactualPair. `metric(pair)` gives each pair's metric (default
+    logit_diff(pair.answer, pair.distractor)). `batch_size` rows go through one forward.
+    `same_length=True` batches only prompts of equal token length together (no padding, so the
+    numbers equal single runs to float rounding); False mixes lengths in fewer, left-padded traces.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}: expected a positive int")
+    if direction not in ("clean->corrupt", "corrupt->clean"):
+        raise ValueError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"threshold={threshold!r}: expected a finite number")
+    variants = _pairs(pairs, n, seed)
+    s = resolve_site(model, site)
+    make = metric if metric is not None else (lambda p: logit_diff(p.answer, p.distractor))
+    bound = [as_metric(model, make(p)) for p in variants]
+    cleans = [p.clean if direction == "clean->corrupt" else p.corrupt for p in variants]
+    targets = [p.corrupt if direction == "clean->corrupt" else p.clean for p in variants]
+    positions = [pair_positions(model, p.clean, p.corrupt, position)[2] for p in variants]
+
+    # 1) clean and corrupt runs, two rows per pair, saving the site's activation at each pair's positions
+    lengths = _lengths(model, [text_of(t) for t in targets])
+    half = max(1, batch_size // 2)
+    src_vals, tgt_vals, donors = [0.0] * len(variants), [0.0] * len(variants), [None] * len(variants)
+    for idx in _chunks(lengths, half, same_length):
+        texts = [t for i in idx for t in (text_of(cleans[i]), text_of(targets[i]))]
+        lens = _lengths(model, texts)
+        values, acts = run(model, texts, _row_metric([bound[i] for i in idx for _ in (0, 1)]), save=[s])
+        longest = max(lens)
+        for k, i in enumerate(idx):
+            pad = longest - lens[2 * k]
+            donors[i] = acts[s][2 * k, [p + pad for p in positions[i]]]
+            src_vals[i], tgt_vals[i] = float(values[2 * k]), float(values[2 * k + 1])
+
+    # 2) patched runs: the target prompts, each with its donor written at its (padding-shifted) positions
+    patched = [0.0] * len(variants)
+    for idx in _chunks(lengths, batch_size, same_length):
+        texts = [text_of(targets[i]) for i in idx]
+        lens = _lengths(model, texts)
+        longest = max(lens)
+        rows, pos = [], []
+        for r, i in enumerate(idx):
+            rows += [r] * len(positions[i])
+            pos += [p + longest - lens[r] for p in positions[i]]
+        edit = Edit(s, tuple(rows), tuple(pos), torch.cat([donors[i] for i in idx]))
+        values, _ = run(model, texts, _row_metric([bound[i] for i in idx]), edits=[edit])
+        for i, v in zip(idx, values.tolist()):
+            patched[i] = v
+
+    effects = []
+    for i, p in enumerate(variants):
+        try:
+            effects.append(normalized(patched[i], tgt_vals[i], src_vals[i], min_gap=min_gap, what=f"{p!r}"))
+        except BrokenExperimentError:
+            effects.append(math.nan)
+    finite = [e for e in effects if math.isfinite(e)]
+    passed = sum(1 for e in effects if math.isfinite(e) and e >= threshold)
+    mean = sum(finite) / len(finite) if finite else math.nan
+    std = math.sqrt(sum((e - mean) ** 2 for e in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    count = len(variants)
+    return PopulationResult(
+        count, tuple(effects), passed, passed / count, wilson_interval(passed, count)[0], mean, std, float(threshold),
+        str(s), position, "logit_diff(answer, distractor)" if metric is None else getattr(metric, "__name__", "metric(pair)"),
+        tuple(variants), tuple(src_vals), tuple(tgt_vals), tuple(patched),
+    )
+
+
+def assert_population(result: PopulationResult, min_rate: float = 0.9, *, on: str = "lower_bound", show: int = 5) -> None:
+    """At least `min_rate` of the variants pass (stated on the Wilson 95% lower bound by default, or on the raw rate)."""
+    __tracebackhide__ = True
+    if on not in ("lower_bound", "rate"):
+        raise ValueError(f"on={on!r}: expected 'lower_bound' (Wilson 95%) or 'rate'")
+    if not 0 <= min_rate <= 1:
+        raise ValueError(f"min_rate={min_rate!r}: expected a rate between 0 and 1")
+    value = result.lower_bound if on == "lower_bound" else result.rate
+    if value >= min_rate:
+        return
+    worst = []
+    for eff, p in result.worst(show):
+        if math.isnan(eff) or eff >= result.threshold:
+            note = "clean and corrupt barely differ" if math.isnan(eff) else "passes"
+        else:
+            note = f"< {result.threshold:g}"
+        worst.append(f"\n    {eff:.4g} ({note}): {p.clean.text!r} -> {p.answer!r} | {p.corrupt.text!r} -> {p.distractor!r}")
+    what = "Wilson 95% lower bound of the pass rate" if on == "lower_bound" else "pass rate"
+    _fail(
+        f"claim: patching {result.site} at {result.position!r} restores >= {result.threshold:g} of {result.metric} "
+        f"in at least {min_rate:.0%} of variants ({what})",
+        [
+            ("pass rate", f"{result.rate:.3f} ({result.passed} / {result.n})"),
+            ("wilson", f"{result.lower_bound:.3f} (95% lower bound)"),
+            ("effect", f"mean {result.mean:.4g} ± {result.std:.4g} (std)"),
+            ("failed", f"{result.failed} / {result.n} failed ({result.failed / result.n:.0%})"),
+            ("worst", "".join(worst)),
+            ("expected", f"{what} >= {min_rate:g}, measured {value:.3f}"),
+        ],
+        "look at the worst variants above: a template or word the finding does not cover, or raise n if the bound is just short",
+    )

@@ -230,6 +230,11 @@ class ModelCache:
         module.eval()
         wrapped = wrap(module, tok)
         info.update(device=key.device, dtype=str(torch_dtype).replace("torch.", ""))
+        from .families import check_on_load
+
+        family = check_on_load(wrapped)  # one probe forward for a known family; unknown architectures pass silently
+        if family is not None:
+            info["family"] = family
         return LoadedModel(key, wrapped, getattr(wrapped, "tokenizer", tok), time.perf_counter() - start, info)
 
 

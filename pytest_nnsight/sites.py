@@ -15,26 +15,22 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import PositionError, SiteError
 
-# (layers, attention, mlp, head projection whose input holds the concatenated heads) per family
-LAYOUTS: tuple[tuple[str, str, str, str], ...] = (
-    ("transformer.h", "attn", "mlp", "attn.c_proj"),  # GPT-2, GPT-J (mlp/attn.out_proj differ: see issue on families)
-    ("gpt_neox.layers", "attention", "mlp", "attention.dense"),  # GPT-NeoX / Pythia
-    ("model.layers", "self_attn", "mlp", "self_attn.o_proj"),  # Llama, Mistral, Qwen2
-    ("model.decoder.layers", "self_attn", "fc2", "self_attn.out_proj"),  # OPT
-)
-EMBED_PATHS = ("transformer.drop", "gpt_neox.emb_dropout", "model.embed_tokens", "model.decoder.embed_tokens")
 PARTS = ("output", "input")
 
 
 @dataclass(frozen=True)
 class Site:
-    """A place in the model: `path` of a module (relative to the model root), its `part`, optionally one head."""
+    """A place in the model: `path` of a module (relative to the model root), its `part`, optionally one head.
+
+    `item` picks an element of a tuple output: 0 (the hidden states) except for attention patterns (1).
+    """
 
     path: str
     part: str = "output"
     head: int | None = None
     n_heads: int | None = None
     label: str | None = None
+    item: int = 0
 
     def __str__(self) -> str:
         return self.label or (self.path + ("" if self.part == "output" else f":{self.part}"))
@@ -53,23 +49,11 @@ def model_name(model: Any) -> str:
     return f"bundled:{match.group(1)}" if match else name
 
 
-def _layout(model: Any) -> tuple[str, str, str, str]:
-    root = module_of(model)
-    for layout in LAYOUTS:
-        try:
-            root.get_submodule(layout[0])
-            return layout
-        except AttributeError:
-            continue
-    raise SiteError(
-        f"cannot find the layer list of {type(root).__name__}: known layouts are "
-        + ", ".join(layout[0] for layout in LAYOUTS)
-        + "; name sites by module path instead (e.g. 'transformer.h.0')"
-    )
-
-
 def n_layers(model: Any) -> int:
-    return len(module_of(model).get_submodule(_layout(model)[0]))
+    """Number of layers of a model of a known family (see pytest_nnsight.families)."""
+    from .families import layout_of
+
+    return layout_of(model).n_layers
 
 
 def _layer_index(model: Any, layer: int) -> int:
@@ -81,47 +65,100 @@ def _layer_index(model: Any, layer: int) -> int:
     return layer % n
 
 
+def _head_index(model: Any, layer: int, index: Any) -> int:
+    from .families import layout_of
+
+    heads = layout_of(model).n_heads
+    if not isinstance(index, int) or isinstance(index, bool) or not -heads <= index < heads:
+        raise SiteError(f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1}")
+    return index % heads
+
+
+def site(model: Any, name: str, layer: int | None = None, head: int | None = None) -> Site:
+    """A site of the standard vocabulary, the same on every model family.
+
+    Per layer: resid_pre, resid_post, attn_out, mlp_out, pattern (attention weights [B, H, T, T], or
+    [B, T, T] of one head), head_out (one head's output before the output projection, needs `head`).
+    Global: embed, final_norm, logits. The string form `resolve_site(model, "resid_post.3")` is equivalent.
+
+    >>> site(model, "head_out", 1, 2) == resolve_site(model, "head_out.1.2")   # doctest: +SKIP
+    True
+    """
+    from .families import GLOBAL_SITES, LAYER_SITES, ensure_eager, layout_of
+
+    lay = layout_of(model)
+    if name in GLOBAL_SITES:
+        if layer is not None or head is not None:
+            raise SiteError(f"site {name!r} is global: it takes no layer or head")
+        path = lay.path({"embed": "embed", "final_norm": "final_norm", "logits": "lm_head"}[name])
+        if path is None:
+            raise SiteError(f"{model_name(model)} ({lay.family.name} family) has no {name} site" + (" (a base model without an LM head)" if name == "logits" else ""))
+        return Site(path, label=name)
+    if name not in LAYER_SITES:
+        raise SiteError(f"unknown site name {name!r}: expected one of {', '.join(LAYER_SITES + GLOBAL_SITES)} (or a module path)")
+    if layer is None:
+        raise SiteError(f"site {name!r} needs a layer: e.g. {name}.0" + (".0 (layer, head)" if name == "head_out" else ""))
+    layer = _layer_index(model, layer)
+    if name == "head_out":
+        if head is None:
+            raise SiteError(f"site 'head_out' needs a head: head_out.{layer}.H with H in 0..{lay.n_heads - 1}")
+        h = _head_index(model, layer, head)
+        return Site(lay.in_layer(layer, "head_proj"), part="input", head=h, n_heads=lay.n_heads, label=f"head_out.{layer}.{h}")
+    if name == "pattern":
+        if not lay.family.returns_weights:
+            raise SiteError(f"the {lay.family.name} family's attention returns no weights: no pattern site")
+        ensure_eager(model)
+        h = None if head is None else _head_index(model, layer, head)
+        return Site(lay.in_layer(layer, "pattern"), item=1, head=h, n_heads=lay.n_heads, label=f"pattern.{layer}" + ("" if h is None else f".{h}"))
+    if head is not None:
+        raise SiteError(f"site {name!r} takes no head (only head_out and pattern do)")
+    if name == "resid_pre":
+        return Site(lay.layer(layer), part="input", label=f"resid_pre.{layer}")
+    if name == "resid_post":
+        return Site(lay.layer(layer), label=f"resid_post.{layer}")
+    return Site(lay.in_layer(layer, "attn" if name == "attn_out" else "mlp"), label=f"{name}.{layer}")
+
+
 def block(model: Any, layer: int) -> Site:
     """The residual stream after block `layer` (the block's output)."""
+    from .families import layout_of
+
     layer = _layer_index(model, layer)
-    return Site(f"{_layout(model)[0]}.{layer}", label=f"block {layer}")
+    return Site(layout_of(model).layer(layer), label=f"block {layer}")
 
 
 def attn_out(model: Any, layer: int) -> Site:
     """The attention output of block `layer`."""
+    from .families import layout_of
+
     layer = _layer_index(model, layer)
-    layers, attn, _, _ = _layout(model)
-    return Site(f"{layers}.{layer}.{attn}", label=f"attn {layer}")
+    return Site(layout_of(model).in_layer(layer, "attn"), label=f"attn {layer}")
 
 
 def mlp_out(model: Any, layer: int) -> Site:
     """The MLP output of block `layer`."""
+    from .families import layout_of
+
     layer = _layer_index(model, layer)
-    layers, _, mlp, _ = _layout(model)
-    return Site(f"{layers}.{layer}.{mlp}", label=f"mlp {layer}")
+    return Site(layout_of(model).in_layer(layer, "mlp"), label=f"mlp {layer}")
 
 
 def head(model: Any, layer: int, index: int) -> Site:
     """One attention head's output of block `layer`, before the output projection mixes the heads."""
+    from .families import layout_of
+
     layer = _layer_index(model, layer)
-    layers, _, _, proj = _layout(model)
-    cfg = module_of(model).config
-    heads = getattr(cfg, "n_head", None) or getattr(cfg, "num_attention_heads")
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < heads:
-        raise SiteError(f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1}")
-    return Site(f"{layers}.{layer}.{proj}", part="input", head=index, n_heads=heads, label=f"head {layer}.{index}")
+    lay = layout_of(model)
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < lay.n_heads:
+        raise SiteError(f"head {index!r} is out of range: layer {layer} has {lay.n_heads} heads, valid 0..{lay.n_heads - 1}")
+    return Site(lay.in_layer(layer, "head_proj"), part="input", head=index, n_heads=lay.n_heads, label=f"head {layer}.{index}")
 
 
 def embed(model: Any) -> Site:
     """The embeddings entering block 0 (token + position embeddings where the model adds them)."""
-    root = module_of(model)
-    for path in EMBED_PATHS:
-        try:
-            root.get_submodule(path)
-            return Site(path, label="embed")
-        except AttributeError:
-            continue
-    raise SiteError(f"cannot find the embedding output of {type(root).__name__}: name it by module path")
+    from .families import layout_of
+
+    return Site(layout_of(model).path("embed"), label="embed")
 
 
 def blocks(model: Any) -> list[Site]:
@@ -129,30 +166,60 @@ def blocks(model: Any) -> list[Site]:
     return [block(model, i) for i in range(n_layers(model))]
 
 
-NAMED = {"blocks": blocks, "attn": lambda m: [attn_out(m, i) for i in range(n_layers(m))], "mlp": lambda m: [mlp_out(m, i) for i in range(n_layers(m))]}
+def _every(name: str) -> Any:
+    def sites_of(model: Any) -> list[Site]:
+        if name == "head_out":
+            from .families import layout_of
+
+            return [site(model, name, i, h) for i in range(n_layers(model)) for h in range(layout_of(model).n_heads)]
+        return [site(model, name, i) for i in range(n_layers(model))]
+
+    return sites_of
+
+
+NAMED = {
+    "blocks": blocks,
+    "attn": lambda m: [attn_out(m, i) for i in range(n_layers(m))],
+    "mlp": lambda m: [mlp_out(m, i) for i in range(n_layers(m))],
+    **{name: _every(name) for name in ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out", "pattern")},
+}
+VOCAB_RE = re.compile(r"^(resid_pre|resid_post|attn_out|mlp_out|pattern|head_out)\.(-?\d+)(?:\.(-?\d+))?$|^(embed|final_norm|logits)$")
 
 
 def resolve_site(model: Any, spec: Any) -> Site:
-    """A Site from a Site, an nnsight envoy (`model.transformer.h[3]`) or a path ('transformer.h.3', 'transformer.h.3:input')."""
+    """A Site from a Site, a vocabulary name ('resid_post.3', 'head_out.1.2', 'embed'), an nnsight envoy
+    (`model.transformer.h[3]`) or a path ('transformer.h.3', 'transformer.h.3:input')."""
     if isinstance(spec, Site):
         _check_path(model, spec.path)
         return spec
     path = getattr(spec, "path", None)
     if isinstance(path, str) and not isinstance(spec, str):  # an envoy
         return resolve_site(model, path.split(".", 1)[1] if path.startswith("model.") else "")
+    if isinstance(spec, str):
+        vocab = VOCAB_RE.match(spec.strip())
+        if vocab:
+            from .families import find_layout
+
+            known = find_layout(model) is not None
+            if known or vocab.group(1) or not _path_exists(model, spec.strip()):  # a raw path 'embed' still works on unknown models
+                if vocab.group(4):
+                    return site(model, vocab.group(4))
+                return site(model, vocab.group(1), int(vocab.group(2)), None if vocab.group(3) is None else int(vocab.group(3)))
     if not isinstance(spec, str):
         raise SiteError(f"site {spec!r} is not a Site, an envoy or a path string: expected e.g. 'transformer.h.0' or model.transformer.h[0]")
     path, _, part = spec.partition(":")
     part = part or "output"
     if part not in PARTS:
         raise SiteError(f"site {spec!r} names part {part!r}: expected one of {', '.join(PARTS)}")
-    path = path[len("model."):] if path.startswith("model.") else path
+    if path.startswith("model.") and not _path_exists(model, path):  # nnsight names the root 'model'; Llama has a child 'model'
+        path = path[len("model."):]
     _check_path(model, path)
     return Site(path, part=part)
 
 
 def resolve_sites(model: Any, spec: Any) -> list[Site]:
-    """A list of sites from one site, a list of them, or a named group ('blocks', 'attn', 'mlp')."""
+    """A list of sites from one site, a list of them, or a named group ('blocks', 'attn', 'mlp', or a vocabulary
+    name over every layer: 'resid_pre', 'resid_post', 'attn_out', 'mlp_out', 'pattern', 'head_out' (every layer x head))."""
     if isinstance(spec, str) and spec in NAMED:
         return NAMED[spec](model)
     if isinstance(spec, (list, tuple)):
@@ -160,6 +227,14 @@ def resolve_sites(model: Any, spec: Any) -> list[Site]:
             raise SiteError("an empty list of sites: name at least one site, or use 'blocks', 'attn' or 'mlp'")
         return [resolve_site(model, s) for s in spec]
     return [resolve_site(model, spec)]
+
+
+def _path_exists(model: Any, path: str) -> bool:
+    try:
+        module_of(model).get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _check_path(model: Any, path: str) -> None:
@@ -203,7 +278,12 @@ def site_value(model: Any, site: Site) -> Any:
     """Inside a trace: the tensor at `site` (a view, so writing into it patches the model)."""
     envoy = envoy_at(model, site.path)
     value = envoy.output if site.part == "output" else envoy.input
-    hidden = value[0] if isinstance(value, tuple) else value
+    hidden = value[site.item] if isinstance(value, tuple) else value
+    if site.item == 1:  # attention weights [B, H, T, T]
+        if hidden is None:
+            raise SiteError(f"{site}: the attention module returned no weights; pattern sites switch the model to eager attention, "
+                            "so it was switched back or loaded with an implementation that ignores the switch")
+        return hidden if site.head is None else hidden[:, site.head]
     if site.head is not None:
         b, t, d = hidden.shape
         hidden = hidden.view(b, t, site.n_heads, d // site.n_heads)[:, :, site.head, :]

@@ -12,6 +12,8 @@ from typing import Any
 
 from .environment import library_versions
 from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
     ActivationCacheError,
     ActivationCacheWarning,
     ProbeError,
@@ -57,6 +59,8 @@ _LAZY = {
     "previous_token_scores": "patterns",
     "probe": "probing", "probe_sites": "probing", "fit_probe": "probing", "assert_probe": "probing",
     "ProbeResult": "probing", "ProbeSweep": "probing",
+    "model_structure": "structure", "ModelStructure": "structure", "compatibility_hint": "hints",
+    "FindingSpec": "replay", "replay": "replay", "ReplayError": "replay",
 }
 
 
@@ -74,6 +78,7 @@ __all__ = sorted(
         "MetricError", "ModelCache", "ModelKey", "ModelLoadError", "ModelSpecError", "ModelUnavailableError", "ModelUsageError",
         "NnsightTestError", "NonFiniteMetricError", "PositionError", "Settings", "SettingsError", "SiteError", "library_versions", "wrap",
         "ActivationCacheError", "ActivationCacheWarning", "ProbeError", "SiteNotCachedError",
+        "ArgumentError", "ArgumentTypeError",
         *_LAZY,
     ]
 )

@@ -7,6 +7,14 @@ class NnsightTestError(Exception):
     """Base class of every error raised by pytest-nnsight."""
 
 
+class ArgumentError(NnsightTestError, ValueError):
+    """An argument of a public function has a value it does not accept (a direction, a method, a batch size, a tolerance)."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of a public function has a type it does not accept."""
+
+
 class SettingsError(NnsightTestError, ValueError):
     """An option, environment variable or ini key has a value pytest-nnsight does not accept."""
 

@@ -13,11 +13,18 @@ from .fixtures import CACHE_KEY, SETTINGS_KEY
 from .fixtures import ACTIVATION_CACHE_KEY
 from .snapshots import hooks as _snapshot_hooks
 from .snapshots.hooks import finding_snapshot  # noqa: F401
+from .snapshots.structure_fixture import structure_snapshot  # noqa: F401
+from . import hints as _hints
+from . import findings as _findings
+from . import report as _report
+
+REPORT_KEY = pytest.StashKey["_report.ReportState"]()
 
 MARKERS = (
     "nnsight_models(*model_ids): run the test once per model, served through the `model` fixture "
     "(ids: hub ids, local checkpoint dirs, or bundled:NAME).",
     "gpu: the test needs a CUDA device; skipped with a reason where there is none.",
+    _findings.MARKER,
 )
 
 
@@ -45,13 +52,24 @@ def pytest_configure(config: pytest.Config) -> None:
             from .models import resolve_device
 
             resolve_device(resolved.device)
+        if resolved.remote != "off":  # --nnsight-remote ndif without NDIF_API_KEY: a usage error now (key never printed)
+            from .remote import check_remote
+
+            check_remote(resolved)
         if resolved.hypothesis_profile:  # imports hypothesis (~0.3 s) only when a profile is asked for
             _settings.load_hypothesis_profile(resolved.hypothesis_profile, resolved.source_of("hypothesis_profile"))
+        report_state = _report.configure(config, resolved)  # an unwritable --nnsight-report DIR stops the run now
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = resolved
     _settings.ACTIVE = resolved
+    if resolved.deterministic:  # imports torch only when asked for
+        from .determinism import enable
+
+        enable()
     _snapshot_hooks.configure(config, resolved)
+    config.stash[REPORT_KEY] = report_state
+    config.pluginmanager.register(report_state, "nnsight-findings")  # collects the records of every report, workers' too
     if not hasattr(config, "workerinput"):  # the controller clears once, before xdist workers start
         from .activation_cache import clear_at_start
 
@@ -60,20 +78,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _snapshot_hooks.unconfigure(config)
+    if SETTINGS_KEY in config.stash and config.stash[SETTINGS_KEY].deterministic:
+        from .determinism import disable
+
+        disable()
     if config.stash[SETTINGS_KEY].hypothesis_profile if SETTINGS_KEY in config.stash else False:
         _settings.restore_hypothesis_profile()
     if config.stash.get(SETTINGS_KEY, None) is _settings.ACTIVE:
         _settings.ACTIVE = None
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     s = config.stash[SETTINGS_KEY]
     v = library_versions()
-    device = s.device + (" (CUDA when available, else CPU)" if s.device == "auto" else "")
-    return (
+    from .devices import header as _device_header  # stdlib-only module; torch only when CUDA was asked for or is loaded
+
+    workerinput = getattr(config, "workerinput", None)
+    workers = len(config.getoption("tx", None) or []) if config.getoption("dist", "no") != "no" else 0
+    device = _device_header(s.device, workers=workers, worker=workerinput["workerid"] if workerinput else None)
+    device += f", remote {s.remote}" if s.remote != "off" else ""
+    from .compatibility import header_line as _compat_line  # stdlib only: is this combination in the version matrix's table?
+
+    return [
         f"pytest-nnsight: nnsight {v['nnsight']}, torch {v['torch']}, transformers {v['transformers']}; "
-        f"device {device}, dtype {s.dtype}" + (", offline" if s.offline else "")
-    )
+        f"device {device}, dtype {s.dtype}" + (", offline" if s.offline else ""),
+        _compat_line(),
+    ]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -92,6 +122,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if SETTINGS_KEY in item.config.stash and item.config.stash[SETTINGS_KEY].deterministic:
+        from .determinism import seed_all
+
+        seed_all()  # the same seeds before every test, whatever ran before it
     if item.get_closest_marker("gpu") is None:
         return
     s = item.config.stash[SETTINGS_KEY]
@@ -115,6 +149,23 @@ def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, righ
     return None
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
+    """Open the test's findings recorder while it runs: assertions, sweeps and snapshots record into it."""
+    rec = _findings.start(item)
+    try:
+        yield
+    finally:
+        _findings.finish(item, rec)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    outcome = yield
+    _findings.attach(item, outcome.get_result())  # the record travels on the report (and through xdist)
+    _hints.attach(outcome.get_result(), call)  # one line naming the nnsight API change behind a known error
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _snapshot_hooks.record_skipped_test(report)  # a skipped test's snapshots are not stale
 
@@ -123,8 +174,14 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
     _snapshot_hooks.module_skipped(report)  # nor are those of a module skipped at collection
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if REPORT_KEY in session.config.stash:  # --nnsight-report DIR: written once, by the controller
+        _report.session_finish(session.config, session.config.stash[REPORT_KEY], session.config.stash[SETTINGS_KEY])
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     _snapshot_hooks.terminal_summary(terminalreporter)
+    _findings_summary(terminalreporter, config)
     _activation_cache_summary(terminalreporter, config)
     cache = config.stash.get(CACHE_KEY, None)
     if cache is None or not cache.loaded() or config.get_verbosity() < 0:
@@ -135,6 +192,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
             f"{entry.info.get('id', entry.key.source)}: {entry.info.get('device')} {entry.info.get('dtype')}, "
             f"loaded {cache.load_counts[entry.key]}x in {entry.load_seconds:.2f} s"
         )
+
+
+def _findings_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Each finding's claim and numbers (with -v or --nnsight-summary), then where the report was written."""
+    state = config.stash.get(REPORT_KEY, None)
+    if state is None:
+        return
+    _findings.terminal_summary(terminalreporter, state.records, config.stash[SETTINGS_KEY].summary or config.get_verbosity() > 0)
+    for line in _report.terminal_lines(state):
+        terminalreporter.write_line(line, red=line.startswith("could not"), bold=True)
 
 
 def _activation_cache_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -77,6 +77,17 @@ def parse_positive_int(value: str | int) -> int:
     return n
 
 
+def parse_remote(value: str | bool) -> str:
+    v = str(value).strip().lower()
+    if v in ("ndif", "local", "off"):
+        return v
+    if v in _TRUE:
+        return "ndif"
+    if v in _FALSE:
+        return "off"
+    raise ValueError("expected off, ndif (run traces on NDIF) or local (simulate the remote path in-process)")
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: its noun names the option, the environment variable and the ini key."""
@@ -121,8 +132,17 @@ OPTIONS: tuple[Option, ...] = (
            "5e-2 bfloat16)", None, parse_tolerance, "ATOL"),
     Option("snapshot_rtol", "relative tolerance of finding_snapshot comparisons; unset: by dtype (1e-4 float32, 1e-2 float16, "
            "2e-2 bfloat16)", None, parse_tolerance, "RTOL"),
+    Option("deterministic", "torch deterministic algorithms for the run (warn_only: ops without a deterministic kernel warn) "
+           "and the same seeds (random, torch, numpy) before every test; on CUDA also CUBLAS_WORKSPACE_CONFIG", False, parse_bool),
     Option("snapshot_refresh_env", "rewrite only the recorded environment of findings snapshots whose values are still within "
            "tolerance (accept an upgrade without rewriting numbers)", False, parse_bool),
+    Option("summary", "show the findings summary (claim, measured vs threshold, variants, snapshot status) at the end of the "
+           "run; -v shows it too", False, parse_bool),
+    Option("report", "write a findings report (findings.json, findings.md, index.html, figures/*.png) into this directory",
+           None, parse_path, "DIR"),
+    Option("remote", "run intervention traces on NDIF (nnsight remote=True) for models too large for the runner: off, ndif "
+           "(needs the API key in env NDIF_API_KEY) or local (nnsight's in-process simulation of the remote path)", "off",
+           parse_remote, "MODE"),
 )
 OPTIONS_BY_NOUN: Mapping[str, Option] = {o.noun: o for o in OPTIONS}
 
@@ -144,6 +164,10 @@ class Settings:
     snapshot_atol: float | None = None
     snapshot_rtol: float | None = None
     snapshot_refresh_env: bool = False
+    deterministic: bool = False
+    summary: bool = False
+    report: str | None = None
+    remote: str = "off"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def source_of(self, noun: str) -> str:

@@ -1,6 +1,6 @@
 """A cheap fingerprint of a model's weights: what makes a cached activation or a snapshot stale.
 
-Per parameter and buffer (name, shape, dtype, float64 sum, L2 norm and a position-weighted sum of a
+Per parameter and persistent buffer (what a checkpoint stores; name, shape, dtype, float64 sum, L2 norm and a position-weighted sum of a
 strided sample, so swapped or permuted values change it too), reduced on the model's device and
 moved to the CPU in one transfer, then hashed. Cached per served model in the ModelCache entry's
 ``info["weights_fingerprint"]``, so a session computes it once per model.
@@ -20,11 +20,15 @@ def _module(model: Any) -> Any:
 
 
 def compute_weights_fingerprint(model: Any) -> str:
-    """sha256 (hex, 32 chars) over per-tensor statistics of every parameter and buffer of `model`."""
+    """sha256 (hex, 32 chars) over per-tensor statistics of every parameter and persistent buffer of `model`.
+
+    Non-persistent buffers (causal masks, rotary caches) are left out: they are not weights, and transformers
+    releases add and drop them (GPT-2's `attn.bias` in 4.57, gone in 5.x) without changing any number.
+    """
     import torch
 
     root = _module(model)
-    named = sorted(list(root.named_parameters()) + list(root.named_buffers()), key=lambda kv: kv[0])
+    named = sorted(list(root.named_parameters()) + _persistent_buffers(root), key=lambda kv: kv[0])
     header = hashlib.sha256()
     stats = []
     with torch.no_grad():
@@ -62,3 +66,14 @@ def weights_fingerprint(model: Any, cache: Any = None) -> str:
     if entry is not None:
         entry.info[INFO_KEY] = value
     return value
+
+
+def _persistent_buffers(root: Any) -> list[tuple[str, Any]]:
+    """(name, tensor) of the buffers a state_dict would save."""
+    out = []
+    for prefix, module in root.named_modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for local, tensor in module.named_buffers(recurse=False):
+            if tensor is not None and local not in skip:
+                out.append((f"{prefix}.{local}" if prefix else local, tensor))
+    return out

@@ -177,6 +177,17 @@ def test_fingerprint_is_cached_and_tracks_weights(capitals, nnsight_models, tiny
     assert weights_fingerprint(module) == before
 
 
+def test_fingerprint_ignores_non_persistent_buffers_only():
+    """transformers 4.57's GPT-2 carries a causal-mask buffer 5.x dropped: not a weight, so not a weights change."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    before = weights_fingerprint(net)
+    net[0].register_buffer("mask", torch.ones(3, 3), persistent=False)
+    assert weights_fingerprint(net) == before
+    with torch.no_grad():
+        net[1].running_mean += 0.5  # a persistent buffer: saved in the checkpoint, so it counts
+    assert weights_fingerprint(net) != before
+
+
 def test_unwritable_directory_error_names_it(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ActivationCacheError, match="activation cache directory '.*f/sub' \\(from default\\) is not writable"):

@@ -51,21 +51,13 @@ def import_nnsight() -> Any:
 
 
 def resolve_device(device: str) -> str:
-    """Turn a device setting into a concrete torch device string ('auto' picks CUDA when present)."""
-    import torch
+    """Turn a device setting into a concrete torch device string ('auto' picks CUDA when present).
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SettingsError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device: use cpu or auto")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise SettingsError(
-                f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible: "
-                f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-            )
-    return device
+    Under pytest-xdist, 'cuda' and 'auto' pin worker gwN to cuda:(N % visible GPUs) (see devices.py).
+    """
+    from .devices import current_device
+
+    return current_device(device)
 
 
 def resolve_dtype(dtype: str, device: str, checkpoint_dtype: Any = None) -> "torch.dtype":
@@ -214,6 +206,12 @@ class ModelCache:
             directory = bundled.verified_path(key.source)
             module, tok = _load_pretrained(str(directory), key.source, None, offline=True)
             info.update(kind="bundled", path=str(directory), manifest=bundled.manifest(key.source))
+        elif self.settings.remote == "ndif" and not os.path.isabs(key.source):  # --nnsight-remote ndif: NDIF holds the weights
+            from .remote import load_for_ndif
+
+            wrapped, tok = load_for_ndif(key.source, key.revision)
+            info.update(kind="ndif", revision=key.revision, device="ndif", dtype="as NDIF serves it")
+            return LoadedModel(key, wrapped, tok, time.perf_counter() - start, info)
         else:
             is_path = os.path.isabs(key.source)
             if is_path:
@@ -242,7 +240,8 @@ def _checkpoint_dtype(module: Any) -> Any:
     """The dtype a checkpoint was saved in (config.dtype on transformers 5, torch_dtype before), or None."""
     import torch
 
-    fields = vars(getattr(module, "config", None) or object())
+    config = getattr(module, "config", None)
+    fields = vars(config) if hasattr(config, "__dict__") else {}  # a plain torch module has no config
     value = fields.get("dtype", fields.get("torch_dtype"))
     if isinstance(value, str):
         value = getattr(torch, value.replace("torch.", ""), None)

@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+DEMO_REPORT ?= reports/demo
 
 .PHONY: demo test bench venv clean
 
@@ -21,7 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(PY) -m pytest examples -v -rA $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "make demo: no example ran" >&2; exit $$rc; }
+	$(PY) -m pytest examples -v -rA --nnsight-report $(DEMO_REPORT) $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "make demo: no example ran" >&2; \
+	  test -f $(DEMO_REPORT)/index.html && echo "make demo: findings report in $(DEMO_REPORT)/index.html"; exit $$rc; }
+	@echo "make demo: findings report in $(DEMO_REPORT)/index.html (findings.json, findings.md, figures/)"
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "make test: pytest collected no tests, which counts as a failure" >&2; exit $$rc; }

@@ -19,6 +19,7 @@ def capitals(nnsight_model):
     return nnsight_model("bundled:capitals")
 
 
+@pytest.mark.finding("the country sits at the subject token after the embeddings, then at the last token from block 0 on")
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_subject_then_last_position(capitals, template):
     country, capital, other, other_capital = PAIRS[0]
@@ -30,6 +31,7 @@ def test_subject_then_last_position(capitals, template):
     assert_peaks_at(effects, [("embed", subject), ("block 0", last), ("block 1", last)], at_least=0.9, elsewhere_at_most=0.05)
 
 
+@pytest.mark.finding("patching the last position after block 0 restores the capital (>= 0.9 of the logit difference)")
 @pytest.mark.parametrize("country, capital, other, other_capital", PAIRS)
 def test_last_position_after_block_0_restores_the_answer(capitals, country, capital, other, other_capital):
     effect = patch(
@@ -41,6 +43,7 @@ def test_last_position_after_block_0_restores_the_answer(capitals, country, capi
     assert_restores(effect, at_least=0.9)
 
 
+@pytest.mark.finding("after block 0 the subject position no longer matters (|effect| <= 0.05)")
 def test_subject_position_after_block_0_no_longer_matters(capitals):
     effect = patch(capitals, "The capital of France is", "The capital of Germany is",
                    site=capitals.transformer.h[0], position="France", metric=logit_diff("Paris", "Berlin"))

@@ -38,6 +38,7 @@ def probes(activation_cache, capitals):
     return result
 
 
+@pytest.mark.finding("a linear probe decodes the country at the last position from block 0 on, not from the embeddings")
 def test_country_is_decodable_at_the_last_position_from_block_0(probes):
     assert_probe(probes["block 0"], 0.9, over_baseline=0.5)
     assert_probe(probes["block 1"], 0.9, over_baseline=0.5)
@@ -45,6 +46,7 @@ def test_country_is_decodable_at_the_last_position_from_block_0(probes):
     assert embedding.accuracy <= embedding.baseline + 0.1
 
 
+@pytest.mark.finding("the first decodable layer is the first causal one in the patching map (block 0)")
 def test_decodable_layer_agrees_with_the_patching_map(capitals, probes):
     first_decodable = probes.first_above(0.9, over_baseline=0.5)
     for template in ("The capital of {} is", "Everyone knows that the capital of {} is", "Q : what is the capital of {} ? A :"):

@@ -8,9 +8,12 @@ as re-verified, one that moved fails with "this finding drifted after nnsight X 
 that moved. ``--nnsight-snapshot-refresh-env`` accepts an upgrade without rewriting the numbers.
 """
 
+import pytest
+
 from pytest_nnsight import blocks, embed, logit_diff, sweep
 
 
+@pytest.mark.finding("the whole patching map of France -> Germany (embeddings and blocks x tokens) is unchanged")
 def test_capitals_patching_map(nnsight_model, finding_snapshot):
     capitals = nnsight_model("bundled:capitals")
     effects = sweep(capitals, "The capital of France is", "The capital of Germany is", logit_diff("Paris", "Berlin"),

@@ -24,6 +24,7 @@ def top_token(model, text):
     return model.tokenizer.convert_ids_to_tokens([int(logits.argmax())])[0]
 
 
+@pytest.mark.finding("block 0 at the last position restores >= 0.7 of the capital's logit difference in every generated variant")
 @settings(max_examples=20, deadline=None)
 @given(pair=PAIRS)
 def test_block0_last_position_restores_the_capital(capitals, pair):
@@ -32,12 +33,14 @@ def test_block0_last_position_restores_the_capital(capitals, pair):
     assert effect.normalized >= 0.7
 
 
+@pytest.mark.finding("block 0 at the last position restores >= 0.7 in at least 90% of 64 variants (Wilson 95% lower bound)")
 def test_block0_last_position_restores_the_capital_in_90_percent(capitals):
     result = population(capitals, PAIRS, "transformer.h.0", "last", n=64, threshold=0.7)
     print(result)
     assert_population(result, min_rate=0.9, on="lower_bound")
 
 
+@pytest.mark.finding("filler prefixes do not change the answer")
 @settings(max_examples=20, deadline=None)
 @given(pair=perturbed_pairs(PAIRS, fillers()))
 def test_filler_prefixes_do_not_change_the_answer(capitals, pair):

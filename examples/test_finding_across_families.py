@@ -20,6 +20,7 @@ def model(request, nnsight_model):
     return nnsight_model(*tiny_model(request.param, seed=3))
 
 
+@pytest.mark.finding("on GPT-2 and Llama alike the country enters at the subject and leaves at the last position")
 def test_country_enters_at_the_subject_and_leaves_at_the_last_position(model):
     metric = logit_diff("Paris", "Berlin")
     last = n_layers(model) - 1

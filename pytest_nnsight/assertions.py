@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .errors import NonFiniteMetricError
+from .errors import ArgumentError, NonFiniteMetricError
+from .findings import record_check, record_peaks
 from .results import Effect, EffectMap
 
 
@@ -32,6 +33,7 @@ def _finite(value: float, what: str, effect: Effect | None = None) -> None:
 def assert_restores(effect: Effect, at_least: float) -> None:
     """The patch restores at least `at_least` of the clean behaviour (normalized effect)."""
     __tracebackhide__ = True
+    record_check(f"normalized effect of the {effect.kind} at {effect.site}", effect.normalized, ">=", at_least, site=effect.site)
     _finite(effect.normalized, "the normalized effect", effect)
     if not effect.normalized >= at_least:
         _fail(
@@ -46,6 +48,7 @@ def assert_drops(effect: Effect, by_at_least: float, *, relative: bool = False) 
     __tracebackhide__ = True
     drop = float(effect.target) - float(effect.intervened)
     measured = drop / abs(effect.target) if relative and effect.target else drop
+    record_check(f"{'relative ' if relative else ''}drop of {effect.metric} from the {effect.kind} at {effect.site}", measured, ">=", by_at_least, site=effect.site)
     _finite(measured, "the drop", effect)
     if not measured >= by_at_least:
         kind = "relative drop" if relative else "drop"
@@ -60,7 +63,8 @@ def assert_beats_controls(effect: Effect, margin: float) -> None:
     """The effect beats each of its controls (random matched-norm donor, irrelevant position) by `margin`."""
     __tracebackhide__ = True
     if not effect.controls:
-        raise ValueError("this effect carries no controls: run the intervention with controls=True")
+        raise ArgumentError("this effect carries no controls: run the intervention with controls=True")
+    record_check(f"effect at {effect.site} minus its strongest control", float(effect.normalized) - max(effect.controls.values()), ">=", margin, site=effect.site)
     _finite(effect.normalized, "the normalized effect", effect)
     losing = {k: v for k, v in effect.controls.items() if not float(effect.normalized) - v >= margin}
     if losing:
@@ -75,6 +79,8 @@ def assert_top_token(model: Any, result: Any, token: str) -> None:
     """After a patch_layer-style intervention the top next token is `token`."""
     __tracebackhide__ = True
     top = result.tokens[0] if result.tokens else None
+    record_check(f"probability of the top token {top!r} (claimed {token!r}) after patching {result.site}", result.probs[0] if result.probs else None, ">=", None,
+                 site=str(result.site), passed=top is not None and top.strip() == token.strip())
     if top is None or top.strip() != token.strip():
         _fail(
             f"claim: the top token after patching {result.site} is {token!r}",
@@ -105,6 +111,7 @@ def assert_peaks_at(effects: EffectMap, cells: Sequence[tuple[Any, int]], *, at_
                 bad.append((i, j, v, f">= {at_least:g}"))
             elif (i, j) not in want and not abs(v) <= elsewhere_at_most:
                 bad.append((i, j, v, f"|x| <= {elsewhere_at_most:g}"))
+    record_peaks(effects, sorted(want), bad, at_least, elsewhere_at_most)
     if bad:
         detail = "; ".join(f"{effects.sites[i]} @ {effects.positions[j]} {effects.tokens[j]!r}: {v:.3g} (want {w})" for i, j, v, w in bad[:8])
         _fail(

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .assertions import _fail
-from .errors import BrokenExperimentError, MetricError
+from .errors import ArgumentError, BrokenExperimentError, MetricError
+from .findings import record_population
 from .interventions import Edit, normalized, pair_positions, run, text_of
 from .metrics import Metric, as_metric, logit_diff
 from .sites import resolve_site
@@ -141,11 +142,11 @@ def population(
     numbers equal single runs to float rounding); False mixes lengths in fewer, left-padded traces.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r}: expected a positive int")
+        raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
     if direction not in ("clean->corrupt", "corrupt->clean"):
-        raise ValueError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise ValueError(f"threshold={threshold!r}: expected a finite number")
+        raise ArgumentError(f"threshold={threshold!r}: expected a finite number")
     variants = _pairs(pairs, n, seed)
     s = resolve_site(model, site)
     make = metric if metric is not None else (lambda p: logit_diff(p.answer, p.distractor))
@@ -194,21 +195,24 @@ def population(
     mean = sum(finite) / len(finite) if finite else math.nan
     std = math.sqrt(sum((e - mean) ** 2 for e in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
     count = len(variants)
-    return PopulationResult(
+    result = PopulationResult(
         count, tuple(effects), passed, passed / count, wilson_interval(passed, count)[0], mean, std, float(threshold),
         str(s), position, "logit_diff(answer, distractor)" if metric is None else getattr(metric, "__name__", "metric(pair)"),
         tuple(variants), tuple(src_vals), tuple(tgt_vals), tuple(patched),
     )
+    record_population(result)
+    return result
 
 
 def assert_population(result: PopulationResult, min_rate: float = 0.9, *, on: str = "lower_bound", show: int = 5) -> None:
     """At least `min_rate` of the variants pass (stated on the Wilson 95% lower bound by default, or on the raw rate)."""
     __tracebackhide__ = True
     if on not in ("lower_bound", "rate"):
-        raise ValueError(f"on={on!r}: expected 'lower_bound' (Wilson 95%) or 'rate'")
+        raise ArgumentError(f"on={on!r}: expected 'lower_bound' (Wilson 95%) or 'rate'")
     if not 0 <= min_rate <= 1:
-        raise ValueError(f"min_rate={min_rate!r}: expected a rate between 0 and 1")
+        raise ArgumentError(f"min_rate={min_rate!r}: expected a rate between 0 and 1")
     value = result.lower_bound if on == "lower_bound" else result.rate
+    record_population(result, min_rate=min_rate, on=on)
     if value >= min_rate:
         return
     worst = []

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import NonFiniteMetricError
+from .findings import record_effect
 
 
 class Measured(float):
@@ -137,6 +138,7 @@ class Effect:
         ctx = self.context()
         object.__setattr__(self, "normalized", Measured(self.normalized, f"normalized effect of the {self.kind} at {self.site}", ctx))
         object.__setattr__(self, "intervened", Measured(self.intervened, f"{self.metric} after the {self.kind} at {self.site}", ctx))
+        record_effect(self)  # for the findings report (a no-op outside a test)
 
     def __repr__(self) -> str:
         pos = ",".join(map(str, self.positions))

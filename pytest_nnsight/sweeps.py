@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import torch
 
 from . import settings as _settings
-from .errors import BatchingMismatchError
+from .errors import ArgumentError, BatchingMismatchError
+from .findings import record_map
 from .interventions import Edit, _reference, normalized, pair_positions, run, slots_of, text_of
 from .metrics import as_metric
 from .results import EffectMap
@@ -47,7 +48,9 @@ def sweep(
     ('block 1', 5, 'is', 1.0)
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size {batch_size!r}: expected a positive int")
+        raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
+    if direction not in ("clean->corrupt", "corrupt->clean"):
+        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
     m = as_metric(model, metric)
     site_list = resolve_sites(model, sites)
     ct, xt, _ = pair_positions(model, clean, corrupt, "last")
@@ -84,11 +87,13 @@ def sweep(
         n = check_cells or (active.check_batching_cells if active is not None else 3)
         verify_cells(model, target, m, site_list, acts, cells, raw, reference, n, dtype=acts[site_list[0]].dtype)
 
-    return EffectMap(
+    effects = EffectMap(
         tuple(tuple(r) for r in grid), tuple(str(s) for s in site_list), tuple(ct[p] for p in cols), m.name,
         text_of(clean), text_of(corrupt), src if direction == "clean->corrupt" else tgt, tgt if direction == "clean->corrupt" else src,
         raw=tuple(tuple(r) for r in raw_grid), positions=tuple(cols),
     )
+    record_map(effects)  # for the findings report (a no-op outside a test)
+    return effects
 
 
 def tolerance_for(dtype: torch.dtype) -> float:

@@ -8,6 +8,7 @@ as re-verified; one that moved fails with the environment change first, then the
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from syrupy.data import SnapshotCollections
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from ..environment import library_versions
+from ..errors import ArgumentTypeError
+from ..findings import record_snapshot
 from . import hooks
 from .compare import Comparison, Tolerance, compare_findings, default_tolerance, environment_changes, explain, tolerance_from
 from .encode import DECIMALS, dumps, loads, record
@@ -51,6 +54,9 @@ def atomic_write(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # temp files of this target left by a killed run (one test writes one snapshot file, so no live writer owns them)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _first_param(model: Any) -> Any:
@@ -245,7 +251,7 @@ class FindingSnapshotAssertion(SnapshotAssertion):
         if atol is not None or rtol is not None:
             Tolerance(0.0 if atol is None else atol, 0.0 if rtol is None else rtol)  # raises on a negative or non-number
         if tolerance is not None and not isinstance(tolerance, Tolerance):
-            raise TypeError(f"tolerance={tolerance!r}: expected a Tolerance (from calibrate_tolerance)")
+            raise ArgumentTypeError(f"tolerance={tolerance!r}: expected a Tolerance (from calibrate_tolerance)")
 
     def with_tolerance(self, atol: float | None = None, rtol: float | None = None, *, tolerance: Tolerance | None = None) -> "FindingSnapshotAssertion":
         """A copy comparing every assertion with this tolerance (a new assertion: its own snapshot index)."""
@@ -273,4 +279,6 @@ class FindingSnapshotAssertion(SnapshotAssertion):
         if isinstance(ext, FindingSnapshotExtension):
             ext.options = Options(self.atol, self.rtol, self.tolerance, self.model, self.across_weights, self.cache,
                                   getattr(self.test_location, "item", None), self.update_snapshots)
-        return super()._assert(data)
+        ok = super()._assert(data)
+        record_snapshot(self, data)  # new, matched, re-verified, drifted: for the findings report
+        return ok

@@ -1,0 +1,316 @@
+"""What each finding test measured, recorded while it runs, for the terminal summary, the report and JUnit XML.
+
+The assertion helpers, populations, sweeps and the snapshot fixture call the `record_*` functions;
+they write into the recorder of the test now running (set by the plugin's `pytest_runtest_call`
+wrapper) and do nothing, at the cost of one global read, when no test is running. Recording never
+changes a test's outcome: every recorder swallows its own errors. The record travels on the test's
+report as a plain dict (`report.nnsight_finding`), which pytest-xdist serializes back to the
+controller with the rest of the report. Imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+REPORT_ATTR = "nnsight_finding"  # the record's attribute on a TestReport
+MARKER = "finding(claim): the claim this test checks, in words; the findings summary and report show it (default: the test name)."
+MAX_ITEMS = 500  # per list: a hypothesis test recording each example stays bounded
+MAX_VALUES = 4096  # per population: effects kept for the histogram
+
+
+@dataclass
+class Recorder:
+    """What one test measured: checks (value vs threshold), effect maps, effects, populations, snapshot statuses."""
+
+    nodeid: str
+    claim: str
+    marked: bool = False
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    maps: list[dict[str, Any]] = field(default_factory=list)
+    effects: list[dict[str, Any]] = field(default_factory=list)
+    populations: list[dict[str, Any]] = field(default_factory=list)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    _map_ids: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def empty(self) -> bool:
+        return not (self.checks or self.maps or self.effects or self.populations or self.snapshots)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("_map_ids")
+        return d
+
+
+_STACK: list[Recorder] = []  # a stack: pytest run inside a test (pytester) records into the inner test
+
+
+def current() -> Recorder | None:
+    """The running test's recorder, or None outside a test."""
+    return _STACK[-1] if _STACK else None
+
+
+def _safe(fn: Callable[..., None]) -> Callable[..., None]:
+    """Run a recorder only inside a test, and never let it raise into the test."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        if not _STACK:
+            return
+        try:
+            fn(_STACK[-1], *args, **kwargs)
+        except Exception:  # a report must never change a test's outcome
+            pass
+
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+def _num(x: Any) -> float | None:
+    """A JSON-safe float: None for NaN and infinities (JSON has neither)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _append(items: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    if len(items) < MAX_ITEMS:
+        items.append(entry)
+
+
+@_safe
+def record_check(rec: Recorder, what: str, measured: Any, op: str, threshold: Any, *, site: str = "", detail: str = "",
+                 passed: bool | None = None) -> None:
+    """A claim `measured op threshold` (op: >=, <=) checked by an assertion helper, and whether it held."""
+    m, t = _num(measured), _num(threshold)
+    if passed is None:
+        passed = m is not None and t is not None and (m >= t if op == ">=" else m <= t)
+    _append(rec.checks, {"what": what, "measured": m, "op": op, "threshold": t, "passed": passed, "site": site, "detail": detail})
+
+
+@_safe
+def record_effect(rec: Recorder, effect: Any) -> None:
+    """One intervention's Effect (patch, ablation, steering): its normalized value and raw numbers."""
+    _append(rec.effects, {"kind": effect.kind, "site": effect.site, "positions": list(effect.positions),
+                          "tokens": list(effect.position_tokens), "metric": effect.metric, "prompt": effect.target_prompt,
+                          "source": _num(effect.source), "target": _num(effect.target), "intervened": _num(effect.intervened),
+                          "normalized": _num(effect.normalized), "controls": {k: _num(v) for k, v in effect.controls.items()}})
+
+
+@_safe
+def record_map(rec: Recorder, effects: Any, failing: Sequence[tuple[int, int]] = (), claimed: Sequence[tuple[int, int]] = ()) -> None:
+    """An EffectMap (sites x positions, with token strings); the same map again only adds failing and claimed cells."""
+    key = id(effects)
+    if key in rec._map_ids:
+        entry = rec.maps[rec._map_ids[key]]
+    else:
+        if len(rec.maps) >= MAX_ITEMS:
+            return
+        entry = {"sites": list(effects.sites), "positions": list(effects.positions), "tokens": list(effects.tokens),
+                 "values": [[_num(v) for v in row] for row in effects.values], "metric": effects.metric, "kind": effects.kind,
+                 "clean_prompt": effects.clean_prompt, "corrupt_prompt": effects.corrupt_prompt,
+                 "clean": _num(effects.clean), "corrupt": _num(effects.corrupt), "failing": [], "claimed": []}
+        rec._map_ids[key] = len(rec.maps)
+        rec.maps.append(entry)
+    entry["failing"] = sorted({*map(tuple, entry["failing"]), *((int(i), int(j)) for i, j in failing)})
+    entry["claimed"] = sorted({*map(tuple, entry["claimed"]), *((int(i), int(j)) for i, j in claimed)})
+    entry["failing"] = [list(c) for c in entry["failing"]]
+    entry["claimed"] = [list(c) for c in entry["claimed"]]
+
+
+@_safe
+def record_peaks(rec: Recorder, effects: Any, claimed: Sequence[tuple[int, int]], bad: Sequence[tuple[Any, ...]], at_least: float,
+                 elsewhere_at_most: float) -> None:
+    """assert_peaks_at's map with its claimed and failing cells, and its two checks (peak cells, everywhere else)."""
+    want = set(claimed)
+    inside = [effects.values[i][j] for i, j in want]
+    outside = [abs(v) for i, row in enumerate(effects.values) for j, v in enumerate(row) if (i, j) not in want]
+    record_map(effects, failing=[(b[0], b[1]) for b in bad], claimed=sorted(want))
+    nan = math.nan
+    record_check("smallest effect at the claimed cells", min(inside) if inside and all(map(math.isfinite, inside)) else nan, ">=", at_least)
+    record_check("largest |effect| elsewhere", max(outside) if outside and all(map(math.isfinite, outside)) else (0.0 if not outside else nan),
+                 "<=", elsewhere_at_most)
+
+
+@_safe
+def record_population(rec: Recorder, result: Any, min_rate: float | None = None, on: str | None = None) -> None:
+    """A PopulationResult: effect per variant, pass rate, Wilson bound; `min_rate`/`on` once asserted."""
+    for entry in rec.populations:
+        if entry["_id"] == id(result):
+            entry.update({k: v for k, v in (("min_rate", _num(min_rate)), ("on", on)) if v is not None})
+            return
+    _append(rec.populations, {
+        "_id": id(result), "site": result.site, "position": repr(result.position), "metric": result.metric, "n": result.n,
+        "passed": result.passed, "rate": _num(result.rate), "lower_bound": _num(result.lower_bound), "mean": _num(result.mean),
+        "std": _num(result.std), "threshold": _num(result.threshold), "effects": [_num(e) for e in result.effects[:MAX_VALUES]],
+        "min_rate": _num(min_rate), "on": on,
+    })
+
+
+@_safe
+def record_snapshot(rec: Recorder, assertion: Any, data: Any) -> None:
+    """The status of the finding_snapshot assertion that just ran: new, written, matched, re-verified, drifted, updated."""
+    results = getattr(assertion, "_execution_results", {})
+    res = results.get(getattr(assertion, "_executions", 0) - 1)
+    if res is None:
+        return
+    out = getattr(assertion.extension, "last", None)
+    compared = out is not None and out.received == res.asserted_data and out.stored == res.recalled_data
+    if res.recalled_data is None:
+        status, detail = ("written", "recorded by --snapshot-update") if res.success else ("new", "no finding recorded yet")
+    elif not compared:
+        status, detail = ("matched" if res.success else "failed"), ""
+    elif not out.comparison.ok or (out.weights and not res.success):
+        status = "updated" if res.success else "drifted"
+        what = ", ".join(out.changes) or ("weights" if out.weights else "same environment")
+        cmp = out.comparison
+        moved = f"{len(cmp.moved)} / {len(cmp.cells)} values moved beyond {cmp.tolerance}" if cmp.moved else "; ".join(cmp.structural[:2])
+        detail = "; ".join(x for x in (what, moved) if x)
+    elif out.changes or out.weights:
+        status, detail = ("re-verified" if res.success and not res.updated else "updated"), ", ".join(out.changes) or "weights changed"
+    else:
+        status, detail = "matched", ""
+    _append(rec.snapshots, {"name": res.snapshot_name, "status": status, "detail": detail})
+    if hasattr(data, "sites") and hasattr(data, "values") and hasattr(data, "tokens"):
+        record_map(data)
+
+
+# --- the run's side: start and finish a test, collect the records of a run --------------------------------
+
+
+def start(item: Any) -> Recorder:
+    """Open the recorder of `item` (the plugin's pytest_runtest_call wrapper)."""
+    rec = Recorder(item.nodeid, _claim(item), marked=item.get_closest_marker("finding") is not None)
+    _STACK.append(rec)
+    return rec
+
+
+def finish(item: Any, rec: Recorder) -> None:
+    """Close the recorder, keep its record on the item, add its key numbers to the JUnit XML properties."""
+    if rec in _STACK:
+        _STACK.remove(rec)
+    if rec.empty() and not rec.marked:
+        return
+    for p in rec.populations:
+        p.pop("_id", None)
+    item.stash_finding = rec.to_dict()  # read by attach() when the call's report is made
+    try:
+        item.user_properties.extend(junit_properties(rec.to_dict()))
+    except Exception:
+        pass
+
+
+def attach(item: Any, report: Any) -> None:
+    """Put the item's record on its report (call phase; a marked test skipped or failing at setup gets a bare one)."""
+    record = getattr(item, "stash_finding", None)
+    if record is None and report.when == "setup" and report.outcome != "passed" and item.get_closest_marker("finding") is not None:
+        record = Recorder(item.nodeid, _claim(item), marked=True).to_dict()
+    if record is not None and (report.when == "call" or (report.when == "setup" and report.outcome != "passed")):
+        setattr(report, REPORT_ATTR, record)
+
+
+def _claim(item: Any) -> str:
+    """The finding marker's claim (`finding("...")` or `finding(claim="...")`), else the test's name."""
+    marker = item.get_closest_marker("finding")
+    claim = (marker.args[0] if marker.args else marker.kwargs.get("claim")) if marker is not None else None
+    return str(claim) if claim else str(item.name)
+
+
+def primary_check(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The check to show first: the first one that failed, else the one with the smallest margin."""
+    checks = record.get("checks") or []
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        return failed[0]
+    def margin(c: dict[str, Any]) -> float:
+        if c["measured"] is None or c["threshold"] is None:
+            return math.inf
+        return c["measured"] - c["threshold"] if c["op"] == ">=" else c["threshold"] - c["measured"]
+    return min(checks, key=margin) if checks else None
+
+
+def variant_effects(record: dict[str, Any]) -> list[float]:
+    """Normalized effects of one intervention repeated over prompts (a hypothesis test's examples): >= 3 at one kind and site."""
+    effects = record.get("effects") or []
+    if len(effects) < 3 or len({(e["kind"], e["site"]) for e in effects}) != 1:
+        return []
+    return [e["normalized"] for e in effects if e["normalized"] is not None]
+
+
+def junit_properties(record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Key numbers of a record as (name, value) pairs for `item.user_properties` (JUnit XML <property>)."""
+    yield "nnsight_claim", record["claim"]
+    check = primary_check(record)
+    if check is not None:
+        yield "nnsight_measured", check["measured"]
+        yield "nnsight_threshold", f"{check['op']} {check['threshold']}"
+        yield "nnsight_checks_passed", f"{sum(c['passed'] for c in record['checks'])}/{len(record['checks'])}"
+    elif record.get("effects"):
+        yield "nnsight_measured", record["effects"][-1]["normalized"]
+    for p in record.get("populations", [])[:1]:
+        yield "nnsight_pass_rate", p["rate"]
+        yield "nnsight_variants", f"{p['passed']}/{p['n']}"
+        yield "nnsight_wilson_lower", p["lower_bound"]
+    for m in record.get("maps", [])[:1]:
+        peak = max(((v, i, j) for i, row in enumerate(m["values"]) for j, v in enumerate(row) if v is not None), default=None)
+        if peak is not None:
+            yield "nnsight_map_peak", f"{peak[0]:.6g} at {m['sites'][peak[1]]} / {m['positions'][peak[2]]} {m['tokens'][peak[2]]!r}"
+    for s in record.get("snapshots", [])[:1]:
+        yield "nnsight_snapshot_status", s["status"]
+
+
+@dataclass
+class RunRecords:
+    """The finding records of one run, in report order (the controller's, under xdist)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, report: Any) -> None:
+        record = getattr(report, REPORT_ATTR, None)
+        if not isinstance(record, dict):
+            return
+        record = dict(record, outcome=report.outcome, duration=_num(getattr(report, "duration", None)), when=report.when)
+        if hasattr(report, "wasxfail"):
+            record["outcome"] = "xfailed" if report.skipped else "xpassed"
+        elif report.when == "setup" and report.failed:
+            record["outcome"] = "error"
+        self.records.append(record)
+
+
+def fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """One finding in one line: outcome, claim, measured vs threshold, variants, snapshot status."""
+    parts = [f"{record['outcome'].upper()} {record['claim']}"]
+    check = primary_check(record)
+    if check is not None:
+        shown = [check] + [c for c in record["checks"] if c is not check][: 1 if len(record["checks"]) == 2 else 0]
+        more = f" (+{len(record['checks']) - len(shown)} more checks)" if len(record["checks"]) > len(shown) else ""
+        for c in shown:
+            versus = f"{c['op']} {fmt(c['threshold'])}" if c["threshold"] is not None else ("(holds)" if c["passed"] else "(fails)")
+            parts.append(f"{c['what']}: {fmt(c['measured'])} {versus}")
+        parts[-1] += more
+    elif record.get("effects"):
+        e = record["effects"][-1]
+        parts.append(f"normalized effect of the {e['kind']} at {e['site']}: {fmt(e['normalized'])} (no threshold recorded)")
+    for p in record.get("populations", []):
+        parts.append(f"variants {p['passed']}/{p['n']} >= {fmt(p['threshold'])} ({p['rate']:.1%}, Wilson lower {fmt(p['lower_bound'])})")
+    vals = variant_effects(record)
+    if vals and not record.get("populations"):
+        parts.append(f"{len(vals)} variants: effect {min(vals):.3g}..{max(vals):.3g}")
+    for s in record.get("snapshots", []):
+        parts.append(f"snapshot {s['status']}" + (f" ({s['detail']})" if s["detail"] else ""))
+    return " | ".join(parts) + f"  [{record['nodeid']}]"
+
+
+def terminal_summary(terminalreporter: Any, records: RunRecords, show: bool) -> None:
+    """The 'pytest-nnsight findings' section: shown with -v or --nnsight-summary, quiet otherwise."""
+    if not show or not records.records:
+        return
+    terminalreporter.section("pytest-nnsight findings")
+    for record in records.records:
+        terminalreporter.write_line(summary_line(record))

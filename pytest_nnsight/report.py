@@ -1,0 +1,375 @@
+"""The findings report folder: findings.json, findings.md, index.html and one PNG per figure.
+
+Written once per run by the controller (`--nnsight-report DIR`), from the records that
+`pytest_nnsight.findings` collected. Figures need matplotlib (the `report` extra, Agg backend);
+without it the JSON, Markdown and HTML (with HTML-table heatmaps) are still written. Every file
+is written to a temp file beside it and moved into place with os.replace.
+"""
+
+from __future__ import annotations
+
+import glob
+import html
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .environment import library_versions, package_version
+from .findings import fmt, primary_check, summary_line, variant_effects
+
+FORMAT = 1
+INSTALL_HINT = "pip install pytest-nnsight[report]"
+
+
+@dataclass
+class ReportResult:
+    """What writing the report did: the files, their sizes, the time it took, and why figures are missing if they are."""
+
+    directory: Path
+    files: dict[str, int] = field(default_factory=dict)  # path relative to directory -> bytes
+    seconds: float = 0.0
+    figures_note: str = ""
+
+    @property
+    def index(self) -> Path:
+        return self.directory / "index.html"
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise OSError when `directory` cannot be created or written (checked at the start of the run)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".nnsight-report-check.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def atomic_write(path: Path, data: bytes | str) -> int:
+    """Write to a temp file beside `path`, then os.replace: a reader never sees half a file. Returns the size."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed run (one writer per report dir)
+        stale.unlink(missing_ok=True)
+    return len(raw)
+
+
+def environment(settings: Any = None) -> dict[str, str]:
+    """What produced the findings: library versions, platform, device and dtype settings, the GPU when torch sees one."""
+    env = dict(library_versions())
+    env.update(pytest=package_version("pytest"), syrupy=package_version("syrupy"), hypothesis=package_version("hypothesis"),
+               platform=platform.platform(), machine=platform.machine())
+    if settings is not None:
+        env.update(device_setting=settings.device, dtype_setting=settings.dtype)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            env["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        except Exception:
+            env["cuda"] = "unknown"
+    return env
+
+
+def _slug(text: str, used: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")[:100] or "finding"
+    slug, k = base, 2
+    while slug in used:
+        slug, k = f"{base}-{k}", k + 1
+    used.add(slug)
+    return slug
+
+
+def _variant_values(rec: dict[str, Any]) -> tuple[list[float], float | None, str]:
+    """The effects across variants to plot: a population's, else those of repeated interventions (hypothesis examples)."""
+    if rec.get("populations"):
+        p = rec["populations"][0]
+        return [v for v in p["effects"] if v is not None], p["threshold"], f"{p['site']} @ {p['position']}: {p['passed']}/{p['n']} variants pass"
+    effects = variant_effects(rec)
+    if effects:
+        thresholds = {c["threshold"] for c in rec.get("checks", []) if c["what"].startswith("normalized effect")}
+        e = rec["effects"][0]
+        return effects, thresholds.pop() if len(thresholds) == 1 else None, f"{e['kind']} at {e['site']}: {len(effects)} variants in this test"
+    return [], None, ""
+
+
+def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
+    """PNG bytes per figure of one finding: one heatmap per effect map, one histogram of the effect across variants."""
+    out: dict[str, bytes] = {}
+    for k, m in enumerate(rec.get("maps", [])[:8]):
+        values = [[math.nan if v is None else v for v in row] for row in m["values"]]
+        n_rows, n_cols = len(values), len(values[0]) if values else 0
+        if not n_rows or not n_cols:
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n_cols + 2.5), max(2.2, 0.5 * n_rows + 1.6)), dpi=100)
+        finite = [v for row in values for v in row if math.isfinite(v)]
+        lim = max([1.0] + [abs(v) for v in finite])
+        im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(n_cols), [f"{p}:{t}" for p, t in zip(m["positions"], m["tokens"])], rotation=45, ha="right")
+        ax.set_yticks(range(n_rows), m["sites"])
+        ax.set_xlabel("position: token")
+        ax.set_ylabel("site (layer)")
+        for i in range(n_rows):
+            for j in range(n_cols):
+                v = values[i][j]
+                ax.text(j, i, "nan" if not math.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black")
+        for i, j in m.get("claimed", []):
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5, linestyle="--"))
+        for i, j in m.get("failing", []):
+            ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="#ff00ff", linewidth=3))
+            ax.text(j + 0.4, i - 0.3, "x", color="#ff00ff", fontsize=11, fontweight="bold", ha="right", va="top")
+        fig.colorbar(im, ax=ax, label=f"normalized {m['kind']} effect")
+        marks = "; magenta x: failing cells, dashed: claimed cells" if m.get("failing") else ("; dashed: claimed cells" if m.get("claimed") else "")
+        ax.set_title(f"{m['corrupt_prompt']!r} <- {m['clean_prompt']!r}"[:90] + f"\n{m['metric']}{marks}"[:100], fontsize=9)
+        fig.tight_layout()
+        out[f"figures/{slug}-map{k}.png"] = _png(fig, plt)
+    values, threshold, title = _variant_values(rec)
+    if values:
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        ax.hist(values, bins=min(30, max(5, len(values) // 2)), color="#4477aa", edgecolor="white")
+        if threshold is not None:
+            ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("normalized effect")
+        ax.set_ylabel("variants")
+        ax.set_title(title[:100], fontsize=9)
+        fig.tight_layout()
+        out[f"figures/{slug}-variants.png"] = _png(fig, plt)
+    return out
+
+
+def _png(fig: Any, plt: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot() -> tuple[Any, str]:
+    """matplotlib's pyplot on the Agg backend, or (None, why not)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None, f"figures skipped: matplotlib is not installed ({INSTALL_HINT} to get them)"
+    return plt, ""
+
+
+def _md(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[int, list[str]]) -> str:
+    lines = ["# pytest-nnsight findings", "", _counts(records), "", "| outcome | claim | measured | threshold | variants | snapshot |",
+             "|---|---|---|---|---|---|"]
+    for rec in records:
+        c = primary_check(rec)
+        p = rec["populations"][0] if rec.get("populations") else None
+        snap = ", ".join(s["status"] for s in rec.get("snapshots", []))
+        measured = fmt(c["measured"]) if c else (fmt(rec["effects"][-1]["normalized"]) if rec.get("effects") else "")
+        cells = [rec["outcome"], rec["claim"], measured, f"{c['op']} {fmt(c['threshold'])}" if c else "",
+                 f"{p['passed']}/{p['n']} ({p['rate']:.1%})" if p else "", snap]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    for k, rec in enumerate(records):
+        lines += ["", f"## {rec['claim']}", "", f"`{rec['nodeid']}`: **{rec['outcome']}**", ""]
+        for c in rec.get("checks", []):
+            lines.append(f"- {'pass' if c['passed'] else 'FAIL'}: {c['what']}: {fmt(c['measured'])} {c['op']} {fmt(c['threshold'])}")
+        for p in rec.get("populations", []):
+            lines.append(f"- variants: {p['passed']}/{p['n']} >= {fmt(p['threshold'])} (rate {p['rate']:.3f}, Wilson 95% lower "
+                         f"{fmt(p['lower_bound'])}), mean {fmt(p['mean'])} ± {fmt(p['std'])}")
+        for s in rec.get("snapshots", []):
+            lines.append(f"- snapshot {s['name']}: {s['status']}" + (f" ({s['detail']})" if s["detail"] else ""))
+        for m in rec.get("maps", [])[:8]:
+            lines += ["", f"{m['metric']}: {m['corrupt_prompt']!r} <- {m['clean_prompt']!r}", "", _md_map(m)]
+        lines += [f"\n![figure]({f})" for f in figures.get(k, [])]
+    lines += ["", "## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _md_map(m: dict[str, Any]) -> str:
+    failing = {tuple(c) for c in m.get("failing", [])}
+    head = "| site | " + " | ".join(f"{p}:{t}" for p, t in zip(m["positions"], m["tokens"])) + " |"
+    rows = [head, "|---" * (len(m["tokens"]) + 1) + "|"]
+    for i, (site, row) in enumerate(zip(m["sites"], m["values"])):
+        rows.append(f"| {site} | " + " | ".join(fmt(v) + (" !" if (i, j) in failing else "") for j, v in enumerate(row)) + " |")
+    return "\n".join(rows)
+
+
+def _counts(records: Sequence[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts[rec["outcome"]] = counts.get(rec["outcome"], 0) + 1
+    return f"{len(records)} findings: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+def _color(v: float | None, lim: float) -> str:
+    if v is None:
+        return "#dddddd"
+    x = max(-1.0, min(1.0, v / lim))
+    r, g, b = (255, int(255 * (1 - x)), int(255 * (1 - x))) if x >= 0 else (int(255 * (1 + x)), int(255 * (1 + x)), 255)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _html_map(m: dict[str, Any]) -> str:
+    e = html.escape
+    failing, claimed = {tuple(c) for c in m.get("failing", [])}, {tuple(c) for c in m.get("claimed", [])}
+    lim = max([1.0] + [abs(v) for row in m["values"] for v in row if v is not None])
+    head = "".join(f"<th>{e(str(p))}:{e(t)}</th>" for p, t in zip(m["positions"], m["tokens"]))
+    rows = []
+    for i, (site, row) in enumerate(zip(m["sites"], m["values"])):
+        tds = "".join(
+            f'<td style="background:{_color(v, lim)}" class="{"fail" if (i, j) in failing else ""} {"claim" if (i, j) in claimed else ""}">'
+            f"{fmt(v)}{' ✗' if (i, j) in failing else ''}</td>" for j, v in enumerate(row))
+        rows.append(f"<tr><th>{e(site)}</th>{tds}</tr>")
+    caption = f"{e(m['metric'])}: {e(repr(m['corrupt_prompt']))} &larr; {e(repr(m['clean_prompt']))}"
+    return f'<table class="map"><caption>{caption}</caption><tr><th>site \\ position:token</th>{head}</tr>{"".join(rows)}</table>'
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-top:1px solid #ccc;padding-top:1em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;text-align:right}
+th{background:#f4f4f4}.map td.fail{outline:3px solid #d00;outline-offset:-3px;font-weight:bold}.map td.claim{font-style:italic}
+.passed{color:#070}.failed{color:#c00}.skipped,.xfailed{color:#777}.note{color:#a60}img{max-width:100%;display:block;margin:.5em 0}
+caption{text-align:left;font-size:13px;color:#555}code{font-size:12px}"""
+
+
+def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[int, list[str]], note: str) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pytest-nnsight findings</title><style>{CSS}</style></head><body>",
+             "<h1>pytest-nnsight findings</h1>", f"<p>{e(_counts(records))}</p>"]
+    if note:
+        parts.append(f"<p class='note'>{e(note)}</p>")
+    parts.append("<ul>" + "".join(f"<li class='{e(r['outcome'])}'><a href='#f{k}'>{e(r['outcome'])}</a>: {e(summary_line(r))}</li>"
+                                  for k, r in enumerate(records)) + "</ul>")
+    for k, rec in enumerate(records):
+        parts.append(f"<h2 id='f{k}'>{e(rec['claim'])}</h2><p><code>{e(rec['nodeid'])}</code>: "
+                     f"<b class='{e(rec['outcome'])}'>{e(rec['outcome'])}</b></p>")
+        if rec.get("checks"):
+            parts.append("<table><tr><th>check</th><th>measured</th><th>threshold</th><th>result</th></tr>" + "".join(
+                f"<tr><td style='text-align:left'>{e(c['what'])}</td><td>{fmt(c['measured'])}</td><td>{e(c['op'])} {fmt(c['threshold'])}</td>"
+                f"<td class='{'passed' if c['passed'] else 'failed'}'>{'pass' if c['passed'] else 'FAIL'}</td></tr>"
+                for c in rec["checks"][:50]) + "</table>")
+        for p in rec.get("populations", []):
+            parts.append(f"<p>variants: {p['passed']}/{p['n']} &ge; {fmt(p['threshold'])} (rate {p['rate']:.3f}, Wilson 95% lower "
+                         f"{fmt(p['lower_bound'])}), mean {fmt(p['mean'])} &plusmn; {fmt(p['std'])} at {e(p['site'])} @ {e(p['position'])}</p>")
+        for s in rec.get("snapshots", []):
+            parts.append(f"<p>snapshot <code>{e(s['name'])}</code>: <b>{e(s['status'])}</b> {e(s['detail'])}</p>")
+        if not figures.get(k):  # without matplotlib the map is an HTML table; with it, the figure below
+            parts += [_html_map(m) for m in rec.get("maps", [])[:8]]
+        parts += [f"<img src='{e(f)}' alt='{e(Path(f).stem)}'>" for f in figures.get(k, [])]
+    parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td style='text-align:left'>{e(str(v))}</td></tr>"
+                                                          for k, v in env.items()) + "</table></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(directory: str | os.PathLike, records: Sequence[dict[str, Any]], env: dict[str, str], *, figures: bool = True) -> ReportResult:
+    """Write findings.json, findings.md, index.html and figures/*.png into `directory`; OSError when it cannot."""
+    t0 = time.perf_counter()
+    d = Path(directory)
+    result = ReportResult(d)
+    plt, result.figures_note = _pyplot() if figures else (None, "figures off")
+    used: set[str] = set()
+    fig_files: dict[int, list[str]] = {}
+    written: list[str] = []
+    for k, rec in enumerate(records):
+        slug = _slug(rec["nodeid"].split("::", 1)[-1], used)
+        if plt is None:
+            continue
+        for name, png in _figures(rec, slug, plt).items():
+            result.files[name] = atomic_write(d / name, png)
+            fig_files.setdefault(k, []).append(name)
+            written.append(name)
+    for rec, k in zip(records, range(len(records))):
+        rec["figures"] = fig_files.get(k, [])
+    data = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": env,
+            "summary": _counts(records), "findings": list(records)}
+    result.files["findings.json"] = atomic_write(d / "findings.json", json.dumps(data, indent=1, allow_nan=False))
+    result.files["findings.md"] = atomic_write(d / "findings.md", _md(records, env, fig_files))
+    result.files["index.html"] = atomic_write(d / "index.html", _html(records, env, fig_files, result.figures_note))
+    figdir = d / "figures"
+    if figdir.is_dir():  # figures of an earlier run that this run did not draw
+        for old in figdir.glob("*.png"):
+            if f"figures/{old.name}" not in written and re.search(r"-(map\d+|variants)\.png$", old.name):
+                old.unlink(missing_ok=True)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# --- the run: what the plugin's hooks call -------------------------------------------------------------------
+
+
+@dataclass(eq=False)  # registered as a plugin: pluggy keys plugins by hash, so identity, not field equality
+class ReportState:
+    """One run's findings records and report outcome, on config.stash."""
+
+    records: Any  # findings.RunRecords
+    directory: Path | None = None
+    result: ReportResult | None = None
+    error: str = ""
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        """Keep the finding record a report carries (under xdist: the controller receives the workers' reports)."""
+        self.records.add(report)
+
+
+def report_directory(config: Any, settings: Any) -> Path | None:
+    """The report directory: a command-line or environment path from where pytest was invoked, an ini path from the rootdir."""
+    if not settings.report:
+        return None
+    base = config.rootpath if settings.source_of("report").startswith("ini") else config.invocation_params.dir
+    return (Path(base) / os.path.expanduser(settings.report)).absolute()
+
+
+def configure(config: Any, settings: Any) -> ReportState:
+    """Start the run's records; check now that the report directory can be written (the controller's, under xdist)."""
+    from .findings import RunRecords
+
+    state = ReportState(RunRecords(), report_directory(config, settings))
+    if state.directory is not None and not hasattr(config, "workerinput"):
+        try:
+            check_writable(state.directory)
+        except OSError as exc:
+            from .errors import SettingsError
+
+            raise SettingsError(f"cannot write the findings report to {str(state.directory)!r} (nnsight_report from "
+                                f"{settings.source_of('report')}): {exc.strerror or exc}; pass a writable directory to --nnsight-report") from None
+    return state
+
+
+def session_finish(config: Any, state: ReportState, settings: Any) -> None:
+    """Write the report once, in the controller, from every worker's records."""
+    if state.directory is None or hasattr(config, "workerinput"):
+        return
+    try:
+        state.result = write_report(state.directory, state.records.records, environment(settings))
+    except Exception as exc:  # the run's outcome stands; the terminal says why there is no report
+        state.error = f"could not write the findings report to {str(state.directory)!r}: {type(exc).__name__}: {exc}"
+
+
+def terminal_lines(state: ReportState) -> list[str]:
+    """Where the report went (and the figures hint), or why it could not be written."""
+    if state.error:
+        return [state.error]
+    r = state.result
+    if r is None:
+        return []
+    lines = [f"findings report: {r.index} ({len(state.records.records)} findings, {len(r.files)} files, "
+             f"{sum(r.files.values()) / 1024:.0f} KiB, {r.seconds:.2f} s)"]
+    if r.figures_note:
+        lines.append(r.figures_note)
+    return lines

@@ -226,6 +226,28 @@ def bench_cache_rerun(device: str) -> list[dict[str, Any]]:
                        f"second {times['loaded']:.2f} s (loads, no forward pass); exit codes {codes['computed']}/{codes['loaded']}"}]
 
 
+def bench_deterministic_cost(device: str, reps: int = 4) -> list[dict[str, Any]]:
+    """Wall time of the examples suite with --nnsight-deterministic over without (pytest sessions in this process, interleaved)."""
+    import pytest
+
+    base = [str(HERE.parent / "examples"), "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:anyio",
+            "--rootdir", str(HERE.parent), "--nnsight-device", device, "--nnsight-no-cache"]
+    ModelCache(Settings(device=device)).get("bundled:capitals")  # imports warm before the first timed run
+    pytest.main(base)  # one untimed run: the examples' own imports and first traces
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    codes = set()
+    modes = (("off", []), ("on", ["--nnsight-deterministic"]))
+    for rep in range(reps):  # ABBA order: in-process runs slow down a little run after run, this cancels that drift
+        for mode, extra in (modes if rep % 2 == 0 else modes[::-1]):
+            t = time.perf_counter()
+            codes.add(int(pytest.main(base + extra)))
+            times[mode].append(time.perf_counter() - t)
+    off, on = statistics.mean(times["off"]), statistics.mean(times["on"])
+    cost = on / off
+    return [{"name": "deterministic_cost", "value": round(cost, 3), "unit": "x", "target": "<= 1.2", "passed": cost <= 1.2 and codes == {0},
+             "detail": f"examples/ suite ({device}), mean of {reps} (ABBA order): {off:.2f} s without, {on:.2f} s with --nnsight-deterministic; exit codes {sorted(codes)}"}]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -234,16 +256,13 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     entries = bench_sweep_and_patch(args.device, args.reps) + bench_variants(args.device, args.reps) + bench_peak_memory(args.device) + bench_cache_rerun(args.device)
+    entries += bench_deterministic_cost(args.device)
     width = max(len(e["name"]) for e in entries)
     for e in entries:
         print(f"{e['name']:<{width}}  {e['value']:>8} {e['unit']:<5} target {e['target']:<34} {'PASS' if e['passed'] else 'FAIL'}  {e.get('detail', '')}")
-    merged = {}
-    path = Path(args.out)
-    if path.exists():
-        merged = {e["name"]: e for e in json.loads(path.read_text())}
-    merged.update({e["name"]: e for e in entries})
+    path = Path(args.out)  # one run's figures only: an entry a benchmark no longer produces does not linger
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(list(merged.values()), indent=2) + "\n")
+    tmp.write_text(json.dumps(entries, indent=2) + "\n")
     os.replace(tmp, path)
     print(f"wrote {path}")
     return 0 if all(e["passed"] for e in entries) else 1

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .cache_store import PREFIX, _locked, _StreamWriter, _write_atomic, check_writable, clear_directory, sha256_of
 from .environment import library_versions
-from .errors import ActivationCacheError, ActivationCacheWarning, PositionError, SiteNotCachedError
+from .errors import ActivationCacheError, ActivationCacheWarning, ArgumentError, PositionError, SiteNotCachedError
 
 FORMAT = 1
 DIR_NAME = "nnsight-activations"
@@ -169,13 +169,13 @@ class ActivationCache:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise PositionError(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} {str(prompts)[:60]!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size {batch_size!r}: expected a positive int")
+            raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
         module = getattr(model, "_module", model)
         param = next(module.parameters())
         model_dtype = str(param.dtype).replace("torch.", "")
         store = dtype or model_dtype
         if store not in STORAGE_DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(STORAGE_DTYPES)} (or None for the model's {model_dtype})")
+            raise ArgumentError(f"dtype {dtype!r}: expected one of {', '.join(STORAGE_DTYPES)} (or None for the model's {model_dtype})")
         unique: dict[str, Any] = {}
         for s in resolve_sites(model, sites):
             unique.setdefault(site_key(s), s)  # a site named twice is stored once
@@ -342,9 +342,9 @@ def _referenced(manifest_path: Path, data: Path) -> bool:
 
 
 def _remove_stale(manifest_path: Path, keep: Path) -> None:
-    """Delete older data files of this key (we hold its lock, so no writer of it is running)."""
+    """Delete older data files of this key, and temp files a killed writer left (we hold its lock, so no writer of it is running)."""
     stem = manifest_path.name[: -len(".json")]
-    for p in manifest_path.parent.glob(f"{stem}.*.safetensors"):
+    for p in [*manifest_path.parent.glob(f"{stem}.*.safetensors"), *manifest_path.parent.glob(f"{stem}.*.tmp")]:
         if p != keep:
             with contextlib.suppress(OSError):
                 p.unlink()

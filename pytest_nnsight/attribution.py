@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .assertions import _fail
-from .errors import MetricError, SiteError
+from .errors import ArgumentError, ArgumentTypeError, MetricError, SiteError
 from .interventions import Edit, _reference, _translate, normalized, pair_positions, run, text_of
 from .metrics import Metric, as_metric, per_row
 from .results import EffectMap
@@ -52,7 +52,7 @@ def attribution_patch(
     ('embed', 4, 'France', 0.97)
     """
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
     m = as_metric(model, metric)
     site_list = resolve_sites(model, sites)
     ct, _, _ = pair_positions(model, clean, corrupt, "last")
@@ -257,20 +257,20 @@ def check_attribution(
     >>> check_attribution(model, clean, corrupt, logit_diff("Paris", "Berlin"), approx, top=5, atol=0.1).raise_if_failed()   # doctest: +SKIP
     """
     if direction not in DIRECTIONS:
-        raise ValueError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
     if not isinstance(approx, EffectMap):
-        raise TypeError(f"approx is a {type(approx).__name__}: expected the EffectMap returned by attribution_patch")
+        raise ArgumentTypeError(f"approx is a {type(approx).__name__}: expected the EffectMap returned by attribution_patch")
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
-        raise ValueError(f"top {top!r}: expected a positive int")
+        raise ArgumentError(f"top {top!r}: expected a positive int")
     if not (isinstance(atol, (int, float)) and atol >= 0):
-        raise ValueError(f"atol {atol!r}: expected a non-negative number")
+        raise ArgumentError(f"atol {atol!r}: expected a non-negative number")
     if (approx.clean_prompt, approx.corrupt_prompt) != (text_of(clean), text_of(corrupt)):
-        raise ValueError(
+        raise ArgumentError(
             f"approx was computed for {approx.clean_prompt!r} vs {approx.corrupt_prompt!r}, not {text_of(clean)!r} vs {text_of(corrupt)!r}"
         )
     m = as_metric(model, metric)
     if m.name != approx.metric:
-        raise ValueError(f"approx was computed with metric {approx.metric}, not {m.name}")
+        raise ArgumentError(f"approx was computed with metric {approx.metric}, not {m.name}")
     if sites is None:
         try:
             site_list = [site_from_label(model, label) for label in approx.sites]

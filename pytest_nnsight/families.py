@@ -19,7 +19,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelLoadError, SiteError
+from .errors import ArgumentTypeError, ModelLoadError, SiteError
 
 LAYER_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "pattern", "head_out")
 GLOBAL_SITES = ("embed", "final_norm", "logits")
@@ -92,7 +92,7 @@ _FAMILIES: list[Family] = [GPT2, GPT_NEOX, LLAMA, GPTJ, BERT]
 def register_family(family: Family) -> Family:
     """Add (or replace, by name) a family; later registrations win detection. Call it from a conftest."""
     if not isinstance(family, Family):
-        raise TypeError(f"register_family expects a Family, got {type(family).__name__}")
+        raise ArgumentTypeError(f"register_family expects a Family, got {type(family).__name__}")
     _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name] + [family]
     _RESOLVED.clear()
     return family

@@ -13,8 +13,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import BrokenExperimentError, InterventionError, PositionError
+from .errors import ArgumentError, ArgumentTypeError, BrokenExperimentError, InterventionError, NnsightTestError, PositionError
 from .metrics import Metric, as_metric, logits_of, per_row
+from .remote import is_remote, trace_kwargs
 from .results import Effect
 from .sites import Site, describe_positions, execution_order, resolve_position, resolve_site, show_tokens, site_value, tokens_of
 
@@ -108,22 +109,27 @@ def run(
         by_site.setdefault(e.site, []).append(e)
     saved: dict[Site, torch.Tensor] = {}
     result: list[Any] = []
+    remote = is_remote(model)  # --nnsight-remote: the trace runs where the model is, so edits move to its device
     try:
         with torch.inference_mode():
-            with model.trace(inputs):
+            with model.trace(inputs, **trace_kwargs(model)):
                 for site in order:
                     value = site_value(model, site)
                     if site in save:
                         saved[site] = value.detach().clone().save()
                     for e in by_site.get(site, ()):
-                        _apply(value, e)
+                        _apply(value, e, move=remote)
                 result.append(metric(model.output, reference).save())
-    except (AttributeError, IndexError, ValueError, RuntimeError, TypeError) as exc:
-        raise _translate(exc, model, order) from exc
+    except NnsightTestError as exc:  # ours, raised inside the trace: drop nnsight's frames from what pytest shows
+        raise exc.with_traceback(None)  # noqa: B904 - keeps its own cause (a user metric's frames)
+    except (AttributeError, LookupError, ValueError, RuntimeError, TypeError) as exc:
+        err = _translate(exc, model, order)
+        err.original = exc  # nnsight's own exception, for debugging; not chained, so tracebacks stay short
+        raise err from None
     return per_row(result[0], rows, metric), saved
 
 
-def _apply(value: torch.Tensor, edit: Edit) -> None:
+def _apply(value: torch.Tensor, edit: Edit, move: bool = False) -> None:
     expected = (len(edit.rows), value.shape[-1])
     if tuple(edit.values.shape) != expected:
         # a broadcastable shape would be accepted by torch and overwrite more than asked (hazard H11)
@@ -133,11 +139,11 @@ def _apply(value: torch.Tensor, edit: Edit) -> None:
         )
     if value.shape[-1] != edit.values.shape[-1]:
         raise InterventionError(f"cannot write a [{', '.join(map(str, edit.values.shape))}] value into {edit.site} of shape [{', '.join(map(str, value.shape))}]: the last dimension differs")
-    if edit.values.device != value.device:
+    if edit.values.device != value.device and not move:
         raise InterventionError(f"value for {edit.site} is on {edit.values.device} but the model runs on {value.device}: move it with .to({str(value.device)!r})")
     rows = torch.tensor(edit.rows, device=value.device)
     pos = torch.tensor(edit.positions, device=value.device)
-    src = edit.values.to(value.dtype)
+    src = edit.values.to(device=value.device, dtype=value.dtype)  # a no-op locally (devices checked above)
     if edit.op == "add":
         value[rows, pos, :] += src
     else:
@@ -149,13 +155,21 @@ def _translate(exc: Exception, model: Any, sites: Sequence[Site]) -> Exception:
     if isinstance(exc, (InterventionError, PositionError)):
         return exc
     name = type(exc).__name__
-    text = str(exc).splitlines()[0] if str(exc) else name
+    text = _cause_line(exc) or name
     where = ", ".join(map(str, sites)) or "the model output"
     if name in ("OutOfOrderError", "MissedProviderError") or "was not provided" in text or "ran past it" in text:
         return InterventionError(f"site(s) {where} were not reached in the forward pass ({name}: {text}); is the module used by this model's forward?")
     if "expanded size" in text or "shape" in text:
         return InterventionError(f"a value written at {where} does not fit its shape: {text}")
     return InterventionError(f"the trace failed at {where}: {name}: {text}")
+
+
+def _cause_line(exc: Exception) -> str:
+    """The line of an error that names its cause: the first, or the last when nnsight (0.5-0.7) wraps a whole traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
 def normalized(intervened: float, target: float, source: float, *, min_gap: float, what: str) -> float:
@@ -195,7 +209,7 @@ def patch(
     ...                site="transformer.h.0", position="France", metric=logit_diff("Paris", "Berlin"))
     """
     if direction not in ("clean->corrupt", "corrupt->clean"):
-        raise ValueError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
     m = as_metric(model, metric)
     s = resolve_site(model, site)
     ct, xt, pos = pair_positions(model, clean, corrupt, position)
@@ -229,7 +243,7 @@ def _reference(model: Any, metric: Metric, clean: str) -> Any:
     if not metric.needs_reference:
         return None
     with torch.inference_mode():
-        with model.trace(clean):
+        with model.trace(clean, **trace_kwargs(model)):
             last = logits_of(model.output)[:, -1, :].detach().clone().save()
     return last
 
@@ -261,7 +275,7 @@ def ablate(
     `effect.delta` is the raw change (negative when the ablation lowers the metric).
     """
     if method not in ("zero", "mean", "resample"):
-        raise ValueError(f"ablation method {method!r}: expected 'zero', 'mean' or 'resample'")
+        raise ArgumentError(f"ablation method {method!r}: expected 'zero', 'mean' or 'resample'")
     m = as_metric(model, metric)
     s = resolve_site(model, site)
     text = text_of(prompt)
@@ -276,12 +290,12 @@ def ablate(
         how = "zero ablation"
     elif method == "mean":
         if not reference_prompts:
-            raise ValueError("mean ablation needs reference_prompts: the prompts whose mean activation replaces this one")
+            raise ArgumentError("mean ablation needs reference_prompts: the prompts whose mean activation replaces this one")
         values = _mean_activation(model, s, reference_prompts, position, pos)
         how = f"mean ablation ({len(reference_prompts)} prompts)"
     else:
         if donor is None:
-            raise ValueError("resample ablation needs donor=: the prompt whose activation replaces this one")
+            raise ArgumentError("resample ablation needs donor=: the prompt whose activation replaces this one")
         values = _mean_activation(model, s, [donor], position, pos)
         how = f"resample ablation (from {text_of(donor)!r})"
     ablated, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference)
@@ -317,6 +331,10 @@ def _mean_activation(model: Any, site: Site, prompts: Sequence[Any], position: A
 
 def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Tensor, metric: Any, alpha: float = 1.0) -> Effect:
     """Steering: add `alpha * vector` to the activation at (site, position); `vector` must be [d] of that site."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ArgumentTypeError(f"alpha={alpha!r} ({type(alpha).__name__}): expected a finite number")
+    if not math.isfinite(alpha):
+        raise ArgumentError(f"alpha={alpha!r}: expected a finite number")
     m = as_metric(model, metric)
     s = resolve_site(model, site)
     text = text_of(prompt)
@@ -332,7 +350,7 @@ def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Te
     if vector.device != acts[s].device:
         raise InterventionError(f"steering vector is on {vector.device} but the model runs on {acts[s].device}: move it with .to({str(acts[s].device)!r})")
     if not torch.isfinite(vector).all():
-        raise InterventionError(f"steering vector for {s} contains NaN or inf")
+        raise InterventionError(f"steering vector for {s} contains NaN or inf: expected finite values")
     values = (alpha * vector.to(acts[s].dtype)).expand(len(pos), width)
     steered, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values, op="add")], reference=reference)
     b, a = float(base[0]), float(steered[0])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import MetricError
+from .errors import MetricError, NnsightTestError
 
 
 def logits_of(output: Any) -> Any:
@@ -127,8 +127,25 @@ def as_metric(model: Any, metric: Any) -> Metric:
         return metric.bind(model)
     if callable(metric):
         name = getattr(metric, "__name__", type(metric).__name__)
-        return Metric(name, lambda out, ref: metric(out))
+        return Metric(name, _guarded(metric, name))
     raise MetricError(f"metric {metric!r} is not a metric: expected logit_diff(...), prob(...), logprob(...), rank(...), kl_div() or a function of the model output")
+
+
+def _guarded(metric: Callable[[Any], Any], name: str) -> Callable[[Any, Any], Any]:
+    """A user metric whose failure inside a trace becomes one MetricError naming it (its own frames kept as the cause)."""
+
+    def fn(out: Any, ref: Any) -> Any:
+        try:
+            return metric(out)
+        except NnsightTestError:
+            raise
+        except Exception as exc:
+            if type(exc).__module__.startswith("nnsight"):  # nnsight's own control flow
+                raise
+            raise MetricError(f"metric {name} raised {type(exc).__name__}: {exc}; expected a function of the model output "
+                              "returning one value per row") from exc
+
+    return fn
 
 
 def per_row(values: Any, rows: int, metric: Metric) -> Any:

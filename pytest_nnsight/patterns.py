@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from .assertions import _fail
+from .errors import ArgumentError, ModelUsageError, PositionError
 from .sites import describe_positions, resolve_position, resolve_site, site_value, tokens_of
 
 
@@ -19,7 +20,7 @@ def _trace_inputs(model: Any, prompt: str) -> tuple[tuple, dict]:
         return (prompt,), {}
     tok = getattr(model, "tokenizer", None)
     if tok is None:
-        raise TypeError(f"{type(model).__name__} has no tokenizer: serve it with tokenizer= to read patterns of prompts")
+        raise ModelUsageError(f"{type(model).__name__} has no tokenizer: serve it with tokenizer= to read patterns of prompts")
     return (), dict(tok(prompt, return_tensors="pt"))
 
 
@@ -50,7 +51,7 @@ def assert_attends(model: Any, prompt: str, *, layer: int, head: int, query: Any
     q = resolve_position(tokens, query, prompt=prompt)
     k = resolve_position(tokens, key, prompt=prompt)
     if len(q) != 1:
-        raise ValueError(f"query {query!r} names {len(q)} positions: name one query position")
+        raise PositionError(f"query {query!r} names {len(q)} positions: name one query position")
     pattern = attention_pattern(model, prompt, layer, head)
     weight = float(pattern[q[0], k].sum())
     if not weight >= at_least:
@@ -85,7 +86,7 @@ def assert_previous_token_head(
     """
     __tracebackhide__ = True
     if not prompts:
-        raise ValueError("assert_previous_token_head needs at least one prompt")
+        raise ArgumentError("assert_previous_token_head needs at least one prompt")
     scores = previous_token_scores(model, prompts, layer=layer, head=head, start=start)
     failing = sorted(((s, p) for s, p in zip(scores, prompts) if not s >= min_weight), key=lambda x: x[0] if x[0] == x[0] else -1)
     passed = len(prompts) - len(failing)

@@ -213,6 +213,9 @@ def resolve_site(model: Any, spec: Any) -> Site:
         raise SiteError(f"site {spec!r} names part {part!r}: expected one of {', '.join(PARTS)}")
     if path.startswith("model.") and not _path_exists(model, path):  # nnsight names the root 'model'; Llama has a child 'model'
         path = path[len("model."):]
+    if not path.strip():  # the root's output is a ModelOutput, not an activation to patch
+        top = ", ".join(n for n, _ in module_of(model).named_children())
+        raise SiteError(f"site {spec!r} names the whole model: expected a module inside it, e.g. a path under {top or 'the root'}")
     _check_path(model, path)
     return Site(path, part=part)
 
@@ -226,7 +229,12 @@ def resolve_sites(model: Any, spec: Any) -> list[Site]:
         if not spec:
             raise SiteError("an empty list of sites: name at least one site, or use 'blocks', 'attn' or 'mlp'")
         return [resolve_site(model, s) for s in spec]
-    return [resolve_site(model, spec)]
+    try:
+        return [resolve_site(model, spec)]
+    except SiteError as exc:
+        if isinstance(spec, str) and not any(c in spec for c in ".:"):  # 'heads': meant a group?
+            raise SiteError(f"{exc}; or a group of sites: {', '.join(NAMED)}") from None
+        raise
 
 
 def _path_exists(model: Any, path: str) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .errors import ArgumentError
+
 Z95 = 1.959963984540054
 
 
@@ -16,7 +18,7 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     if n <= 0:
         return (0.0, 1.0)
     if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval(k={k}, n={n}): expected 0 <= k <= n")
+        raise ArgumentError(f"wilson_interval(k={k}, n={n}): expected 0 <= k <= n")
     p = k / n
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom

@@ -148,7 +148,9 @@ def tiny_model(family: str, *, seed: int = 0, n_layer: int = 2, d_model: int = 3
             vocab_size=len(tok)), add_pooling_layer=False),
     }
     if family not in builders:
-        raise ValueError(f"tiny_model family {family!r}: expected one of {', '.join(TINY_FAMILIES)}")
+        from .errors import ArgumentError
+
+        raise ArgumentError(f"tiny_model family {family!r}: expected one of {', '.join(TINY_FAMILIES)}")
     torch.manual_seed(seed)
     model = builders[family]()
     model.eval()

@@ -477,3 +477,21 @@ def test_patch_layer_at_the_last_position_transfers_the_answer(capitals):
     assert result.tokens[0] == "Paris" and result.probs[0] > 0.5
     assert list(result.probs) == sorted(result.probs, reverse=True)
     assert_top_token(capitals, result, "Paris")
+
+
+@pytest.mark.parametrize(
+    "message, cause",
+    [
+        ("Inplace update to inference tensor outside InferenceMode", "Inplace update to inference tensor outside InferenceMode"),
+        # nnsight 0.5-0.7 wrap the whole traceback; the cause is its last line (measured by the version matrix on 0.7.0)
+        ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    y()\nRuntimeError: Inplace update to inference tensor",
+         "RuntimeError: Inplace update to inference tensor"),
+    ],
+)
+def test_translated_trace_errors_keep_the_cause_line(message, cause):
+    from pytest_nnsight.interventions import _translate
+
+    NNsightException = type("NNsightException", (Exception,), {})
+    err = _translate(NNsightException(message), None, ["transformer.h.0"])
+    assert isinstance(err, InterventionError)
+    assert cause in str(err) and "Traceback (most recent" not in str(err)

@@ -12,6 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import ArgumentError, ArgumentTypeError
 from .encode import NONFINITE, to_value
 
 #: (atol, rtol) by the dtype that produced the finding, used unless the test or an ini key sets one.
@@ -36,7 +37,7 @@ class Tolerance:
         for name in ("atol", "rtol"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}={v!r}: a tolerance must be a finite number >= 0")
+                raise ArgumentError(f"{name}={v!r}: a tolerance must be a finite number >= 0")
 
     def allows(self, old: float, new: float) -> bool:
         if math.isnan(old) or math.isnan(new):
@@ -225,17 +226,17 @@ def calibrate_tolerance(*runs: Callable[[], Any], repeats: int = 3, factor: floa
     >>> assert effects == finding_snapshot(tolerance=tol)                        # doctest: +SKIP
     """
     if not runs or not all(callable(r) for r in runs):
-        raise TypeError("calibrate_tolerance(*runs): pass one or more callables that each return the finding")
+        raise ArgumentTypeError("calibrate_tolerance(*runs): pass one or more callables that each return the finding")
     if not isinstance(repeats, int) or repeats < 1 or (len(runs) == 1 and repeats < 2):
-        raise ValueError(f"repeats={repeats!r}: expected an int >= 1 (>= 2 with a single callable, to see any noise)")
+        raise ArgumentError(f"repeats={repeats!r}: expected an int >= 1 (>= 2 with a single callable, to see any noise)")
     if not (factor >= 1):
-        raise ValueError(f"factor={factor!r}: expected a number >= 1")
+        raise ArgumentError(f"factor={factor!r}: expected a number >= 1")
     results = [to_value(run(), 12) for run in runs for _ in range(repeats)]
     max_abs = max_rel = 0.0
     for other in results[1:]:
         cmp = compare_findings(results[0], other, Tolerance(0.0, 0.0))
         if cmp.structural:
-            raise ValueError("calibrate_tolerance: the runs disagree in shape or labels: " + "; ".join(cmp.structural[:3]))
+            raise ArgumentError("calibrate_tolerance: the runs disagree in shape or labels: " + "; ".join(cmp.structural[:3]))
         for c in cmp.cells:
             if math.isfinite(c.abs_err):
                 max_abs = max(max_abs, c.abs_err)
@@ -250,7 +251,7 @@ def tolerance_from(atol: float | None, rtol: float | None, tolerance: Tolerance 
     """The per-call tolerance: an explicit Tolerance, else atol/rtol over the default."""
     if tolerance is not None:
         if not isinstance(tolerance, Tolerance):
-            raise TypeError(f"tolerance={tolerance!r}: expected a Tolerance (from calibrate_tolerance)")
+            raise ArgumentTypeError(f"tolerance={tolerance!r}: expected a Tolerance (from calibrate_tolerance)")
         return tolerance
     if atol is None and rtol is None:
         return default

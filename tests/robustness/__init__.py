@@ -1,0 +1,1 @@
+"""Robustness suite: bad inputs, fuzzing, fault injection, determinism and memory over long suites."""

@@ -190,32 +190,31 @@ def register_hypothesis_profiles() -> None:
         settings.register_profile(name, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], **values)
 
 
-PREVIOUS_HYPOTHESIS_PROFILE: str | None = None
+_PREVIOUS_HYPOTHESIS_PROFILES: list[str] = []  # a stack: pytester runs nest sessions in one process
 
 
 def restore_hypothesis_profile() -> None:
-    """Load the profile that was current before load_hypothesis_profile (pytest_unconfigure; matters for in-process runs)."""
-    global PREVIOUS_HYPOTHESIS_PROFILE
-    if PREVIOUS_HYPOTHESIS_PROFILE is not None:
+    """Load the profile that was current before the last load_hypothesis_profile (pytest_unconfigure)."""
+    if _PREVIOUS_HYPOTHESIS_PROFILES:
         from hypothesis import settings
 
-        settings.load_profile(PREVIOUS_HYPOTHESIS_PROFILE)
-        PREVIOUS_HYPOTHESIS_PROFILE = None
+        settings.load_profile(_PREVIOUS_HYPOTHESIS_PROFILES.pop())
 
 
 def load_hypothesis_profile(name: str, source: str) -> None:
     """Register ours and load profile `name`; SettingsError naming the source when hypothesis does not know it."""
-    global PREVIOUS_HYPOTHESIS_PROFILE
     register_hypothesis_profiles()
     from hypothesis import settings
     from hypothesis.errors import InvalidArgument
 
-    PREVIOUS_HYPOTHESIS_PROFILE = settings.get_current_profile_name()
+    previous = settings.get_current_profile_name()
     try:
         settings.load_profile(name)
     except InvalidArgument:
+        settings.load_profile(previous)  # hypothesis has already switched its current name to the unknown one
         raise SettingsError(f"invalid nnsight_hypothesis_profile {name!r} from {source}: no such hypothesis profile; "
                             f"expected {' or '.join(HYPOTHESIS_PROFILES)} or one registered in a conftest.py") from None
+    _PREVIOUS_HYPOTHESIS_PROFILES.append(previous)
 
 
 #: The settings of the running pytest session (set in pytest_configure); library code outside pytest sees None.

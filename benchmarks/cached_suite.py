@@ -12,6 +12,7 @@ import pytest
 
 from pytest_nnsight import blocks, embed
 from pytest_nnsight.bundled import path_of
+from pytest_nnsight.wordlists import CAPITAL_FILLERS
 
 TASK = json.loads((path_of("bundled:capitals") / "manifest.json").read_text())["task"]
 COUNTRIES = list(TASK["capitals"])
@@ -23,7 +24,10 @@ def model(nnsight_models):
     return nnsight_models.get("bundled:capitals")
 
 
-@pytest.mark.parametrize("prefix", ["", "So ,"])
+PREFIXES = ["", "So ,", *CAPITAL_FILLERS]  # one test per prefix: 6 prompt sets of 480 prompts
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
 def test_country_set(activation_cache, model, prefix):
     prompts = [f"{prefix} {t.format(country=c)}".strip() for t in TEMPLATES for c in COUNTRIES]
     acts = activation_cache.get(model, prompts, sites=[embed(model), *blocks(model)], positions="last", batch_size=16)

@@ -151,15 +151,19 @@ def bench_peak_memory(device: str) -> list[dict[str, Any]]:
     """Peak memory added by a sweep, each configuration in a fresh process (RSS high-water mark on CPU)."""
     runs = {}
     for positions, batch in ((10, 16), (41, 16), (41, 64)):
-        out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(HERE.parent), str(positions), str(batch), device], capture_output=True, text=True, check=True)
-        runs[(positions, batch)] = json.loads(out.stdout.strip().splitlines()[-1])
+        samples = []
+        for _ in range(3):  # the RSS high-water mark moves by ~10 MB between identical runs: the median of 3
+            out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(HERE.parent), str(positions), str(batch), device], capture_output=True, text=True, check=True)
+            samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        samples.sort(key=lambda r: r["peak_mb"])
+        runs[(positions, batch)] = samples[1]
     few, many, wide = runs[(10, 16)], runs[(41, 16)], runs[(41, 64)]
     flat = many["peak_mb"] <= 1.25 * few["peak_mb"] + 4
     grows = wide["peak_mb"] > 1.5 * many["peak_mb"]
     entries = []
     for (positions, batch), r in runs.items():
         entries.append({"name": f"sweep_peak_mem_bs{batch}_cells{r['cells']}", "value": round(r["peak_mb"], 1), "unit": "MB", "target": "flat in cells, grows with batch_size",
-                        "passed": flat and grows, "detail": f"8-layer random GPT-2 (d 128, vocab 8003), 41-token prompt, {positions} positions, batch_size {batch}, {device}"})
+                        "passed": flat and grows, "detail": f"8-layer random GPT-2 (d 128, vocab 8003), 41-token prompt, {positions} positions, batch_size {batch}, {device}; median of 3 processes"})
     return entries
 
 
@@ -222,7 +226,7 @@ def bench_cache_rerun(device: str) -> list[dict[str, Any]]:
     speedup = times["computed"] / times["loaded"]
     ok = all(c == 0 for c in codes.values())
     return [{"name": "cache_rerun_speedup", "value": round(speedup, 2), "unit": "x", "target": ">= 3", "passed": speedup >= 3 and ok,
-             "detail": f"2 tests x 480 prompts x 3 sites on bundled:capitals ({device}): first run {times['computed']:.2f} s (computes, stores), "
+             "detail": f"6 tests x 480 prompts x 3 sites on bundled:capitals ({device}): first run {times['computed']:.2f} s (computes, stores), "
                        f"second {times['loaded']:.2f} s (loads, no forward pass); exit codes {codes['computed']}/{codes['loaded']}"}]
 
 

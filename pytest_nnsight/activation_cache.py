@@ -181,13 +181,15 @@ class ActivationCache:
             unique.setdefault(site_key(s), s)  # a site named twice is stored once
         site_list = list(unique.values())
         texts = [text_of(p) for p in prompts]
-        token_lists, ids, resolved = [], [], []
+        token_lists, resolved = [], []
         tok = getattr(model, "tokenizer", None)
-        for p, text in zip(prompts, texts):
-            tokens = tokens_of(model, text)
+        if tok is None:
+            tokens_of(model, texts[0])  # raises the no-tokenizer PositionError
+        ids = [list(row) for row in tok(texts)["input_ids"]]  # one batched call: a rerun that loads pays little for its key
+        for p, text, row in zip(prompts, texts, ids):
+            tokens = tok.convert_ids_to_tokens(row)
             check_context(model, tokens, text)
             token_lists.append(tokens)
-            ids.append(list(tok(text)["input_ids"]))
             if positions in ("all", None):
                 resolved.append(list(range(len(tokens))))
             else:

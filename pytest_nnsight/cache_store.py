@@ -5,7 +5,6 @@ file written batch by batch (header first, rows seeked into place). Standard lib
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import struct
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import ActivationCacheError
+from .files import sha256_of  # noqa: F401  (re-exported for activation_cache)
 
 PREFIX = "ac-"
 _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
@@ -86,14 +86,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- a safetensors file written in batches ---------------------------------------------------------

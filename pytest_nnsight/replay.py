@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from .environment import library_versions
 from .errors import NnsightTestError
+from .files import atomic_write
 
 FORMAT = 1
 QUANTITIES = ("source", "target", "intervened", "normalized")
@@ -166,11 +167,7 @@ class FindingSpec:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the spec atomically (temp file in the same folder, then os.replace)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, p)
+        atomic_write(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FindingSpec":
@@ -447,10 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "error" in row:
             print(f"{row['name']}: error: {row['error']}")
     if args.json:
-        p = Path(args.json)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps({"versions": library_versions(), "findings": rows}, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, p)
+        atomic_write(args.json, json.dumps({"versions": library_versions(), "findings": rows}, indent=1) + "\n")
     return 0 if all(r.get("status") == "stable" for r in rows) else 1
 
 

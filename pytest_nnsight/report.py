@@ -8,7 +8,6 @@ is written to a temp file beside it and moved into place with os.replace.
 
 from __future__ import annotations
 
-import glob
 import html
 import io
 import json
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .environment import library_versions, package_version
+from .files import atomic_write
 from .findings import fmt, primary_check, summary_line, variant_effects
 
 FORMAT = 1
@@ -51,24 +51,6 @@ def check_writable(directory: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".nnsight-report-check.", suffix=".tmp")
     os.close(fd)
     os.unlink(tmp)
-
-
-def atomic_write(path: Path, data: bytes | str) -> int:
-    """Write to a temp file beside `path`, then os.replace: a reader never sees half a file. Returns the size."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed run (one writer per report dir)
-        stale.unlink(missing_ok=True)
-    return len(raw)
 
 
 def environment(settings: Any = None) -> dict[str, str]:

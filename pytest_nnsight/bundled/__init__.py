@@ -6,13 +6,13 @@ files and `manifest.json` (how it was trained, its accuracy, the sha256 of its w
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError, ModelSpecError
+from ..files import sha256_of  # noqa: F401  (bundled.sha256_of: part of this module's API)
 
 PREFIX = "bundled:"
 ROOT = Path(__file__).parent
@@ -37,14 +37,6 @@ def path_of(model_id: str) -> Path:
 def manifest(model_id: str) -> dict[str, Any]:
     """The training record of a bundled model (task data, command, seeds, accuracy, weights sha256)."""
     return json.loads((path_of(model_id) / "manifest.json").read_text(encoding="utf-8"))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verified_path(model_id: str) -> Path:

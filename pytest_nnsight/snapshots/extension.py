@@ -8,10 +8,7 @@ as re-verified; one that moved fails with the environment change first, then the
 
 from __future__ import annotations
 
-import glob
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,41 +19,13 @@ from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from ..environment import library_versions
 from ..errors import ArgumentTypeError
+from ..files import atomic_write  # noqa: F401  (also imported from here by tests)
 from ..findings import record_snapshot
 from . import hooks
 from .compare import Comparison, Tolerance, compare_findings, default_tolerance, environment_changes, explain, tolerance_from
 from .encode import DECIMALS, dumps, loads, record
 
 ACCEPT = "run pytest --snapshot-update to accept the change"
-
-
-def _file_mode(target: Path) -> int:
-    try:
-        return target.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def atomic_write(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temp file beside `path`, fsync it, then os.replace: never a half-written snapshot."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(target))  # mkstemp makes it 0600; keep the mode a plain write would give
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # temp files of this target left by a killed run (one test writes one snapshot file, so no live writer owns them)
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def _first_param(model: Any) -> Any:

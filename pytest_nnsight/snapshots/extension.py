@@ -9,7 +9,7 @@ as re-verified; one that moved fails with the environment change first, then the
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -200,7 +200,7 @@ class FindingSnapshotAssertion(SnapshotAssertion):
     across_weights: bool = False
     cache: Any = None
 
-    _OWN = ("atol", "rtol", "tolerance", "model", "across_weights", "cache")
+    _OWN = tuple(f.name for f in fields(Options) if f.name not in ("item", "update"))  # the options a test sets
 
     @classmethod
     def from_snapshot(cls, snapshot: SnapshotAssertion, *, cache: Any = None) -> "FindingSnapshotAssertion":

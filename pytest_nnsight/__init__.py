@@ -41,7 +41,7 @@ __version__ = "0.1.0"
 # names that import torch: loaded on first access so `import pytest_nnsight` stays light
 _LAZY = {
     "patch": "interventions", "ablate": "interventions", "steer": "interventions", "patch_layer": "interventions",
-    "Prompt": "interventions", "TopTokens": "interventions",
+    "Prompt": "prompts", "TopTokens": "interventions",
     "sweep": "sweeps",
     "attribution_patch": "attribution", "check_attribution": "attribution", "AttributionCheck": "attribution",
     "logit_diff": "metrics", "prob": "metrics", "logprob": "metrics", "rank": "metrics", "kl_div": "metrics",

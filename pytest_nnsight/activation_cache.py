@@ -163,8 +163,8 @@ class ActivationCache:
     # -- planning: validate everything and derive the key before any forward pass ------------------
     def _plan(self, model: Any, prompts: Sequence[Any], sites: Any, positions: Any, dtype: str | None, batch_size: int) -> dict[str, Any]:
         from .fingerprint import weights_fingerprint
-        from .interventions import check_context, slots_of, text_of
-        from .sites import resolve_position, resolve_sites, tokens_of
+        from .prompts import check_context, resolve_position, slots_of, text_of, tokens_of
+        from .sites import resolve_sites
 
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise PositionError(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} {str(prompts)[:60]!r}")
@@ -267,7 +267,7 @@ class ActivationCache:
     def _compute(self, model: Any, plan: Mapping[str, Any], manifest_path: Path | None) -> Activations:
         import torch
 
-        from .interventions import run
+        from .trace import run
         from .metrics import Metric
 
         texts, sites, n, width = plan["texts"], plan["sites"], len(plan["texts"]), plan["width"]

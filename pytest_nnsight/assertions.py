@@ -8,13 +8,9 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .errors import ArgumentError, NonFiniteMetricError
+from .errors import ArgumentError, FindingFailed, NonFiniteMetricError
 from .findings import record_check, record_peaks
 from .results import Effect, EffectMap
-
-
-class FindingFailed(AssertionError):
-    """A claim about a model did not hold."""
 
 
 def _fail(claim: str, lines: Sequence[tuple[str, str]], hint: str) -> None:

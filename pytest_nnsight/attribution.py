@@ -20,7 +20,8 @@ import torch
 
 from .assertions import _fail
 from .errors import ArgumentError, ArgumentTypeError, MetricError, SiteError
-from .interventions import Edit, _reference, _translate, normalized, pair_positions, run, text_of
+from .prompts import pair_positions, text_of
+from .trace import Edit, _translate, normalized, reference_logits, run
 from .metrics import Metric, as_metric, per_row
 from .results import EffectMap
 from .sites import (
@@ -58,7 +59,7 @@ def attribution_patch(
     ct, _, _ = pair_positions(model, clean, corrupt, "last")
     cols = list(range(len(ct))) if positions is None else resolve_position(ct, positions, prompt=text_of(clean))
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
-    reference = _reference(model, m, text_of(clean))
+    reference = reference_logits(model, m, text_of(clean))
 
     src_metric, src_acts = run(model, text_of(source), m, save=site_list, reference=reference)
     src = float(src_metric[0])
@@ -288,7 +289,7 @@ def check_attribution(
     )[:top]
     needed = list(dict.fromkeys(site_list[i] for i, _ in ranked))
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
-    reference = _reference(model, m, text_of(clean))
+    reference = reference_logits(model, m, text_of(clean))
     base, acts = run(model, [text_of(source), text_of(target)], m, save=needed, reference=reference)
     src, tgt = float(base[0]), float(base[1])
     what = f"checking attribution on {len(ranked)} cells"

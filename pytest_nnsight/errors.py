@@ -95,3 +95,27 @@ class SnapshotFileError(NnsightTestError, ValueError):
 
 class SnapshotValueError(NnsightTestError, TypeError):
     """A value given to a findings snapshot cannot be stored: not a number, a label, a result, a tensor or an array."""
+
+
+class UnknownArchitectureError(SiteError):
+    """A named site was asked of a model whose architecture no registered family describes."""
+
+
+class FamilyMismatchError(ModelLoadError):
+    """A family's table does not fit the model it claims (a renamed module, a changed shape or order)."""
+
+
+class EagerAttentionWarning(UserWarning):
+    """Reading attention patterns switched a model's attention implementation to eager."""
+
+
+class StrategyError(NnsightTestError, ValueError):
+    """A strategy was built from arguments that cannot produce valid variants."""
+
+
+class ReplayError(NnsightTestError, ValueError):
+    """A finding that cannot be written as a spec or replayed; the message names what and what is accepted."""
+
+
+class FindingFailed(AssertionError):
+    """A claim about a model did not hold (an assertion failure, not misuse: it is an AssertionError only)."""

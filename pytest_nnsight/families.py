@@ -19,22 +19,10 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ArgumentTypeError, ModelLoadError, SiteError
+from .errors import ArgumentTypeError, EagerAttentionWarning, FamilyMismatchError, UnknownArchitectureError
 
 LAYER_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "pattern", "head_out")
 GLOBAL_SITES = ("embed", "final_norm", "logits")
-
-
-class UnknownArchitectureError(SiteError):
-    """A named site was asked of a model whose architecture no registered family describes."""
-
-
-class FamilyMismatchError(ModelLoadError):
-    """A family's table does not fit the model it claims (a renamed module, a changed shape or order)."""
-
-
-class EagerAttentionWarning(UserWarning):
-    """Reading attention patterns switched a model's attention implementation to eager."""
 
 
 @dataclass(frozen=True)
@@ -242,18 +230,19 @@ def d_model(model: Any) -> int:
 _WARNED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def ensure_eager(model: Any) -> None:
-    """Switch the model to eager attention (SDPA returns no weights), warning once per model that it did."""
+def ensure_eager(model: Any) -> bool:
+    """Switch the model to eager attention (SDPA returns no weights), warning once per model that it did.
+
+    Returns whether it switched (the caller then forgets what it cached about the forward pass)."""
     root = _root(model)
     config = getattr(root, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if config is None or current in (None, "eager"):
-        return
+        return False
     try:
         root.set_attn_implementation("eager")
     except (AttributeError, ValueError, TypeError):
         config._attn_implementation = "eager"
-    _forget_order(root)
     if root not in _WARNED:
         _WARNED.add(root)
         warnings.warn(
@@ -264,12 +253,7 @@ def ensure_eager(model: Any) -> None:
             ),
             stacklevel=3,
         )
-
-
-def _forget_order(root: Any) -> None:
-    from . import sites
-
-    sites._ORDER_CACHE.pop(root, None)
+    return True
 
 
 # -- validation ----------------------------------------------------------------------------------

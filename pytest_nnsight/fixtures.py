@@ -116,3 +116,23 @@ def activation_cache(pytestconfig: pytest.Config, nnsight_models: ModelCache) ->
     directory, source = directory_for(pytestconfig, settings)
     cache = pytestconfig.stash[ACTIVATION_CACHE_KEY] = ActivationCache(directory, models=nnsight_models, source=source)
     return cache
+
+
+@pytest.fixture
+def finding_snapshot(snapshot: Any, request: pytest.FixtureRequest) -> Any:
+    """syrupy's ``snapshot.use_extension(FindingSnapshotExtension)``: findings stored as JSON, compared with tolerance.
+
+    Records the environment (library versions, device, dtype, model, weights fingerprint) and
+    reports a finding re-verified under a new one. ``finding_snapshot(atol=, rtol=, tolerance=,
+    model=, across_weights=)`` sets options for one assertion; ``.with_tolerance(...)`` for all.
+
+    Example::
+
+        def test_capitals_map(nnsight_model, finding_snapshot):
+            model = nnsight_model("bundled:capitals")
+            effects = sweep(model, "The capital of France is", "The capital of Germany is", logit_diff("Paris", "Berlin"))
+            assert effects == finding_snapshot(model=model, atol=1e-3)
+    """
+    from .snapshots.extension import FindingSnapshotAssertion
+
+    return FindingSnapshotAssertion.from_snapshot(snapshot, cache=model_cache(request.config))

@@ -1,188 +1,30 @@
-"""Interventions: patch, ablate and steer one site, each returning an `Effect`.
+"""Interventions: patch, ablate and steer one site, each returning an `Effect`; the seed's `patch_layer`.
 
-Every forward pass goes through `run`, which applies edits in execution order inside one nnsight
-trace, saves activations detached and cloned (a later in-place op cannot change them: nnsight
-issue #630), and evaluates the metric inside the trace so only one number per row leaves it.
+Prompts and positions live in `prompts.py`, the trace runner in `trace.py`; the names they used to
+export from here still import from here.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .errors import ArgumentError, ArgumentTypeError, BrokenExperimentError, InterventionError, NnsightTestError, PositionError
-from .metrics import Metric, as_metric, logits_of, per_row
-from .remote import is_remote, trace_kwargs
+from .errors import ArgumentError, ArgumentTypeError, InterventionError, PositionError
+from .metrics import Metric, as_metric, logits_of
+from .prompts import Prompt, check_context, describe_positions, pair_positions, resolve_position, slots_of, text_of, tokens_of
+from .prompts import show_tokens  # noqa: F401  (moved to prompts.py)
 from .results import Effect
-from .sites import Site, describe_positions, execution_order, resolve_position, resolve_site, show_tokens, site_value, tokens_of
+from .sites import Site, resolve_site
+from .trace import Edit, normalized, reference_logits, run
+from .trace import _apply, _cause_line, _reference, _translate  # noqa: F401  (moved to trace.py)
 
-
-@dataclass(frozen=True)
-class Edit:
-    """Write `values[k]` (op 'set') or add it (op 'add') at (rows[k], positions[k]) of a site."""
-
-    site: Site
-    rows: tuple[int, ...]
-    positions: tuple[int, ...]
-    values: torch.Tensor  # [k, d]
-    op: str = "set"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt with the words filling its template slots, so positions like '{country}' resolve."""
-
-    text: str
-    slots: Mapping[str, str]
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def text_of(prompt: Any) -> str:
-    if isinstance(prompt, Prompt):
-        return prompt.text
-    if not isinstance(prompt, str):
-        raise PositionError(f"prompt {prompt!r} is not a string: expected a str (or a Prompt with slots)")
-    if not prompt.strip():
-        raise PositionError(f"prompt {prompt!r} is empty: expected text the model can read")
-    return prompt
-
-
-def slots_of(prompt: Any) -> Mapping[str, str] | None:
-    return prompt.slots if isinstance(prompt, Prompt) else None
-
-
-def check_context(model: Any, tokens: Sequence[str], prompt: str) -> None:
-    limit = getattr(getattr(getattr(model, "_module", model), "config", None), "n_positions", None) or getattr(
-        getattr(getattr(model, "_module", model), "config", None), "max_position_embeddings", None
-    )
-    if limit and len(tokens) > limit:
-        raise PositionError(f"prompt {prompt[:60]!r}... is {len(tokens)} tokens, longer than the model's context of {limit}")
-
-
-def pair_positions(model: Any, clean: Any, corrupt: Any, position: Any) -> tuple[list[str], list[str], list[int]]:
-    """Tokenize both prompts, check they line up, and resolve `position` to the same indices in both."""
-    ct, xt = tokens_of(model, text_of(clean)), tokens_of(model, text_of(corrupt))
-    check_context(model, ct, text_of(clean))
-    both = f"\n  clean:   [{show_tokens(ct)}]\n  corrupt: [{show_tokens(xt)}]"
-    if len(ct) != len(xt):
-        raise PositionError(f"clean and corrupt prompts tokenize to different lengths ({len(ct)} vs {len(xt)}), so positions do not line up:{both}")
-    try:
-        pos = resolve_position(ct, position, prompt=text_of(clean), slots=slots_of(clean))
-    except PositionError as exc:
-        try:  # a word of the corrupt prompt ('Germany') names the same position
-            if not (isinstance(position, str) and position != "last" and not position.startswith("{")):
-                raise
-            pos = resolve_position(xt, position, prompt=text_of(corrupt))
-        except PositionError:
-            raise PositionError(f"{exc}{both}") from None
-    if slots_of(corrupt) is not None and isinstance(position, str) and position.startswith("{"):
-        other = resolve_position(xt, position, prompt=text_of(corrupt), slots=slots_of(corrupt))
-        if other != pos:
-            raise PositionError(f"slot {position} sits at {pos} in the clean prompt but at {other} in the corrupt one:{both}")
-    return ct, xt, pos
-
-
-def _device(model: Any) -> torch.device:
-    module = getattr(model, "_module", model)
-    return next(module.parameters()).device
-
-
-def run(
-    model: Any,
-    inputs: Any,
-    metric: Metric,
-    *,
-    edits: Sequence[Edit] = (),
-    save: Sequence[Site] = (),
-    reference: Any = None,
-) -> tuple[torch.Tensor, dict[Site, torch.Tensor]]:
-    """One forward over `inputs` with `edits` applied; returns (metric per row on CPU, saved activations)."""
-    rows = len(inputs) if isinstance(inputs, list) else 1
-    order = execution_order(model, {e.site for e in edits} | set(save))
-    by_site: dict[Site, list[Edit]] = {}
-    for e in edits:
-        by_site.setdefault(e.site, []).append(e)
-    saved: dict[Site, torch.Tensor] = {}
-    result: list[Any] = []
-    remote = is_remote(model)  # --nnsight-remote: the trace runs where the model is, so edits move to its device
-    try:
-        with torch.inference_mode():
-            with model.trace(inputs, **trace_kwargs(model)):
-                for site in order:
-                    value = site_value(model, site)
-                    if site in save:
-                        saved[site] = value.detach().clone().save()
-                    for e in by_site.get(site, ()):
-                        _apply(value, e, move=remote)
-                result.append(metric(model.output, reference).save())
-    except NnsightTestError as exc:  # ours, raised inside the trace: drop nnsight's frames from what pytest shows
-        raise exc.with_traceback(None)  # noqa: B904 - keeps its own cause (a user metric's frames)
-    except (AttributeError, LookupError, ValueError, RuntimeError, TypeError) as exc:
-        err = _translate(exc, model, order)
-        err.original = exc  # nnsight's own exception, for debugging; not chained, so tracebacks stay short
-        raise err from None
-    return per_row(result[0], rows, metric), saved
-
-
-def _apply(value: torch.Tensor, edit: Edit, move: bool = False) -> None:
-    expected = (len(edit.rows), value.shape[-1])
-    if tuple(edit.values.shape) != expected:
-        # a broadcastable shape would be accepted by torch and overwrite more than asked (hazard H11)
-        raise InterventionError(
-            f"cannot write a [{', '.join(map(str, edit.values.shape))}] value at {edit.site} (activation shape "
-            f"[{', '.join(map(str, value.shape))}]): expected exactly [{expected[0]}, {expected[1]}], one row per patched cell"
-        )
-    if value.shape[-1] != edit.values.shape[-1]:
-        raise InterventionError(f"cannot write a [{', '.join(map(str, edit.values.shape))}] value into {edit.site} of shape [{', '.join(map(str, value.shape))}]: the last dimension differs")
-    if edit.values.device != value.device and not move:
-        raise InterventionError(f"value for {edit.site} is on {edit.values.device} but the model runs on {value.device}: move it with .to({str(value.device)!r})")
-    rows = torch.tensor(edit.rows, device=value.device)
-    pos = torch.tensor(edit.positions, device=value.device)
-    src = edit.values.to(device=value.device, dtype=value.dtype)  # a no-op locally (devices checked above)
-    if edit.op == "add":
-        value[rows, pos, :] += src
-    else:
-        value[rows, pos, :] = src
-
-
-def _translate(exc: Exception, model: Any, sites: Sequence[Site]) -> Exception:
-    """One clear message for the errors nnsight raises from deep inside a trace, whatever its version calls them."""
-    if isinstance(exc, (InterventionError, PositionError)):
-        return exc
-    name = type(exc).__name__
-    text = _cause_line(exc) or name
-    where = ", ".join(map(str, sites)) or "the model output"
-    if name in ("OutOfOrderError", "MissedProviderError") or "was not provided" in text or "ran past it" in text:
-        return InterventionError(f"site(s) {where} were not reached in the forward pass ({name}: {text}); is the module used by this model's forward?")
-    if "expanded size" in text or "shape" in text:
-        return InterventionError(f"a value written at {where} does not fit its shape: {text}")
-    return InterventionError(f"the trace failed at {where}: {name}: {text}")
-
-
-def _cause_line(exc: Exception) -> str:
-    """The line of an error that names its cause: the first, or the last when nnsight (0.5-0.7) wraps a whole traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return ""
-    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
-
-
-def normalized(intervened: float, target: float, source: float, *, min_gap: float, what: str) -> float:
-    """(intervened - target) / (source - target), refusing when source and target barely differ."""
-    gap = source - target
-    if not (math.isfinite(source) and math.isfinite(target)):
-        return math.nan
-    if abs(gap) <= min_gap:
-        raise BrokenExperimentError(
-            f"{what}: the two runs barely differ ({source:.6g} vs {target:.6g}, gap {gap:.3g} <= min_gap {min_gap:g}), so the "
-            "normalized effect would divide noise by noise. The corrupt prompt must change the metric: pick one that flips the answer."
-        )
-    return (intervened - target) / gap
+__all__ = [  # re-exported for code that imported them from here before prompts.py and trace.py
+    "Edit", "Prompt", "TopTokens", "ablate", "check_context", "normalized", "pair_positions", "patch", "patch_layer",
+    "reference_logits", "run", "slots_of", "steer", "text_of",
+]
 
 
 def patch(
@@ -214,7 +56,7 @@ def patch(
     s = resolve_site(model, site)
     ct, xt, pos = pair_positions(model, clean, corrupt, position)
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
-    reference = _reference(model, m, text_of(clean))
+    reference = reference_logits(model, m, text_of(clean))
     base, acts = run(model, [text_of(source), text_of(target)], m, save=[s], reference=reference)
     src_act = acts[s][0]
     values = src_act[pos]
@@ -237,15 +79,6 @@ def patch(
         "patch", str(s), tuple(pos), tuple(target_tokens[p] for p in pos), m.name, text_of(source), text_of(target),
         float(base[0]), float(base[1]), float(patched[0]), eff, direction, tuple(target_tokens), controls=ctrl,
     )
-
-
-def _reference(model: Any, metric: Metric, clean: str) -> Any:
-    if not metric.needs_reference:
-        return None
-    with torch.inference_mode():
-        with model.trace(clean, **trace_kwargs(model)):
-            last = logits_of(model.output)[:, -1, :].detach().clone().save()
-    return last
 
 
 def _control_positions(model: Any, tokens: Sequence[str], pos: Sequence[int], control: Any, prompt: str) -> list[int]:
@@ -282,7 +115,7 @@ def ablate(
     tokens = tokens_of(model, text)
     check_context(model, tokens, text)
     pos = resolve_position(tokens, position, prompt=text, slots=slots_of(prompt))
-    reference = _reference(model, m, text)
+    reference = reference_logits(model, m, text)
     base, acts = run(model, text, m, save=[s], reference=reference)
     width = acts[s].shape[-1]
     if method == "zero":
@@ -341,7 +174,7 @@ def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Te
     tokens = tokens_of(model, text)
     check_context(model, tokens, text)
     pos = resolve_position(tokens, position, prompt=text, slots=slots_of(prompt))
-    reference = _reference(model, m, text)
+    reference = reference_logits(model, m, text)
     base, acts = run(model, text, m, save=[s], reference=reference)
     width = acts[s].shape[-1]
     if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != (width,):

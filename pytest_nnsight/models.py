@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import bundled
 from .errors import ModelLoadError, ModelSpecError, ModelUnavailableError, ModelUsageError, SettingsError
+from .remote import NDIF_MODELS
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -207,8 +208,6 @@ class ModelCache:
             module, tok = _load_pretrained(str(directory), key.source, None, offline=True)
             info.update(kind="bundled", path=str(directory), manifest=bundled.manifest(key.source))
         elif self.settings.remote == "ndif" and not os.path.isabs(key.source):  # --nnsight-remote ndif: NDIF holds the weights
-            from .remote import load_for_ndif
-
             wrapped, tok = load_for_ndif(key.source, key.revision)
             info.update(kind="ndif", revision=key.revision, device="ndif", dtype="as NDIF serves it")
             return LoadedModel(key, wrapped, tok, time.perf_counter() - start, info)
@@ -221,7 +220,6 @@ class ModelCache:
             info.update(kind="path" if is_path else "hub", revision=key.revision)
             if tokenizer is not None:
                 tok = copy.deepcopy(tokenizer)
-        import torch
 
         torch_dtype = resolve_dtype(key.dtype, key.device, _checkpoint_dtype(module))
         module = module.to(device=key.device, dtype=torch_dtype)
@@ -392,3 +390,25 @@ def _text_guard(name: str, has_tokenizer: bool) -> Any:
             raise ModelUsageError(f"{name} was served without a text interface, so it cannot take the prompt {prompt!r}: {fix}")
 
     return hook
+
+
+def load_for_ndif(repo_id: str, revision: str | None) -> tuple[Any, Any]:
+    """The nnsight wrapper of a hub model that NDIF runs: config and tokenizer from the hub, weights never downloaded.
+
+    nnsight builds the module on the meta device when given a repo id without `dispatch=True`; traces then
+    run on NDIF's copy (`remote=True`). The tokenizer is pinned as for local models (left padding, a pad
+    token, input_ids and attention_mask only), since prompts are tokenized here.
+    """
+    nnsight = import_nnsight()
+    cls = getattr(nnsight, "TransformersModel", None) or nnsight.LanguageModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # LanguageModel's deprecation notice on 0.8
+        wrapped = cls(repo_id, revision=revision) if revision else cls(repo_id)
+    tok = getattr(wrapped, "tokenizer", None)
+    if tok is not None:
+        tok.model_input_names = ["input_ids", "attention_mask"]
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+    NDIF_MODELS[id(wrapped)] = wrapped
+    return wrapped, tok

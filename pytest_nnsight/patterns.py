@@ -12,7 +12,8 @@ import torch
 
 from .assertions import _fail
 from .errors import ArgumentError, ModelUsageError, PositionError
-from .sites import describe_positions, resolve_position, resolve_site, site_value, tokens_of
+from .prompts import describe_positions, resolve_position, tokens_of
+from .sites import resolve_site, site_value
 
 
 def _trace_inputs(model: Any, prompt: str) -> tuple[tuple, dict]:

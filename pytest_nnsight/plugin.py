@@ -8,11 +8,10 @@ from . import settings as _settings
 from .environment import library_versions
 from .errors import SettingsError
 from .fixtures import model, nnsight_model, nnsight_models  # noqa: F401  (fixtures pytest collects from this module)
-from .fixtures import activation_cache  # noqa: F401
+from .fixtures import activation_cache, finding_snapshot  # noqa: F401
 from .fixtures import CACHE_KEY, SETTINGS_KEY
 from .fixtures import ACTIVATION_CACHE_KEY
 from .snapshots import hooks as _snapshot_hooks
-from .snapshots.hooks import finding_snapshot  # noqa: F401
 from .snapshots.structure_fixture import structure_snapshot  # noqa: F401
 from . import hints as _hints
 from . import findings as _findings

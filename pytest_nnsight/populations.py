@@ -20,7 +20,8 @@ import torch
 from .assertions import _fail
 from .errors import ArgumentError, BrokenExperimentError, MetricError
 from .findings import record_population
-from .interventions import Edit, normalized, pair_positions, run, text_of
+from .prompts import pair_positions, text_of
+from .trace import Edit, normalized, run
 from .metrics import Metric, as_metric, logit_diff
 from .sites import resolve_site
 from .strategies import CounterfactualPair, StrategyError

@@ -47,29 +47,3 @@ def is_remote(model: Any = None, settings: _settings.Settings | None = None) -> 
 
 #: wrappers served for NDIF (id -> wrapper; the session's model cache keeps them alive anyway)
 NDIF_MODELS: dict[int, Any] = {}
-
-
-def load_for_ndif(repo_id: str, revision: str | None) -> tuple[Any, Any]:
-    """The nnsight wrapper of a hub model that NDIF runs: config and tokenizer from the hub, weights never downloaded.
-
-    nnsight builds the module on the meta device when given a repo id without `dispatch=True`; traces then
-    run on NDIF's copy (`remote=True`). The tokenizer is pinned as for local models (left padding, a pad
-    token, input_ids and attention_mask only), since prompts are tokenized here.
-    """
-    import warnings
-
-    from .models import import_nnsight
-
-    nnsight = import_nnsight()
-    cls = getattr(nnsight, "TransformersModel", None) or nnsight.LanguageModel
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # LanguageModel's deprecation notice on 0.8
-        wrapped = cls(repo_id, revision=revision) if revision else cls(repo_id)
-    tok = getattr(wrapped, "tokenizer", None)
-    if tok is not None:
-        tok.model_input_names = ["input_ids", "attention_mask"]
-        if tok.pad_token is None and tok.eos_token is not None:
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "left"
-    NDIF_MODELS[id(wrapped)] = wrapped
-    return wrapped, tok

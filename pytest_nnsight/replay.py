@@ -29,17 +29,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .environment import library_versions
-from .errors import NnsightTestError
+from .errors import ReplayError
 from .files import atomic_write
 
 FORMAT = 1
 QUANTITIES = ("source", "target", "intervened", "normalized")
 METRIC_KINDS = {"logit_diff": 2, "prob": 1, "logprob": 1, "rank": 1, "kl_div": 0}
 NORMALIZATION = "(intervened - target) / (source - target)"
-
-
-class ReplayError(NnsightTestError, ValueError):
-    """A finding that cannot be written as a spec or replayed; the message names what and what is accepted."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +86,8 @@ class FindingSpec:
         ...                               site="transformer.h.0", position="last", metric=logit_diff("Paris", "Berlin"))
         >>> spec.save("findings/block0_last.json")                                                        # doctest: +SKIP
         """
-        from .interventions import pair_positions, patch, text_of
+        from .interventions import patch
+        from .prompts import pair_positions, text_of
         from .metrics import MetricSpec, token_id
         from .sites import model_name, module_of, resolve_site
 

@@ -11,9 +11,11 @@ import difflib
 import re
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable
 
-from .errors import PositionError, SiteError
+from .errors import SiteError
+from .families import GLOBAL_SITES, LAYER_SITES, ensure_eager, find_layout, layout_of
+from .prompts import Position, describe_positions, resolve_position, show_tokens, tokens_of  # noqa: F401  (moved to prompts.py)
 
 PARTS = ("output", "input")
 
@@ -51,8 +53,6 @@ def model_name(model: Any) -> str:
 
 def n_layers(model: Any) -> int:
     """Number of layers of a model of a known family (see pytest_nnsight.families)."""
-    from .families import layout_of
-
     return layout_of(model).n_layers
 
 
@@ -66,8 +66,6 @@ def _layer_index(model: Any, layer: int) -> int:
 
 
 def _head_index(model: Any, layer: int, index: Any) -> int:
-    from .families import layout_of
-
     heads = layout_of(model).n_heads
     if not isinstance(index, int) or isinstance(index, bool) or not -heads <= index < heads:
         raise SiteError(f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1}")
@@ -84,8 +82,6 @@ def site(model: Any, name: str, layer: int | None = None, head: int | None = Non
     >>> site(model, "head_out", 1, 2) == resolve_site(model, "head_out.1.2")   # doctest: +SKIP
     True
     """
-    from .families import GLOBAL_SITES, LAYER_SITES, ensure_eager, layout_of
-
     lay = layout_of(model)
     if name in GLOBAL_SITES:
         if layer is not None or head is not None:
@@ -107,7 +103,8 @@ def site(model: Any, name: str, layer: int | None = None, head: int | None = Non
     if name == "pattern":
         if not lay.family.returns_weights:
             raise SiteError(f"the {lay.family.name} family's attention returns no weights: no pattern site")
-        ensure_eager(model)
+        if ensure_eager(model):  # the switch changes the forward pass: probe its order again
+            _ORDER_CACHE.pop(module_of(model), None)
         h = None if head is None else _head_index(model, layer, head)
         return Site(lay.in_layer(layer, "pattern"), item=1, head=h, n_heads=lay.n_heads, label=f"pattern.{layer}" + ("" if h is None else f".{h}"))
     if head is not None:
@@ -121,32 +118,24 @@ def site(model: Any, name: str, layer: int | None = None, head: int | None = Non
 
 def block(model: Any, layer: int) -> Site:
     """The residual stream after block `layer` (the block's output)."""
-    from .families import layout_of
-
     layer = _layer_index(model, layer)
     return Site(layout_of(model).layer(layer), label=f"block {layer}")
 
 
 def attn_out(model: Any, layer: int) -> Site:
     """The attention output of block `layer`."""
-    from .families import layout_of
-
     layer = _layer_index(model, layer)
     return Site(layout_of(model).in_layer(layer, "attn"), label=f"attn {layer}")
 
 
 def mlp_out(model: Any, layer: int) -> Site:
     """The MLP output of block `layer`."""
-    from .families import layout_of
-
     layer = _layer_index(model, layer)
     return Site(layout_of(model).in_layer(layer, "mlp"), label=f"mlp {layer}")
 
 
 def head(model: Any, layer: int, index: int) -> Site:
     """One attention head's output of block `layer`, before the output projection mixes the heads."""
-    from .families import layout_of
-
     layer = _layer_index(model, layer)
     lay = layout_of(model)
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < lay.n_heads:
@@ -156,8 +145,6 @@ def head(model: Any, layer: int, index: int) -> Site:
 
 def embed(model: Any) -> Site:
     """The embeddings entering block 0 (token + position embeddings where the model adds them)."""
-    from .families import layout_of
-
     return Site(layout_of(model).path("embed"), label="embed")
 
 
@@ -169,8 +156,6 @@ def blocks(model: Any) -> list[Site]:
 def _every(name: str) -> Any:
     def sites_of(model: Any) -> list[Site]:
         if name == "head_out":
-            from .families import layout_of
-
             return [site(model, name, i, h) for i in range(n_layers(model)) for h in range(layout_of(model).n_heads)]
         return [site(model, name, i) for i in range(n_layers(model))]
 
@@ -198,8 +183,6 @@ def resolve_site(model: Any, spec: Any) -> Site:
     if isinstance(spec, str):
         vocab = VOCAB_RE.match(spec.strip())
         if vocab:
-            from .families import find_layout
-
             known = find_layout(model) is not None
             if known or vocab.group(1) or not _path_exists(model, spec.strip()):  # a raw path 'embed' still works on unknown models
                 if vocab.group(4):
@@ -334,88 +317,3 @@ def _event_order(model: Any) -> dict[tuple[str, str], int]:
             h.remove()
     _ORDER_CACHE[root] = order
     return order
-
-
-# -- positions ------------------------------------------------------------------------------------
-
-Position = Any  # int | str | slice | Sequence[int]
-
-
-def tokens_of(model: Any, prompt: str) -> list[str]:
-    """The tokens the model sees for `prompt` (special tokens included), as strings."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        raise PositionError("this model has no tokenizer, so positions can only be ints or slices")
-    ids = tok(prompt)["input_ids"]
-    return tok.convert_ids_to_tokens(ids)
-
-
-def show_tokens(tokens: Sequence[str]) -> str:
-    return " ".join(f"{i}:{t}" for i, t in enumerate(tokens))
-
-
-def _word(tok: str) -> str:
-    return re.sub(r"^(Ġ|▁|##)", "", tok).strip()
-
-
-SLOT_RE = re.compile(r"^\{(\w+)\}$")
-
-
-def resolve_position(tokens: Sequence[str], position: Position, *, prompt: str = "", slots: Mapping[str, str] | None = None) -> list[int]:
-    """Token indices (non-negative) that `position` names in a prompt tokenized as `tokens`.
-
-    Accepts an int (negative counts from the end), "last", a slice, a list of ints, a word of the
-    prompt ("France", matched on whole tokens, possibly several in a row) or a template slot
-    ("{country}", given `slots`).
-    """
-    n = len(tokens)
-    where = f"in prompt {prompt!r} tokenized as [{show_tokens(tokens)}]"
-    if isinstance(position, bool):
-        raise PositionError(f"position {position!r} is a bool: expected an int, 'last', a slice, a word or a '{{slot}}'")
-    if isinstance(position, int):
-        if not -n <= position < n:
-            raise PositionError(f"position {position} is out of range {where}: valid 0..{n - 1} or -{n}..-1")
-        return [position % n]
-    if isinstance(position, slice):
-        picked = list(range(n))[position]
-        if not picked:
-            raise PositionError(f"position slice {position} selects no token {where}")
-        return picked
-    if isinstance(position, (list, tuple)) and position and all(isinstance(p, int) and not isinstance(p, bool) for p in position):
-        return sorted({resolve_position(tokens, p, prompt=prompt)[0] for p in position})
-    if isinstance(position, str):
-        if position == "last":
-            return [n - 1]
-        slot = SLOT_RE.match(position)
-        if slot:
-            name = slot.group(1)
-            if not slots or name not in slots:
-                known = ", ".join("{" + s + "}" for s in (slots or {})) or "none (plain prompt strings carry no slots)"
-                raise PositionError(f"position {position!r} names a template slot this prompt does not have; its slots: {known}")
-            return resolve_position(tokens, slots[name], prompt=prompt)
-        return _find_word(tokens, position, where)
-    raise PositionError(f"position {position!r} ({type(position).__name__}) is not an int, 'last', a slice, a list of ints, a word or a '{{slot}}'")
-
-
-def _find_word(tokens: Sequence[str], word: str, where: str) -> list[int]:
-    target = word.strip()
-    words = [_word(t) for t in tokens]
-    spans = []
-    for start in range(len(tokens)):
-        text = ""
-        for end in range(start, len(tokens)):
-            text += words[end]
-            if text == target.replace(" ", ""):
-                spans.append(list(range(start, end + 1)))
-                break
-            if not target.replace(" ", "").startswith(text):
-                break
-    if not spans:
-        raise PositionError(f"word {word!r} does not occur as whole tokens {where}")
-    if len(spans) > 1:
-        raise PositionError(f"word {word!r} is ambiguous: it occurs at {[s[0] for s in spans]} {where}; give an int position instead")
-    return spans[0]
-
-
-def describe_positions(tokens: Sequence[str], positions: Sequence[int]) -> str:
-    return ", ".join(f"{p} {tokens[p]!r}" for p in positions)

@@ -18,17 +18,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from hypothesis import strategies as st
 
-from .errors import NnsightTestError
-from .interventions import Prompt
+from .errors import StrategyError
+from .prompts import Prompt
 from .settings import register_hypothesis_profiles
 
 register_hypothesis_profiles()  # so settings.load_profile("nnsight-ci") works once strategies are imported
 
 SLOT = re.compile(r"\{(\w+)\}")
-
-
-class StrategyError(NnsightTestError, ValueError):
-    """A strategy was built from arguments that cannot produce valid variants."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import torch
 from . import settings as _settings
 from .errors import ArgumentError, BatchingMismatchError
 from .findings import record_map
-from .interventions import Edit, _reference, normalized, pair_positions, run, slots_of, text_of
+from .prompts import pair_positions, slots_of, text_of
+from .trace import Edit, normalized, reference_logits, run
 from .metrics import as_metric
 from .results import EffectMap
 from .sites import Site, resolve_position, resolve_sites
@@ -56,7 +57,7 @@ def sweep(
     ct, xt, _ = pair_positions(model, clean, corrupt, "last")
     cols = list(range(len(ct))) if positions is None else resolve_position(ct, positions, prompt=text_of(clean), slots=slots_of(clean))
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
-    reference = _reference(model, m, text_of(clean))
+    reference = reference_logits(model, m, text_of(clean))
     base, acts = run(model, [text_of(source), text_of(target)], m, save=site_list, reference=reference)
     src, tgt = float(base[0]), float(base[1])
     what = f"sweeping {len(site_list)} sites x {len(cols)} positions"

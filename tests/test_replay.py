@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_nnsight import interventions, kl_div, logit_diff, logprob, prob, rank
+from pytest_nnsight import kl_div, logit_diff, logprob, prob, rank, trace
 from pytest_nnsight.replay import FindingSpec, ReplayError, compute_with_nnsight, diagnose, load_plain, main, replay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,12 +60,12 @@ def test_bad_specs_get_one_clear_message(capitals, tmp_path):
 def test_a_tracing_change_is_reported_as_such(capitals, monkeypatch):
     """nnsight's number moves while plain torch still gives the recorded one: the verdict blames the tracing."""
     spec = FindingSpec.load(ROOT / "examples" / "findings" / "block0_last.json")
-    original = interventions._apply
+    original = trace._apply
 
     def shifted(value, edit, *args, **kwargs):  # a tracing change: the patch lands one position early
-        original(value, interventions.Edit(edit.site, edit.rows, tuple(p - 1 for p in edit.positions), edit.values, edit.op), *args, **kwargs)
+        original(value, trace.Edit(edit.site, edit.rows, tuple(p - 1 for p in edit.positions), edit.values, edit.op), *args, **kwargs)
 
-    monkeypatch.setattr(interventions, "_apply", shifted)
+    monkeypatch.setattr(trace, "_apply", shifted)
     now = compute_with_nnsight(spec, capitals)
     status, why = diagnose(spec.recorded, now, replay(spec).values, atol=spec.tolerance)
     assert abs(now["normalized"] - spec.recorded["normalized"]) > 0.5, now

@@ -1,7 +1,7 @@
-"""What the plugin's hooks do for findings snapshots: run state, skip records, the summary, the fixture.
+"""What the plugin's hooks do for findings snapshots: run state, skip records, the summary.
 
-Imports only pytest and the standard library (syrupy's classes load inside the fixture), so the
-plugin stays light at start-up.
+Imports only pytest and the standard library (the `finding_snapshot` fixture, in fixtures.py, loads
+syrupy's classes), so the plugin stays light at start-up.
 
 Skipped is not stale. syrupy already keeps the snapshots of tests skipped at setup or in the call
 (they count as skipped items, never as unused). Two gaps remain, and are closed here:
@@ -125,24 +125,3 @@ def terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("pytest-nnsight snapshots")
         for line in lines:
             terminalreporter.write_line(line)
-
-
-@pytest.fixture
-def finding_snapshot(snapshot: Any, request: pytest.FixtureRequest) -> Any:
-    """syrupy's ``snapshot.use_extension(FindingSnapshotExtension)``: findings stored as JSON, compared with tolerance.
-
-    Records the environment (library versions, device, dtype, model, weights fingerprint) and
-    reports a finding re-verified under a new one. ``finding_snapshot(atol=, rtol=, tolerance=,
-    model=, across_weights=)`` sets options for one assertion; ``.with_tolerance(...)`` for all.
-
-    Example::
-
-        def test_capitals_map(nnsight_model, finding_snapshot):
-            model = nnsight_model("bundled:capitals")
-            effects = sweep(model, "The capital of France is", "The capital of Germany is", logit_diff("Paris", "Berlin"))
-            assert effects == finding_snapshot(model=model, atol=1e-3)
-    """
-    from ..fixtures import model_cache
-    from .extension import FindingSnapshotAssertion
-
-    return FindingSnapshotAssertion.from_snapshot(snapshot, cache=model_cache(request.config))

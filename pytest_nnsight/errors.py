@@ -89,6 +89,11 @@ class ProbeError(NnsightTestError, ValueError):
     """A probe cannot be fitted: labels of the wrong length, a single class, too few examples to split."""
 
 
+class CircuitError(NnsightTestError, ValueError):
+    """A sender, receiver, node or edge the model does not have, an edge against the order of the forward pass,
+    a receiver input the architecture does not expose, or a circuit that is empty or the whole model."""
+
+
 class SnapshotFileError(NnsightTestError, ValueError):
     """A findings snapshot file is malformed, hand-broken or from a newer format; the message names the file and line."""
 

@@ -24,12 +24,15 @@ from typing import Any, Sequence
 
 import torch
 
+from . import settings as _settings
 from .errors import ArgumentError, BatchingMismatchError, CircuitError, SiteError
 from .families import Layout, layout_of
-from .interventions import Edit, _reference, normalized, pair_positions, run, slots_of, text_of
 from .metrics import Metric, as_metric
+from .prompts import pair_positions, resolve_position, slots_of, text_of
 from .results import Effect
-from .sites import Site, _head_index, _layer_index, model_name, resolve_position
+from .sites import Site, _head_index, _layer_index, model_name
+from .sweeps import tolerance_for
+from .trace import Edit, normalized, reference_logits, run
 
 DIRECTIONS = ("clean->corrupt", "corrupt->clean")
 SENDER_FORMS = "embed, attn_out.L, mlp_out.L or head_out.L.H"
@@ -317,7 +320,7 @@ def cache_pair(
     spos = list(range(len(ct))) if position is None else pair_positions(model, clean, corrupt, position)[2]
     rpos = list(range(len(ct))) if receiver_position is None else resolve_position(ct, receiver_position, prompt=text_of(clean), slots=slots_of(clean))
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
-    reference = _reference(model, metric, text_of(clean))
+    reference = reference_logits(model, metric, text_of(clean))
     sites = list(dict.fromkeys([bound.sender_site(s) for s in senders] + [bound.resid_site(r) for r in receivers]))
     base, acts = run(model, [text_of(source), text_of(target)], metric, save=sites, reference=reference)
     mask = torch.zeros(len(ct), dtype=torch.bool)
@@ -443,8 +446,6 @@ def path_sweep(
     deltas = {i: pc.delta(S[i]) for i in {i for i, _ in edges}}
     raw = run_edges(model, pc, [(S[i], R[j], deltas[i]) for i, j in edges], m, batch_size)
 
-    from . import settings as _settings
-
     active = _settings.ACTIVE
     if check_batching if check_batching is not None else (active is not None and active.check_batching):
         n = check_cells or (active.check_batching_cells if active is not None else 3)
@@ -478,8 +479,6 @@ def run_edges(model: Any, pc: PairCache, edges: Sequence[tuple[Sender, Receiver,
 
 def verify_edges(model: Any, pc: PairCache, edges: Sequence[tuple[Sender, Receiver]], batched: Sequence[float], metric: Metric, n: int) -> None:
     """Re-run `n` sampled edges one trace each; BatchingMismatchError when any differs from its batched value."""
-    from .sweeps import tolerance_for
-
     picks = random.Random(0).sample(range(len(edges)), min(n, len(edges)))
     tol = tolerance_for(next(iter(pc.acts.values())).dtype)
     bad = []

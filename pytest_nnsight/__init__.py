@@ -61,6 +61,7 @@ _LAZY = {
     "ProbeResult": "probing", "ProbeSweep": "probing",
     "model_structure": "structure", "ModelStructure": "structure", "compatibility_hint": "hints",
     "FindingSpec": "replay", "replay": "replay", "ReplayError": "replay",
+    "logit_lens": "lens", "generate": "generation",
 }
 
 

@@ -32,10 +32,12 @@ class Recorder:
     effects: list[dict[str, Any]] = field(default_factory=list)
     populations: list[dict[str, Any]] = field(default_factory=list)
     snapshots: list[dict[str, Any]] = field(default_factory=list)
+    lenses: list[dict[str, Any]] = field(default_factory=list)
+    generations: list[dict[str, Any]] = field(default_factory=list)
     _map_ids: dict[int, int] = field(default_factory=dict, repr=False)
 
     def empty(self) -> bool:
-        return not (self.checks or self.maps or self.effects or self.populations or self.snapshots)
+        return not (self.checks or self.maps or self.effects or self.populations or self.snapshots or self.lenses or self.generations)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -147,6 +149,29 @@ def record_population(rec: Recorder, result: Any, min_rate: float | None = None,
         "std": _num(result.std), "threshold": _num(result.threshold), "effects": [_num(e) for e in result.effects[:MAX_VALUES]],
         "min_rate": _num(min_rate), "on": on,
     })
+
+
+@_safe
+def record_lens(rec: Recorder, lens: Any) -> None:
+    """A LogitLens: the answer's rank and probability per site x position, for the report's heatmap."""
+    _append(rec.lenses, {"prompt": lens.prompt, "answer": lens.answer, "sites": list(lens.sites), "positions": list(lens.positions),
+                         "tokens": [lens.tokens[p] for p in lens.positions], "ranks": [list(r) for r in lens.ranks],
+                         "probs": [[_num(v) for v in row] for row in lens.probs]})
+
+
+@_safe
+def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scores: Any = None) -> None:
+    """Generated text, baseline and (optionally) intervened, side by side per prompt, with the decoding config and scores."""
+    rows = []
+    for k, prompt in enumerate(baseline.prompts[:MAX_ITEMS]):
+        row = {"prompt": prompt, "baseline": baseline.texts[k]}
+        if intervened is not None:
+            row["intervened"] = intervened.texts[k]
+        if scores is not None:
+            row.update({name: _num(values[k]) for name, values in scores.items()})
+        rows.append(row)
+    _append(rec.generations, {"config": baseline.config.describe(), "intervention": getattr(intervened, "intervention", ""),
+                              "rows": rows})
 
 
 @_safe

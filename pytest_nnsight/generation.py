@@ -152,7 +152,7 @@ def _as_list(intervention: Any) -> list[Any]:
 
 
 def _where(positions: Any, tokens: Sequence[str] | None, prompt: str, what: str) -> Any:
-    from .sites import resolve_position
+    from .prompts import resolve_position
 
     if isinstance(positions, str) and positions in WHERE:
         return positions
@@ -165,9 +165,10 @@ def _where(positions: Any, tokens: Sequence[str] | None, prompt: str, what: str)
 def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]:
     import torch
 
-    from .interventions import run, text_of
     from .metrics import Metric
-    from .sites import resolve_site, tokens_of
+    from .prompts import text_of, tokens_of
+    from .sites import resolve_site
+    from .trace import run
 
     bound = []
     one = prompts[0] if len(set(prompts)) == 1 else None
@@ -214,7 +215,7 @@ def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]
 def _mean_over_tokens(model: Any, site: Any, texts: Sequence[str]) -> Any:
     import torch
 
-    from .interventions import run
+    from .trace import run
     from .metrics import Metric
 
     rows = []
@@ -227,7 +228,7 @@ def _mean_over_tokens(model: Any, site: Any, texts: Sequence[str]) -> Any:
 def _edits(bound: Sequence[_Bound], pads: Sequence[int], lengths: Sequence[int], total: int) -> list[Any]:
     import torch
 
-    from .interventions import Edit
+    from .trace import Edit
 
     out = []
     for b in bound:
@@ -286,7 +287,7 @@ def _config(max_new_tokens: Any, do_sample: bool, temperature: Any, top_k: Any, 
 
 
 def _prompt_texts(prompts: Any) -> list[str]:
-    from .interventions import text_of
+    from .prompts import text_of
 
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or hasattr(prompts, "text"):
         prompts = [prompts]
@@ -405,7 +406,7 @@ def _next_logits(model: Any, ids: Any, mask: Any, edits: Sequence[Any]) -> Any:
     """One traced forward over the padded batch with `edits` applied; the last position's logits, float32 on CPU."""
     import torch
 
-    from .interventions import run
+    from .trace import run
     from .metrics import Metric, logits_of
     from .sites import module_of
 

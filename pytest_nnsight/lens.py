@@ -106,9 +106,10 @@ def logit_lens(model: Any, prompt: Any, *, answer: str | int, positions: Any = N
     import torch
 
     from .families import layout_of
-    from .interventions import check_context, run, slots_of, text_of
+    from .prompts import check_context, resolve_position, slots_of, text_of, tokens_of
+    from .trace import run
     from .metrics import Metric, token_id
-    from .sites import module_of, resolve_position, site, tokens_of
+    from .sites import module_of, site
 
     text = text_of(prompt)
     layout = layout_of(model)

@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 DEMO_REPORT ?= reports/demo
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench docs venv clean
 
 venv: $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,report]"
+	$(PY) -m pip install --quiet -e ".[test,report,docs]"
 	touch $@
 
 demo: venv
@@ -29,8 +29,12 @@ demo: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "make test: pytest collected no tests, which counts as a failure" >&2; exit $$rc; }
 
+# the documentation site, strict: a broken link, a missing page in the nav or a bad docstring reference fails
+docs: venv
+	$(PY) -m mkdocs build --strict --site-dir site
+
 bench: venv
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build site *.egg-info

@@ -232,9 +232,10 @@ def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_
     A bare torch module with a tokenizer is wrapped with `pytest_nnsight.models.wrap` first, so the
     tokenizer is pinned as the fixtures pin it. `inputs=` (ids [1, L] or a dict) replaces the prompt.
 
-    >>> s = model_structure(nnsight_model("bundled:capitals"))      # doctest: +SKIP
-    >>> s.modules()["transformer.h.*"]["output"]                     # doctest: +SKIP
-    'Tensor[b,s,64] float32'
+    Examples:
+        >>> s = model_structure(nnsight_model("bundled:capitals"))      # doctest: +SKIP
+        >>> s.modules()["transformer.h.*"]["output"]                     # doctest: +SKIP
+        'Tensor[b,s,64] float32'
     """
     import torch
 

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 RESULTS_ENV = "PYTEST_NNSIGHT_MATRIX_RESULTS"
-ENV_KEYS = {"name", "requirements", "no_deps", "pip_args", "python", "description"}
+ENV_KEYS = {"name", "requirements", "no_deps", "pip_args", "python", "description", "floating"}
 TOP_KEYS = {"tests", "specs", "torch", "cache_dir", "python", "env", "pytest_args"}
 BAD_OUTCOMES = ("drifted", "failed", "errored")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -56,6 +56,7 @@ class EnvSpec:
     pip_args: list[str] = field(default_factory=list)
     python: str = ""
     description: str = ""
+    floating: bool = False  # unpinned newest releases: rebuilt on every run, never reused from the cache
 
 
 @dataclass
@@ -117,8 +118,11 @@ def parse_config(data: Any, source: str = "config") -> MatrixConfig:
         for r in reqs + no_deps:
             if re.match(r"^torch(\s|$|[=<>!~\[])", r.strip()):
                 raise MatrixConfigError(f"{where}: {r!r} in the requirements: torch is pinned once for all environments by the top-level torch key")
+        floating = raw.get("floating", False)
+        if not isinstance(floating, bool):
+            raise MatrixConfigError(f"{where}: floating = {floating!r}: expected true or false (true: rebuilt on every run with the newest releases)")
         envs.append(EnvSpec(name, reqs, no_deps, _strings(raw.get("pip_args", []), f"{where} pip_args") if raw.get("pip_args") else [],
-                            str(raw.get("python", "") or ""), str(raw.get("description", "") or "")))
+                            str(raw.get("python", "") or ""), str(raw.get("description", "") or ""), floating))
     tests = _strings(data.get("tests", ["examples"]), f"{source}: tests")
     specs = _strings(data.get("specs", []), f"{source}: specs") if data.get("specs") else []
     return MatrixConfig(envs, tests, specs, torch_req.replace(" ", ""), str(data.get("cache_dir", ".matrix")), str(data.get("python", "") or ""),
@@ -157,6 +161,21 @@ def env_key(env: EnvSpec, cfg: MatrixConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def pip_reason(output: str, limit: int = 25) -> list[str]:
+    """Why a pip step failed, from its output: the lines from pip's first ERROR on (ResolutionImpossible and the
+    conflicting requirements), whole; without an ERROR line, the last lines."""
+    lines = [ln.rstrip() for ln in output.splitlines() if ln.strip() and not ln.startswith("$ ")]
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("ERROR") or "ResolutionImpossible" in ln), None)
+    if first is not None:
+        # the conflict explanation pip prints just before its ERROR line ("The conflict is caused by: ...")
+        cause = next((i for i in range(first - 1, max(first - 15, -1), -1) if "conflict is caused by" in lines[i]), None)
+        start = cause if cause is not None else first
+        picked = lines[start : start + limit]
+    else:
+        picked = lines[-min(limit, 8):]
+    return picked
+
+
 def _run(cmd: Sequence[str], log: Path, **kw: Any) -> int:
     with open(log, "a", encoding="utf-8") as handle:
         handle.write(f"$ {' '.join(map(str, cmd))}\n")
@@ -181,7 +200,7 @@ def build_env(env: EnvSpec, cfg: MatrixConfig, cache: Path, log: Path, rebuild: 
     marker = venv / ".matrix-env.json"
     key = env_key(env, cfg)
     py = venv / "bin" / "python"
-    if not rebuild and marker.is_file() and py.exists():
+    if not rebuild and not env.floating and marker.is_file() and py.exists():
         try:
             if json.loads(marker.read_text()).get("key") == key:
                 return {"python": str(py), "reused": True, "seconds": 0.0, "ok": True, "error": ""}
@@ -200,12 +219,18 @@ def build_env(env: EnvSpec, cfg: MatrixConfig, cache: Path, log: Path, rebuild: 
     ]
     if env.no_deps:
         steps.append([py, "-m", "pip", "install", "-q", "--no-deps", *env.pip_args, *env.no_deps])
+    # the plugin without dependency resolution: a release outside its declared range is still tried
     steps.append([py, "-m", "pip", "install", "-q", "--no-deps", "-e", ROOT])
     for cmd in steps:
+        offset = log.stat().st_size if log.exists() else 0
         rc = _run(cmd, log)
         if rc != 0:
-            return {"python": str(py), "reused": False, "seconds": round(time.perf_counter() - start, 1), "ok": False,
-                    "error": f"`{' '.join(map(str, cmd[:6]))} ...` exited {rc}; see {log}"}
+            with open(log, encoding="utf-8", errors="replace") as handle:
+                handle.seek(offset)
+                reason = pip_reason(handle.read())
+            shown = " ".join(str(c) for c in cmd[1:] if str(c) not in ("-m", "-q"))
+            return {"python": str(py), "reused": False, "seconds": round(time.perf_counter() - start, 1), "ok": False, "reason": reason,
+                    "error": f"environment build failed: `{shown}` exited {rc}" + (":\n" + "\n".join(reason) if reason else f"; see {log}")}
     marker.write_text(json.dumps({"key": key, "env": asdict(env), "torch": cfg.torch}, indent=1))
     return {"python": str(py), "reused": False, "seconds": round(time.perf_counter() - start, 1), "ok": True, "error": ""}
 
@@ -428,6 +453,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--only", action="append", default=[], metavar="ENV", help="run only this environment (repeatable)")
     p.add_argument("--cache-dir", default=None, help="where the venvs live (default: the config's cache_dir, .matrix/)")
     p.add_argument("--rebuild", action="store_true", help="recreate the venvs even when their requirements are unchanged")
+    p.add_argument("--build-only", action="store_true", help="build (or reuse) the environments and stop: no tests, no report")
     p.add_argument("--write-compat", default=None, metavar="PATH", help="also merge the results into this compatibility table "
                    "(the package ships pytest_nnsight/compatibility.json)")
     return p.parse_args(argv), extra
@@ -451,6 +477,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = (cache if cache.is_absolute() else ROOT / cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.build_only:
+        failed = 0
+        for env in cfg.envs:
+            if args.only and env.name not in args.only:
+                continue
+            (out / env.name).mkdir(parents=True, exist_ok=True)
+            built = build_env(env, cfg, cache, out / env.name / "log.txt", rebuild=args.rebuild)
+            failed += not built["ok"]
+            print(f"[matrix] {env.name}: " + ("reused" if built.get("reused") else f"built in {built['seconds']} s" if built["ok"] else built["error"]), flush=True)
+        return 1 if failed else 0
     for env in cfg.envs:
         if args.only and env.name not in args.only:
             continue

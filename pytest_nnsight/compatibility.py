@@ -45,14 +45,40 @@ def lookup(rows: list[dict[str, Any]], combination: tuple[str, str, str]) -> dic
     return None
 
 
+def _numbers(version: str) -> tuple[int, ...]:
+    from .compat import parse_version
+
+    return parse_version(version)
+
+
+def newer_than_checked(rows: list[dict[str, Any]], combination: tuple[str, str, str]) -> list[str]:
+    """The installed nnsight / transformers that are newer than every release of them in the table: ['nnsight 0.9.0']."""
+    out = []
+    for i, name in enumerate(PACKAGES[:2]):
+        checked = [_numbers(r[name]) for r in rows]
+        mine = _numbers(combination[i])
+        if checked and mine and mine > max(checked):
+            out.append(f"{name} {combination[i]}")
+    return out
+
+
 def header_line(path: Path | None = None, combination: tuple[str, str, str] | None = None) -> str:
-    """One report-header line: whether the version matrix has checked the installed combination, and how it went."""
+    """One report-header line: whether the version matrix has checked the installed combination, and how it went.
+
+    An nnsight or transformers newer than any the table holds is not refused: the line warns that the run
+    is outside the checked range, where a passing test may hide a changed meaning (hazards H1-H14).
+    """
     combo = combination or installed()
     what = f"nnsight {combo[0]}, transformers {combo[1]}, torch {combo[2]}"
     try:
         rows = load_table(path)
     except (OSError, ValueError) as exc:
         return f"pytest-nnsight compatibility: the table {str(path or TABLE)!r} is unreadable ({type(exc).__name__}); {what} is unchecked"
+    newer = newer_than_checked(rows, combo)
+    if newer:
+        newest = ", ".join(f"{p} {max((r[p] for r in rows), key=_numbers)}" for p in PACKAGES[:2])
+        return (f"pytest-nnsight WARNING: {' and '.join(newer)} is outside the checked range (newest checked: {newest}): "
+                "run the version matrix (CI/matrix.py) before trusting this run")
     row = lookup(rows, combo)
     if row is None:
         known = "; ".join(f"{r['nnsight']}/{r['transformers']}/{r['torch']}" for r in rows) or "none"

@@ -19,6 +19,7 @@ import textwrap
 from types import TracebackType
 from typing import Any, Iterator
 
+from .compat import is_not_reached
 from .environment import package_version
 
 SECTION = "pytest-nnsight hint"
@@ -109,10 +110,9 @@ def hint_for(exc: BaseException, tb: TracebackType | None = None) -> str | None:
     if "nnsight" not in sys.modules:
         return None
     for e in _chain(exc):
-        name, text = type(e).__name__, str(e).splitlines()[0] if str(e) else ""
+        text = str(e).splitlines()[0] if str(e) else ""
         full = str(e)
-        if name in ("OutOfOrderError", "MissedProviderError") or any(
-                s in full for s in ("ran past it", "Did you call an Envoy out of order", "was not provided")):
+        if is_not_reached(e):
             m = _REQUESTED_RE.search(full)
             what = f"{m.group('path')}.{m.group('part')}" if m else "a module's value"
             return (f"{SECTION}: {what} was read out of execution order inside one trace, or its module never ran in this forward "

@@ -356,10 +356,9 @@ def wrap(module: Any, tokenizer: Any = None) -> Any:
     nnsight = import_nnsight()
     causal = tokenizer is not None and hasattr(module, "config") and callable(getattr(module, "can_generate", None)) and module.can_generate()
     if causal:
-        cls = getattr(nnsight, "TransformersModel", None) or nnsight.LanguageModel
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # LanguageModel's deprecation notice on 0.8
-            wrapped = cls(module, tokenizer=tokenizer)
+        from .compat import wrap_language_model
+
+        wrapped = wrap_language_model(nnsight, module, tokenizer=tokenizer)
         tok = wrapped.tokenizer
         tok.model_input_names = ["input_ids", "attention_mask"]
         if tok.pad_token is None and tok.eos_token is not None:
@@ -400,10 +399,9 @@ def load_for_ndif(repo_id: str, revision: str | None) -> tuple[Any, Any]:
     token, input_ids and attention_mask only), since prompts are tokenized here.
     """
     nnsight = import_nnsight()
-    cls = getattr(nnsight, "TransformersModel", None) or nnsight.LanguageModel
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # LanguageModel's deprecation notice on 0.8
-        wrapped = cls(repo_id, revision=revision) if revision else cls(repo_id)
+    from .compat import wrap_language_model
+
+    wrapped = wrap_language_model(nnsight, repo_id, revision=revision) if revision else wrap_language_model(nnsight, repo_id)
     tok = getattr(wrapped, "tokenizer", None)
     if tok is not None:
         tok.model_input_names = ["input_ids", "attention_mask"]

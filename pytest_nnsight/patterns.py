@@ -11,13 +11,14 @@ from typing import Any, Sequence
 import torch
 
 from .assertions import _fail
+from .compat import is_language_model
 from .errors import ArgumentError, ModelUsageError, PositionError
 from .prompts import describe_positions, resolve_position, tokens_of
 from .sites import resolve_site, site_value
 
 
 def _trace_inputs(model: Any, prompt: str) -> tuple[tuple, dict]:
-    if type(model).__name__ in ("LanguageModel", "TransformersModel"):
+    if is_language_model(model):
         return (prompt,), {}
     tok = getattr(model, "tokenizer", None)
     if tok is None:

@@ -143,7 +143,7 @@ def _forward(root: Any, enc: dict[str, Any], names: dict[int, str], positional: 
         seen[name] = [1, spec_of(first), signature, spec_of(output)]
 
     handles = []
-    for module in {id(m): m for m in root.modules()}.values():
+    for module in {id(m): m for m in root.modules() if id(m) in names}.values():
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
@@ -154,6 +154,21 @@ def _forward(root: Any, enc: dict[str, Any], names: dict[int, str], positional: 
         for h in handles:
             h.remove()
     return seen, order, out
+
+
+def _model_modules(root: Any) -> list[tuple[str, Any]]:
+    """(path, module) of the model's own modules: nnsight's (`generator` on <= 0.7, compat.is_nnsight_module) left out."""
+    from .compat import is_nnsight_module
+
+    out, skipped = [], []
+    for path, module in root.named_modules():
+        if any(path == s or path.startswith(s + ".") for s in skipped):
+            continue
+        if path and is_nnsight_module(module):
+            skipped.append(path)
+            continue
+        out.append((path, module))
+    return out
 
 
 def _attention(root: Any, enc: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +269,7 @@ def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_
     device = next(iter(root.parameters()), torch.empty(0)).device
     run_a = {k: v.repeat(BATCHES[0], 1).to(device) for k, v in enc.items()}
     run_b = {k: torch.cat([v, v], dim=1).repeat(BATCHES[1], 1).to(device) for k, v in enc.items()}
-    names = {id(m): n for n, m in reversed(list(root.named_modules()))}
+    names = {id(m): n for n, m in reversed(_model_modules(root))}
     positional = inputs is not None and not isinstance(inputs, Mapping)  # bare ids go in as forward(ids)
     seen_a, order, _ = _forward(root, run_a, names, positional)
     seen_b, _, _ = _forward(root, run_b, names, positional)
@@ -267,7 +282,7 @@ def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_
             "class": type(root.get_submodule(path)).__name__, "calls": calls,
             "input": symbolic(inp, other[1], lengths), "signature": sig, "output": symbolic(out, other[3], lengths),
         }
-    for path, module in root.named_modules():
+    for path, module in _model_modules(root):
         if path and path not in seen_a:
             modules[path] = {"class": type(module).__name__, "calls": 0}
     call_order = list(dict.fromkeys(generalize(p or ROOT) for p in order))

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import compat
 from .errors import BrokenExperimentError, InterventionError, NnsightTestError, PositionError
 from .metrics import Metric, logits_of, per_row
 from .remote import is_remote, trace_kwargs
@@ -50,7 +51,7 @@ def run(
     remote = is_remote(model)  # --nnsight-remote: the trace runs where the model is, so edits move to its device
     try:
         with torch.inference_mode():
-            with model.trace(inputs, **trace_kwargs(model)):
+            with model.trace(compat.trace_inputs(model, inputs), **trace_kwargs(model)):
                 for site in order:
                     value = site_value(model, site)
                     if site in save:
@@ -82,10 +83,11 @@ def _apply(value: torch.Tensor, edit: Edit, move: bool = False) -> None:
     rows = torch.tensor(edit.rows, device=value.device)
     pos = torch.tensor(edit.positions, device=value.device)
     src = edit.values.to(device=value.device, dtype=value.dtype)  # a no-op locally (devices checked above)
-    if edit.op == "add":
-        value[rows, pos, :] += src
-    else:
-        value[rows, pos, :] = src
+    with compat.edit_mode(value):
+        if edit.op == "add":
+            value[rows, pos, :] += src
+        else:
+            value[rows, pos, :] = src
 
 
 def _translate(exc: Exception, model: Any, sites: Sequence[Site]) -> Exception:
@@ -95,19 +97,14 @@ def _translate(exc: Exception, model: Any, sites: Sequence[Site]) -> Exception:
     name = type(exc).__name__
     text = _cause_line(exc) or name
     where = ", ".join(map(str, sites)) or "the model output"
-    if name in ("OutOfOrderError", "MissedProviderError") or "was not provided" in text or "ran past it" in text:
+    if compat.is_not_reached(exc):
         return InterventionError(f"site(s) {where} were not reached in the forward pass ({name}: {text}); is the module used by this model's forward?")
     if "expanded size" in text or "shape" in text:
         return InterventionError(f"a value written at {where} does not fit its shape: {text}")
     return InterventionError(f"the trace failed at {where}: {name}: {text}")
 
 
-def _cause_line(exc: Exception) -> str:
-    """The line of an error that names its cause: the first, or the last when nnsight (0.5-0.7) wraps a whole traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return ""
-    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+_cause_line = compat.cause_line
 
 
 def normalized(intervened: float, target: float, source: float, *, min_gap: float, what: str) -> float:

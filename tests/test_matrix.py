@@ -135,9 +135,57 @@ def test_the_shipped_config_is_valid():
     cfg = matrix.load_config(str(CI / "matrix.toml"))
     names = [e.name for e in cfg.envs]
     assert "pinned" in names and len(names) >= 2 and cfg.torch == "torch==2.13.0"
-    old = [e for e in cfg.envs if any(r.startswith("nnsight==0.4") for r in e.no_deps)]
-    assert old, "nnsight 0.4.11 must go in with --no-deps: its torchvision dependency pulls a CUDA torch"
-    assert not any(r.startswith(("torchvision", "nnsight")) for r in old[0].requirements)
+    pins = {r.split("==")[1] for e in cfg.envs for r in e.requirements if r.startswith("nnsight==")}
+    assert {"0.5.15", "0.7.0", "0.8.1"} <= pins and any(p.startswith("0.6.") for p in pins), pins
+    floating = [e for e in cfg.envs if e.floating]
+    assert len(floating) == 1 and floating[0].requirements == ["nnsight", "transformers"], "the newest releases, unpinned"
+
+
+def test_floating_env_is_rebuilt_every_run(tmp_path, monkeypatch):
+    """A floating environment is never reused from the cache; a pinned one is while its requirements are unchanged."""
+    cfg = matrix.parse_config({"env": [{"name": "pinned", "requirements": ["nnsight==0.8.1"]},
+                                       {"name": "floating", "requirements": ["nnsight"], "floating": True}]})
+    calls = []
+
+    def fake_run(cmd, log, **kw):
+        calls.append([str(c) for c in cmd])
+        if "venv" in calls[-1]:
+            (tmp_path / "floating").mkdir()
+        return 0
+
+    monkeypatch.setattr(matrix, "_run", fake_run)
+    for env in cfg.envs:  # a venv that looks built, with the current key
+        (tmp_path / env.name / "bin").mkdir(parents=True)
+        (tmp_path / env.name / "bin" / "python").write_text("")
+        (tmp_path / env.name / ".matrix-env.json").write_text(json.dumps({"key": matrix.env_key(env, cfg)}))
+    assert matrix.build_env(cfg.envs[0], cfg, tmp_path, tmp_path / "log.txt")["reused"] is True and not calls
+    built = matrix.build_env(cfg.envs[1], cfg, tmp_path, tmp_path / "log.txt")
+    assert built["ok"] and built["reused"] is False
+    assert calls[-1][-5:-1] == ["install", "-q", "--no-deps", "-e"]  # the plugin, without dependency resolution
+    assert any("nnsight" in c for c in calls[2]) and not any("pytest-nnsight" in c for c in calls[2])
+
+
+def test_failed_build_shows_pips_reason(tmp_path, monkeypatch):
+    cfg = matrix.parse_config({"env": [{"name": "next", "requirements": ["nnsight==0.9.0", "pytest-nnsight"]}]})
+    pip_out = ("WARNING: Location 'file:///opt/pypi/simple/x/' is ignored\n"
+               "INFO: pip is looking at multiple versions of pytest-nnsight to determine which version is compatible.\n"
+               "The conflict is caused by:\n    The user requested nnsight==0.9.0\n    pytest-nnsight 0.1.0 depends on nnsight<0.9 and >=0.8\n"
+               "To fix this you could try to:\n1. loosen the range of package versions you've specified\n"
+               "ERROR: ResolutionImpossible: for help visit https://pip.pypa.io/en/latest/topics/dependency-resolution/#dealing-with-dependency-conflicts\n")
+
+    def fake_run(cmd, log, **kw):
+        if "nnsight==0.9.0" in [str(c) for c in cmd]:
+            with open(log, "a") as handle:
+                handle.write(pip_out)
+            return 1
+        return 0
+
+    monkeypatch.setattr(matrix, "_run", fake_run)
+    built = matrix.build_env(cfg.envs[0], cfg, tmp_path, tmp_path / "log.txt")
+    assert not built["ok"]
+    assert built["reason"][0] == "The conflict is caused by:" and "    pytest-nnsight 0.1.0 depends on nnsight<0.9 and >=0.8" in built["reason"]
+    assert built["reason"][-1].startswith("ERROR: ResolutionImpossible")
+    assert "nnsight==0.9.0" in built["error"] and "ResolutionImpossible" in built["error"]
 
 
 def test_collect_plugin_records_outcomes(pytester, monkeypatch, tmp_path):
@@ -183,11 +231,25 @@ def test_header_says_when_the_installed_combination_was_checked(pytester, monkey
 
 def test_header_says_when_the_installed_combination_was_not_checked(pytester, monkeypatch, tmp_path):
     monkeypatch.setattr(compatibility, "TABLE", _table(tmp_path, [("0.7.0", "5.24.0", "2.13.0")]))
-    monkeypatch.setattr(compatibility, "installed", lambda: ("0.9.0", "5.30.0", "2.14.0"))
+    monkeypatch.setattr(compatibility, "installed", lambda: ("0.6.3", "4.57.6", "2.14.0"))
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_inprocess()
-    result.stdout.fnmatch_lines(["pytest-nnsight compatibility: nnsight 0.9.0, transformers 5.30.0, torch 2.14.0 has NOT been checked by the "
+    result.stdout.fnmatch_lines(["pytest-nnsight compatibility: nnsight 0.6.3, transformers 4.57.6, torch 2.14.0 has NOT been checked by the "
                                  "version matrix (checked nnsight/transformers/torch: 0.7.0/5.24.0/2.13.0); run CI/matrix.py*"])
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("fake, newer", [(("0.9.0", "5.24.0", "2.13.0"), "nnsight 0.9.0"), (("0.8.1", "5.30.1", "2.13.0"), "transformers 5.30.1"),
+                                         (("0.10.0", "6.0.0", "2.13.0"), "nnsight 0.10.0 and transformers 6.0.0")])
+def test_header_warns_outside_the_checked_range(pytester, monkeypatch, tmp_path, fake, newer):
+    """A version newer than the table's newest (faked: nothing installed) runs, with a one-line warning in the header."""
+    monkeypatch.setattr(compatibility, "TABLE", _table(tmp_path, [("0.7.0", "5.24.0", "2.13.0"), ("0.8.1", "4.57.6", "2.13.0")]))
+    monkeypatch.setattr(compatibility, "installed", lambda: fake)
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_inprocess()
+    result.stdout.fnmatch_lines([f"pytest-nnsight WARNING: {newer} is outside the checked range (newest checked: nnsight 0.8.1, "
+                                 "transformers 5.24.0): run the version matrix (CI/matrix.py) before trusting this run"])
+    assert "has NOT been checked" not in result.stdout.str()
     result.assert_outcomes(passed=1)
 
 

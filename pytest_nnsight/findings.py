@@ -161,16 +161,25 @@ def record_lens(rec: Recorder, lens: Any) -> None:
 
 @_safe
 def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scores: Any = None) -> None:
-    """Generated text, baseline and (optionally) intervened, side by side per prompt, with the decoding config and scores."""
+    """Generated text per prompt, baseline and intervened side by side, with the decoding and the scores.
+
+    A single generation goes in the column its intervention names: 'baseline' when it had none, else 'intervened'.
+    """
+    if intervened is None and baseline.intervention != "none":
+        baseline, intervened, columns = None, baseline, ("intervened",)
+    else:
+        columns = ("baseline",) if intervened is None else ("baseline", "intervened")
+    first = baseline if baseline is not None else intervened
     rows = []
-    for k, prompt in enumerate(baseline.prompts[:MAX_ITEMS]):
-        row = {"prompt": prompt, "baseline": baseline.texts[k]}
-        if intervened is not None:
-            row["intervened"] = intervened.texts[k]
-        if scores is not None:
-            row.update({name: _num(values[k]) for name, values in scores.items()})
+    for k, prompt in enumerate(first.prompts[:MAX_ITEMS]):
+        row = {"prompt": prompt}
+        for name, gen in zip(("baseline", "intervened"), (baseline, intervened)):
+            if name in columns:
+                row[name] = gen.texts[k]
+        for name, values in (scores or {}).items():
+            row[name] = _num(values[k])
         rows.append(row)
-    _append(rec.generations, {"config": baseline.config.describe(), "intervention": getattr(intervened, "intervention", ""),
+    _append(rec.generations, {"config": first.config.describe(), "intervention": intervened.intervention if intervened is not None else "",
                               "rows": rows})
 
 

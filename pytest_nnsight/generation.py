@@ -316,9 +316,30 @@ def generate(
     Prompts are left-padded together, `batch_size` per forward, with explicit position ids: the result equals
     generating one prompt at a time (checked in the test suite).
 
-    >>> generate(model, "<bos> t1 t2 t3 t1", max_new_tokens=2).texts                  # doctest: +SKIP
+    >>> generate(model, "t1 t2 t3 t1", max_new_tokens=2).texts                  # doctest: +SKIP
     ('t2 t3',)
     """
+    gen = _generate(model, prompts, max_new_tokens=max_new_tokens, intervention=intervention, do_sample=do_sample,
+                    temperature=temperature, top_k=top_k, seed=seed, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
+                    batch_size=batch_size)
+    record_generation(gen)
+    return gen
+
+
+def _generate(
+    model: Any,
+    prompts: Any,
+    *,
+    max_new_tokens: int,
+    intervention: Any = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+    min_new_tokens: int = 0,
+    stop_at_eos: bool = True,
+    batch_size: int = 32,
+) -> Generation:
     config = _config(max_new_tokens, do_sample, temperature, top_k, seed, min_new_tokens, stop_at_eos)
     _positive_int("batch_size", batch_size)
     texts = _prompt_texts(prompts)
@@ -407,13 +428,14 @@ def _next_logits(model: Any, ids: Any, mask: Any, edits: Sequence[Any]) -> Any:
     import torch
 
     from .trace import run
+    from . import compat
     from .metrics import Metric, logits_of
     from .sites import module_of
 
     device = next(module_of(model).parameters()).device
-    # position ids from the mask, as transformers' generate computes them: left padding does not shift positions
-    # on any nnsight version (0.8 adds them itself for string prompts; earlier versions do not)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    # position ids from the mask, as transformers' generate computes them, so left padding shifts no position on any
+    # nnsight version (0.8 adds them itself for string prompts, earlier versions do not: compat.injects_position_ids)
+    position_ids = compat.left_pad_positions(mask)
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device)}
     holder: list[Any] = []
 
@@ -587,11 +609,11 @@ def generation_population(
         if n > len(texts):
             raise ArgumentError(f"n={n} is larger than the {len(texts)} prompts given: lower n or pass more prompts")
         texts = texts[:n]
-    base = generate(model, texts, max_new_tokens=max_new_tokens, **decoding)
+    base = _generate(model, texts, max_new_tokens=max_new_tokens, **decoding)
     base_scores = metric(model, base)
     inter, inter_scores = None, ()
     if intervention is not None:
-        inter = generate(model, texts, max_new_tokens=max_new_tokens, intervention=intervention, **decoding)
+        inter = _generate(model, texts, max_new_tokens=max_new_tokens, intervention=intervention, **decoding)
         inter_scores = metric(model, inter)
     scores = {f"baseline {metric.name}": base_scores}
     if inter is not None:

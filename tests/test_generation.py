@@ -203,3 +203,48 @@ def test_bad_claims_and_metrics_are_named(induction):
         assert_generation(result)
     with pytest.raises(ArgumentError, match="has no intervened generation"):
         assert_generation(result, run="intervened", at_least=1)
+
+
+REPORTED = """
+import json, pathlib
+import pytest
+from pytest_nnsight.generation import Ablate, assert_generation, generation_population, token_accuracy
+from pytest_nnsight.lens import logit_lens
+
+OUT = pathlib.Path(__file__).with_name("measured.json")
+
+@pytest.mark.finding("the lens and the copy")
+def test_lens_and_copy(nnsight_models):
+    caps = nnsight_models.get("bundled:capitals")
+    ind = nnsight_models.get("bundled:induction")
+    lens = logit_lens(caps, "The capital of France is", answer="Paris")
+    result = generation_population(ind, ["t1 t2 t3 t4 t1", "t7 t8 t9 t7"], metric=token_accuracy(["t2 t3", "t8 t9"]),
+                                   max_new_tokens=2, intervention=[Ablate(f"head_out.1.{h}") for h in range(4)])
+    OUT.write_text(json.dumps({"ranks": [list(r) for r in lens.ranks], "baseline": list(result.baseline.texts),
+                               "intervened": list(result.intervened.texts)}))
+    assert_generation(result, at_least=1.0)
+"""
+
+
+def test_report_shows_the_lens_heatmap_and_the_texts_side_by_side(pytester):
+    import json
+
+    pytester.makepyfile(test_reported=REPORTED)
+    result = pytester.runpytest_inprocess("--nnsight-report", "out", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    measured = json.loads((pytester.path / "measured.json").read_text())
+    (rec,) = json.loads((pytester.path / "out" / "findings.json").read_text())["findings"]
+    (lens,) = rec["lenses"]
+    assert lens["ranks"] == measured["ranks"] and lens["sites"] == ["embed", "resid_post.0", "resid_post.1"]
+    (gen,) = rec["generations"]
+    assert [r["baseline"] for r in gen["rows"]] == measured["baseline"]
+    assert [r["intervened"] for r in gen["rows"]] == measured["intervened"]
+    assert gen["config"] == "greedy, max_new_tokens 2" and gen["intervention"].startswith("zero ablation of head_out.1.0")
+    html = (pytester.path / "out" / "index.html").read_text()
+    assert "<th>prompt</th><th>baseline</th><th>intervened</th>" in html
+    for text in measured["baseline"] + measured["intervened"]:
+        assert f"<code>{text}</code>" in html
+    lens_png = [f for f in rec["figures"] if f.endswith("-lens0.png")]
+    assert lens_png and (pytester.path / "out" / lens_png[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (pytester.path / "out" / "findings.md").read_text()
+    assert "| prompt | baseline | intervened |" in md and "| resid_post.1 | " in md

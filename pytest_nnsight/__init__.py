@@ -62,6 +62,7 @@ _LAZY = {
     "model_structure": "structure", "ModelStructure": "structure", "compatibility_hint": "hints",
     "FindingSpec": "replay", "replay": "replay", "ReplayError": "replay",
     "logit_lens": "lens", "generate": "generation",
+    "path_patch": "circuits", "Circuit": "circuits", "faithfulness": "circuits",
 }
 
 

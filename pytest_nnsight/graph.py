@@ -51,12 +51,12 @@ class Circuit:
     def check(self, model: Any) -> "Circuit":
         """The circuit with canonical names (negative indices resolved); CircuitError on a name, layer, head or edge the
         model does not have."""
-        nodes = tuple(dict.fromkeys(node_label(model, n) for n in self.nodes))
         edges = []
-        for s, r in self.edges:
+        for s, r in self.edges:  # edges first, so an error names the edge as given
             sender, receiver = parse_sender(model, s), parse_receiver(model, r)
             check_edge(sender, receiver)
             edges.append((sender.label, receiver.label))
+        nodes = tuple(dict.fromkeys(node_label(model, n) for n in self.nodes))
         return Circuit(tuple(edges), self.scores, nodes if not self.edges else (), self.metric, self.method)
 
     def components(self, model: Any) -> list[Sender]:

@@ -1,0 +1,249 @@
+"""Circuits: faithfulness against ablation written by hand in nnsight, the identities tying completeness and minimality
+to faithfulness, batched == single, edge attribution against finite differences of path patching, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+from pytest_nnsight.assertions import FindingFailed
+from pytest_nnsight.circuits import (
+    Circuit, assert_complete, assert_faithful, assert_minimal, completeness, discover, edge_attribution, faithfulness, minimality, path_sweep,
+    spearman,
+)
+from pytest_nnsight.errors import ArgumentError, CircuitError
+from pytest_nnsight.metrics import logit_diff
+from pytest_nnsight.models import wrap
+from pytest_nnsight.paths import all_edges
+from pytest_nnsight.testing import tiny_gpt2
+
+PAIRS = [
+    ("When Mary and John went to the store John gave a drink to", "When John and Mary went to the store Mary gave a drink to"),
+    ("When Mary and John went to the city John gave a drink to", "When John and Mary went to the city Mary gave a drink to"),
+    ("When John and Mary went to the store Mary gave a drink to", "When Mary and John went to the store John gave a drink to"),
+]
+NODES = ("head_out.0.1", "head_out.1.2", "mlp_out.0")
+
+
+@pytest.fixture(scope="module")
+def model():
+    hf, tok = tiny_gpt2(seed=3)
+    return wrap(hf, tok)
+
+
+@pytest.fixture(scope="module")
+def metric():
+    return logit_diff("Mary", "John")
+
+
+def hand_ablated(model, prompt, donor, keep, how):
+    """logit(Mary) - logit(John) on `prompt` with every head and MLP not in `keep` zeroed or taken from `donor`, by hand."""
+    tok = model.tokenizer
+    mary, john = tok.convert_tokens_to_ids("Mary"), tok.convert_tokens_to_ids("John")
+    h = model.transformer.h
+    with torch.inference_mode():
+        z, mlp = [], []
+        with model.trace(donor):
+            for layer in range(2):
+                z.append(h[layer].attn.c_proj.input.detach().clone().save())
+                mlp.append(h[layer].mlp.output.detach().clone().save())
+        with model.trace(prompt):
+            for layer in range(2):
+                new = h[layer].attn.c_proj.input.clone()
+                for head in range(4):
+                    if f"head_out.{layer}.{head}" not in keep:
+                        cols = slice(head * 8, (head + 1) * 8)
+                        new[:, :, cols] = 0 if how == "zero" else z[layer][:, :, cols]
+                h[layer].attn.c_proj.input[:] = new
+                if f"mlp_out.{layer}" not in keep:
+                    h[layer].mlp.output[:] = 0 if how == "zero" else mlp[layer]
+            logits = model.lm_head.output.detach().clone().save()
+    return float(logits[0, -1, mary] - logits[0, -1, john])
+
+
+@pytest.mark.parametrize("how", ["zero", "resample"])
+def test_faithfulness_equals_hand_written_ablation(model, metric, how):
+    result = faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation=how)
+    everything = {f"head_out.{l}.{h}" for l in range(2) for h in range(4)} | {"mlp_out.0", "mlp_out.1"}
+    for i, (clean, corrupt) in enumerate(PAIRS):
+        kept = hand_ablated(model, clean, corrupt, set(NODES), how)
+        empty = hand_ablated(model, clean, corrupt, set(), how)
+        full = hand_ablated(model, clean, corrupt, everything, how)
+        assert abs(result.ablated[i] - kept) <= 1e-4 and abs(result.empty[i] - empty) <= 1e-4 and abs(result.full[i] - full) <= 1e-4
+        assert abs(result.values[i] - (kept - empty) / (full - empty)) <= 1e-4
+    assert len({round(v, 3) for v in result.values}) > 1  # three different pairs, three different numbers
+
+
+def test_mean_ablation_uses_the_mean_over_the_corrupt_prompts(model, metric):
+    """All three corrupt prompts have one length: each node takes its per-position mean over them."""
+    hf = model._module
+    corrupt = [x for _, x in PAIRS]
+    result = faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="mean")
+    h = model.transformer.h
+    with torch.inference_mode():
+        zs, ms = [], []
+        with model.trace(corrupt):
+            for layer in range(2):
+                zs.append(h[layer].attn.c_proj.input.detach().clone().mean(0, keepdim=True).save())
+                ms.append(h[layer].mlp.output.detach().clone().mean(0, keepdim=True).save())
+        with model.trace(PAIRS[0][0]):
+            for layer in range(2):
+                new = h[layer].attn.c_proj.input.clone()
+                for head in range(4):
+                    if f"head_out.{layer}.{head}" not in NODES:
+                        new[:, :, head * 8 : (head + 1) * 8] = zs[layer][:, :, head * 8 : (head + 1) * 8]
+                h[layer].attn.c_proj.input[:] = new
+                if f"mlp_out.{layer}" not in NODES:
+                    h[layer].mlp.output[:] = ms[layer]
+            logits = model.lm_head.output.detach().clone().save()
+    tok = model.tokenizer
+    expected = float(logits[0, -1, tok.convert_tokens_to_ids("Mary")] - logits[0, -1, tok.convert_tokens_to_ids("John")])
+    assert abs(result.ablated[0] - expected) <= 1e-4
+    assert hf is model._module
+
+
+def test_batched_equals_one_row_per_forward(model, metric):
+    a = minimality(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample")
+    b = minimality(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample", batch_size=1)
+    assert max(abs(x - y) for x, y in zip(a.ablated + a.empty + a.full, b.ablated + b.empty + b.full)) <= 1e-5
+    assert max(abs(x - y) for xs, ys in zip(a.node_values, b.node_values) for x, y in zip(xs, ys)) <= 1e-5
+
+
+def test_completeness_and_minimality_are_tied_to_faithfulness(model, metric):
+    c = Circuit(nodes=NODES)
+    rest = [f"head_out.{l}.{h}" for l in range(2) for h in range(4) if f"head_out.{l}.{h}" not in NODES] + ["mlp_out.1"]
+    comp = completeness(model, c, PAIRS, metric=metric, ablation="resample")
+    other = faithfulness(model, rest, PAIRS, metric=metric, ablation="resample")
+    assert max(abs(x - (1 - y)) for x, y in zip(comp.values, other.values)) <= 1e-4  # removing C == keeping only the rest
+    mini = minimality(model, c, PAIRS, metric=metric, ablation="resample")
+    whole = faithfulness(model, c, PAIRS, metric=metric, ablation="resample")
+    for node, values in zip(mini.nodes, mini.node_values):
+        without = faithfulness(model, [n for n in NODES if n != node], PAIRS, metric=metric, ablation="resample")
+        assert max(abs(v - (w - wo)) for v, w, wo in zip(values, whole.values, without.values)) <= 1e-4, node
+
+
+def test_edge_circuit_nodes_are_its_endpoints_and_attn_out_means_every_head(model):
+    c = Circuit(edges=(("head_out.0.1", "k_in.1.2"), ("head_out.1.2", "logits"), ("embed", "mlp_in.0")))
+    assert c.nodes == ("head_out.0.1", "head_out.1.2", "logits", "embed", "mlp_out.0")
+    assert [s.label for s in c.components(model)] == ["head_out.0.1", "mlp_out.0", "head_out.1.2"]
+    assert [s.label for s in Circuit(nodes=("attn_out.1",)).components(model)] == [f"head_out.1.{h}" for h in range(4)]
+
+
+def test_assert_faithful_names_the_weakest_pairs_and_the_nodes(model, metric):
+    result = faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample")
+    worst = min(result.values)
+    with pytest.raises(FindingFailed) as info:
+        assert_faithful(result, at_least=worst + 10)
+    text = str(info.value)
+    assert text.startswith(f"claim: the circuit's mean faithfulness over 3 pairs is >= {worst + 10:g}")
+    assert "head_out.0.1, head_out.1.2, mlp_out.0" in text and f"{worst:.4g}: {PAIRS[result.values.index(worst)][0]!r}" in text
+    with pytest.raises(FindingFailed, match=r"Wilson 95% lower bound .* measured 0.\d+"):
+        assert_faithful(result, at_least=worst - 1, min_rate=0.9)  # 3 / 3 pass, but 3 pairs bound the rate at 0.44
+    assert_faithful(result, at_least=worst - 1, min_rate=0.4)
+    assert_faithful(result, at_least=result.mean - 1e-9)
+
+
+def test_assert_minimal_and_complete_name_the_failing_nodes(model, metric):
+    mini = minimality(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample")
+    weakest = min(mini.node_means(), key=mini.node_means().get)
+    with pytest.raises(FindingFailed, match=rf"nodes: +{weakest} "):
+        assert_minimal(mini, at_least=max(mini.node_means().values()) + 1)
+    comp = completeness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample")
+    with pytest.raises(FindingFailed, match="claim: the circuit's mean completeness"):
+        assert_complete(comp, at_least=comp.mean + 1)
+    with pytest.raises(ArgumentError, match="expected the CircuitResult of minimality"):
+        assert_minimal(comp)
+
+
+def test_edge_attribution_is_the_derivative_of_path_patching():
+    """Path patching a small fraction +-eps of the sender's change moves the metric by +-eps x the EAP score (central
+    differences on every edge, in float64 weights; the metric itself comes back in float32, hence eps 3e-3)."""
+    from pytest_nnsight.metrics import as_metric
+    from pytest_nnsight.paths import cache_pair, run_edges
+
+    hf, tok = tiny_gpt2(seed=3)
+    model = wrap(hf.double(), tok)
+    m = as_metric(model, logit_diff("Mary", "John"))
+    clean, corrupt = PAIRS[0]
+    approx = edge_attribution(model, clean, corrupt, metric=m)
+    edges = all_edges(model)
+    pc = cache_pair(model, clean, corrupt, m, [s for s, _ in edges], [r for _, r in edges])
+    eps = 3e-3
+    up = run_edges(model, pc, [(s, r, eps * pc.delta(s)) for s, r in edges], m, batch_size=128)
+    down = run_edges(model, pc, [(s, r, -eps * pc.delta(s)) for s, r in edges], m, batch_size=128)
+    gap = approx.clean - approx.corrupt
+    derivative = [(u - d) / (2 * eps) / gap for u, d in zip(up, down)]
+    estimate = [approx[s.label, r.label] for s, r in edges]
+    assert max(abs(x - y) for x, y in zip(derivative, estimate)) <= 2e-3
+    assert sum(abs(x) > 0.1 for x in estimate) >= 10  # not a comparison of zeros
+
+
+def test_edge_attribution_ranks_edges_like_true_path_patching(model, metric):
+    """Measured on this model and pair (all 110 edges): Spearman vs true path patching 0.876 for EAP, 0.906 for EAP-IG
+    (4-64 steps); on the top 10 edges EAP-IG's rank correlation is 1.0 and its max error 0.088, EAP's 0.818 and 0.68
+    (the linearization misses saturation: embed -> v_in.0.0 is 0.11 by EAP, 0.77 truly). Bounds with margin:"""
+    from pytest_nnsight.circuits import check_edges
+
+    clean, corrupt = PAIRS[0]
+    true = path_sweep(model, clean, corrupt, metric=metric, check_batching=False)
+    eap = edge_attribution(model, clean, corrupt, metric=metric)
+    ig = edge_attribution(model, clean, corrupt, metric=metric, method="eap-ig", steps=8)
+    t = [v for _, _, v in true.edges()]
+    assert spearman([v for _, _, v in eap.edges()], t) >= 0.8
+    assert spearman([v for _, _, v in ig.edges()], t) >= 0.85
+    checked = check_edges(model, clean, corrupt, ig, metric=metric, top=10)
+    assert checked.rank_correlation >= 0.9 and checked.max_error <= 0.2
+    assert checked.max_error < check_edges(model, clean, corrupt, eap, metric=metric, top=10).max_error
+    assert checked.true == tuple(true[s, r] for s, r in checked.edges)
+    assert ig.kind == "edge attribution (eap-ig, 8 steps)" and len(ig.edges()) == len(all_edges(model))
+
+
+def test_discover_keeps_the_top_edges_by_score(model, metric):
+    top = discover(model, PAIRS, metric=metric, top_k=5)
+    assert len(top.edges) == 5 and [abs(v) for v in top.scores] == sorted((abs(v) for v in top.scores), reverse=True)
+    cut = abs(top.scores[-1])
+    by_threshold = discover(model, PAIRS, metric=metric, threshold=cut)
+    assert by_threshold.edges[:5] == top.edges and all(abs(v) >= cut for v in by_threshold.scores)
+
+
+@pytest.mark.parametrize("circuit,match", [
+    (Circuit(nodes=("embed",)), r"holds no head or MLP: an empty circuit"),
+    (Circuit(nodes=tuple(f"head_out.{l}.{h}" for l in range(2) for h in range(4)) + ("mlp_out.0", "mlp_out.1")), r"holds every head and MLP"),
+    (Circuit(nodes=("head_out.0.9",)), r"node 'head_out.0.9': .*head 9 is out of range.*nodes are embed, head_out.L.H"),
+    (Circuit(nodes=("neuron.3",)), r"node 'neuron.3': unknown sender"),
+    (Circuit(edges=(("head_out.1.0", "k_in.0.2"),)), r"no edge head_out.1.0 -> k_in.0.2"),
+    (Circuit(edges=(("head_out.0.0", "k_in.3.2"),)), r"receiver 'k_in.3.2': layer 3 is out of range"),
+    ([], r"expected a Circuit, a non-empty list"),
+])
+def test_bad_circuits_are_refused_naming_the_value(model, metric, circuit, match):
+    with pytest.raises(CircuitError, match=match):
+        faithfulness(model, circuit, PAIRS, metric=metric)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ablation": "median"}, r"ablation 'median': expected 'mean', 'resample' or 'zero'"),
+    ({"metric": None}, r"carries no answer: pass metric="),
+])
+def test_bad_arguments_are_refused(model, metric, kwargs, match):
+    with pytest.raises(ArgumentError, match=match):
+        faithfulness(model, Circuit(nodes=NODES), PAIRS, **{"metric": metric, **kwargs})
+
+
+def test_discover_needs_exactly_one_cut(model, metric):
+    with pytest.raises(ArgumentError, match="give exactly one of them"):
+        discover(model, PAIRS, metric=metric, top_k=3, threshold=0.1)
+    with pytest.raises(ArgumentError, match="method 'acdc'"):
+        discover(model, PAIRS, metric=metric, top_k=3, method="acdc")
+    with pytest.raises(CircuitError, match=r"no edge has \|score\| >= 1000"):
+        discover(model, PAIRS, metric=metric, threshold=1000)
+
+
+def test_a_circuit_reads_and_prints(model):
+    c = Circuit(edges=(("embed", "v_in.0.0"), ("head_out.0.0", "k_in.1.2")), scores=(0.2, -0.9))
+    assert c.ranked()[0] == ("head_out.0.0", "k_in.1.2", -0.9)
+    assert "1. head_out.0.0 -> k_in.1.2  -0.9000" in c.to_text()
+    assert c.check(model) == c
+    assert Circuit(nodes=("head_out.-1.-1",)).check(model).nodes == ("head_out.1.3",)
+    with pytest.raises(CircuitError, match="2 scores for 1 edges"):
+        Circuit(edges=(("embed", "logits"),), scores=(1.0, 2.0))
+    assert math.isnan(Circuit(edges=(("embed", "logits"),)).ranked()[0][2])

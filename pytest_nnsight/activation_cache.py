@@ -163,7 +163,7 @@ class ActivationCache:
     # -- planning: validate everything and derive the key before any forward pass ------------------
     def _plan(self, model: Any, prompts: Sequence[Any], sites: Any, positions: Any, dtype: str | None, batch_size: int) -> dict[str, Any]:
         from .fingerprint import weights_fingerprint
-        from .prompts import check_context, resolve_position, slots_of, text_of, tokens_of
+        from .prompts import Tokens, check_context, normalizer_of, resolve_position, slots_of, text_of, tokens_of
         from .sites import resolve_sites
 
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
@@ -185,9 +185,12 @@ class ActivationCache:
         tok = getattr(model, "tokenizer", None)
         if tok is None:
             tokens_of(model, texts[0])  # raises the no-tokenizer PositionError
-        ids = [list(row) for row in tok(texts)["input_ids"]]  # one batched call: a rerun that loads pays little for its key
+        if any(hasattr(t, "ids") for t in texts):  # prompts given as token ids keep them
+            ids = [list(t.ids) if hasattr(t, "ids") else list(tok(t)["input_ids"]) for t in texts]
+        else:
+            ids = [list(row) for row in tok(texts)["input_ids"]]  # one batched call: a rerun that loads pays little for its key
         for p, text, row in zip(prompts, texts, ids):
-            tokens = tok.convert_ids_to_tokens(row)
+            tokens = Tokens(tok.convert_ids_to_tokens(row), normalizer_of(tok))
             check_context(model, tokens, text)
             token_lists.append(tokens)
             if positions in ("all", None):
@@ -267,6 +270,7 @@ class ActivationCache:
     def _compute(self, model: Any, plan: Mapping[str, Any], manifest_path: Path | None) -> Activations:
         import torch
 
+        from .batching import encode, mixed_lengths_ok, runs
         from .trace import run
         from .metrics import Metric
 
@@ -279,9 +283,12 @@ class ActivationCache:
             data_path = manifest_path.with_name(f"{PREFIX}{plan['key']}.{uuid.uuid4().hex[:12]}.safetensors")
             tmp_path = data_path.with_name(data_path.name + ".tmp")
         try:
-            for start in range(0, n, plan["batch_size"]):
-                batch = texts[start:start + plan["batch_size"]]
+            # consecutive prompts share a trace; where padding could move a number, only prompts of equal length
+            for part in runs([len(t) for t in plan["tokens"]], plan["batch_size"], mixed=mixed_lengths_ok(model)):
+                start = part.start
+                batch = texts[part.start:part.stop]
                 none = Metric("none", lambda out, ref, k=len(batch): torch.zeros(k))
+                encoded = encode(model, list(batch))
                 _, acts = run(model, list(batch), none, save=sites)
                 self.forwards += 1
                 longest = max(len(t) for t in plan["tokens"][start:start + len(batch)])
@@ -292,8 +299,8 @@ class ActivationCache:
                         raise ActivationCacheError(f"the trace padded {len(batch)} prompts to {full.shape[1]} tokens, but they tokenize to at most {longest}")
                     out = torch.zeros(len(batch), width, full.shape[-1], dtype=store)
                     for r in range(len(batch)):
-                        pos, pad = plan["positions"][start + r], longest - len(plan["tokens"][start + r])
-                        out[r, : len(pos)] = full[r, [p + pad for p in pos]].to("cpu", store)
+                        pos = plan["positions"][start + r]
+                        out[r, : len(pos)] = full[r, encoded.padded(r, pos)].to("cpu", store)
                     rows[site_key(s)] = out
                 if start == 0:
                     tensors = {k: (_CODES[plan["dtype"]], (n, width, v.shape[-1])) for k, v in rows.items()}

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .batching import encode, groups, mixed_lengths_ok
 from .errors import ArgumentError, ArgumentTypeError, InterventionError, PositionError
 from .metrics import Metric, as_metric, logits_of
 from .prompts import Prompt, check_context, describe_positions, pair_positions, resolve_position, slots_of, text_of, tokens_of
@@ -144,21 +145,23 @@ def _mean_activation(model: Any, site: Site, prompts: Sequence[Any], position: A
     """
     texts = [text_of(p) for p in prompts]
     token_lists = [tokens_of(model, t) for t in texts]
-    longest = max(len(t) for t in token_lists)
-    m = Metric("none", lambda out, ref: torch.zeros(len(texts)))
-    _, acts = run(model, texts, m, save=[site])
-    rows = []
-    for r, (tokens, prompt) in enumerate(zip(token_lists, prompts)):
-        try:
-            pos = resolve_position(tokens, position, prompt=text_of(prompt), slots=slots_of(prompt))
-        except PositionError:
-            if not (isinstance(position, str) and not position.startswith("{") and position != "last" and max(own) < len(tokens)):
-                raise
-            pos = list(own)
-        if len(pos) != len(own):
-            raise PositionError(f"position {position!r} names {len(pos)} tokens in {text_of(prompt)!r} but {len(own)} in the ablated prompt")
-        pad = longest - len(tokens)
-        rows.append(acts[site][r, [p + pad for p in pos]])
+    rows: list[Any] = [None] * len(texts)
+    for idx in groups([len(t) for t in token_lists], len(texts), mixed=mixed_lengths_ok(model)):
+        chunk = [texts[i] for i in idx]
+        batch = encode(model, chunk)
+        m = Metric("none", lambda out, ref, k=len(chunk): torch.zeros(k))
+        _, acts = run(model, chunk, m, save=[site])
+        for r, i in enumerate(idx):
+            tokens, prompt = token_lists[i], prompts[i]
+            try:
+                pos = resolve_position(tokens, position, prompt=text_of(prompt), slots=slots_of(prompt))
+            except PositionError:
+                if not (isinstance(position, str) and not position.startswith("{") and position != "last" and max(own) < len(tokens)):
+                    raise
+                pos = list(own)
+            if len(pos) != len(own):
+                raise PositionError(f"position {position!r} names {len(pos)} tokens in {text_of(prompt)!r} but {len(own)} in the ablated prompt")
+            rows[i] = acts[site][r, batch.padded(r, pos)]
     return torch.stack(rows).mean(0)
 
 

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .assertions import _fail
-from .errors import ArgumentError, BrokenExperimentError, MetricError
+from .batching import encode, groups, lengths_of, may_mix
+from .errors import ArgumentError, BatchingMismatchError, BrokenExperimentError, MetricError
 from .findings import record_population
 from .prompts import pair_positions, text_of
 from .trace import Edit, normalized, run
@@ -85,38 +86,92 @@ def _pairs(pairs: Any, n: int | None, seed: int) -> list[CounterfactualPair]:
 
 def _row_metric(metrics: Sequence[Metric]) -> Metric:
     """One Metric over a batch whose row r is measured by metrics[r] (each distinct metric computed once)."""
-    groups: dict[str, tuple[Metric, list[int]]] = {}
+    groups: dict[int, tuple[Metric, list[int]]] = {}
     for r, m in enumerate(metrics):
         if m.needs_reference:
             raise MetricError(f"metric {m.name} needs a reference run, which population() does not provide: use logit_diff, prob, logprob or rank")
-        groups.setdefault(m.name, (m, []))[1].append(r)
+        # keyed by the metric object, not its name: per-pair closures share one __name__ but measure different things
+        groups.setdefault(id(m), (m, []))[1].append(r)
 
-    def fn(out: Any, ref: Any) -> Any:
+    def fn(out: Any, ref: Any, mask: Any) -> Any:
         values = None
         for m, rows in groups.values():
-            v = m(out, None).reshape(-1).float()
+            v = m(out, None, mask).reshape(-1).float()
             idx = torch.tensor(rows, device=v.device)
             values = torch.zeros_like(v) if values is None else values
             values = values.index_copy(0, idx, v[idx])
         return values
 
-    return Metric("per-variant metric", fn)
+    return Metric("per-variant metric", fn, takes_mask=True, padding_safe=all(m.padding_safe for m in metrics))
 
 
-def _chunks(lengths: Sequence[int], size: int, same_length: bool) -> list[list[int]]:
-    """Indices in chunks of at most `size`; with `same_length`, each chunk holds one token length only."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if same_length else list(range(len(lengths)))
-    chunks: list[list[int]] = []
-    for i in order:
-        if not chunks or len(chunks[-1]) == size or (same_length and lengths[chunks[-1][0]] != lengths[i]):
-            chunks.append([])
-        chunks[-1].append(i)
-    return chunks
+def _measure(
+    model: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], positions: Sequence[list[int]], bound: Sequence[Metric],
+    batch_size: int, mixed: bool,
+) -> tuple[list[float], list[float], list[float]]:
+    """Clean, corrupt and patched metric values per pair, batched (mixed lengths only when `mixed`)."""
+    # 1) clean and corrupt runs, two rows per pair, saving the site's activation at each pair's positions
+    lengths = lengths_of(model, [text_of(t) for t in targets])
+    half = max(1, batch_size // 2)
+    count = len(targets)
+    src_vals, tgt_vals, donors = [0.0] * count, [0.0] * count, [None] * count
+    for idx in groups(lengths, half, mixed=mixed):
+        texts = [t for i in idx for t in (text_of(cleans[i]), text_of(targets[i]))]
+        batch = encode(model, texts)
+        values, acts = run(model, texts, _row_metric([bound[i] for i in idx for _ in (0, 1)]), save=[s])
+        for k, i in enumerate(idx):
+            donors[i] = acts[s][2 * k, batch.padded(2 * k, positions[i])]
+            src_vals[i], tgt_vals[i] = float(values[2 * k]), float(values[2 * k + 1])
+
+    # 2) patched runs: the target prompts, each with its donor written at its positions inside the padded batch
+    patched = [0.0] * count
+    for idx in groups(lengths, batch_size, mixed=mixed):
+        texts = [text_of(targets[i]) for i in idx]
+        batch = encode(model, texts)
+        rows, pos = [], []
+        for r, i in enumerate(idx):
+            rows += [r] * len(positions[i])
+            pos += batch.padded(r, positions[i])
+        edit = Edit(s, tuple(rows), tuple(pos), torch.cat([donors[i] for i in idx]))
+        values, _ = run(model, texts, _row_metric([bound[i] for i in idx]), edits=[edit])
+        for i, v in zip(idx, values.tolist()):
+            patched[i] = v
+    return src_vals, tgt_vals, patched
 
 
-def _lengths(model: Any, texts: Sequence[str]) -> list[int]:
-    tok = model.tokenizer
-    return [len(ids) for ids in tok(list(texts))["input_ids"]] if texts else []  # one batched call
+def _check_batching(flag: bool | None) -> bool:
+    from . import settings as _settings
+
+    active = _settings.ACTIVE
+    return flag if flag is not None else bool(active is not None and active.check_batching)
+
+
+def _verify(model: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], positions: Sequence[list[int]], bound: Sequence[Metric],
+            batched: tuple[list[float], list[float], list[float]], n: int | None) -> None:
+    """Re-run a sample of pairs one at a time; BatchingMismatchError when a batched value differs beyond the dtype's tolerance."""
+    import random
+
+    from . import settings as _settings
+    from .sweeps import tolerance_for
+
+    active = _settings.ACTIVE
+    n = n or (active.check_batching_cells if active is not None else 3)
+    picks = random.Random(0).sample(range(len(targets)), min(n, len(targets)))
+    module = getattr(model, "_module", model)
+    tol = tolerance_for(next(module.parameters()).dtype)
+    bad = []
+    for i in picks:
+        single = _measure(model, s, [cleans[i]], [targets[i]], [positions[i]], [bound[i]], 2, False)
+        for name, values, one in zip(("clean", "corrupt", "patched"), batched, single):
+            diff = abs(values[i] - one[0])
+            if not diff <= tol and not (math.isnan(values[i]) and math.isnan(one[0])):
+                bad.append(f"  pair {i} {name}: batched {values[i]:.6g}, single {one[0]:.6g}, |diff| {diff:.3g}: {text_of(targets[i])!r}")
+    if bad:
+        raise BatchingMismatchError(
+            f"batched population disagrees with single-pair runs beyond {tol:g} in {len(bad)} values of {len(picks)} checked pairs:\n"
+            + "\n".join(bad)
+            + "\nthe batched path is wrong for this model (padding, position ids or batch-dependent modules): pass same_length=True or batch_size=2 and report it"
+        )
 
 
 def population(
@@ -133,15 +188,19 @@ def population(
     direction: str = "clean->corrupt",
     min_gap: float = 1e-4,
     same_length: bool = False,
+    check_batching: bool | None = None,
+    check_pairs: int | None = None,
 ) -> PopulationResult:
     """Patch `site` at `position` from clean into corrupt for every pair; effect per pair, batched.
 
     `pairs`: counterfactual_pairs(...) with `n=` (n distinct variants, the same for the same seed) or
     a list of CounterfactualPair. `metric(pair)` gives each pair's metric (default
     logit_diff(pair.answer, pair.distractor)). `batch_size` rows go through one forward.
-    By default prompts of different token lengths share left-padded traces (the fewest forwards; on the
-    bundled model the numbers equal single runs to 5e-6, as without padding); `same_length=True` batches
-    only equal lengths together, for a model whose padding handling you do not trust.
+    Prompts of different token lengths share left-padded traces only where that cannot move a number
+    (a causal decoder nnsight 0.8 left-pads with position ids, measured by a padding-safe metric); otherwise,
+    and with `same_length=True`, only prompts of equal token length share a trace.
+    `check_batching` (None follows --nnsight-check-batching) re-runs `check_pairs` pairs alone and fails
+    with BatchingMismatchError when a batched value differs.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
@@ -157,34 +216,10 @@ def population(
     targets = [p.corrupt if direction == "clean->corrupt" else p.clean for p in variants]
     positions = [pair_positions(model, p.clean, p.corrupt, position)[2] for p in variants]
 
-    # 1) clean and corrupt runs, two rows per pair, saving the site's activation at each pair's positions
-    lengths = _lengths(model, [text_of(t) for t in targets])
-    half = max(1, batch_size // 2)
-    src_vals, tgt_vals, donors = [0.0] * len(variants), [0.0] * len(variants), [None] * len(variants)
-    for idx in _chunks(lengths, half, same_length):
-        texts = [t for i in idx for t in (text_of(cleans[i]), text_of(targets[i]))]
-        lens = _lengths(model, texts)
-        values, acts = run(model, texts, _row_metric([bound[i] for i in idx for _ in (0, 1)]), save=[s])
-        longest = max(lens)
-        for k, i in enumerate(idx):
-            pad = longest - lens[2 * k]
-            donors[i] = acts[s][2 * k, [p + pad for p in positions[i]]]
-            src_vals[i], tgt_vals[i] = float(values[2 * k]), float(values[2 * k + 1])
-
-    # 2) patched runs: the target prompts, each with its donor written at its (padding-shifted) positions
-    patched = [0.0] * len(variants)
-    for idx in _chunks(lengths, batch_size, same_length):
-        texts = [text_of(targets[i]) for i in idx]
-        lens = _lengths(model, texts)
-        longest = max(lens)
-        rows, pos = [], []
-        for r, i in enumerate(idx):
-            rows += [r] * len(positions[i])
-            pos += [p + longest - lens[r] for p in positions[i]]
-        edit = Edit(s, tuple(rows), tuple(pos), torch.cat([donors[i] for i in idx]))
-        values, _ = run(model, texts, _row_metric([bound[i] for i in idx]), edits=[edit])
-        for i, v in zip(idx, values.tolist()):
-            patched[i] = v
+    mixed = not same_length and may_mix(model, bound)
+    src_vals, tgt_vals, patched = _measure(model, s, cleans, targets, positions, bound, batch_size, mixed)
+    if _check_batching(check_batching) and len(variants) > 1:
+        _verify(model, s, cleans, targets, positions, bound, (src_vals, tgt_vals, patched), check_pairs)
 
     effects = []
     for i, p in enumerate(variants):

@@ -21,8 +21,22 @@ def tokens_of(model: Any, prompt: str) -> list[str]:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise PositionError("this model has no tokenizer, so positions can only be ints or slices")
-    ids = tok(prompt)["input_ids"]
-    return tok.convert_ids_to_tokens(ids)
+    ids = list(prompt.ids) if isinstance(prompt, TokenPrompt) else tok(prompt)["input_ids"]
+    return Tokens(tok.convert_ids_to_tokens(ids), normalizer_of(tok))
+
+
+class Tokens(list):
+    """A prompt's tokens, carrying the tokenizer's normalizer so a position word is matched as the tokenizer sees it."""
+
+    def __init__(self, tokens: Any, normalize: Any = None) -> None:
+        super().__init__(tokens)
+        self.normalize = normalize
+
+
+def normalizer_of(tok: Any) -> Any:
+    """The tokenizer's own text normalizer (lowercasing, accent stripping for uncased BERT/MiniLM), or None."""
+    norm = getattr(getattr(tok, "backend_tokenizer", None), "normalizer", None)
+    return None if norm is None else norm.normalize_str
 
 
 def show_tokens(tokens: Sequence[str]) -> str:
@@ -74,6 +88,18 @@ def resolve_position(tokens: Sequence[str], position: Position, *, prompt: str =
 
 def _find_word(tokens: Sequence[str], word: str, where: str) -> list[int]:
     target = word.strip()
+    spans = _spans(tokens, target)
+    normalize = getattr(tokens, "normalize", None)
+    if not spans and normalize is not None and normalize(target) != target:  # an uncased tokenizer reads 'Paris' as 'paris'
+        spans = _spans(tokens, normalize(target))
+    if not spans:
+        raise PositionError(f"word {word!r} does not occur as whole tokens {where}")
+    if len(spans) > 1:
+        raise PositionError(f"word {word!r} is ambiguous: it occurs at {[s[0] for s in spans]} {where}; give an int position instead")
+    return spans[0]
+
+
+def _spans(tokens: Sequence[str], target: str) -> list[list[int]]:
     words = [_word(t) for t in tokens]
     spans = []
     for start in range(len(tokens)):
@@ -85,11 +111,7 @@ def _find_word(tokens: Sequence[str], word: str, where: str) -> list[int]:
                 break
             if not target.replace(" ", "").startswith(text):
                 break
-    if not spans:
-        raise PositionError(f"word {word!r} does not occur as whole tokens {where}")
-    if len(spans) > 1:
-        raise PositionError(f"word {word!r} is ambiguous: it occurs at {[s[0] for s in spans]} {where}; give an int position instead")
-    return spans[0]
+    return spans
 
 
 def describe_positions(tokens: Sequence[str], positions: Sequence[int]) -> str:
@@ -110,11 +132,48 @@ class Prompt:
 def text_of(prompt: Any) -> str:
     if isinstance(prompt, Prompt):
         return prompt.text
+    if isinstance(prompt, Mapping) and "input_ids" in prompt:  # a BatchEncoding / dict of tensors: token ids as given
+        return token_prompt(None, prompt)
     if not isinstance(prompt, str):
         raise PositionError(f"prompt {prompt!r} is not a string: expected a str (or a Prompt with slots)")
     if not prompt.strip():
         raise PositionError(f"prompt {prompt!r} is empty: expected text the model can read")
     return prompt
+
+
+class TokenPrompt(str):
+    """A prompt given as token ids (a BatchEncoding or a dict of tensors): the str is the decoded text, for messages only."""
+
+    ids: tuple[int, ...]
+
+    def __new__(cls, text: str, ids: Sequence[int]) -> "TokenPrompt":
+        obj = super().__new__(cls, text)
+        obj.ids = tuple(int(i) for i in ids)
+        return obj
+
+    def __reduce__(self) -> Any:
+        return (TokenPrompt, (str(self), self.ids))
+
+
+def token_prompt(model: Any, encoding: Mapping[str, Any]) -> TokenPrompt:
+    """A TokenPrompt from `{'input_ids': [T] or [1, T], 'attention_mask': ...}`; only its real (mask 1) tokens are kept."""
+    ids = encoding.get("input_ids")
+    if ids is None:
+        raise PositionError(f"a prompt given as a mapping needs 'input_ids' (a BatchEncoding or a dict of tensors); it has {', '.join(map(str, encoding))}")
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    mask = encoding.get("attention_mask")
+    mask = mask.tolist() if hasattr(mask, "tolist") else mask
+    if ids and isinstance(ids[0], list):
+        if len(ids) != 1:
+            raise PositionError(f"a prompt given as token ids holds {len(ids)} rows: pass one prompt (shape [1, T] or [T]) per prompt")
+        ids, mask = ids[0], (mask[0] if mask is not None else None)
+    if mask is not None:
+        ids = [i for i, keep in zip(ids, mask) if keep]
+    if not ids:
+        raise PositionError("a prompt given as token ids is empty: expected at least one real token")
+    tok = getattr(model, "tokenizer", None) if model is not None else None
+    text = tok.decode(ids) if tok is not None else "<token ids " + " ".join(map(str, ids)) + ">"
+    return TokenPrompt(text, ids)
 
 
 def slots_of(prompt: Any) -> Mapping[str, str] | None:

@@ -155,3 +155,40 @@ def tiny_model(family: str, *, seed: int = 0, n_layer: int = 2, d_model: int = 3
     model = builders[family]()
     model.eval()
     return model, tok
+
+
+def wordpiece_tokenizer(words: Sequence[str] = DEFAULT_WORDS, *, padding_side: str = "right", lowercase: bool = True) -> Any:
+    """A BERT-style WordPiece fast tokenizer built locally: [CLS] ... [SEP], uncased by default (like MiniLM's)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *((w.lower() if lowercase else w) for w in words)]))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    hf.padding_side = padding_side
+    return hf
+
+
+def tiny_bert(*, seed: int = 0, n_layer: int = 2, d_model: int = 32, n_head: int = 4, words: Sequence[str] = DEFAULT_WORDS,
+              padding_side: str = "right") -> tuple[Any, Any]:
+    """A seeded random BertModel (an encoder like MiniLM, absolute positions) and an uncased WordPiece tokenizer, built locally.
+
+    >>> model, tok = tiny_bert(padding_side="left")          # doctest: +SKIP
+    """
+    import torch
+    import transformers as t
+
+    tok = wordpiece_tokenizer(words, padding_side=padding_side)
+    cfg = t.BertConfig(
+        hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer, num_attention_heads=n_head,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, vocab_size=len(tok),
+    )
+    torch.manual_seed(seed)
+    model = t.BertModel(cfg, add_pooling_layer=False)
+    model.eval()
+    return model, tok

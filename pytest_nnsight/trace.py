@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from . import compat
+from .batching import _device, encode
 from .errors import BrokenExperimentError, InterventionError, NnsightTestError, PositionError
 from .metrics import Metric, logits_of, per_row
 from .remote import is_remote, trace_kwargs
@@ -42,6 +43,8 @@ def run(
 ) -> tuple[torch.Tensor, dict[Site, torch.Tensor]]:
     """One forward over `inputs` with `edits` applied; returns (metric per row on CPU, saved activations)."""
     rows = len(inputs) if isinstance(inputs, list) else 1
+    batch = encode(model, inputs)  # the served tokenizer, its padding side, and each row's real-token mask
+    mask = batch.mask.to(_device(model)) if metric.takes_mask else None
     order = execution_order(model, {e.site for e in edits} | set(save))
     by_site: dict[Site, list[Edit]] = {}
     for e in edits:
@@ -51,14 +54,14 @@ def run(
     remote = is_remote(model)  # --nnsight-remote: the trace runs where the model is, so edits move to its device
     try:
         with torch.inference_mode():
-            with model.trace(compat.trace_inputs(model, inputs), **trace_kwargs(model)):
+            with model.trace(*batch.args, **batch.kwargs, **trace_kwargs(model)):
                 for site in order:
                     value = site_value(model, site)
                     if site in save:
                         saved[site] = value.detach().clone().save()
                     for e in by_site.get(site, ()):
                         _apply(value, e, move=remote)
-                result.append(metric(model.output, reference).save())
+                result.append(metric(model.output, reference, mask).save())
     except NnsightTestError as exc:  # ours, raised inside the trace: drop nnsight's frames from what pytest shows
         raise exc.with_traceback(None)  # noqa: B904 - keeps its own cause (a user metric's frames)
     except (AttributeError, LookupError, ValueError, RuntimeError, TypeError) as exc:
@@ -124,8 +127,9 @@ def reference_logits(model: Any, metric: Metric, clean: str) -> Any:
     """The clean prompt's last-position logits for metrics that compare against them (kl_div); None otherwise."""
     if not metric.needs_reference:
         return None
+    batch = encode(model, clean)
     with torch.inference_mode():
-        with model.trace(clean, **trace_kwargs(model)):
+        with model.trace(*batch.args, **batch.kwargs, **trace_kwargs(model)):
             last = logits_of(model.output)[:, -1, :].detach().clone().save()
     return last
 

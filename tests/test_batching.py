@@ -1,0 +1,262 @@
+"""Batching never changes an answer: batched results equal single runs on decoders and encoders, both padding sides.
+
+The property test walks verbs x {bundled:capitals, a tiny BERT with an uncased WordPiece tokenizer} x {left, right
+padding} x {equal, mixed lengths}; the reference is always the same computation run one prompt (or pair) at a time.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.activation_cache import ActivationCache
+from pytest_nnsight.batching import encode, mixed_lengths_ok
+from pytest_nnsight.errors import BatchingMismatchError, PositionError
+from pytest_nnsight.interventions import Prompt, _mean_activation, ablate, patch, steer
+from pytest_nnsight.metrics import cls_pool, cosine_to, distance_to, logit_diff, logits_of, mean_pool, pooled_embedding
+from pytest_nnsight.populations import population
+from pytest_nnsight.sites import resolve_site
+from pytest_nnsight.strategies import CounterfactualPair, Slots
+from pytest_nnsight.sweeps import sweep
+from pytest_nnsight.testing import tiny_bert
+
+TOL = 1e-5
+
+DECODER_TEMPLATES = ("The capital of {country} is", "Everyone knows that the capital of {country} is", "Q : what is the capital of {country} ? A :")
+ENCODER_TEMPLATES = ("The capital of {country} is", "When Mary went to the store the capital of {country} is", "John gave a drink in {country}")
+COUNTRIES = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"))
+
+
+def pair(template, a, b):
+    (ca, aa), (cb, ab) = a, b
+    clean = Prompt(template.replace("{country}", ca), Slots(country=ca))
+    corrupt = Prompt(template.replace("{country}", cb), Slots(country=cb))
+    return CounterfactualPair(clean, corrupt, aa, ab, template)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """Each (kind, padding side) served once: the bundled decoder with its tokenizer set to that side, a tiny BERT with one."""
+    cache = ModelCache(Settings(device="cpu"))
+    decoder = cache.get("bundled:capitals")
+    out = {}
+    for side in ("left", "right"):
+        tok = __import__("copy").deepcopy(decoder.tokenizer)
+        tok.padding_side = side
+        out["decoder", side] = cache.get(decoder._module, tok)
+        out["encoder", side] = cache.get(*tiny_bert(padding_side=side))
+    return out
+
+
+def metric_for(kind):
+    if kind == "decoder":
+        return lambda p: logit_diff(p.answer, p.distractor)
+    return lambda p: cosine_to(p.clean.text)
+
+
+def site_for(kind):
+    return "transformer.h.0" if kind == "decoder" else "resid_post.0"
+
+
+def close(a, b):
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= TOL
+
+
+@settings(max_examples=8)
+@given(kind=st.sampled_from(["decoder", "encoder"]), side=st.sampled_from(["left", "right"]), mixed=st.booleans(),
+       order=st.permutations(range(3)))
+def test_batched_equals_single_for_every_verb(served, kind, side, mixed, order):
+    model = served[kind, side]
+    templates = DECODER_TEMPLATES if kind == "decoder" else ENCODER_TEMPLATES
+    pairs = [pair(templates[order[k]] if mixed else templates[order[0]], COUNTRIES[k], COUNTRIES[(k + 1) % 4]) for k in range(3)]
+    metric, site = metric_for(kind), site_for(kind)
+
+    # population: one batch vs each pair alone; patch on each pair gives the same numbers again
+    batched = population(model, pairs, site, "{country}", metric, threshold=0.5, batch_size=64)
+    for i, p in enumerate(pairs):
+        alone = population(model, [p], site, "{country}", metric, threshold=0.5)
+        for field in ("effects", "clean", "corrupt", "patched"):
+            assert close(getattr(batched, field)[i], getattr(alone, field)[0]), (field, i, getattr(batched, field)[i], getattr(alone, field)[0])
+        effect = patch(model, p.clean, p.corrupt, site=site, position="{country}", metric=metric(p))
+        assert close(effect.intervened, batched.patched[i]) and close(effect.clean, batched.clean[i]) and close(effect.corrupt, batched.corrupt[i])
+        # steer: its unsteered run of the corrupt prompt is that prompt alone
+        width = 64 if kind == "decoder" else 32
+        steered = steer(model, p.corrupt, site=site, position="{country}", vector=torch.zeros(width), metric=metric(p))
+        assert close(steered.target, batched.corrupt[i])
+
+    # sweep: all cells in one batch vs one cell per trace
+    p = pairs[0]
+    wide = sweep(model, p.clean, p.corrupt, metric(p), sites=[site], batch_size=32)
+    narrow = sweep(model, p.clean, p.corrupt, metric(p), sites=[site], batch_size=1)
+    assert all(close(a, b) for ra, rb in zip(wide.raw, narrow.raw) for a, b in zip(ra, rb))
+
+    # ablate (mean over reference prompts of several lengths) and the activation cache
+    prompts = [q.clean for q in pairs] + [q.corrupt for q in pairs]
+    s = resolve_site(model, site)
+    together = _mean_activation(model, s, prompts, "{country}", [1])
+    apart = torch.stack([_mean_activation(model, s, [q], "{country}", [1]) for q in prompts]).mean(0)
+    assert torch.allclose(together, apart, atol=TOL, rtol=0)
+    ablate(model, p.corrupt, site=site, position="{country}", metric=metric(p), method="mean", reference_prompts=prompts)
+    cache = ActivationCache(None)
+    one = cache.get(model, prompts, sites=[site], positions="{country}", batch_size=32)
+    each = cache.get(model, prompts, sites=[site], positions="{country}", batch_size=1)
+    assert torch.allclose(one[site], each[site], atol=TOL, rtol=0)
+    whole = cache.get(model, prompts, sites=[site], positions="all", batch_size=32)
+    whole_each = cache.get(model, prompts, sites=[site], positions="all", batch_size=1)
+    assert torch.allclose(whole[site], whole_each[site], atol=TOL, rtol=0)
+
+
+# -- item 1: metrics keyed by identity, not by display name ------------------------------------------
+
+
+def test_population_keeps_per_pair_metric_closures_apart(capitals):
+    """Closures sharing one __name__ measured the first pair's metric on every row (effect 5.65, 7/10 on the issue's case)."""
+    pairs = [pair(DECODER_TEMPLATES[k % 3], COUNTRIES[k % 4], COUNTRIES[(k + 1) % 4]) for k in range(4)]
+
+    def per_pair(p):
+        a, b = capitals.tokenizer.convert_tokens_to_ids([p.answer, p.distractor])
+        return lambda out: logits_of(out)[:, -1, a] - logits_of(out)[:, -1, b]  # every closure is named '<lambda>'
+
+    batched = population(capitals, pairs, "transformer.h.1", "last", per_pair, threshold=0.9, same_length=False)
+    for i, p in enumerate(pairs):
+        alone = population(capitals, [p], "transformer.h.1", "last", per_pair, threshold=0.9)
+        assert batched.effects[i] == pytest.approx(alone.effects[0], abs=TOL)
+        assert batched.clean[i] == pytest.approx(alone.clean[0], abs=TOL)
+    assert batched.passed == 4
+
+
+# -- item 3: padding-blind custom metrics, masks, equal-length batching ----------------------------
+
+
+def test_a_padding_blind_custom_metric_gives_single_run_numbers_on_mixed_lengths(capitals):
+    """A metric averaging over every position saw pad positions in a mixed-length batch: the plugin now batches it by length."""
+    pairs = [pair(DECODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
+    a = capitals.tokenizer.convert_tokens_to_ids("Paris")
+
+    def mean_logit(p):
+        return lambda out: logits_of(out)[:, :, a].mean(1)
+
+    batched = population(capitals, pairs, "transformer.h.0", "{country}", mean_logit, threshold=0.0)
+    for i, p in enumerate(pairs):
+        alone = population(capitals, [p], "transformer.h.0", "{country}", mean_logit, threshold=0.0)
+        assert batched.corrupt[i] == pytest.approx(alone.corrupt[0], abs=TOL)
+        assert batched.patched[i] == pytest.approx(alone.patched[0], abs=TOL)
+
+
+def test_a_custom_metric_taking_the_mask_sees_only_real_tokens(capitals):
+    seen = []
+
+    def real_tokens(out, mask):
+        seen.append(mask.clone())
+        return mask.sum(-1).float()
+
+    pairs = [pair(DECODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
+    result = population(capitals, pairs, "transformer.h.0", "{country}", lambda p: real_tokens, threshold=0.0)
+    lengths = [len(capitals.tokenizer(p.clean.text)["input_ids"]) for p in pairs]
+    assert list(result.clean) == lengths  # the mask counts each prompt's own tokens, never the padding
+    assert any(m.shape[0] > 2 and not bool(m.all()) for m in seen)  # mixed lengths did share a padded trace
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_encoder_mixed_length_population_equals_single_runs(served, side):
+    """The issue's encoder case: padding moved effects by up to 4.5e-3 (left) when prompts of different lengths shared a trace."""
+    model = served["encoder", side]
+    assert not mixed_lengths_ok(model)
+    pairs = [pair(ENCODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
+    batched = population(model, pairs, "resid_post.0", "{country}", lambda p: cosine_to(p.clean.text), threshold=0.5)
+    for i, p in enumerate(pairs):
+        alone = population(model, [p], "resid_post.0", "{country}", lambda q: cosine_to(q.clean.text), threshold=0.5)
+        assert batched.effects[i] == pytest.approx(alone.effects[0], abs=TOL)
+
+
+def test_encode_records_real_token_offsets_for_both_padding_sides(served):
+    texts = ["The capital of France is", "The capital is"]
+    for side, expect in (("left", (0, 2)), ("right", (0, 0))):
+        batch = encode(served["encoder", side], texts)
+        assert batch.offsets == expect and batch.lengths == (7, 5)
+        assert batch.mask.sum(-1).tolist() == [7, 5]
+
+
+# -- item 2: encoders served by the fixture take prompts, encodings and pooled metrics ---------------
+
+
+def test_pooled_metrics_match_hand_computed_values(served):
+    model = served["encoder", "right"]
+    text = "The capital of France is Paris"
+    tok = model.tokenizer
+    enc = tok(text, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model._module(**enc).last_hidden_state[0]
+    mean, cls = hidden.mean(0), hidden[0]
+    effect = patch(model, text, "The capital of Germany is Paris", site="resid_post.0", position="France", metric=cosine_to(mean))
+    assert effect.clean == pytest.approx(1.0, abs=1e-6)
+    e2 = patch(model, text, "The capital of Germany is Paris", site="resid_post.0", position="France", metric=distance_to(cls, pooling="cls"))
+    assert e2.clean == pytest.approx(0.0, abs=1e-5)
+    e3 = patch(model, text, "The capital of Germany is Paris", site="resid_post.0", position="France", metric=pooled_embedding(3))
+    assert e3.clean == pytest.approx(float(mean[3]), abs=1e-5)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    out = torch.arange(18.0).reshape(2, 3, 3)
+    assert mean_pool(out, mask).tolist() == [[4.5, 5.5, 6.5], [10.5, 11.5, 12.5]]
+    assert cls_pool(out, mask).tolist() == [[3.0, 4.0, 5.0], [9.0, 10.0, 11.0]]
+
+
+def test_a_batch_encoding_is_a_prompt(served):
+    model = served["encoder", "left"]
+    text, other = "The capital of France is", "The capital of Germany is"
+    by_text = patch(model, text, other, site="resid_post.0", position=4, metric=cosine_to(text))
+    by_ids = patch(model, model.tokenizer(text, return_tensors="pt"), dict(model.tokenizer(other)), site="resid_post.0", position=4, metric=cosine_to(text))
+    assert (by_ids.clean, by_ids.corrupt, by_ids.intervened) == pytest.approx((by_text.clean, by_text.corrupt, by_text.intervened), abs=1e-6)
+
+
+def test_fixture_served_encoder_takes_text_in_every_verb(pytester):
+    pytester.makepyfile(
+        """
+        import torch
+        from pytest_nnsight import patch
+        from pytest_nnsight.metrics import cosine_to
+        from pytest_nnsight.testing import tiny_bert
+
+        def test_encoder(nnsight_model, activation_cache):
+            model = nnsight_model(*tiny_bert())
+            effect = patch(model, "The capital of France is", "The capital of Germany is", site="resid_post.1",
+                           position="France", metric=cosine_to("The capital of France is"))
+            assert effect.clean > 0.99
+            acts = activation_cache.get(model, ["The capital of France is", "Mary went to the store"], sites="resid_post.0", positions=0)
+            assert acts["resid_post.0"].shape == (2, 1, 32)
+        """
+    )
+    pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=1)
+
+
+# -- item 6: uncased tokenizers ------------------------------------------------------------------------
+
+
+def test_a_cased_position_word_matches_an_uncased_tokenizer(served):
+    model = served["encoder", "right"]
+    effect = patch(model, "The capital of France is", "The capital of Germany is", site="resid_post.0", position="France",
+                   metric=cosine_to("The capital of France is"))
+    assert effect.positions == (4,) and effect.position_tokens == ("germany",)
+    with pytest.raises(PositionError, match="word 'Berlin' does not occur as whole tokens"):
+        patch(model, "The capital of France is", "The capital of Germany is", site="resid_post.0", position="Berlin", metric=cosine_to("x"))
+
+
+# -- --nnsight-check-batching covers populations and the cache ------------------------------------
+
+
+def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
+    pairs = [pair(DECODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
+    population(capitals, pairs, "transformer.h.0", "{country}", threshold=0.5, check_batching=True)  # the real path agrees
+    import pytest_nnsight.populations as pops
+
+    real = pops._measure
+
+    def skewed(model, s, cleans, targets, *args):
+        src, tgt, patched = real(model, s, cleans, targets, *args)
+        return src, tgt, [v + (1e-3 if len(targets) > 1 else 0.0) for v in patched]  # a batched path that drifts
+
+    monkeypatch.setattr(pops, "_measure", skewed)
+    with pytest.raises(BatchingMismatchError, match="batched population disagrees with single-pair runs"):
+        population(capitals, pairs, "transformer.h.0", "{country}", threshold=0.5, check_batching=True)

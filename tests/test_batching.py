@@ -16,7 +16,8 @@ from pytest_nnsight.activation_cache import ActivationCache
 from pytest_nnsight.batching import encode, mixed_lengths_ok
 from pytest_nnsight.errors import BatchingMismatchError, PositionError
 from pytest_nnsight.interventions import Prompt, _mean_activation, ablate, patch, steer
-from pytest_nnsight.metrics import cls_pool, cosine_to, distance_to, logit_diff, logits_of, mean_pool, pooled_embedding
+from pytest_nnsight.embeddings import cls_pool, cosine_to, distance_to, mean_pool, pooled_embedding
+from pytest_nnsight.metrics import logit_diff, logits_of
 from pytest_nnsight.populations import population
 from pytest_nnsight.sites import resolve_site
 from pytest_nnsight.strategies import CounterfactualPair, Slots
@@ -216,7 +217,7 @@ def test_fixture_served_encoder_takes_text_in_every_verb(pytester):
         """
         import torch
         from pytest_nnsight import patch
-        from pytest_nnsight.metrics import cosine_to
+        from pytest_nnsight.embeddings import cosine_to
         from pytest_nnsight.testing import tiny_bert
 
         def test_encoder(nnsight_model, activation_cache):

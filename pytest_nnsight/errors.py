@@ -31,7 +31,7 @@ class ModelUnavailableError(NnsightTestError, OSError):
 
     def __init__(self, model_id: str, why: str, how: str) -> None:
         self.model_id, self.why, self.how = model_id, why, how
-        super().__init__(f"model {model_id!r} is not available: {why}. {how}")
+        super().__init__(f"model {model_id!r} is not available: {why.rstrip('. ')}. {how}")
 
 
 class ModelLoadError(NnsightTestError, RuntimeError):

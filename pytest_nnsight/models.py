@@ -118,6 +118,7 @@ class ModelCache:
         self._modules: dict[int, Any] = {}  # keeps user-passed modules alive while their id() is a key
         self._lock = threading.RLock()
         self.load_counts: Counter[ModelKey] = Counter()
+        self.hub_unreachable: str | None = None  # why the hub could not be reached; the rest of the session loads offline
 
     # -- public ---------------------------------------------------------------
     def get(
@@ -216,7 +217,15 @@ class ModelCache:
             if is_path:
                 _check_checkpoint_dir(key.source)
             offline = self.settings.offline or is_path or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            module, tok = _load_pretrained(key.source, key.source, key.revision, offline=offline)
+            if self.hub_unreachable is not None and not offline:  # one failed attempt costs ~50 s: never pay it twice a session
+                offline = True
+            try:
+                module, tok = _load_pretrained(key.source, key.source, key.revision, offline=offline,
+                                               switched=None if self.hub_unreachable is None or self.settings.offline else self.hub_unreachable)
+            except ModelUnavailableError as exc:
+                if not offline and getattr(exc, "unreachable", False):
+                    self.hub_unreachable = exc.why
+                raise
             info.update(kind="path" if is_path else "hub", revision=key.revision)
             if tokenizer is not None:
                 tok = copy.deepcopy(tokenizer)
@@ -228,6 +237,10 @@ class ModelCache:
         info.update(device=key.device, dtype=str(torch_dtype).replace("torch.", ""))
         from .families import check_on_load
 
+        from .batching import EQUAL_LENGTH_NOTE, mixed_lengths_ok
+
+        if tok is not None and not mixed_lengths_ok(wrapped):  # said once, in the models section of the run
+            info["batching"] = EQUAL_LENGTH_NOTE
         family = check_on_load(wrapped)  # one probe forward for a known family; unknown architectures pass silently
         if family is not None:
             info["family"] = family
@@ -281,7 +294,10 @@ def _is_causal_config(config: Any) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def _load_pretrained(source: str, display: str, revision: str | None, *, offline: bool) -> tuple[Any, Any]:
+NETWORK_WORDS = ("connect", "resolve", "timed out", "timeout", "network", "max retries", "unreachable", "temporary failure", "offline")
+
+
+def _load_pretrained(source: str, display: str, revision: str | None, *, offline: bool, switched: str | None = None) -> tuple[Any, Any]:
     """Load a transformers checkpoint (model and tokenizer) from a local dir or the hub cache."""
     import transformers
 
@@ -301,10 +317,18 @@ def _load_pretrained(source: str, display: str, revision: str | None, *, offline
         how = (
             "Download it once where there is network access (e.g. `python -c \"import transformers as t; "
             f"t.AutoModelForCausalLM.from_pretrained('{display}')\"`) or point HF_HOME at a cache that holds it; "
-            "pass --nnsight-require-models to fail instead of skip"
+            "pass --nnsight-offline to skip hub lookups from the start, or --nnsight-require-models to fail instead of skip"
         )
-        why = "offline mode and not in the local cache" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        raise ModelUnavailableError(display, why, how) from None
+        first = (str(exc).splitlines() or [""])[0][:200].rstrip(". ")
+        if switched is not None:
+            why = f"not in the local cache, and the hub was unreachable earlier in this session ({switched}), so this session loads offline"
+        elif offline:
+            why = "offline mode and not in the local cache"
+        else:
+            why = f"{type(exc).__name__}: {first}"
+        err = ModelUnavailableError(display, why, how)
+        err.unreachable = not offline and any(w in str(exc).lower() for w in NETWORK_WORDS)
+        raise err from None
 
     auto = transformers.AutoModelForCausalLM if _is_causal_config(config) else transformers.AutoModel
     with warnings.catch_warnings():

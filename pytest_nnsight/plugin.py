@@ -190,7 +190,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         terminalreporter.write_line(
             f"{entry.info.get('id', entry.key.source)}: {entry.info.get('device')} {entry.info.get('dtype')}, "
             f"loaded {cache.load_counts[entry.key]}x in {entry.load_seconds:.2f} s"
+            + (f"; {entry.info['batching']}" if entry.info.get("batching") else "")
         )
+    if getattr(cache, "hub_unreachable", None):
+        terminalreporter.write_line(f"the model hub was unreachable ({cache.hub_unreachable}): later loads of this session ran offline; "
+                                    "--nnsight-offline skips the hub from the start")
 
 
 def _findings_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -229,7 +229,9 @@ def test_fixture_served_encoder_takes_text_in_every_verb(pytester):
             assert acts["resid_post.0"].shape == (2, 1, 32)
         """
     )
-    pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=1)
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*pytest-nnsight models*", "BertModel: cpu float32, loaded 1x in * s; batches only prompts of equal token length*"])
 
 
 # -- item 6: uncased tokenizers ------------------------------------------------------------------------

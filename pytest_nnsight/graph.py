@@ -78,6 +78,12 @@ class Circuit:
             return [(s, r, math.nan) for s, r in self.edges]
         return sorted(((s, r, v) for (s, r), v in zip(self.edges, self.scores)), key=lambda e: -abs(e[2]))
 
+    def snapshot_record(self) -> dict[str, Any]:
+        """What a findings snapshot stores: the edges ranked, each with its score, one per line (or the nodes)."""
+        rec: dict[str, Any] = {"metric": self.metric, "method": self.method, "nodes": list(self.nodes)}
+        rec["edges"] = [[s, r] + ([] if math.isnan(v) else [v]) for s, r, v in self.ranked()]
+        return rec
+
     def heads(self) -> list[str]:
         return [n for n in self.nodes if n.startswith("head_out.")]
 

@@ -94,6 +94,8 @@ class Comparison:
     moved: list[Cell] = field(default_factory=list)
     old_finding: Any = None
     new_finding: Any = None
+    rank_tolerance: int | None = None  # circuits: how far an edge may move in rank, or drop out near the cut
+    notes: list[str] = field(default_factory=list)  # circuits: re-ranked edges within tolerance
 
     @property
     def ok(self) -> bool:
@@ -108,6 +110,8 @@ def _fmt_path(path: tuple[Any, ...]) -> str:
 
 
 def _walk(old: Any, new: Any, path: tuple[Any, ...], cmp: Comparison) -> None:
+    if isinstance(old, dict) and isinstance(new, dict) and old.get("@type") == new.get("@type") == "Circuit":
+        return _circuit(old, new, path, cmp)
     o, n = _num(old), _num(new)
     if o is not None and n is not None:
         cell = Cell(path, o, n)
@@ -136,9 +140,51 @@ def _walk(old: Any, new: Any, path: tuple[Any, ...], cmp: Comparison) -> None:
         cmp.structural.append(f"{_fmt_path(path)}: {old!r} -> {new!r}")
 
 
-def compare_findings(old: Any, new: Any, tolerance: Tolerance) -> Comparison:
-    """Compare two `finding` trees (as encode.to_value makes them) cell by cell."""
-    cmp = Comparison(tolerance, old_finding=old, new_finding=new)
+def _edge_list(circuit: dict) -> list[tuple[str, str, Any]]:
+    return [(e[0], e[1], e[2] if len(e) > 2 else None) for e in circuit.get("edges", []) if isinstance(e, list) and len(e) >= 2]
+
+
+def _circuit(old: dict, new: dict, path: tuple[Any, ...], cmp: Comparison) -> None:
+    """Circuits compare by edge: the edge set exactly (or within `rank_tolerance` of the cut), scores within tolerance."""
+    where = _fmt_path(path)
+    for key in ("metric", "method"):
+        if old.get(key) != new.get(key):
+            cmp.structural.append(f"{where}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    if not old.get("edges") and not new.get("edges"):
+        if old.get("nodes") != new.get("nodes"):
+            added = [n for n in new.get("nodes", []) if n not in old.get("nodes", [])]
+            dropped = [n for n in old.get("nodes", []) if n not in new.get("nodes", [])]
+            cmp.structural.append(f"{where}: nodes added {added}, dropped {dropped}")
+        return
+    o, n = _edge_list(old), _edge_list(new)
+    rank_o, rank_n = {(s, r): k for k, (s, r, _) in enumerate(o)}, {(s, r): k for k, (s, r, _) in enumerate(n)}
+    tol = cmp.rank_tolerance
+    added = [e for e in rank_n if e not in rank_o]
+    dropped = [e for e in rank_o if e not in rank_n]
+    near_cut = tol is not None and all(rank_n[e] >= len(n) - tol for e in added) and all(rank_o[e] >= len(o) - tol for e in dropped)
+    if (added or dropped) and not near_cut:
+        name = lambda e, ranks: f"{e[0]} -> {e[1]} (rank {ranks[e] + 1})"  # noqa: E731
+        rule = "the edge set must match exactly" if tol is None else f"only edges within {tol} ranks of the cut may come and go"
+        cmp.structural.append(f"{where}: the circuit changed ({rule}): " + "; ".join(
+            part for part in (f"edges added: {', '.join(name(e, rank_n) for e in added)}" if added else "",
+                              f"edges dropped: {', '.join(name(e, rank_o) for e in dropped)}" if dropped else "") if part))
+    elif added or dropped:
+        cmp.notes.append(f"{where}: {len(added)} edge(s) added and {len(dropped)} dropped near the cut (within rank_tolerance {tol})")
+    moves = [(e, rank_o[e], rank_n[e]) for e in rank_o if e in rank_n and rank_o[e] != rank_n[e]]
+    text = ", ".join(f"{s} -> {r} {a + 1} -> {b + 1}" for (s, r), a, b in moves[:10])
+    if moves and tol is not None and any(abs(a - b) > tol for _, a, b in moves):
+        cmp.structural.append(f"{where}: edges re-ranked beyond rank_tolerance {tol}: {text}")
+    elif moves:
+        cmp.notes.append(f"{where}: edges re-ranked: {text}")
+    scores_n = {(s, r): v for s, r, v in n}
+    for s, r, v in o:
+        if (s, r) in scores_n:
+            _walk(v, scores_n[(s, r)], path + ("edges", f"{s} -> {r}"), cmp)
+
+
+def compare_findings(old: Any, new: Any, tolerance: Tolerance, rank_tolerance: int | None = None) -> Comparison:
+    """Compare two `finding` trees (as encode.to_value makes them) cell by cell; circuits edge by edge."""
+    cmp = Comparison(tolerance, old_finding=old, new_finding=new, rank_tolerance=rank_tolerance)
     _walk(old, new, (), cmp)
     return cmp
 
@@ -187,6 +233,7 @@ def explain(cmp: Comparison, show: int = 10) -> list[str]:
         lines += [f"  {s}" for s in cmp.structural[:show]]
         if len(cmp.structural) > show:
             lines.append(f"  ... only showing the first {show} of {len(cmp.structural)} changes")
+    lines += cmp.notes[:show]
     n, k = len(cmp.cells), len(cmp.moved)
     if n:
         lines.append(f"cells moved beyond tolerance: {k} / {n} ({100 * k / n:.1f}%)   tolerance: {cmp.tolerance}")

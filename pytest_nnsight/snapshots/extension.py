@@ -86,6 +86,7 @@ class Options:
     cache: Any = None
     item: Any = None
     update: bool | None = None
+    rank_tolerance: int | None = None  # circuits: ranks an edge may move, or edges near the cut that may come and go
 
 
 @dataclass
@@ -143,7 +144,8 @@ class FindingSnapshotExtension(SingleFileSnapshotExtension):
         new, old = loads(serialized_data, "<received>"), loads(snapshot_data, self._location or "<snapshot>")
         env_old, env_new = old["environment"], new["environment"]
         default = default_tolerance(env_new.get("dtype") or env_old.get("dtype"), state.atol, state.rtol)
-        cmp = compare_findings(old["finding"], new["finding"], tolerance_from(opts.atol, opts.rtol, opts.tolerance, default))
+        cmp = compare_findings(old["finding"], new["finding"], tolerance_from(opts.atol, opts.rtol, opts.tolerance, default),
+                               rank_tolerance=opts.rank_tolerance)
         changes = environment_changes(env_old, env_new)
         w_old, w_new = env_old.get("weights"), env_new.get("weights")
         # a fingerprint hashes the weights as loaded: in another dtype it differs without the weights changing
@@ -199,6 +201,7 @@ class FindingSnapshotAssertion(SnapshotAssertion):
     model: Any = None
     across_weights: bool = False
     cache: Any = None
+    rank_tolerance: int | None = None
 
     _OWN = tuple(f.name for f in fields(Options) if f.name not in ("item", "update"))  # the options a test sets
 
@@ -230,10 +233,16 @@ class FindingSnapshotAssertion(SnapshotAssertion):
         return new
 
     def __call__(self, *, atol: float | None = None, rtol: float | None = None, tolerance: Tolerance | None = None,
-                 model: Any = None, across_weights: bool | None = None, **kwargs: Any) -> "FindingSnapshotAssertion":
-        """Options for the next assertion only; syrupy's own keywords (name=, ...) pass through."""
+                 model: Any = None, across_weights: bool | None = None, rank_tolerance: int | None = None, **kwargs: Any) -> "FindingSnapshotAssertion":
+        """Options for the next assertion only; syrupy's own keywords (name=, ...) pass through.
+
+        `rank_tolerance=k` (circuits): an edge may move up to k ranks, and edges within k ranks of the cut may come
+        and go; without it the edge set must match exactly."""
         self._check(atol, rtol, tolerance)
-        for name, value in (("atol", atol), ("rtol", rtol), ("tolerance", tolerance), ("model", model), ("across_weights", across_weights)):
+        if rank_tolerance is not None and (isinstance(rank_tolerance, bool) or not isinstance(rank_tolerance, int) or rank_tolerance < 0):
+            raise ArgumentTypeError(f"rank_tolerance={rank_tolerance!r}: expected an int >= 0 (ranks an edge may move)")
+        for name, value in (("atol", atol), ("rtol", rtol), ("tolerance", tolerance), ("model", model), ("across_weights", across_weights),
+                            ("rank_tolerance", rank_tolerance)):
             if value is not None:
                 previous = getattr(self, name)
                 setattr(self, name, value)
@@ -247,7 +256,7 @@ class FindingSnapshotAssertion(SnapshotAssertion):
         ext = self.extension
         if isinstance(ext, FindingSnapshotExtension):
             ext.options = Options(self.atol, self.rtol, self.tolerance, self.model, self.across_weights, self.cache,
-                                  getattr(self.test_location, "item", None), self.update_snapshots)
+                                  getattr(self.test_location, "item", None), self.update_snapshots, rank_tolerance=self.rank_tolerance)
         ok = super()._assert(data)
         record_snapshot(self, data)  # new, matched, re-verified, drifted: for the findings report
         return ok

@@ -20,6 +20,7 @@ import torch
 
 from .attribution import _differentiable
 from .errors import ArgumentError, CircuitError, MetricError
+from .findings import record_circuit
 from .graph import Circuit, circuit_of
 from .metrics import Metric, as_metric, logit_diff
 from .paths import (
@@ -341,5 +342,7 @@ def discover(
     if not kept:
         raise CircuitError(f"no edge has |score| >= {threshold}: the largest is {abs(ranked[0][1]):.4g} ({ranked[0][0][0].label} -> {ranked[0][0][1].label})")
     m = metric if metric is not None else "logit_diff(answer, distractor)"
-    return circuit_of(((s.label, r.label, v) for (s, r), v in kept), metric=str(m), method=method + (f" ({steps} steps)" if method == "eap-ig" else ""))
+    circuit = circuit_of(((s.label, r.label, v) for (s, r), v in kept), metric=str(m), method=method + (f" ({steps} steps)" if method == "eap-ig" else ""))
+    record_circuit(circuit)  # for the findings report's drawing (a no-op outside a test)
+    return circuit
 

@@ -23,7 +23,7 @@ import torch
 from .assertions import _fail
 from .discovery import _pair_list, _row_metric
 from .errors import ArgumentError, CircuitError
-from .findings import record_check
+from .findings import record_check, record_circuit
 from .graph import Circuit, ablatable, as_circuit
 from .metrics import Metric
 from .paths import Sender, bind
@@ -282,4 +282,34 @@ def assert_minimal(result: CircuitResult, at_least: float = 0.01, *, show: int =
             ("expected", f"each node's mean contribution >= {at_least:g}"),
         ],
         "drop the failing nodes from the circuit and check faithfulness again",
+    )
+
+
+def assert_edges(circuit: Circuit, edges: Sequence[tuple[str, str]], *, show: int = 10) -> None:
+    """The circuit holds every edge in `edges` (sender, receiver); the report draws them as claimed, missing ones in magenta.
+
+    >>> assert_edges(discover(model, pairs, top_k=12), [("head_out.0.0", "k_in.1.0")])   # doctest: +SKIP
+    """
+    __tracebackhide__ = True
+    if not isinstance(circuit, Circuit):
+        raise ArgumentError(f"circuit is a {type(circuit).__name__}: expected a Circuit (from discover or Circuit(edges=...))")
+    wanted = [tuple(e) for e in edges]
+    if not wanted or any(len(e) != 2 for e in wanted):
+        raise ArgumentError(f"edges={edges!r:.100}: expected a non-empty list of (sender, receiver) pairs")
+    have = set(circuit.edges)
+    missing = [e for e in wanted if e not in have]
+    record_circuit(circuit, claimed=[e for e in wanted if e in have], missing=missing)
+    record_check(f"claimed edges present in the circuit ({len(wanted)} claimed)", len(wanted) - len(missing), ">=", len(wanted))
+    if not missing:
+        return
+    rank = {(s, r): k + 1 for k, (s, r, _) in enumerate(circuit.ranked())}
+    _fail(
+        f"claim: the circuit holds the edges {', '.join(f'{s} -> {r}' for s, r in wanted)}",
+        [
+            ("missing", ", ".join(f"{s} -> {r}" for s, r in missing)),
+            ("present", ", ".join(f"{s} -> {r} (rank {rank[e]})" for e in wanted if e in have for s, r in [e]) or "none"),
+            ("circuit", f"{len(circuit.edges)} edges ({circuit.method or 'given'}, {circuit.metric}), top {min(show, len(circuit.edges))}:\n"
+                        + "\n".join(circuit.to_text().splitlines()[:show])),
+        ],
+        "raise top_k (or lower threshold) if the edge ranks just below the cut; path_patch() the edge to see its true effect",
     )

@@ -34,10 +34,12 @@ class Recorder:
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     lenses: list[dict[str, Any]] = field(default_factory=list)
     generations: list[dict[str, Any]] = field(default_factory=list)
+    circuits: list[dict[str, Any]] = field(default_factory=list)
     _map_ids: dict[int, int] = field(default_factory=dict, repr=False)
 
     def empty(self) -> bool:
-        return not (self.checks or self.maps or self.effects or self.populations or self.snapshots or self.lenses or self.generations)
+        return not (self.checks or self.maps or self.effects or self.populations or self.snapshots or self.lenses or self.generations
+                    or self.circuits)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -149,6 +151,20 @@ def record_population(rec: Recorder, result: Any, min_rate: float | None = None,
         "std": _num(result.std), "threshold": _num(result.threshold), "effects": [_num(e) for e in result.effects[:MAX_VALUES]],
         "min_rate": _num(min_rate), "on": on,
     })
+
+
+@_safe
+def record_circuit(rec: Recorder, circuit: Any, claimed: Sequence[tuple[str, str]] = (), missing: Sequence[tuple[str, str]] = ()) -> None:
+    """A Circuit (edges with scores, or nodes), with the edges a test claims and those it found missing, for the drawing."""
+    entry = {"metric": circuit.metric, "method": circuit.method, "nodes": list(circuit.nodes),
+             "edges": [[s, r, _num(v)] for s, r, v in circuit.ranked()], "claimed": [list(e) for e in claimed],
+             "missing": [list(e) for e in missing]}
+    for old in rec.circuits:  # the same circuit recorded again (discover, then a claim on it): keep the one with claims
+        if old["edges"] == entry["edges"] and old["nodes"] == entry["nodes"]:
+            old["claimed"] = sorted({tuple(e) for e in old["claimed"] + entry["claimed"]})
+            old["missing"] = sorted({tuple(e) for e in old["missing"] + entry["missing"]})
+            return
+    _append(rec.circuits, entry)
 
 
 @_safe

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from .environment import library_versions, package_version
 from .files import atomic_write
 from .findings import fmt, primary_check, summary_line, variant_effects
+from .report_circuits import circuit_figures, circuit_html, circuit_md
 from .report_sections import html_sections, lens_figures, md_sections
 
 FORMAT = 1
@@ -136,6 +137,7 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
         fig.tight_layout()
         out[f"figures/{slug}-variants.png"] = _png(fig, plt)
     out.update(lens_figures(rec, slug, plt, _png))
+    out.update(circuit_figures(rec, slug, plt, _png))
     return out
 
 
@@ -181,6 +183,7 @@ def _md(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[in
         for m in rec.get("maps", [])[:8]:
             lines += ["", f"{m['metric']}: {m['corrupt_prompt']!r} <- {m['clean_prompt']!r}", "", _md_map(m)]
         lines += md_sections(rec)
+        lines += circuit_md(rec)
         lines += [f"\n![figure]({f})" for f in figures.get(k, [])]
     lines += ["", "## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
     return "\n".join(lines) + "\n"
@@ -257,6 +260,7 @@ def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[
         if not figures.get(k):  # without matplotlib the map is an HTML table; with it, the figure below
             parts += [_html_map(m) for m in rec.get("maps", [])[:8]]
         parts += html_sections(rec, figures=bool(figures.get(k)))
+        parts += circuit_html(rec)
         parts += [f"<img src='{e(f)}' alt='{e(Path(f).stem)}'>" for f in figures.get(k, [])]
     parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td style='text-align:left'>{e(str(v))}</td></tr>"
                                                           for k, v in env.items()) + "</table></body></html>")
@@ -290,7 +294,7 @@ def write_report(directory: str | os.PathLike, records: Sequence[dict[str, Any]]
     figdir = d / "figures"
     if figdir.is_dir():  # figures of an earlier run that this run did not draw
         for old in figdir.glob("*.png"):
-            if f"figures/{old.name}" not in written and re.search(r"-(map\d+|lens\d+|variants)\.png$", old.name):
+            if f"figures/{old.name}" not in written and re.search(r"-(map\d+|lens\d+|circuit\d+|variants)\.png$", old.name):
                 old.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
     return result

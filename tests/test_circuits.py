@@ -247,3 +247,43 @@ def test_a_circuit_reads_and_prints(model):
     with pytest.raises(CircuitError, match="2 scores for 1 edges"):
         Circuit(edges=(("embed", "logits"),), scores=(1.0, 2.0))
     assert math.isnan(Circuit(edges=(("embed", "logits"),)).ranked()[0][2])
+
+
+REPORTED = """
+import pytest
+from pytest_nnsight.circuits import Circuit, assert_edges
+
+CIRCUIT = Circuit(edges=[("embed", "v_in.0.0"), ("head_out.0.0", "k_in.1.2"), ("head_out.1.2", "logits")], scores=[1.1, 0.3, -0.2],
+                  metric="logit_diff", method="eap-ig (5 steps)")
+
+def test_claimed_edges():
+    assert_edges(CIRCUIT, [("head_out.0.0", "k_in.1.2")])
+
+def test_missing_edge():
+    assert_edges(CIRCUIT, [("head_out.0.0", "k_in.1.2"), ("head_out.0.1", "k_in.1.2")])
+"""
+
+
+def test_the_report_draws_the_circuit_with_claimed_and_missing_edges(pytester):
+    pytest.importorskip("matplotlib")
+    pytester.makepyfile(test_reported=REPORTED)
+    result = pytester.runpytest_inprocess("--nnsight-report", "out", "-p", "no:hypothesispytest")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*claim: the circuit holds the edges head_out.0.0 -> k_in.1.2, head_out.0.1 -> k_in.1.2",
+                                 "*missing: *head_out.0.1 -> k_in.1.2", "*present: *head_out.0.0 -> k_in.1.2 (rank 2)"])
+    out = pytester.path / "out"
+    page = (out / "index.html").read_text()
+    assert page.count("<table class='circuit'>") == 2
+    assert "head_out.0.0 &rarr; k_in.1.2</td><td>+0.3000</td><td>claimed" in page and "claimed, missing" in page
+    figures = sorted(p.name for p in (out / "figures").glob("*circuit*.png"))
+    assert figures == ["test_claimed_edges-circuit0.png", "test_missing_edge-circuit0.png"]
+    assert (out / "figures" / figures[0]).read_bytes()[:4] == b"\x89PNG"
+    assert "| 2 | head_out.0.0 -> k_in.1.2 | +0.3000 | claimed |" in (out / "findings.md").read_text()
+
+
+def test_circuit_drawing_places_nodes_by_layer():
+    from pytest_nnsight.report_circuits import layout
+
+    pos = layout(["embed", "head_out.0.0", "head_out.0.3", "mlp_out.0", "head_out.1.2", "mlp_out.1", "logits"])
+    assert pos["embed"] == (1.5, 0.0) and pos["logits"] == (1.5, 5.0)
+    assert pos["head_out.0.3"] == (3.0, 1.0) and pos["mlp_out.0"] == (1.5, 2.0) and pos["head_out.1.2"] == (2.0, 3.0)

@@ -61,6 +61,7 @@ class Metric:
     needs_reference: bool = False
     takes_mask: bool = False
     padding_safe: bool = True
+    last_only: bool = False  # reads only the last position's logits, so forwards compute no others
 
     def __call__(self, output: Any, reference: Any = None, mask: Any = None) -> Any:
         if self.takes_mask:
@@ -80,7 +81,7 @@ class MetricSpec:
     def bind(self, model: Any) -> Metric:
         tokenizer = getattr(model, "tokenizer", None)
         ids = [token_id(tokenizer, t) for t in self.tokens]
-        return Metric(self.name, self.build(*ids), self.needs_reference)
+        return Metric(self.name, self.build(*ids), self.needs_reference, last_only=True)  # every built-in reads the last position
 
     def __repr__(self) -> str:
         return self.name
@@ -129,6 +130,18 @@ def kl_div() -> MetricSpec:
     return MetricSpec("kl_div()", (), build, needs_reference=True)
 
 
+def last_position(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Declare that a metric function reads only the last position's logits (`out.logits[:, -1]`), so sweeps and
+    populations compute the LM head there alone. Undeclared functions get the logits of every position.
+
+    >>> @last_position                                                      # doctest: +SKIP
+    ... def paris_minus_berlin(out):
+    ...     return out.logits[:, -1, PARIS] - out.logits[:, -1, BERLIN]
+    """
+    fn.nnsight_last_position = True  # type: ignore[attr-defined]
+    return fn
+
+
 def as_metric(model: Any, metric: Any) -> Metric:
     """A bound Metric from a MetricSpec, a Metric, or a user function `output -> value per row`."""
     if isinstance(metric, Metric):
@@ -139,7 +152,8 @@ def as_metric(model: Any, metric: Any) -> Metric:
         name = getattr(metric, "__name__", type(metric).__name__)
         if _takes_mask(metric):  # metric(output, mask): sees the real-token mask, so padding cannot move it
             return Metric(name, _guarded(metric, name, with_mask=True), takes_mask=True)
-        return Metric(name, _guarded(metric, name), padding_safe=False)
+        last = getattr(metric, "nnsight_last_position", False) is True  # @last_position: the LM head runs there alone
+        return Metric(name, _guarded(metric, name), padding_safe=last, last_only=last)
     raise MetricError(f"metric {metric!r} is not a metric: expected logit_diff(...), prob(...), logprob(...), rank(...), kl_div(), cosine_to(...), distance_to(...), pooled_embedding(...) or a function of the model output")
 
 

@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 DEMO_REPORT ?= reports/demo
 
-.PHONY: demo test bench docs venv clean
+.PHONY: demo test bench bench-gpu docs venv clean
 
 venv: $(VENV)/.installed
 
@@ -33,8 +33,15 @@ test: venv
 docs: venv
 	$(PY) -m mkdocs build --strict --site-dir site
 
+# bench needs the optional `bench` extra (TransformerLens 4.x) for its side-by-side entry; it is installed here.
 bench: venv
-	$(PY) benchmarks/run.py
+	$(PY) -c "import transformer_lens" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/run.py
+
+# on a CUDA machine (a CUDA build of torch in .venv): the side-by-side benchmark in fp32 and bf16 and the examples on CUDA
+bench-gpu: venv
+	$(PY) -c "import transformer_lens" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
+	OMP_WAIT_POLICY=PASSIVE timeout 600 $(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build site *.egg-info

@@ -38,6 +38,7 @@ def gpt2s(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab: int = 5
     tok = word_tokenizer([f"w{i}" for i in range(vocab - 3)])
     cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head, bos_token_id=1,
                      eos_token_id=1, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = "eager"  # what TransformerLens's bridge runs: every contender the same attention kernels
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg)
     model.eval()

@@ -146,12 +146,21 @@ def plan_for(model: Any) -> Plan | None:
         return _PLANS[root]
     plan = None
     layout = find_layout(model)
-    if layout is not None and layout.has_lm_head and layout.family.name in REPLAYABLE and layout.path("final_norm"):
+    head = _lm_head(root, layout)
+    if layout is not None and head is not None and layout.family.name in REPLAYABLE and layout.path("final_norm"):
         paths = [layout.layer(i) for i in range(layout.n_layers)]
-        plan = Plan(root, [root.get_submodule(p) for p in paths], paths, root.get_submodule(layout.path("final_norm")),
-                    root.get_submodule(layout.path("lm_head")), layout.path("embed"))
+        plan = Plan(root, [root.get_submodule(p) for p in paths], paths, root.get_submodule(layout.path("final_norm")), head, layout.path("embed"))
     _PLANS[root] = plan
     return plan
+
+
+def _lm_head(root: Any, layout: Any) -> Any:
+    """The LM head: the family's path, else transformers' own accessor (GPT-NeoX's `embed_out` is `lm_head` in 5.x)."""
+    if layout is not None and layout.has_lm_head:
+        return root.get_submodule(layout.path("lm_head"))
+    getter = getattr(root, "get_output_embeddings", None)
+    head = getter() if callable(getter) and layout is not None and layout.prefix else None
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 #: families whose forward is embed -> blocks -> final norm -> LM head, nothing else between (checked once per model)

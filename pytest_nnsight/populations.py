@@ -23,7 +23,8 @@ from .errors import ArgumentError, BatchingMismatchError, BrokenExperimentError,
 from .findings import record_population
 from .prompts import pair_positions, text_of
 from .trace import Edit, normalized, run
-from .metrics import Metric, as_metric, logit_diff
+from . import forward as _forward
+from .metrics import Metric, as_metric, logit_diff, per_row
 from .sites import resolve_site
 from .strategies import CounterfactualPair, StrategyError
 from .stats import wilson_interval
@@ -139,6 +140,46 @@ def _measure(
     return src_vals, tgt_vals, patched
 
 
+def _prefix_rows(model: Any, plan: Any, start: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], positions: Sequence[list[int]],
+                 bound: Sequence[Metric], batch_size: int, mixed: bool) -> tuple[list[float], list[float], list[float]] | None:
+    """`_measure`'s numbers by prefix reuse: per chunk one forward of [clean, corrupt] rows records the donors and the corrupt
+    rows' residuals; the patched rows then start at the patched block (padding shifts each row's positions)."""
+    n = len(cleans)
+    src_vals, tgt_vals, patched = [0.0] * n, [0.0] * n, [0.0] * n
+    check = _forward.needs_identity_check(plan)
+    lengths = lengths_of(model, [text_of(t) for t in targets])
+    for idx in groups(lengths, max(1, batch_size // 2), mixed=mixed):
+        texts = [t for i in idx for t in (text_of(cleans[i]), text_of(targets[i]))]
+        metric = _row_metric([bound[i] for i in idx for _ in (0, 1)])
+        batch = _forward.encode(model, texts)
+        mask = batch.get("attention_mask")
+        kwargs = _forward.forward_kwargs(plan.root, keep_last=all(bound[i].last_only for i in idx))
+        target_rows = list(range(1, 2 * len(idx), 2))
+        cap, acts = _forward.capture(plan, batch, kwargs, read=[s], target_rows=target_rows)
+        values = per_row(metric(cap.output, None, mask), len(texts), metric)
+        rows = []
+        for k, i in enumerate(idx):
+            src_vals[i], tgt_vals[i] = float(values[2 * k]), float(values[2 * k + 1])
+            shift_src = int(mask[2 * k].argmax()) if mask is not None else 0  # first real token of a left-padded row
+            shift_tgt = int(mask[2 * k + 1].argmax()) if mask is not None else 0
+            rows.append(_forward.Row(start, tuple(p + shift_tgt for p in positions[i]), acts[s][2 * k, [p + shift_src for p in positions[i]]], source=k))
+        metrics = [bound[i] for i in idx]
+        if check:
+            rows.append(_forward.Row(_forward.Start(0), (), None, source=0))
+            metrics.append(bound[idx[0]])
+        row_metric = _row_metric(metrics)
+        keep_last = all(m.last_only for m in metrics)
+        row_mask = None if mask is None else mask[torch.tensor([target_rows[r.source] for r in rows], device=mask.device)]
+        out = _forward.replay(plan, cap, rows, lambda h: per_row(row_metric(_forward.head_logits(plan, h, keep_last), None, row_mask), len(rows), row_metric))
+        if check:
+            if not _forward.identity_checked(plan, float(out[-1]), tgt_vals[idx[0]], 1e-4 if acts[s].dtype == torch.float32 else 5e-2):
+                return None
+            out, check = out[:-1], False
+        for i, v in zip(idx, out.tolist()):
+            patched[i] = v
+    return src_vals, tgt_vals, patched
+
+
 def _check_batching(flag: bool | None) -> bool:
     from . import settings as _settings
 
@@ -190,6 +231,7 @@ def population(
     same_length: bool = False,
     check_batching: bool | None = None,
     check_pairs: int | None = None,
+    reuse: str = "prefix",
 ) -> PopulationResult:
     """Patch `site` at `position` from clean into corrupt for every pair; effect per pair, batched.
 
@@ -200,8 +242,11 @@ def population(
     (a causal decoder nnsight 0.8 left-pads with position ids, measured by a padding-safe metric); otherwise,
     and with `same_length=True`, only prompts of equal token length share a trace.
     `check_batching` (None follows --nnsight-check-batching) re-runs `check_pairs` pairs alone and fails
-    with BatchingMismatchError when a batched value differs.
+    with BatchingMismatchError when a batched value differs. `reuse='prefix'` (default) starts each patched row at the
+    patched block from the corrupt run's cached residual (pytest_nnsight.forward); 'none' runs plain nnsight traces.
     """
+    if reuse not in ("prefix", "none"):
+        raise ArgumentError(f"reuse {reuse!r}: expected 'prefix' or 'none'")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
     if direction not in ("clean->corrupt", "corrupt->clean"):
@@ -217,7 +262,10 @@ def population(
     positions = [pair_positions(model, p.clean, p.corrupt, position)[2] for p in variants]
 
     mixed = not same_length and may_mix(model, bound)
-    src_vals, tgt_vals, patched = _measure(model, s, cleans, targets, positions, bound, batch_size, mixed)
+    plan = _forward.plan_for(model) if reuse == "prefix" else None
+    start = plan.start_of(s) if plan is not None else None
+    done = _prefix_rows(model, plan, start, s, cleans, targets, positions, bound, batch_size, mixed) if start is not None else None
+    src_vals, tgt_vals, patched = done if done is not None else _measure(model, s, cleans, targets, positions, bound, batch_size, mixed)
     if _check_batching(check_batching) and len(variants) > 1:
         _verify(model, s, cleans, targets, positions, bound, (src_vals, tgt_vals, patched), check_pairs)
 

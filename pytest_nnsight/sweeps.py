@@ -122,9 +122,11 @@ def prefix_cells(
     base = per_row(metric(cap.output, reference), 2, metric)
     src, tgt = float(base[0]), float(base[1])
     normalized(tgt, tgt, src, min_gap=min_gap, what=what)  # refuses a broken experiment before any cell runs
+    same = [torch.equal(acts[site_list[i]][0, p], acts[site_list[i]][1, p]) for i, p in cells]
     acts = {s: a[:1] for s, a in acts.items()}
-    order = sorted(range(len(cells)), key=lambda k: (starts[cells[k][0]].layer, k))
-    raw = torch.empty(len(cells))
+    raw = torch.full((len(cells),), tgt)  # a patch writing the value already there changes nothing (e.g. positions
+    # before the first token where the prompts differ, in a causal model): such cells keep the target's metric
+    order = sorted((k for k in range(len(cells)) if not same[k]), key=lambda k: (starts[cells[k][0]].layer, k))
     check = _forward.needs_identity_check(plan)
     for at in range(0, len(order), rows):
         chunk = order[at : at + rows]

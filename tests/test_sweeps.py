@@ -153,7 +153,7 @@ def test_slot_positions_in_a_sweep(capitals):
     assert effects.positions == (4,) and effects.tokens == ("France",)
 
 
-@pytest.mark.parametrize("batch_size", [0, -1, True, 2.0, None])
+@pytest.mark.parametrize("batch_size", [0, -1, True, 2.0, "8"])  # None sizes chunks by memory
 def test_bad_batch_size_is_a_value_error(capitals, batch_size):
     with pytest.raises(ValueError, match="batch_size .*: expected a positive int"):
         sweep(capitals, CLEAN, CORRUPT, LD, batch_size=batch_size)
@@ -164,8 +164,12 @@ def test_sweep_refuses_a_broken_experiment_before_running_cells(capitals, monkey
     real = sweeps.run
     monkeypatch.setattr(sweeps, "run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with pytest.raises(BrokenExperimentError, match=r"sweeping 2 sites x 6 positions: the two runs barely differ"):
-        sweep(capitals, CLEAN, CLEAN, LD)
+        sweep(capitals, CLEAN, CLEAN, LD, reuse="none")
     assert len(calls) == 1  # only the unpatched pair ran
+    monkeypatch.setattr(sweeps, "run_cells", lambda *a, **kw: calls.append(2))
+    with pytest.raises(BrokenExperimentError, match=r"the two runs barely differ"):
+        sweep(capitals, CLEAN, CLEAN, LD)  # prefix reuse: refused before any patched row
+    assert calls == [1]
 
 
 # -- check_batching -------------------------------------------------------------------------------
@@ -173,7 +177,9 @@ def test_sweep_refuses_a_broken_experiment_before_running_cells(capitals, monkey
 
 @pytest.fixture
 def count_runs(monkeypatch):
-    """Wrap sweeps.run; `broken=True` adds 0.5 to the metric of every batched patched run (single cells stay right)."""
+    """Wrap sweeps.run (these tests sweep with reuse='none', the plain path); `broken=True` adds 0.5 to the metric of
+    every batched patched run (single cells stay right). Cached batching verdicts are dropped, so every check runs."""
+    sweeps.forget_verdicts()
     state = {"single": 0, "batched": 0, "broken": False}
     real = sweeps.run
 
@@ -191,7 +197,7 @@ def count_runs(monkeypatch):
 
 
 def test_check_batching_reruns_the_asked_cells_and_passes(capitals, count_runs, naive):
-    effects = sweep(capitals, CLEAN, CORRUPT, LD, batch_size=4, check_batching=True, check_cells=5)
+    effects = sweep(capitals, CLEAN, CORRUPT, LD, batch_size=4, check_batching=True, check_cells=5, reuse="none")
     assert count_runs == {"single": 5, "batched": 3, "broken": False}
     torch.testing.assert_close(torch.tensor(effects.raw), torch.tensor(naive[1]), atol=TOL, rtol=0)
 
@@ -199,7 +205,7 @@ def test_check_batching_reruns_the_asked_cells_and_passes(capitals, count_runs, 
 def test_check_batching_catches_a_broken_batch_path(capitals, count_runs):
     count_runs["broken"] = True
     with pytest.raises(BatchingMismatchError) as info:
-        sweep(capitals, CLEAN, CORRUPT, LD, check_batching=True, check_cells=3)
+        sweep(capitals, CLEAN, CORRUPT, LD, check_batching=True, check_cells=3, reuse="none")
     message = str(info.value)
     assert "batched sweep disagrees with single-cell runs beyond 0.0001 in 3 of 3 checked cells" in message
     assert "|diff| 0.5" in message
@@ -209,12 +215,20 @@ def test_check_batching_catches_a_broken_batch_path(capitals, count_runs):
 
 def test_check_batching_follows_the_setting_and_is_what_catches_the_bug(capitals, count_runs, monkeypatch):
     count_runs["broken"] = True
-    sweep(capitals, CLEAN, CORRUPT, LD, check_batching=False)  # without the check a broken batch passes silently
+    sweep(capitals, CLEAN, CORRUPT, LD, check_batching=False, reuse="none")  # without the check a broken batch passes silently
     monkeypatch.setattr(settings_module, "ACTIVE", Settings(check_batching=True, check_batching_cells=2))
     with pytest.raises(BatchingMismatchError, match="in 2 of 2 checked cells"):
-        sweep(capitals, CLEAN, CORRUPT, LD)
+        sweep(capitals, CLEAN, CORRUPT, LD, reuse="none")
     monkeypatch.setattr(settings_module, "ACTIVE", Settings(check_batching=False))
-    sweep(capitals, CLEAN, CORRUPT, LD)
+    sweep(capitals, CLEAN, CORRUPT, LD, reuse="none")
+
+
+def test_check_batching_catches_a_broken_prefix_path(capitals, monkeypatch):
+    sweeps.forget_verdicts()
+    real = sweeps.run_cells
+    monkeypatch.setattr(sweeps, "run_cells", lambda *a, **kw: real(*a, **kw) + 0.5)
+    with pytest.raises(BatchingMismatchError, match=r"in 4 of 12 checked cells"):  # the 8 cells before 'Germany' run no row
+        sweep(capitals, CLEAN, CORRUPT, LD, check_batching=True, check_cells=12)
 
 
 def test_tolerance_for_low_precision_dtypes():

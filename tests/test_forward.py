@@ -1,0 +1,147 @@
+"""Prefix reuse (pytest_nnsight.forward) gives the plain nnsight path's numbers: sweeps over every kind of layer site and
+left-padded populations, on tiny seeded GPT-2, Llama-style and NeoX models (float32, 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight import forward, sweeps
+from pytest_nnsight.metrics import Metric, as_metric, last_position, logit_diff
+from pytest_nnsight.populations import population
+from pytest_nnsight.prompts import Prompt
+from pytest_nnsight.strategies import CounterfactualPair
+from pytest_nnsight.sweeps import sweep
+from pytest_nnsight.testing import tiny_model
+
+FAMILIES = ("gpt2", "llama", "gpt_neox")
+CLEAN, CORRUPT = "When Mary and John went to the store , John gave a drink to", "When Mary and John went to the store , Mary gave a drink to"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    module, tok = tiny_model(request.param, n_layer=3)
+    return ModelCache(Settings(device="cpu")).get(module, tok)
+
+
+def raw(effects) -> torch.Tensor:
+    return torch.tensor(effects.raw, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("sites", ["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out", "embed"])
+def test_prefix_sweep_equals_the_plain_path(tiny, sites):
+    metric = logit_diff("Mary", "John")
+    fast = sweep(tiny, CLEAN, CORRUPT, metric, sites=sites, check_batching=False)
+    plain = sweep(tiny, CLEAN, CORRUPT, metric, sites=sites, check_batching=False, reuse="none")
+    assert forward.plan_for(tiny) is not None  # the prefix path ran (it refuses a model it cannot replay)
+    torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)
+    assert (fast.clean, fast.corrupt) == pytest.approx((plain.clean, plain.corrupt), abs=TOL)
+
+
+def test_prefix_sweep_in_small_chunks_and_the_other_direction(tiny):
+    metric = logit_diff("Mary", "John")
+    plain = sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", direction="corrupt->clean", check_batching=False, reuse="none")
+    for batch_size in (1, 5):
+        fast = sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", direction="corrupt->clean", batch_size=batch_size, check_batching=False)
+        torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)
+
+
+def test_full_logit_user_metric_and_kl_match_the_plain_path(tiny):
+    seen = []
+
+    def mean_logit_of_mary(out):  # reads every position: gets the full logits
+        seen.append(out.logits.shape[1])
+        return out.logits[:, :, 3].mean(-1)
+
+    fast = sweep(tiny, CLEAN, CORRUPT, mean_logit_of_mary, sites="resid_pre", check_batching=False)
+    assert set(seen) == {len(tiny.tokenizer(CLEAN)["input_ids"])}
+    plain = sweep(tiny, CLEAN, CORRUPT, mean_logit_of_mary, sites="resid_pre", check_batching=False, reuse="none")
+    torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)
+
+
+def test_a_declared_last_position_metric_gets_one_position(tiny):
+    seen = []
+
+    @last_position
+    def mary_minus_john(out):
+        seen.append(out.logits.shape[1])
+        return out.logits[:, -1, 3] - out.logits[:, -1, 4]
+
+    assert as_metric(tiny, mary_minus_john).last_only and as_metric(tiny, logit_diff("Mary", "John")).last_only
+    sweep(tiny, CLEAN, CORRUPT, mary_minus_john, sites="resid_pre", check_batching=False)
+    assert set(seen) == {1}
+
+
+def pairs_of_three_lengths() -> list[CounterfactualPair]:
+    templates = ["When {a} and {b} went to the store , {b} gave a drink to", "When {a} and {b} went to the store {b} gave a drink to",
+                 "{a} and {b} went to the store , {b} gave a drink to", "{a} and {b} went , {b} gave a drink to"]
+    pairs = []
+    for t in templates:
+        for a, b in (("Mary", "John"), ("John", "Mary")):
+            clean = Prompt(t.format(a=a, b=b), {"a": a, "b": b})
+            corrupt = Prompt(t.format(a=a, b=a), {"a": a, "b": a})
+            pairs.append(CounterfactualPair(clean, corrupt, a, b, t))
+    return pairs
+
+
+@pytest.mark.parametrize("site", ["resid_post.0", "resid_pre.2", "attn_out.1", "mlp_out.2", "head_out.1.2"])
+def test_left_padded_population_by_prefix_reuse_equals_the_plain_path(tiny, site):
+    pairs = pairs_of_three_lengths()
+    assert len({len(tiny.tokenizer(p.clean.text)["input_ids"]) for p in pairs}) == 3  # rows really are padded
+    fast = population(tiny, pairs, site, "last", threshold=0.5, batch_size=6)
+    plain = population(tiny, pairs, site, "last", threshold=0.5, batch_size=6, reuse="none")
+    for name in ("clean", "corrupt", "patched"):
+        torch.testing.assert_close(torch.tensor(getattr(fast, name)), torch.tensor(getattr(plain, name)), atol=TOL, rtol=0)
+
+
+def test_a_replay_that_does_not_reproduce_the_model_falls_back_to_the_plain_path(monkeypatch):
+    module, tok = tiny_model("gpt2", seed=3)
+    model = ModelCache(Settings(device="cpu")).get(module, tok)
+    plan = forward.plan_for(model)
+    real_head = plan.lm_head
+    plan.lm_head = lambda h: real_head(h) * 1.5  # a forward the replay does not know about
+    metric = logit_diff("Mary", "John")
+    effects = sweep(model, CLEAN, CORRUPT, metric, sites="resid_post", check_batching=False)
+    assert forward.plan_for(model) is None  # refused for this model from now on
+    plain = sweep(model, CLEAN, CORRUPT, metric, sites="resid_post", check_batching=False, reuse="none")
+    torch.testing.assert_close(raw(effects), raw(plain), atol=TOL, rtol=0)
+
+
+def test_forward_kwargs_follow_the_forward_signature():
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, num_logits_to_keep=0, use_cache=None):
+            return input_ids
+
+    class Encoder(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    assert forward.forward_kwargs(Old(), keep_last=True) == {"use_cache": False, "num_logits_to_keep": 1}
+    assert forward.forward_kwargs(Old(), keep_last=False) == {"use_cache": False}
+    assert forward.forward_kwargs(Encoder(), keep_last=True) == {}
+
+
+def test_chunk_rows_follow_the_memory_budget(tiny):
+    plan = forward.plan_for(tiny)
+    small = forward.rows_per_chunk(plan, tiny, 16, True, 2**20)
+    big = forward.rows_per_chunk(plan, tiny, 16, True, 2**24)
+    assert 1 <= small < big
+    assert forward.rows_per_chunk(plan, tiny, 16, False, 2**24) < big  # full logits cost more per row
+    assert forward.rows_per_chunk(plan, tiny, 16, True, 1) == 1
+
+
+def test_batching_verdict_is_cached_per_model_sites_and_chunk_shape(tiny, monkeypatch):
+    sweeps.forget_verdicts()
+    calls = []
+    real = sweeps.verify_cells
+    monkeypatch.setattr(sweeps, "verify_cells", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
+    metric = logit_diff("Mary", "John")
+    for _ in range(2):
+        sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", check_batching=True, check_cells=3)
+    assert len(calls) == 1  # the second sweep of the same shape reuses the verdict
+    sweep(tiny, CLEAN, CORRUPT, metric, sites="mlp_out", check_batching=True, check_cells=3)
+    sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", batch_size=4, check_batching=True, check_cells=3)
+    assert len(calls) == 3  # other sites, another chunk shape: checked again
+    sweeps.forget_verdicts()

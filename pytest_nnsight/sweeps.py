@@ -119,7 +119,8 @@ def prefix_cells(
     kwargs = _forward.forward_kwargs(plan.root, keep_last=metric.last_only)
     cap, acts = _forward.capture(plan, batch, kwargs, read=site_list, target_rows=[1])
     reference = _last_logits(cap.output, 0 if clean_first else 1) if metric.needs_reference else None
-    base = per_row(metric(cap.output, reference), 2, metric)
+    mask = batch.get("attention_mask")
+    base = per_row(metric(cap.output, reference, mask), 2, metric)
     src, tgt = float(base[0]), float(base[1])
     normalized(tgt, tgt, src, min_gap=min_gap, what=what)  # refuses a broken experiment before any cell runs
     same = [torch.equal(acts[site_list[i]][0, p], acts[site_list[i]][1, p]) for i, p in cells]
@@ -133,7 +134,7 @@ def prefix_cells(
         todo = [_forward.Row(starts[cells[k][0]], (cells[k][1],), acts[site_list[cells[k][0]]][0, [cells[k][1]]]) for k in chunk]
         if check:
             todo.append(_forward.Row(_forward.Start(0), (), None))
-        values = run_cells(plan, cap, todo, metric, reference)
+        values = run_cells(plan, cap, todo, metric, reference, None if mask is None else mask[1:].expand(len(todo), -1))
         if check:
             if not _forward.identity_checked(plan, float(values[-1]), tgt, tolerance_for(acts[site_list[0]].dtype)):
                 return None  # this model's forward is not blocks -> final norm -> LM head: the plain path runs it
@@ -142,11 +143,11 @@ def prefix_cells(
     return src, tgt, acts, raw
 
 
-def run_cells(plan: Any, cap: Any, todo: Sequence[Any], metric: Any, reference: Any) -> torch.Tensor:
+def run_cells(plan: Any, cap: Any, todo: Sequence[Any], metric: Any, reference: Any, mask: Any = None) -> torch.Tensor:
     """The metric of each replayed row (the batched path that --nnsight-check-batching checks)."""
 
     def finish(hidden: torch.Tensor) -> torch.Tensor:
-        return per_row(metric(_forward.head_logits(plan, hidden, metric.last_only), reference), len(todo), metric)
+        return per_row(metric(_forward.head_logits(plan, hidden, metric.last_only), reference, mask), len(todo), metric)
 
     return _forward.replay(plan, cap, todo, finish)
 

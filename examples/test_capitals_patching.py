@@ -28,7 +28,7 @@ def test_subject_then_last_position(capitals, template):
     print(f"\n{effects!r}\n{effects.to_text()}")
     subject = effects.tokens.index(country)
     last = len(effects.tokens) - 1
-    assert_peaks_at(effects, [("embed", subject), ("block 0", last), ("block 1", last)], at_least=0.9, elsewhere_at_most=0.05)
+    assert_peaks_at(effects, [("embed", subject), ("resid_post.0", last), ("resid_post.1", last)], at_least=0.9, elsewhere_at_most=0.05)
 
 
 @pytest.mark.finding("patching the last position after block 0 restores the capital (>= 0.9 of the logit difference)")

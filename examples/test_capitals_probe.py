@@ -40,8 +40,8 @@ def probes(activation_cache, capitals):
 
 @pytest.mark.finding("a linear probe decodes the country at the last position from block 0 on, not from the embeddings")
 def test_country_is_decodable_at_the_last_position_from_block_0(probes):
-    assert_probe(probes["block 0"], 0.9, over_baseline=0.5)
-    assert_probe(probes["block 1"], 0.9, over_baseline=0.5)
+    assert_probe(probes["resid_post.0"], 0.9, over_baseline=0.5)
+    assert_probe(probes["resid_post.1"], 0.9, over_baseline=0.5)
     embedding = probes["embed"]  # the last token ('is', 'in', ...) does not depend on the country
     assert embedding.accuracy <= embedding.baseline + 0.1
 
@@ -54,7 +54,7 @@ def test_decodable_layer_agrees_with_the_patching_map(capitals, probes):
                         sites=[embed(capitals), *blocks(capitals)])
         last = effects.positions[-1]
         first_causal = next((s for s, v in zip(effects.sites, effects.column(last)) if v >= 0.9), None)
-        assert first_decodable == first_causal == "block 0", f"{template}:\n{effects.to_text()}\n{probes.to_text()}"
+        assert first_decodable == first_causal == "resid_post.0", f"{template}:\n{effects.to_text()}\n{probes.to_text()}"
 
 
 def test_cache_is_reused_between_tests_without_a_forward_pass(activation_cache, capitals, probes):

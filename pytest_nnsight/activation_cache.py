@@ -113,7 +113,7 @@ class ActivationCache:
     `forwards` counts the batched forward passes this object ran; `computed` / `loaded` count entries.
 
     >>> acts = cache.get(model, ["The capital of France is"], sites="blocks", positions="last")   # doctest: +SKIP
-    >>> acts["block 0"].shape                                                                       # doctest: +SKIP
+    >>> acts["resid_post.0"].shape                                                                       # doctest: +SKIP
     torch.Size([1, 1, 64])
     """
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -25,7 +24,7 @@ from .trace import Edit, _translate, normalized, reference_logits, run
 from .metrics import Metric, as_metric, per_row
 from .results import EffectMap
 from .sites import (
-    Site, attn_out, block, embed, execution_order, head, mlp_out, module_of, resolve_position, resolve_site, resolve_sites, site_value,
+    Site, execution_order, module_of, resolve_position, resolve_site, resolve_sites, site_value,
 )
 
 DIRECTIONS = ("clean->corrupt", "corrupt->clean")
@@ -166,21 +165,6 @@ def _differentiable(model: Any) -> Iterator[None]:
 
 # -- checking the approximation ------------------------------------------------------------------
 
-_LABEL = re.compile(r"^(block|attn|mlp) (-?\d+)$|^head (-?\d+)\.(\d+)$")
-
-
-def site_from_label(model: Any, label: str) -> Site:
-    """The Site an EffectMap row label names: 'embed', 'block 3', 'attn 3', 'mlp 3', 'head 3.1', or a module path."""
-    if label == "embed":
-        return embed(model)
-    found = _LABEL.match(label)
-    if found and found.group(1):
-        return {"block": block, "attn": attn_out, "mlp": mlp_out}[found.group(1)](model, int(found.group(2)))
-    if found:
-        return head(model, int(found.group(3)), int(found.group(4)))
-    return resolve_site(model, label)
-
-
 @dataclass(frozen=True)
 class AttributionCheck:
     """Attribution-patching estimates of some cells next to the effects real patching measures there.
@@ -274,7 +258,7 @@ def check_attribution(
         raise ArgumentError(f"approx was computed with metric {approx.metric}, not {m.name}")
     if sites is None:
         try:
-            site_list = [site_from_label(model, label) for label in approx.sites]
+            site_list = [resolve_site(model, label) for label in approx.sites]  # row labels are site names
         except SiteError as exc:
             raise SiteError(f"{exc}; pass the sites= given to attribution_patch") from None
     else:

@@ -108,7 +108,7 @@ def activation_cache(pytestconfig: pytest.Config, nnsight_models: ModelCache) ->
         def test_block0_last(activation_cache, nnsight_model):
             model = nnsight_model("bundled:capitals")
             acts = activation_cache.get(model, ["The capital of France is"], sites="blocks", positions="last")
-            assert acts["block 0"].shape == (1, 1, 64)
+            assert acts["resid_post.0"].shape == (1, 1, 64)
     """
     from .activation_cache import ActivationCache, directory_for
 

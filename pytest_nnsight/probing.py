@@ -187,7 +187,7 @@ def probe(acts: Any, site: Any, labels: Sequence[Hashable], *, index: int = -1, 
     """A probe on cached activations (`activation_cache.get(...)`) at `site`, stored position `index` (default the last).
 
     >>> acts = activation_cache.get(model, prompts, sites="blocks", positions="last")   # doctest: +SKIP
-    >>> assert_probe(probe(acts, "block 0", countries), 0.9, over_baseline=0.5)          # doctest: +SKIP
+    >>> assert_probe(probe(acts, "resid_post.0", countries), 0.9, over_baseline=0.5)          # doctest: +SKIP
     """
     name = acts.tensor_name(site)  # SiteNotCachedError names the cached sites
     label = next((s for s in acts.sites if acts.names.get(s) == name), name)

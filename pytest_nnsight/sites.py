@@ -68,7 +68,7 @@ def _layer_index(model: Any, layer: int) -> int:
 def _head_index(model: Any, layer: int, index: Any) -> int:
     heads = layout_of(model).n_heads
     if not isinstance(index, int) or isinstance(index, bool) or not -heads <= index < heads:
-        raise SiteError(f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1}")
+        raise SiteError(f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1} (or -{heads}..-1)")
     return index % heads
 
 
@@ -116,40 +116,37 @@ def site(model: Any, name: str, layer: int | None = None, head: int | None = Non
     return Site(lay.in_layer(layer, "attn" if name == "attn_out" else "mlp"), label=f"{name}.{layer}")
 
 
+# The short spellings of `site(...)`: the same Site, label and index rules (negative indices count from the end).
+
+
 def block(model: Any, layer: int) -> Site:
-    """The residual stream after block `layer` (the block's output)."""
-    layer = _layer_index(model, layer)
-    return Site(layout_of(model).layer(layer), label=f"block {layer}")
+    """The residual stream after block `layer` (the block's output): `site(model, "resid_post", layer)`."""
+    return site(model, "resid_post", layer)
 
 
 def attn_out(model: Any, layer: int) -> Site:
-    """The attention output of block `layer`."""
-    layer = _layer_index(model, layer)
-    return Site(layout_of(model).in_layer(layer, "attn"), label=f"attn {layer}")
+    """The attention output of block `layer`: `site(model, "attn_out", layer)`."""
+    return site(model, "attn_out", layer)
 
 
 def mlp_out(model: Any, layer: int) -> Site:
-    """The MLP output of block `layer`."""
-    layer = _layer_index(model, layer)
-    return Site(layout_of(model).in_layer(layer, "mlp"), label=f"mlp {layer}")
+    """The MLP output of block `layer`: `site(model, "mlp_out", layer)`."""
+    return site(model, "mlp_out", layer)
 
 
 def head(model: Any, layer: int, index: int) -> Site:
-    """One attention head's output of block `layer`, before the output projection mixes the heads."""
-    layer = _layer_index(model, layer)
-    lay = layout_of(model)
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < lay.n_heads:
-        raise SiteError(f"head {index!r} is out of range: layer {layer} has {lay.n_heads} heads, valid 0..{lay.n_heads - 1}")
-    return Site(lay.in_layer(layer, "head_proj"), part="input", head=index, n_heads=lay.n_heads, label=f"head {layer}.{index}")
+    """One attention head's output of block `layer`, before the output projection mixes the heads:
+    `site(model, "head_out", layer, index)`."""
+    return site(model, "head_out", layer, index)
 
 
 def embed(model: Any) -> Site:
-    """The embeddings entering block 0 (token + position embeddings where the model adds them)."""
-    return Site(layout_of(model).path("embed"), label="embed")
+    """The embeddings entering block 0 (token + position embeddings where the model adds them): `site(model, "embed")`."""
+    return site(model, "embed")
 
 
 def blocks(model: Any) -> list[Site]:
-    """Every block's output, first to last."""
+    """Every block's output, first to last: the group 'resid_post' (also spelled 'blocks')."""
     return [block(model, i) for i in range(n_layers(model))]
 
 
@@ -163,12 +160,26 @@ def _every(name: str) -> Any:
 
 
 NAMED = {
-    "blocks": blocks,
-    "attn": lambda m: [attn_out(m, i) for i in range(n_layers(m))],
-    "mlp": lambda m: [mlp_out(m, i) for i in range(n_layers(m))],
+    "blocks": _every("resid_post"),  # short spellings of three of the vocabulary's groups below
+    "attn": _every("attn_out"),
+    "mlp": _every("mlp_out"),
     **{name: _every(name) for name in ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out", "pattern")},
 }
 VOCAB_RE = re.compile(r"^(resid_pre|resid_post|attn_out|mlp_out|pattern|head_out)\.(-?\d+)(?:\.(-?\d+))?$|^(embed|final_norm|logits)$")
+
+
+_OLD_LABEL = re.compile(r"^(block|attn|mlp) (-?\d+)$|^head (-?\d+)\.(-?\d+)$")
+_OLD_NAME = {"block": "resid_post", "attn": "attn_out", "mlp": "mlp_out"}
+
+
+def renamed_label(label: str) -> str | None:
+    """The vocabulary label of a row label from before the one vocabulary ('block 3' -> 'resid_post.3'), else None."""
+    old = _OLD_LABEL.match(label) if isinstance(label, str) else None
+    if old is None:
+        return None
+    if old.group(1):
+        return f"{_OLD_NAME[old.group(1)]}.{old.group(2)}"
+    return f"head_out.{old.group(3)}.{old.group(4)}"
 
 
 def resolve_site(model: Any, spec: Any) -> Site:

@@ -52,7 +52,7 @@ def sweep(
     >>> effects = sweep(model, "The capital of France is", "The capital of Germany is",   # doctest: +SKIP
     ...                 logit_diff("Paris", "Berlin"))
     >>> effects.argmax()                                                                   # doctest: +SKIP
-    ('block 1', 5, 'is', 1.0)
+    ('resid_post.1', 5, 'is', 1.0)
     """
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int (or None to size chunks by memory_budget)")

@@ -24,9 +24,9 @@ SUITE = {
             model = nnsight_model("bundled:capitals")
             dtype = os.environ.get("AC_DTYPE") or None
             acts = activation_cache.get(model, PROMPTS, sites="blocks", positions="last", dtype=dtype, batch_size=8)
-            print(f"\\nFIRST source={acts.source} forwards={activation_cache.forwards} sum={float(acts['block 1'].double().sum()):.6f}")
-            assert acts["block 0"].shape == (20, 1, 64)
-            assert acts["block 0"].dtype == getattr(__import__("torch"), dtype or "float32")
+            print(f"\\nFIRST source={acts.source} forwards={activation_cache.forwards} sum={float(acts['resid_post.1'].double().sum()):.6f}")
+            assert acts["resid_post.0"].shape == (20, 1, 64)
+            assert acts["resid_post.0"].dtype == getattr(__import__("torch"), dtype or "float32")
 
         def test_second_in_same_session(activation_cache, nnsight_model):
             model = nnsight_model("bundled:capitals")
@@ -157,7 +157,7 @@ def test_positions_words_slots_and_whole_sequences(capitals, nnsight_models, tmp
     with pytest.raises(PositionError, match="names 1 token\\(s\\) in 'The capital of France is' but 2 in"):
         cache.get(capitals, prompts, sites="blocks", positions=[0, -n0])  # one index in the short prompt, two in the long one
     with pytest.raises(SiteNotCachedError, match="it holds transformer.h.0"):
-        last["block 1"]
+        last["resid_post.1"]
 
 
 def test_fingerprint_is_cached_and_tracks_weights(capitals, nnsight_models, tiny):

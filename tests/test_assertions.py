@@ -17,7 +17,7 @@ from pytest_nnsight.interventions import TopTokens
 
 def effect(**kw):
     base = dict(
-        kind="patch", site="block 0", positions=(5,), position_tokens=("is",), metric="logit_diff('Paris', 'Berlin')",
+        kind="patch", site="resid_post.0", positions=(5,), position_tokens=("is",), metric="logit_diff('Paris', 'Berlin')",
         source_prompt="The capital of France is", target_prompt="The capital of Germany is", source=10.0, target=-10.0,
         intervened=0.0, normalized=0.5, tokens=("<bos>", "The", "capital", "of", "Germany", "is"),
     )
@@ -42,8 +42,8 @@ def test_assert_restores_failure_lists_the_context():
     with pytest.raises(FindingFailed) as info:
         assert_restores(effect(normalized=0.5), at_least=0.9)
     lines = str(info.value).splitlines()
-    assert lines[0] == "claim: patching block 0 restores at least 0.9 of logit_diff('Paris', 'Berlin')"
-    assert "site:      block 0" in lines
+    assert lines[0] == "claim: patching resid_post.0 restores at least 0.9 of logit_diff('Paris', 'Berlin')"
+    assert "site:      resid_post.0" in lines
     assert "position:  5 'is'" in lines
     assert "prompt:    'The capital of Germany is' <- 'The capital of France is' (clean->corrupt)" in lines
     assert "measured:  0 after the patch, -10 before, 10 on the source prompt" in lines
@@ -53,7 +53,7 @@ def test_assert_restores_failure_lists_the_context():
 
 
 def test_assert_restores_refuses_nan():
-    with pytest.raises(NonFiniteMetricError, match="the normalized effect is nan at block 0 on 'The capital of Germany is'"):
+    with pytest.raises(NonFiniteMetricError, match="the normalized effect is nan at resid_post.0 on 'The capital of Germany is'"):
         assert_restores(effect(normalized=math.nan), at_least=0.0)
 
 
@@ -65,7 +65,7 @@ def test_measured_keeps_its_value_and_explains_itself():
     assert e.normalized == 0.25 and e.normalized < 0.3 and e.normalized >= 0.25 and isinstance(e.normalized, float)
     lines = e.normalized.explain(">=", 0.99)
     assert lines[0] == "0.25 >= 0.99"
-    assert any(line.startswith("site:") and "block 0" in line for line in lines)
+    assert any(line.startswith("site:") and "resid_post.0" in line for line in lines)
     assert any(line.startswith("expected:") and ">= 0.99" in line for line in lines)
     assert float(e.delta) == 10.0 and e.delta > 9
 
@@ -97,7 +97,7 @@ def test_assert_drops_absolute_and_relative():
     with pytest.raises(FindingFailed) as info:
         assert_drops(e, 6.5)
     message = str(info.value)
-    assert message.startswith("claim: zero ablation of block 0 lowers logit_diff('Paris', 'Berlin') by at least 6.5\n")
+    assert message.startswith("claim: zero ablation of resid_post.0 lowers logit_diff('Paris', 'Berlin') by at least 6.5\n")
     assert "expected:  drop >= 6.5, measured 6" in message
     assert "measured:  4 after the zero ablation, 10 before" in message
     with pytest.raises(FindingFailed, match=r"(?s)by at least 0\.7 \(relative\).*expected:  relative drop >= 0\.7, measured 0\.6"):
@@ -124,7 +124,7 @@ def test_assert_beats_controls_names_the_controls_it_loses_to():
     with pytest.raises(FindingFailed) as info:
         assert_beats_controls(e, 0.5)
     message = str(info.value)
-    assert message.startswith("claim: the effect at block 0 beats its controls by at least 0.5\n")
+    assert message.startswith("claim: the effect at resid_post.0 beats its controls by at least 0.5\n")
     assert "losing to: position 1 'The' (0.6)\n" in message  # and not to the random donor
     assert "controls:  random_donor 0.1, position 1 'The' 0.6" in message
     assert "expected:  effect 0.9 >= control + 0.5" in message
@@ -139,7 +139,7 @@ def test_assert_beats_controls_needs_controls():
 
 
 def top(tokens):
-    return TopTokens("The capital of Germany is", "The capital of France is", "block 1", 5, tuple(tokens), (0.9, 0.05, 0.01)[: len(tokens)])
+    return TopTokens("The capital of Germany is", "The capital of France is", "resid_post.1", 5, tuple(tokens), (0.9, 0.05, 0.01)[: len(tokens)])
 
 
 def test_assert_top_token_compares_the_first_token_ignoring_spaces():
@@ -148,7 +148,7 @@ def test_assert_top_token_compares_the_first_token_ignoring_spaces():
     with pytest.raises(FindingFailed) as info:
         assert_top_token(None, top(["Rome", "Paris"]), "Paris")
     message = str(info.value)
-    assert message.startswith("claim: the top token after patching block 1 is 'Paris'\n")
+    assert message.startswith("claim: the top token after patching resid_post.1 is 'Paris'\n")
     assert "measured:  'Rome' 0.900, 'Paris' 0.050" in message
     assert "prompt:    'The capital of Germany is' <- 'The capital of France is'" in message
     with pytest.raises(FindingFailed):
@@ -160,7 +160,7 @@ def test_assert_top_token_compares_the_first_token_ignoring_spaces():
 
 def emap(values):
     return EffectMap(
-        tuple(tuple(r) for r in values), ("embed", "block 0", "block 1"), ("<bos>", "France", "is"), "ld",
+        tuple(tuple(r) for r in values), ("embed", "resid_post.0", "resid_post.1"), ("<bos>", "France", "is"), "ld",
         "The France is", "The Germany is", 10.0, -10.0,
     )
 
@@ -169,24 +169,24 @@ PEAKED = [[0.0, 1.0, 0.0], [0.0, 0.01, 0.98], [0.0, 0.0, 1.0]]
 
 
 def test_assert_peaks_at_passes_on_the_claimed_cells():
-    assert_peaks_at(emap(PEAKED), [("embed", 1), ("block 0", 2), (2, -1)], at_least=0.9, elsewhere_at_most=0.05)
+    assert_peaks_at(emap(PEAKED), [("embed", 1), ("resid_post.0", 2), (2, -1)], at_least=0.9, elsewhere_at_most=0.05)
 
 
 def test_assert_peaks_at_marks_exactly_the_failing_cells():
     values = [row[:] for row in PEAKED]
     values[1][2], values[1][1], values[0][0] = 0.4, 0.3, math.nan
     with pytest.raises(FindingFailed) as info:
-        assert_peaks_at(emap(values), [("embed", 1), ("block 0", 2), ("block 1", 2)], at_least=0.9, elsewhere_at_most=0.05)
+        assert_peaks_at(emap(values), [("embed", 1), ("resid_post.0", 2), ("resid_post.1", 2)], at_least=0.9, elsewhere_at_most=0.05)
     message = str(info.value)
-    assert message.startswith("claim: the effect map peaks at embed @ 1, block 0 @ 2, block 1 @ 2\n")
+    assert message.startswith("claim: the effect map peaks at embed @ 1, resid_post.0 @ 2, resid_post.1 @ 2\n")
     assert "failing:   3 of 9 cells:" in message
-    assert "block 0 @ 2 'is': 0.4 (want >= 0.9)" in message and "block 0 @ 1 'France': 0.3 (want |x| <= 0.05)" in message
+    assert "resid_post.0 @ 2 'is': 0.4 (want >= 0.9)" in message and "resid_post.0 @ 1 'France': 0.3 (want |x| <= 0.05)" in message
     assert "embed @ 0 '<bos>': nan (want finite)" in message
     table = message[message.index("cells marked ! failed") :].splitlines()[1:5]
     assert table[0].split() == ["0:<bos>", "1:France", "2:is"]
     assert table[1].split() == ["embed", "nan!", "1.00", "0.00"]
-    assert table[2].split() == ["block", "0", "0.00", "0.30!", "0.40!"]
-    assert table[3].split() == ["block", "1", "0.00", "0.00", "1.00"]
+    assert table[2].split() == ["resid_post.0", "0.00", "0.30!", "0.40!"]
+    assert table[3].split() == ["resid_post.1", "0.00", "0.00", "1.00"]
 
 
 # -- as users see it ------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_weak_cell(capitals):
 
 def test_peaks(capitals):
     effects = sweep(capitals, CLEAN, CORRUPT, LD, sites=blocks(capitals))
-    assert_peaks_at(effects, [("block 0", 4), ("block 1", 5)], at_least=0.9, elsewhere_at_most=0.05)
+    assert_peaks_at(effects, [("resid_post.0", 4), ("resid_post.1", 5)], at_least=0.9, elsewhere_at_most=0.05)
 
 
 def test_drops(capitals):
@@ -288,10 +288,10 @@ def test_failures_as_users_see_them(result):
         assert has_line(weak, expected), expected
 
     peaks = section(result, "test_peaks")
-    assert ">       assert_peaks_at(effects, [(\"block 0\", 4), (\"block 1\", 5)], at_least=0.9, elsewhere_at_most=0.05)" in peaks
-    assert "FindingFailed: claim: the effect map peaks at block 0 @ 4, block 1 @ 5" in peaks
-    assert has_line(peaks, "E       failing:   2 of 12 cells: block 0 @ 4 'France': 0.000* (want >= 0.9); block 0 @ 5 'is': 1 (want |x| <= 0.05)")
-    table = [line for line in peaks.splitlines() if line.startswith("E       block ")]
+    assert ">       assert_peaks_at(effects, [(\"resid_post.0\", 4), (\"resid_post.1\", 5)], at_least=0.9, elsewhere_at_most=0.05)" in peaks
+    assert "FindingFailed: claim: the effect map peaks at resid_post.0 @ 4, resid_post.1 @ 5" in peaks
+    assert has_line(peaks, "E       failing:   2 of 12 cells: resid_post.0 @ 4 'France': 0.000* (want >= 0.9); resid_post.0 @ 5 'is': 1 (want |x| <= 0.05)")
+    table = [line for line in peaks.splitlines() if line.startswith("E       resid_post.")]
     assert [line.split()[-2:] for line in table] == [["0.00!", "1.00!"], ["0.00", "1.00"]]
 
     drops = section(result, "test_drops")

@@ -137,7 +137,7 @@ def test_sweeps_run_over_vocabulary_and_head_sites(cache, name):
 
 def test_old_helpers_are_backed_by_the_families(cache):
     model = cache.get(*tiny_model("llama"))
-    assert block(model, 1) == Site("model.layers.1", label="block 1")
+    assert block(model, 1) == Site("model.layers.1", label="resid_post.1")
     assert resolve_site(model, "logits") == Site("lm_head", label="logits")
     assert resolve_site(model, "final_norm") == Site("model.norm", label="final_norm")
     assert resolve_site(model, "model.layers.0.mlp") == Site("model.layers.0.mlp")  # raw paths still work

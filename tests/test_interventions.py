@@ -301,11 +301,11 @@ def test_saved_activations_are_clones(capitals, bump_block1_input_in_place):
 @pytest.mark.parametrize(
     "values, message",
     [
-        (torch.zeros(1, 63), r"cannot write a \[1, 63\] value at block 0"),
+        (torch.zeros(1, 63), r"cannot write a \[1, 63\] value at resid_post.0"),
         (torch.zeros(1, 65), r"cannot write a \[1, 65\] value"),
         (torch.zeros(2, 64), r"cannot write a \[2, 64\] value"),
         (torch.zeros(64), r"cannot write a \[64\] value"),
-        (torch.zeros(1, 64, device="meta"), r"value for block 0 is on meta but the model runs on cpu: move it with \.to\('cpu'\)"),
+        (torch.zeros(1, 64, device="meta"), r"value for resid_post.0 is on meta but the model runs on cpu: move it with \.to\('cpu'\)"),
     ],
     ids=["narrow", "wide", "extra-row", "unbatched", "device"],
 )
@@ -435,7 +435,7 @@ def test_steering_equals_adding_the_vector_by_hand(capitals):
 
 @pytest.mark.parametrize("shape", [(1, 64), (65,), (64, 1), (32,)])
 def test_steering_vector_of_the_wrong_shape_names_the_expected_shape(capitals, shape):
-    with pytest.raises(InterventionError, match=rf"steering vector of shape {re.escape(str(tuple(shape)))} does not fit block 0: expected a tensor of shape \(64,\)"):
+    with pytest.raises(InterventionError, match=rf"steering vector of shape {re.escape(str(tuple(shape)))} does not fit resid_post.0: expected a tensor of shape \(64,\)"):
         steer(capitals, CLEAN, site=block(capitals, 0), position="last", vector=torch.zeros(shape), metric=LD)
 
 
@@ -469,7 +469,7 @@ def test_patch_layer_matches_the_seeds_hand_written_version(capitals, layer, pos
     result = patch_layer(capitals, CORRUPT, CLEAN, layer, pos)
     assert list(result.tokens) == expected["top_tokens"]
     assert list(result.probs) == pytest.approx(expected["top_probs"], abs=1e-6)
-    assert result.site == f"block {layer}" and result.position == pos % 6
+    assert result.site == f"resid_post.{layer}" and result.position == pos % 6
 
 
 def test_patch_layer_at_the_last_position_transfers_the_answer(capitals):

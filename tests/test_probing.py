@@ -117,14 +117,14 @@ def test_probe_on_cached_activations_and_its_errors(capitals, nnsight_models, tm
     labels = [0, 1, 0, 1] * 3
     acts = ActivationCache(tmp_path, models=nnsight_models).get(capitals, prompts, sites="blocks", positions="last")
     sweep = probe_sites(acts, labels)
-    assert isinstance(sweep, ProbeSweep) and sweep.sites == ("block 0", "block 1")
+    assert isinstance(sweep, ProbeSweep) and sweep.sites == ("resid_post.0", "resid_post.1")
     assert sweep.to_map().shape == (2, 1) and sweep.to_map().kind == "probe"
-    assert "block 0" in sweep.to_text()
-    with pytest.raises(SiteNotCachedError, match="site 'embed' was not cached in this entry: it holds block 0, block 1"):
+    assert "resid_post.0" in sweep.to_text()
+    with pytest.raises(SiteNotCachedError, match="site 'embed' was not cached in this entry: it holds resid_post.0, resid_post.1"):
         probe(acts, "embed", labels)
     with pytest.raises(ProbeError, match="labels has 11 entries but the cached activations hold 12 prompts"):
-        probe(acts, "block 0", labels[:-1])
+        probe(acts, "resid_post.0", labels[:-1])
     with pytest.raises(ProbeError, match="a single class"):
-        probe(acts, "block 0", [1] * 12)
+        probe(acts, "resid_post.0", [1] * 12)
     with pytest.raises(ProbeError, match="position index 1 is out of range"):
-        probe(acts, "block 0", labels, index=1)
+        probe(acts, "resid_post.0", labels, index=1)

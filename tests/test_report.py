@@ -45,7 +45,7 @@ def test_map_claimed_too_narrowly(nnsight_model):
     claimed = {(1, 5)}
     dump("map", [list(r) for r in effects.values])
     dump("failing", sorted([i, j] for i, r in enumerate(effects.values) for j, v in enumerate(r) if (i, j) not in claimed and abs(v) > 0.05))
-    assert_peaks_at(effects, [("block 0", 5)], at_least=0.9, elsewhere_at_most=0.05)
+    assert_peaks_at(effects, [("resid_post.0", 5)], at_least=0.9, elsewhere_at_most=0.05)
 
 @pytest.mark.finding("the patch generalizes over 16 variants")
 def test_population(nnsight_model):
@@ -65,7 +65,7 @@ from pytest_nnsight.results import Effect
 @pytest.mark.finding({claim!r})
 def test_claim():
     clean, corrupt, patched = 5.0, -3.0, {value_expr}
-    e = Effect("patch", "block 0", (2,), ("is",), "logit_diff", "a b is", "a c is", clean, corrupt, patched, (patched - corrupt) / (clean - corrupt))
+    e = Effect("patch", "resid_post.0", (2,), ("is",), "logit_diff", "a b is", "a c is", clean, corrupt, patched, (patched - corrupt) / (clean - corrupt))
     dump("normalized", (patched - corrupt) / (clean - corrupt))
     assert_restores(e, {threshold})
 
@@ -97,7 +97,7 @@ def test_report_files_carry_the_numbers_of_the_run(pytester):
     map_rec = by_test["test_map_claimed_too_narrowly"]
     assert map_rec["claim"] == "test_map_claimed_too_narrowly" and map_rec["outcome"] == "failed"  # no marker: the test name
     (m,) = map_rec["maps"]
-    assert m["sites"] == ["embed", "block 0", "block 1"] and m["tokens"][-2:] == ["France", "is"]
+    assert m["sites"] == ["embed", "resid_post.0", "resid_post.1"] and m["tokens"][-2:] == ["France", "is"]
     assert m["values"] == [[pytest.approx(v, abs=1e-9) for v in row] for row in measured["map"]]
     assert m["failing"] == measured["failing"] and m["failing"], m["failing"]
 
@@ -131,7 +131,7 @@ def test_summary_is_quiet_by_default_and_shown_with_v_or_the_option(pytester):
     for args in (["-v"], ["-q", "--nnsight-summary"]):
         shown = pytester.runpytest_inprocess(*args)
         shown.stdout.fnmatch_lines(["*pytest-nnsight findings*",
-                                    f"PASSED the patch restores the answer | normalized effect of the patch at block 0: {measured:.4g} >= 0.5*test_one.py::test_claim*"])
+                                    f"PASSED the patch restores the answer | normalized effect of the patch at resid_post.0: {measured:.4g} >= 0.5*test_one.py::test_claim*"])
         assert "test_unmarked_plain" not in shown.stdout.str().split("pytest-nnsight findings")[1]  # it measured nothing
 
 
@@ -152,7 +152,7 @@ import pytest
 from pytest_nnsight.results import EffectMap
 
 def test_map(finding_snapshot):
-    m = EffectMap(((0.0, 1.0), (0.5, 0.25)), ("block 0", "block 1"), ("a", "b"), "m", "x a", "x b", 1.0, 0.0)
+    m = EffectMap(((0.0, 1.0), (0.5, 0.25)), ("resid_post.0", "resid_post.1"), ("a", "b"), "m", "x a", "x b", 1.0, 0.0)
     assert m == finding_snapshot(atol=1e-6, rtol=0)
 """
 
@@ -245,8 +245,8 @@ from pytest_nnsight.results import EffectMap
 
 @pytest.mark.finding("the effect peaks at block 1, last token")
 def test_peak():
-    m = EffectMap(((0.0, 0.1, 0.6), (0.0, 0.0, 0.97)), ("block 0", "block 1"), ("<bos>", "France", "is"), "logit_diff", "x France is", "x Spain is", 3.0, -3.0)
-    assert_peaks_at(m, [("block 1", 2)], at_least=0.9, elsewhere_at_most=0.2)
+    m = EffectMap(((0.0, 0.1, 0.6), (0.0, 0.0, 0.97)), ("resid_post.0", "resid_post.1"), ("<bos>", "France", "is"), "logit_diff", "x France is", "x Spain is", 3.0, -3.0)
+    assert_peaks_at(m, [("resid_post.1", 2)], at_least=0.9, elsewhere_at_most=0.2)
 """)
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
     shot = tmp_path / "report.png"

@@ -7,7 +7,7 @@ import torch
 from pytest_nnsight import PositionError, SiteError
 from pytest_nnsight.interventions import Prompt, ablate, patch, patch_layer, run, steer
 from pytest_nnsight.metrics import as_metric, logit_diff, prob
-from pytest_nnsight.sites import Site, attn_out, block, blocks, embed, head, mlp_out, resolve_position, resolve_site, resolve_sites, tokens_of
+from pytest_nnsight.sites import Site, attn_out, block, blocks, embed, head, mlp_out, resolve_position, resolve_site, resolve_sites, site, tokens_of
 from pytest_nnsight.sweeps import sweep
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
@@ -54,13 +54,13 @@ def test_input_part_is_the_previous_blocks_output(capitals):
 
 
 def test_named_helpers_point_at_the_gpt2_modules(capitals):
-    assert block(capitals, 1) == Site("transformer.h.1", label="block 1")
+    assert block(capitals, 1) == Site("transformer.h.1", label="resid_post.1")
     assert block(capitals, -1) == block(capitals, 1)
-    assert attn_out(capitals, 0) == Site("transformer.h.0.attn", label="attn 0")
-    assert mlp_out(capitals, 1) == Site("transformer.h.1.mlp", label="mlp 1")
+    assert attn_out(capitals, 0) == Site("transformer.h.0.attn", label="attn_out.0")
+    assert mlp_out(capitals, 1) == Site("transformer.h.1.mlp", label="mlp_out.1")
     assert embed(capitals) == Site("transformer.drop", label="embed")
     assert blocks(capitals) == [block(capitals, 0), block(capitals, 1)]
-    assert [str(s) for s in blocks(capitals)] == ["block 0", "block 1"]
+    assert [str(s) for s in blocks(capitals)] == ["resid_post.0", "resid_post.1"]
     assert resolve_sites(capitals, "blocks") == blocks(capitals)
     assert resolve_sites(capitals, "attn") == [attn_out(capitals, 0), attn_out(capitals, 1)]
     assert resolve_sites(capitals, "mlp") == [mlp_out(capitals, 0), mlp_out(capitals, 1)]
@@ -84,9 +84,27 @@ def test_named_helpers_read_what_a_hand_trace_reads(capitals):
     torch.testing.assert_close(acts[block(capitals, 0)], emb + attn + mlp, atol=1e-5, rtol=0)
 
 
+def test_short_spellings_are_the_vocabulary(capitals):
+    """block/attn_out/mlp_out/head/embed are site(...) under another name: equal Sites, one label, negative indices."""
+    pairs = [
+        (block(capitals, 1), site(capitals, "resid_post", 1), "resid_post.1"),
+        (block(capitals, -2), site(capitals, "resid_post", 0), "resid_post.0"),
+        (attn_out(capitals, -1), site(capitals, "attn_out", 1), "attn_out.1"),
+        (mlp_out(capitals, 0), site(capitals, "mlp_out", 0), "mlp_out.0"),
+        (head(capitals, 1, -1), site(capitals, "head_out", 1, 3), "head_out.1.3"),
+        (head(capitals, -1, 2), resolve_site(capitals, "head_out.-1.2"), "head_out.1.2"),
+        (embed(capitals), site(capitals, "embed"), "embed"),
+    ]
+    for short, long, label in pairs:
+        assert short == long and str(short) == label
+        assert resolve_site(capitals, label) == short  # a row label names its site
+    for group, name in [("blocks", "resid_post"), ("attn", "attn_out"), ("mlp", "mlp_out")]:
+        assert resolve_sites(capitals, group) == resolve_sites(capitals, name)
+
+
 def test_head_site_is_a_slice_of_the_output_projection_input(capitals):
     site = head(capitals, 1, 2)
-    assert (site.path, site.part, site.head, site.n_heads, str(site)) == ("transformer.h.1.attn.c_proj", "input", 2, 4, "head 1.2")
+    assert (site.path, site.part, site.head, site.n_heads, str(site)) == ("transformer.h.1.attn.c_proj", "input", 2, 4, "head_out.1.2")
     with torch.inference_mode():
         with capitals.trace(CLEAN):
             merged = capitals.transformer.h[1].attn.c_proj.input.save()
@@ -152,7 +170,7 @@ def test_bad_part_and_bad_spec_types_are_refused(capitals):
         resolve_site(capitals, Site("transformer.nope"))
 
 
-@pytest.mark.parametrize("index", [4, -1, 1.0, "0", True])
+@pytest.mark.parametrize("index", [4, -5, 1.0, "0", True])
 def test_bad_head_index_names_the_valid_range(capitals, index):
     with pytest.raises(SiteError, match=rf"head {index!r} is out of range: layer 0 has 4 heads, valid 0\.\.3"):
         head(capitals, 0, index)

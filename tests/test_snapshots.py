@@ -18,7 +18,7 @@ from pytest_nnsight import EffectMap
 def effects():
     values = json.loads(os.environ.get("VALUES", "[[0.1, 0.2, 0.05], [0.0, 0.9, 1.0]]"))
     tokens = tuple(os.environ.get("TOKENS", "The capital is").split())
-    return EffectMap(tuple(map(tuple, values)), ("block 0", "block 1"), tokens, "logit_diff(Paris, Berlin)",
+    return EffectMap(tuple(map(tuple, values)), ("resid_post.0", "resid_post.1"), tokens, "logit_diff(Paris, Berlin)",
                      "The capital France", "The capital Germany", 2.0, -1.0)
 
 def test_map(finding_snapshot):
@@ -61,7 +61,7 @@ def recorded(pytester):
 def test_new_snapshot_fails_until_recorded_then_passes(pytester, recorded):
     rec = json.loads(recorded.read_text())
     assert rec["environment"]["nnsight"] and rec["environment"]["torch"] and "python" in rec["environment"]
-    assert rec["finding"]["@type"] == "EffectMap" and rec["finding"]["sites"] == ["block 0", "block 1"]
+    assert rec["finding"]["@type"] == "EffectMap" and rec["finding"]["sites"] == ["resid_post.0", "resid_post.1"]
     assert "      [0.0, 0.9, 1.0]" in recorded.read_text()  # one row per line: diff-friendly
     result = _run(pytester)
     result.assert_outcomes(passed=1)
@@ -87,9 +87,9 @@ def test_drift_leads_with_the_environment_change_then_the_cell_diff(pytester, re
         "*abs error: max 0.6, mean *, median *",
         "*rel error: max *",
         "*moved cells (old -> new):*",
-        "*values[[]block 1 / 1 'capital'[]]  0.9 -> 0.3*",
-        "*values[[]block 1 / 2 'is'[]]*1 -> 0.5*",
-        "*peak: old 1 at block 1 / 2 'is', new 0.5 at block 1 / 2 'is'*",
+        "*values[[]resid_post.1 / 1 'capital'[]]  0.9 -> 0.3*",
+        "*values[[]resid_post.1 / 2 'is'[]]*1 -> 0.5*",
+        "*peak: old 1 at resid_post.1 / 2 'is', new 0.5 at resid_post.1 / 2 'is'*",
         "*run pytest --snapshot-update to accept the change*",
     ])
     _run(pytester, "--snapshot-update").stdout.fnmatch_lines(["*1 snapshot updated*"])
@@ -300,7 +300,7 @@ def test_population_results_and_nested_dataclasses_serialize_generically():
     pair = CounterfactualPair(Prompt("The capital of France is", {"country": "France"}), Prompt("The capital of Spain is", {"country": "Spain"}),
                               "Paris", "Madrid", "The capital of {country} is")
     result = PopulationResult(n=1, effects=(0.97,), passed=1, rate=1.0, lower_bound=0.2, mean=0.97, std=0.0, threshold=0.8,
-                              site="block 0", position="last", metric="logit_diff", variants=(pair,))
+                              site="resid_post.0", position="last", metric="logit_diff", variants=(pair,))
     value = to_value(result)
     assert value["@type"] == "PopulationResult" and value["effects"] == [0.97]
     assert value["variants"][0]["clean"] == {"@type": "Prompt", "text": "The capital of France is", "slots": {"country": "France"}}

@@ -62,7 +62,7 @@ def test_batched_sweep_equals_the_naive_map(capitals, naive, batch_size):
     values, raw, ld_clean, ld_corrupt = naive
     effects = sweep(capitals, CLEAN, CORRUPT, LD, batch_size=batch_size, check_batching=False)
     assert effects.shape == (2, 6)
-    assert effects.sites == ("block 0", "block 1") and effects.tokens == TOKENS and effects.positions == tuple(range(6))
+    assert effects.sites == ("resid_post.0", "resid_post.1") and effects.tokens == TOKENS and effects.positions == tuple(range(6))
     assert (effects.clean_prompt, effects.corrupt_prompt, effects.metric) == (CLEAN, CORRUPT, "logit_diff('Paris', 'Berlin')")
     assert effects.clean == pytest.approx(ld_clean, abs=TOL) and effects.corrupt == pytest.approx(ld_corrupt, abs=TOL)
     torch.testing.assert_close(torch.tensor(effects.raw), torch.tensor(raw), atol=TOL, rtol=0)
@@ -87,7 +87,7 @@ def test_sweep_in_the_other_direction_equals_the_naive_map(capitals):
 def test_head_sweep_equals_hand_patching_each_heads_slice(capitals):
     sites = [head(capitals, 0, i) for i in range(4)]
     effects = sweep(capitals, CLEAN, CORRUPT, LD, sites=sites, batch_size=7)
-    assert effects.sites == ("head 0.0", "head 0.1", "head 0.2", "head 0.3")
+    assert effects.sites == ("head_out.0.0", "head_out.0.1", "head_out.0.2", "head_out.0.3")
     ld_clean, ld_corrupt = plain_ld(capitals, CLEAN), plain_ld(capitals, CORRUPT)
     with torch.inference_mode():
         with capitals.trace(CLEAN):
@@ -107,7 +107,7 @@ def test_head_sweep_equals_hand_patching_each_heads_slice(capitals):
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
 def test_attn_and_mlp_sweeps_equal_hand_patches(capitals, kind):
     effects = sweep(capitals, CLEAN, CORRUPT, LD, sites=kind)
-    assert effects.sites == (f"{kind} 0", f"{kind} 1")
+    assert effects.sites == (f"{kind}_out.0", f"{kind}_out.1")
     helper = attn_out if kind == "attn" else mlp_out
     assert effects.sites == tuple(str(helper(capitals, i)) for i in range(2))
     ld_clean, ld_corrupt = plain_ld(capitals, CLEAN), plain_ld(capitals, CORRUPT)
@@ -129,9 +129,9 @@ def test_attn_and_mlp_sweeps_equal_hand_patches(capitals, kind):
 
 def test_mixed_site_list_keeps_its_order_and_input_sites_match_outputs(capitals):
     effects = sweep(capitals, CLEAN, CORRUPT, LD, sites=[embed(capitals), "transformer.h.1:input", *blocks(capitals)])
-    assert effects.sites == ("embed", "transformer.h.1:input", "block 0", "block 1")
+    assert effects.sites == ("embed", "transformer.h.1:input", "resid_post.0", "resid_post.1")
     # block 1's input is block 0's output: the two rows are the same patch
-    assert effects.row("transformer.h.1:input") == pytest.approx(effects.row("block 0"), abs=TOL)
+    assert effects.row("transformer.h.1:input") == pytest.approx(effects.row("resid_post.0"), abs=TOL)
     assert effects["embed", 4] >= 0.95
 
 
@@ -244,15 +244,15 @@ NAN = float("nan")
 @pytest.fixture
 def emap():
     return EffectMap(
-        values=((0.1, 0.9, NAN), (0.5, -0.2, 0.3)), sites=("block 0", "block 1"), tokens=("a", "b", "c"), metric="m",
+        values=((0.1, 0.9, NAN), (0.5, -0.2, 0.3)), sites=("resid_post.0", "resid_post.1"), tokens=("a", "b", "c"), metric="m",
         clean_prompt="x a b", corrupt_prompt="x a c", clean=2.0, corrupt=-1.0, positions=(2, 4, 6),
     )
 
 
 def test_effect_map_cells_rows_and_columns(emap):
     assert emap.shape == (2, 3)
-    assert emap["block 1", 6] == 0.3 and emap[0, 2] == 0.1
-    assert emap.row("block 1") == emap.row(1) == (0.5, -0.2, 0.3)
+    assert emap["resid_post.1", 6] == 0.3 and emap[0, 2] == 0.1
+    assert emap.row("resid_post.1") == emap.row(1) == (0.5, -0.2, 0.3)
     assert emap.column(4) == (0.9, -0.2)
     with pytest.raises(ValueError):
         emap.column(3)  # a token index the map does not hold
@@ -261,8 +261,8 @@ def test_effect_map_cells_rows_and_columns(emap):
 
 
 def test_effect_map_top_and_argmax_put_nan_last(emap):
-    assert emap.argmax() == ("block 0", 4, "b", 0.9)
-    assert emap.top(3) == [("block 0", 4, "b", 0.9), ("block 1", 2, "a", 0.5), ("block 1", 6, "c", 0.3)]
+    assert emap.argmax() == ("resid_post.0", 4, "b", 0.9)
+    assert emap.top(3) == [("resid_post.0", 4, "b", 0.9), ("resid_post.1", 2, "a", 0.5), ("resid_post.1", 6, "c", 0.3)]
     everything = emap.top(10)
     assert len(everything) == 6 and math.isnan(everything[-1][3])
 
@@ -270,14 +270,14 @@ def test_effect_map_top_and_argmax_put_nan_last(emap):
 def test_effect_map_to_text_marks_cells(emap):
     lines = emap.to_text(mark=[(1, 1)]).splitlines()
     assert lines[0].split() == ["2:a", "4:b", "6:c"]
-    assert lines[1].split() == ["block", "0", "0.10", "0.90", "nan"]
-    assert lines[2].split() == ["block", "1", "0.50", "-0.20!", "0.30"]
+    assert lines[1].split() == ["resid_post.0", "0.10", "0.90", "nan"]
+    assert lines[2].split() == ["resid_post.1", "0.50", "-0.20!", "0.30"]
     assert len({len(line) for line in lines}) == 1  # aligned
     assert "0.900" in emap.to_text(digits=3) and "!" not in emap.to_text()
 
 
 def test_effect_map_repr_names_the_peak(emap):
-    assert repr(emap) == "EffectMap(2 sites x 3 positions, m, peak 0.9 at block 0 / 4 'b')"
+    assert repr(emap) == "EffectMap(2 sites x 3 positions, m, peak 0.9 at resid_post.0 / 4 'b')"
 
 
 def test_effect_map_default_positions_are_all_tokens():
@@ -289,8 +289,8 @@ def test_real_sweep_helpers(capitals, naive):
     effects = sweep(capitals, CLEAN, CORRUPT, LD)
     site, pos, tok, value = effects.argmax()
     best = max(((i, p) for i in range(2) for p in range(6)), key=lambda c: naive[0][c[0]][c[1]])
-    assert (site, pos, tok) == (f"block {best[0]}", best[1], TOKENS[best[1]])
+    assert (site, pos, tok) == (f"resid_post.{best[0]}", best[1], TOKENS[best[1]])
     assert value == pytest.approx(naive[0][best[0]][best[1]], abs=TOL)
     text = effects.to_text()
     assert text.splitlines()[0].split() == [f"{i}:{t}" for i, t in enumerate(TOKENS)]
-    assert [line.split()[:2] for line in text.splitlines()[1:]] == [["block", "0"], ["block", "1"]]
+    assert [line.split()[0] for line in text.splitlines()[1:]] == ["resid_post.0", "resid_post.1"]

@@ -8,11 +8,13 @@ a change of shape or labels is always a mismatch.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import ArgumentError, ArgumentTypeError
+from ..sites import renamed_label
 from .encode import NONFINITE, to_value
 
 #: (atol, rtol) by the dtype that produced the finding, used unless the test or an ini key sets one.
@@ -225,6 +227,12 @@ def _g(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _renamed(change: str) -> bool:
+    """Whether a structural change is an old site label turned into its vocabulary name."""
+    found = re.match(r"^sites\[\d+\]: '(.+)' -> '(.+)'$", change)
+    return bool(found) and renamed_label(found.group(1)) == found.group(2)
+
+
 def explain(cmp: Comparison, show: int = 10) -> list[str]:
     """The cell diff: what share moved, error statistics, the first moved cells, the peaks."""
     lines: list[str] = []
@@ -233,6 +241,9 @@ def explain(cmp: Comparison, show: int = 10) -> list[str]:
         lines += [f"  {s}" for s in cmp.structural[:show]]
         if len(cmp.structural) > show:
             lines.append(f"  ... only showing the first {show} of {len(cmp.structural)} changes")
+        if any(_renamed(s) for s in cmp.structural):
+            lines.append("  (site labels were renamed to the one vocabulary: 'block N' is 'resid_post.N', 'attn N' 'attn_out.N', "
+                         "'mlp N' 'mlp_out.N', 'head L.H' 'head_out.L.H'; if only labels changed, --snapshot-update re-records them)")
     lines += cmp.notes[:show]
     n, k = len(cmp.cells), len(cmp.moved)
     if n:

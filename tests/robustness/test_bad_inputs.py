@@ -50,7 +50,7 @@ CASES = {
     "site head out of range": (lambda m: _patch(m, site="head_out.0.9"), SiteError, r"head 9", r"valid 0\.\.3"),
     "site layer as a string": (lambda m: block(m, "1"), SiteError, r"'1' is not an int", r"expected 0\.\.1"),
     "site layer as a bool": (lambda m: block(m, True), SiteError, r"True is not an int", r"expected 0\.\.1"),
-    "head index negative past range": (lambda m: head(m, 0, -1), SiteError, r"head -1", r"valid 0\.\.3"),
+    "head index negative past range": (lambda m: head(m, 0, -5), SiteError, r"head -5", r"valid 0\.\.3 \(or -4\.\.-1\)"),
     "site group that does not exist": (lambda m: sweep(m, CLEAN, CORRUPT, LD, sites="heads"), SiteError, r"'heads'", r"blocks, attn, mlp"),
     "sweep with no sites": (lambda m: sweep(m, CLEAN, CORRUPT, LD, sites=[]), SiteError, r"empty list of sites", r"'blocks', 'attn' or 'mlp'"),
     "patch_layer layer out of range": (lambda m: patch_layer(m, CORRUPT, CLEAN, layer=5, pos=4), SiteError, r"layer 5", r"valid 0\.\.1"),
@@ -205,7 +205,7 @@ def test_activation_cache_bad_arguments(capitals, clean_error, tmp_path):
     acts = cache.get(capitals, [CLEAN], sites="blocks", positions="last")
     with pytest.raises(Exception) as info:
         acts["transformer.h.0.mlp"]
-    clean_error(info.value, SiteNotCachedError, r"'transformer\.h\.0\.mlp'", r"it holds block 0, block 1")
+    clean_error(info.value, SiteNotCachedError, r"'transformer\.h\.0\.mlp'", r"it holds resid_post.0, resid_post.1")
 
 
 def test_missing_matplotlib_is_not_needed_by_the_core_api(capitals, monkeypatch):
@@ -236,8 +236,8 @@ def test_a_model_emitting_inf_fails_claims_with_a_non_finite_error(capitals, cle
     clean_error(info.value, NonFiniteMetricError, r"is nan", r"not finite")
     from pytest_nnsight import FindingFailed
 
-    with pytest.raises(FindingFailed, match=r"12 of 12 cells: block 0 @ 0 '<bos>': nan \(want finite\)"):
-        assert_peaks_at(effects, [("block 1", -1)])  # a claim, not a misuse: an assertion failure listing the NaN cells
+    with pytest.raises(FindingFailed, match=r"12 of 12 cells: resid_post.0 @ 0 '<bos>': nan \(want finite\)"):
+        assert_peaks_at(effects, [("resid_post.1", -1)])  # a claim, not a misuse: an assertion failure listing the NaN cells
 
 
 @pytest.mark.parametrize("text, fragments", [

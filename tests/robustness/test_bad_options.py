@@ -109,7 +109,7 @@ FINDING = (
     "def test_map(nnsight_model):\n"
     "    model = nnsight_model('bundled:capitals')\n"
     "    effects = sweep(model, 'The capital of France is', 'The capital of Germany is', logit_diff('Paris', 'Berlin'))\n"
-    "    assert_peaks_at(effects, [('block 1', -1)], at_least=0.5, elsewhere_at_most=1.5)\n"
+    "    assert_peaks_at(effects, [('resid_post.1', -1)], at_least=0.5, elsewhere_at_most=1.5)\n"
 )
 
 

@@ -68,7 +68,7 @@ PROMPTS = [f"The capital of {c} is" for c in ("France", "Germany", "Italy", "Spa
 
 def test_cached(activation_cache, nnsight_model):
     acts = activation_cache.get(nnsight_model("bundled:capitals"), PROMPTS, sites="blocks", positions="last", batch_size=2)
-    assert tuple(acts["block 0"].shape) == (8, 1, 64)
+    assert tuple(acts["resid_post.0"].shape) == (8, 1, 64)
 
 def test_map(nnsight_model, finding_snapshot):
     model = nnsight_model("bundled:capitals")
@@ -177,7 +177,7 @@ def test_cache(activation_cache, nnsight_model, i):
     model = nnsight_model("bundled:capitals")
     prompts = [f"The capital of {c} is" for c in COUNTRIES[: 2 + i % 4]]  # 4 keys, each asked for by two tests
     acts = activation_cache.get(model, prompts, sites="blocks", positions="last")
-    assert acts["block 1"].shape[0] == len(prompts)
+    assert acts["resid_post.1"].shape[0] == len(prompts)
 '''
 
 

@@ -62,7 +62,7 @@ def test_finding(nnsight_model, track, i):
     clean, corrupt = f"The capital of {c1} is", f"The capital of {c2} is"
     if i % 2:
         effects = sweep(model, clean, corrupt, logit_diff(a1, a2), sites="blocks")
-        assert_peaks_at(effects, [("block 1", -1)], at_least=0.5, elsewhere_at_most=1.5)
+        assert_peaks_at(effects, [("resid_post.1", -1)], at_least=0.5, elsewhere_at_most=1.5)
         track(effects)
     else:
         effect = patch(model, clean, corrupt, site="transformer.h.0", position="last", metric=logit_diff(a1, a2))

@@ -79,6 +79,8 @@ def encode(model: Any, prompts: Any) -> Batch:
     """Tokenize a prompt or a list of prompts for one trace, with the served tokenizer and its padding side."""
     import torch
 
+    if not isinstance(prompts, (str, list)):  # already model inputs (a dict of tensors, a tensor): passed as they are
+        return _as_given(model, prompts)
     texts = list(prompts) if isinstance(prompts, list) else [prompts]
     id_rows = [ids_of(model, p) for p in texts]
     tok = model.tokenizer
@@ -111,6 +113,23 @@ def encode(model: Any, prompts: Any) -> Batch:
     if accepted is None or "attention_mask" in accepted:
         kwargs["attention_mask"] = mask.to(device)
     return Batch((), kwargs, mask, tuple(offsets), lengths)
+
+
+def _as_given(model: Any, inputs: Any) -> Batch:
+    """A batch the caller built itself: its attention mask (all ones when it has none) gives the offsets."""
+    import torch
+
+    from .compat import trace_inputs
+
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if mask is None:
+        shape = tuple(ids.shape) if hasattr(ids, "shape") else (1, 1)
+        mask = torch.ones(shape if len(shape) == 2 else (1, shape[-1]), dtype=torch.long)
+    mask = mask.detach().cpu().long()
+    offsets = tuple(int(row.argmax()) if bool(row.any()) else 0 for row in mask)
+    lengths = tuple(int(row.sum()) for row in mask)
+    return Batch((trace_inputs(model, inputs),), {}, mask, offsets, lengths)
 
 
 def _forward_params(model: Any) -> set[str] | None:

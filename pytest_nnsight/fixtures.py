@@ -13,6 +13,7 @@ from .settings import Settings
 SETTINGS_KEY = pytest.StashKey[Settings]()
 CACHE_KEY = pytest.StashKey[ModelCache]()
 ACTIVATION_CACHE_KEY = pytest.StashKey[Any]()
+LOCK_KEY = pytest.StashKey[Any]()  # the run's structure lock (structure_lock.StructureLock), None when off
 
 
 def model_cache(config: pytest.Config) -> ModelCache:
@@ -20,6 +21,13 @@ def model_cache(config: pytest.Config) -> ModelCache:
     cache = config.stash.get(CACHE_KEY, None)
     if cache is None:
         cache = config.stash[CACHE_KEY] = ModelCache(config.stash.get(SETTINGS_KEY, Settings()))
+        lock = config.stash.get(LOCK_KEY, None)
+        if lock is not None:
+            from functools import partial
+
+            from .structure_lock import on_serve
+
+            cache.on_serve = partial(on_serve, lock=lock, rootpath=config.rootpath)
     return cache
 
 
@@ -64,10 +72,15 @@ def nnsight_model(nnsight_models: ModelCache, request: pytest.FixtureRequest) ->
 
     def load(model: Any, tokenizer: Any = None, *, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Any:
         __tracebackhide__ = True
+        from .structure_lock import StructureChangedError
+
         try:
             return nnsight_models.get(model, tokenizer, revision=revision, device=device, dtype=dtype)
         except ModelUnavailableError as exc:
             unavailable(request.config, exc)
+        except StructureChangedError as exc:  # the structure lock: the served model changed since it was recorded
+            changed = str(exc)
+        pytest.fail(changed, pytrace=False)  # outside the except: no "during handling of the above exception"
 
     return load
 

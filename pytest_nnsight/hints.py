@@ -131,13 +131,78 @@ def hint_for(exc: BaseException, tb: TracebackType | None = None) -> str | None:
     return None
 
 
-def attach(report: Any, call: Any) -> None:
+_OUTPUT_INDEX_RE = re.compile(r"\.output\s*\[")
+_OUTPUT_ZERO_RE = re.compile(r"\.output\s*\[\s*0\s*\]")
+
+
+def _source_lines(exc: BaseException, tb: TracebackType | None) -> list[str]:
+    """The source lines of the user's frames in the traceback (innermost first) and the error's own text."""
+    import linecache
+
+    out = []
+    for frame_tb in _frames_tb(tb or exc.__traceback__):
+        code = frame_tb.tb_frame.f_code
+        if "site-packages" in code.co_filename or "/pytest_nnsight/" in code.co_filename.replace("\\", "/"):
+            continue
+        line = linecache.getline(code.co_filename, frame_tb.tb_lineno).strip()
+        if line:
+            out.append(line)
+    return out + str(exc).splitlines()
+
+
+def _frames_tb(tb: TracebackType | None) -> list[TracebackType]:
+    out = []
+    while tb is not None:
+        out.append(tb)
+        tb = tb.tb_next
+    return out[::-1]
+
+
+def output_index_hint(exc: BaseException, tb: TracebackType | None, models: list[str]) -> str | None:
+    """An IndexError/TypeError from indexing a module's `.output` in a trace, for a model whose structure record shows
+    the output container changed this run (the structure lock), or is a bare tensor where the code indexes [0] (H1-H3)."""
+    from . import structure_lock
+    from .structure import parse_tensor, render
+
+    errors = [e for e in _chain(exc) if isinstance(e, (IndexError, TypeError))]
+    if not errors:
+        return None
+    lines = _source_lines(exc, tb)
+    if not any(_OUTPUT_INDEX_RE.search(ln) for ln in lines):
+        return None
+    changed = structure_lock.changed_models()
+    for label in models:
+        verdict = changed.get(label)
+        container = [ln for ln in (verdict.lines if verdict else []) if any(m in ln for m in ("now selects", "now fails on a", "container changed"))]
+        if container:
+            after = f" after {', '.join(verdict.changes)}" if verdict.changes else ""
+            return (f"{SECTION}: this code indexes a module's .output, and the structure of {label} changed{after}: "
+                    + " | ".join(container) + f" (H1-H3; docs/hazards.md); {versions()}")
+    if not any(_OUTPUT_ZERO_RE.search(ln) for ln in lines):
+        return None
+    for label, record in structure_lock.records().items():
+        if models and label not in models:
+            continue
+        for path, entry in (record.get("modules") or {}).items():
+            out = entry.get("output")
+            if path.endswith(".*") and parse_tensor(out) and entry.get("calls"):
+                return (f"{SECTION}: this code indexes .output[0], but {path} of {label} returns a bare {render(out, short=True)} "
+                        f"here, not a tuple: .output[0] is batch row 0, so [0][:, pos] indexes the wrong axes (transformers 5; "
+                        f"H1 in docs/hazards.md): index .output directly; {versions()}")
+    return None
+
+
+def attach(report: Any, call: Any, item: Any = None) -> None:
     """Add the hint to a failed test's report as its own section (it travels with the report through xdist)."""
     excinfo = getattr(call, "excinfo", None)
     if excinfo is None or not getattr(report, "failed", False) or report.when not in ("setup", "call"):
         return
     try:
         line = hint_for(excinfo.value, excinfo.tb)
+        if line is None and item is not None:
+            from .structure_lock import models_of
+
+            line = output_index_hint(excinfo.value, excinfo.tb, models_of(item))
     except Exception:  # noqa: BLE001 - a hint must never break the report
         return
     longrepr = getattr(report, "longrepr", None)

@@ -119,6 +119,7 @@ class ModelCache:
         self._lock = threading.RLock()
         self.load_counts: Counter[ModelKey] = Counter()
         self.hub_unreachable: str | None = None  # why the hub could not be reached; the rest of the session loads offline
+        self.on_serve: Any = None  # called with the LoadedModel on every serve (the plugin's structure lock)
 
     # -- public ---------------------------------------------------------------
     def get(
@@ -139,7 +140,9 @@ class ModelCache:
                 self._models[key] = loaded
                 self._by_wrapper[id(loaded.model)] = loaded
                 self.load_counts[key] += 1
-            return loaded.model
+        if self.on_serve is not None:
+            self.on_serve(loaded)
+        return loaded.model
 
     def key(self, model: Any, *, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> ModelKey:
         """The cache key a request maps to; validates the model id, device and dtype."""

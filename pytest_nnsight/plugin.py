@@ -9,11 +9,12 @@ from .environment import library_versions
 from .errors import SettingsError
 from .fixtures import model, nnsight_model, nnsight_models  # noqa: F401  (fixtures pytest collects from this module)
 from .fixtures import activation_cache, finding_snapshot  # noqa: F401
-from .fixtures import CACHE_KEY, SETTINGS_KEY
+from .fixtures import CACHE_KEY, LOCK_KEY, SETTINGS_KEY
 from .fixtures import ACTIVATION_CACHE_KEY
 from .snapshots import hooks as _snapshot_hooks
 from .snapshots.structure_fixture import structure_snapshot  # noqa: F401
 from . import hints as _hints
+from . import structure_lock as _structure_lock
 from . import findings as _findings
 from . import report as _report
 
@@ -67,6 +68,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
         enable()
     _snapshot_hooks.configure(config, resolved)
+    config.stash[LOCK_KEY] = _structure_lock.configure(config.rootpath, resolved.structure_lock,
+                                                       bool(getattr(config.option, "update_snapshots", False)))
     config.stash[REPORT_KEY] = report_state
     config.pluginmanager.register(report_state, "nnsight-findings")  # collects the records of every report, workers' too
     if not hasattr(config, "workerinput"):  # the controller clears once, before xdist workers start
@@ -77,6 +80,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     _snapshot_hooks.unconfigure(config)
+    if SETTINGS_KEY in config.stash:
+        _structure_lock.unconfigure()
     if SETTINGS_KEY in config.stash and config.stash[SETTINGS_KEY].deterministic:
         from .determinism import disable
 
@@ -121,6 +126,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    _structure_lock.start_item(item)  # the models this test is served are noted on it (hints, snapshot drift lines)
     if SETTINGS_KEY in item.config.stash and item.config.stash[SETTINGS_KEY].deterministic:
         from .determinism import seed_all
 
@@ -162,7 +168,7 @@ def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     outcome = yield
     _findings.attach(item, outcome.get_result())  # the record travels on the report (and through xdist)
-    _hints.attach(outcome.get_result(), call)  # one line naming the nnsight API change behind a known error
+    _hints.attach(outcome.get_result(), call, item)  # one line naming the nnsight API change behind a known error
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -180,6 +186,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     _snapshot_hooks.terminal_summary(terminalreporter)
+    lines = _structure_lock.summary_lines()
+    if lines and config.get_verbosity() >= 0:
+        terminalreporter.section("pytest-nnsight structure lock")
+        for line in lines:
+            terminalreporter.write_line(line)
     _findings_summary(terminalreporter, config)
     _activation_cache_summary(terminalreporter, config)
     cache = config.stash.get(CACHE_KEY, None)

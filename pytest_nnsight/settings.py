@@ -115,6 +115,12 @@ class Option:
         return "nnsight_" + self.noun
 
 
+def parse_structure_lock(value: str | bool) -> str:
+    from .structure_lock import parse_mode
+
+    return parse_mode(value)
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("device", "device models are loaded on: auto (CUDA when available, else CPU), cpu, cuda or cuda:N", "auto", parse_device, "DEVICE"),
     Option("dtype", "dtype models are loaded in: auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, float16 or bfloat16", "auto", parse_dtype, "DTYPE"),
@@ -143,6 +149,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("remote", "run intervention traces on NDIF (nnsight remote=True) for models too large for the runner: off, ndif "
            "(needs the API key in env NDIF_API_KEY) or local (nnsight's in-process simulation of the remote path)", "off",
            parse_remote, "MODE"),
+    Option("structure_lock", "the structure lock on every served model: on (the first serve of a model id records its structure "
+           "in __snapshots__/.nnsight-structure.lock; later runs fail every test using it, with the explained change, when it "
+           "changed), warn (report a change, fail nothing, write nothing), update (accept the served structures, as "
+           "--snapshot-update does) or off", "on", parse_structure_lock, "MODE"),
 )
 OPTIONS_BY_NOUN: Mapping[str, Option] = {o.noun: o for o in OPTIONS}
 
@@ -168,6 +178,7 @@ class Settings:
     summary: bool = False
     report: str | None = None
     remote: str = "off"
+    structure_lock: str = "on"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def source_of(self, noun: str) -> str:

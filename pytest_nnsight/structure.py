@@ -241,11 +241,13 @@ def expand(modules: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_PROBE, inputs: Any = None) -> ModelStructure:
+def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_PROBE, inputs: Any = None, semantics: bool = True) -> ModelStructure:
     """Record `model`'s structure on `prompt` (an nnsight wrapper, or a torch module with `tokenizer`).
 
     A bare torch module with a tokenizer is wrapped with `pytest_nnsight.models.wrap` first, so the
     tokenizer is pinned as the fixtures pin it. `inputs=` (ids [1, L] or a dict) replaces the prompt.
+    For a language model, `record["nnsight"]` adds what nnsight itself does (`semantics.probe`: padding
+    and position ids, a block's `.output` inside a trace, gradients); `semantics=False` leaves it out.
 
     Examples:
         >>> s = model_structure(nnsight_model("bundled:capitals"))      # doctest: +SKIP
@@ -295,6 +297,12 @@ def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_
         "call_order": call_order,
         "modules": collapse(modules),
     }
+    if semantics and inputs is None:
+        from .semantics import probe
+
+        found = probe(model)
+        if found:
+            record["nnsight"] = found
     return ModelStructure(model_name(model), record["probe"], record)
 
 

@@ -120,8 +120,68 @@ def _module_changes(path: str, old: dict[str, Any], new: dict[str, Any]) -> list
         out += explain_value("output", old.get("output"), new.get("output"))
         out += explain_value("input", old.get("input"), new.get("input"))
         if old.get("signature") != new.get("signature"):
-            out.append(f"call signature changed from '{old.get('signature')}' to '{new.get('signature')}'; code that reads .inputs[0][i] or .inputs[1][name] may read another argument")
+            out.append(f"call signature changed: {_signature_change(old.get('signature'), new.get('signature'))} (.inputs[0][i] / .inputs[1][name] may read another argument)")
     return out
+
+
+def _signature_change(old: Any, new: Any) -> str:
+    """'6 args; kwargs: a, b' -> '4 args; kwargs: b, c' as '6 -> 4 args; kwargs +c -a'."""
+    def parts(sig: Any) -> tuple[str, set[str]]:
+        head, _, kw = str(sig).partition("; kwargs: ")
+        return head.split(" ")[0], {k.strip() for k in kw.split(",") if k.strip() and k.strip() != "-"}
+
+    (na, ka), (nb, kb) = parts(old), parts(new)
+    out = [f"{na} -> {nb} args" if na != nb else f"{nb} args"]
+    if ka != kb:
+        out.append("kwargs " + " ".join([f"+{k}" for k in sorted(kb - ka)] + [f"-{k}" for k in sorted(ka - kb)]))
+    return "; ".join(out)
+
+
+# How much a line matters to code that reads the model, most first: what `.output` is (container, shape,
+# dtype), a module gone, how prompts are padded and what the tokenizer feeds; then what nnsight does with
+# the model; then the rest; call signatures (noise to most code) last.
+_RANK = (
+    (0, ("now selects", "now fails on a", "container changed", "is now None")),
+    (1, (" shape changed", " dtype changed", "module removed", "renamed to", "no longer runs")),
+    (2, ("tokenizer: padding side", "tokenizer: pad token", "tokenizer: now returns", "tokenizer: no longer returns", "nnsight:")),
+    (9, ("call signature changed",)),
+)
+
+
+def explain_semantics(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed in nnsight's own handling of the model (`semantics.probe`), in the terms of raw trace code."""
+    from .semantics import DIFFERS, SAME
+
+    lines: list[str] = []
+    po, pn = old.get("padding"), new.get("padding")
+    if po != pn and po is not None and pn is not None:
+        if pn == DIFFERS:
+            lines.append("nnsight: in a padded batch, model.trace([short, long]), the short row's last-position logits now differ from "
+                         "the same prompt alone (nnsight < 0.8 adds no position_ids under left padding; right padding puts a pad "
+                         "last), so batched raw traces give other numbers than single ones (H4/H5); the plugin's own verbs correct it")
+        elif pn == SAME:
+            lines.append(f"nnsight: in a padded batch the short row's last-position logits are now the same as the prompt alone ({po} "
+                         "before; nnsight 0.8 adds position_ids), so numbers recorded from batched raw traces move (H4)")
+        else:
+            lines.append(f"nnsight: the padding probe now gives {pn} (was {po})")
+    bo, bn = old.get("block_output"), new.get("block_output")
+    where = new.get("block") or old.get("block") or "the first block"
+    if bo != bn and bo is not None and bn is not None:
+        for text in explain_value("output", bo, bn):
+            lines.append(f"nnsight: inside a trace, {where}.{text}")
+    go, gn = old.get("gradient"), new.get("gradient")
+    if go != gn and go is not None and gn is not None:
+        lines.append(f"nnsight: gradients at {where} inside `with loss.backward():` are now {gn} (were {go}); "
+                     "code that reads .grad there gets another value or an error (H8)")
+    return lines
+
+
+def rank(line: str) -> int:
+    """The position class of an explanation line (0 = read first); lines keep their order within a class."""
+    for value, marks in _RANK:
+        if any(m in line for m in marks):
+            return value
+    return 5
 
 
 def _collapse_lines(lines: list[tuple[str, str]], paths: set[str]) -> list[str]:
@@ -198,13 +258,13 @@ def explain(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if p in mn and mo[p] != mn[p]:
             per_module += [(p, text) for text in _module_changes(p, mo[p], mn[p])]
     module_lines = _collapse_lines(per_module, set(mo) | set(mn))
-    lines += [line for line in module_lines if "call signature changed" not in line]  # what code reads first,
-    lines += [line for line in module_lines if "call signature changed" in line]  # then how modules are called
+    lines += module_lines
     co, cn = old.get("call_order") or [], new.get("call_order") or []
     common_o, common_n = [p for p in co if p in cn], [p for p in cn if p in co]
     if common_o != common_n:
         first = next(i for i, (a, b) in enumerate(zip(common_o, common_n)) if a != b)
         lines.append(f"call order changed: {common_n[first]} now runs before {common_o[first]}; {ORDER_HINT}")
-    return lines
+    lines += explain_semantics(old.get("nnsight") or {}, new.get("nnsight") or {})
+    return sorted(lines, key=rank)  # stable: the consequential lines first, signature noise last
 
 

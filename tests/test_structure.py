@@ -110,8 +110,12 @@ def test_h4_padding_side_change_is_explained_and_pinned():
     old = model_structure(model).record
     model.tokenizer.padding_side = "right"  # what a wrapper that keeps the tokenizer's side gives
     lines = explain(old, model_structure(model).record)
-    assert lines == ["tokenizer: padding side changed from left to right; shorter prompts in a batch now end with pad tokens, "
-                     "so position -1 / 'last' reads a pad and batched results differ from single-prompt runs (H4/H5)"], lines
+    assert lines[0] == ("tokenizer: padding side changed from left to right; shorter prompts in a batch now end with pad tokens, "
+                        "so position -1 / 'last' reads a pad and batched results differ from single-prompt runs (H4/H5)"), lines
+    # the nnsight probe sees the consequence itself: the padded row's last logits no longer equal the prompt alone
+    assert len(lines) == 2 and lines[1].startswith("nnsight: in a padded batch, model.trace([short, long]), the short row's "
+                                                   "last-position logits now differ from the same prompt alone"), lines
+    assert old["nnsight"]["padding"] == "same as alone"
 
 
 def test_h5_batched_last_token_equals_single_prompt_under_the_pinned_tokenizer():
@@ -158,9 +162,10 @@ def test_sdpa_attention_weights_not_materialized_is_explained():
     assert old["attention"]["weights"] == "materialized (2 x Tensor[b,4,s,s])"
     module.set_attn_implementation("sdpa")
     lines = explain(old, structure(module, tok))
-    assert lines[0].startswith("attention: implementation changed from 'eager' to 'sdpa'"), lines
-    assert lines[1].startswith("attention: weights are no longer materialized"), lines
-    assert "transformer.h.*.attn: output[1] is now None (was Tensor[b,4,s,s]); code that reads it (e.g. attention weights) gets None" in lines
+    # what code reads comes first (the attention output's element 1), then the attention setup behind it
+    assert lines[0] == "transformer.h.*.attn: output[1] is now None (was Tensor[b,4,s,s]); code that reads it (e.g. attention weights) gets None", lines
+    assert lines[1].startswith("attention: implementation changed from 'eager' to 'sdpa'"), lines
+    assert lines[2].startswith("attention: weights are no longer materialized"), lines
 
 
 def test_dtype_and_width_changes_are_explained():

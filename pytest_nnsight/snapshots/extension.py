@@ -177,6 +177,9 @@ class FindingSnapshotExtension(SingleFileSnapshotExtension):
             self.matches(serialized_data=serialized_data, snapshot_data=snapshot_data)
             out = self.last
         assert out is not None
+        structural = _structure_change_line(self.options.item)
+        if structural and not out.weights:
+            yield structural
         if out.weights and not self.options.across_weights:
             yield f"the model's weights changed: fingerprint {out.weights[0]} -> {out.weights[1]} (model {out.model})"
             yield "the finding was recorded on other weights; pass across_weights=True to compare across them"
@@ -186,6 +189,20 @@ class FindingSnapshotExtension(SingleFileSnapshotExtension):
             yield "this finding moved beyond tolerance in the same environment (--snapshot-update accepts it)"
         yield from explain(out.comparison, self.show_cells)
         yield ACCEPT if not out.weights else "run pytest --snapshot-update to record the finding on these weights"
+
+
+def _structure_change_line(item: Any) -> str | None:
+    """The first line of a drift in a run where a model of this test changed structure (the structure lock)."""
+    from .. import structure_lock
+
+    changed = structure_lock.changed_models()
+    models = [m for m in structure_lock.models_of(item) if m in changed] if item is not None else list(changed)
+    if not models:
+        return None
+    v = changed[models[0]]
+    first = v.lines[0] if v.lines else "see the structure lock"
+    return (f"this finding drifted in the same run as a structure change of {v.label}" + (f" ({', '.join(v.changes)})" if v.changes else "")
+            + f": {first}" + (f" (+{len(v.lines) - 1} more line(s) in the structure lock failure)" if len(v.lines) > 1 else ""))
 
 
 @dataclass(eq=False, order=False, repr=False)

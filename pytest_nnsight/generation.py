@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 WHERE = ("all", "prompt", "generated")
+DECODING_KEYS = frozenset({"do_sample", "temperature", "top_k", "seed", "min_new_tokens", "stop_at_eos", "batch_size"})
 
 
 # --- configuration and results -------------------------------------------------------------------------------
@@ -603,6 +604,10 @@ def generation_population(
     """
     if not isinstance(metric, TextMetric):
         raise ArgumentTypeError(f"metric={metric!r:.60}: expected token_accuracy(...), exact_continuation(...), contains(...) or text_metric(fn)")
+    unknown = sorted(set(decoding) - DECODING_KEYS)
+    if unknown:
+        raise ArgumentTypeError(f"generation_population got unexpected argument(s) {', '.join(unknown)}: the decoding arguments "
+                                f"are {', '.join(sorted(DECODING_KEYS))}")
     texts = _prompt_texts(prompts)
     if n is not None:
         _positive_int("n", n)

@@ -15,6 +15,8 @@ from pytest_nnsight import (
     block, head, logit_diff, patch, patch_layer, prob, rank, steer, sweep, wilson_interval,
 )
 from pytest_nnsight.errors import BrokenExperimentError, ProbeError, SnapshotFileError, SnapshotValueError
+from pytest_nnsight.generation import Ablate, contains, generate, generation_population
+from pytest_nnsight.lens import assert_emerges_at, logit_lens
 from pytest_nnsight.models import ModelCache
 from pytest_nnsight.settings import Settings
 
@@ -109,6 +111,22 @@ CASES = {
     "model id empty": (lambda m: ModelCache(Settings()).get(""), ModelSpecError, r"''", r"a hub id"),
     "bundled model that does not exist": (lambda m: ModelCache(Settings()).get("bundled:nope"), ModelSpecError, r"'bundled:nope'", r"bundled:capitals"),
     "model directory missing": (lambda m: ModelCache(Settings(offline=True)).get("/nonexistent/ckpt"), ModelUnavailableError, r"/nonexistent/ckpt", r"save_pretrained"),
+    # generation and the logit lens
+    "generate zero new tokens": (lambda m: generate(m, CLEAN, max_new_tokens=0), ArgumentError, r"max_new_tokens=0", r"an int >= 1"),
+    "generate beyond the context": (lambda m: generate(m, CLEAN, max_new_tokens=30), ArgumentError, r"max_new_tokens=30 .* \(6 tokens\)",
+                                    r"context of 32 positions: expected max_new_tokens <= 26"),
+    "generate a float count": (lambda m: generate(m, CLEAN, max_new_tokens=2.0), ArgumentTypeError, r"max_new_tokens=2\.0", r"an int >= 1"),
+    "generate sampling without a seed": (lambda m: generate(m, CLEAN, max_new_tokens=2, do_sample=True), ArgumentError, r"seed=None", r"an int seed"),
+    "generate an unknown intervention": (lambda m: generate(m, CLEAN, max_new_tokens=2, intervention=("zero", "embed")), ArgumentTypeError,
+                                         r"'zero'", r"Ablate\(\.\.\.\), Steer"),
+    "generate with a bad ablation site": (lambda m: generate(m, CLEAN, max_new_tokens=2, intervention=Ablate("resid_post.5")), SiteError,
+                                          r"layer 5", r"valid 0\.\.1"),
+    "generation claim with an unknown argument": (lambda m: generation_population(m, [CLEAN], metric=contains("Paris"), max_new_tokens=1,
+                                                  top_p=0.9), ArgumentTypeError, r"top_p", r"decoding arguments are batch_size"),
+    "lens answer not in the vocabulary": (lambda m: logit_lens(m, CLEAN, answer="Atlantis"), MetricError, r"'Atlantis'", r"not in the vocabulary"),
+    "lens answer of two tokens": (lambda m: logit_lens(m, CLEAN, answer="Paris Rome"), MetricError, r"'Paris Rome' is 2 tokens", r"single-token"),
+    "lens emergence at a layer the model lacks": (lambda m: assert_emerges_at(logit_lens(m, CLEAN, answer="Paris"), layer=4), ArgumentError,
+                                                  r"layer 4 is out of range", r"valid 0\.\.1"),
     # other entry points
     "wilson interval k > n": (lambda m: wilson_interval(3, 2), ArgumentError, r"k=3, n=2", r"0 <= k <= n"),
     "population assertion on an unknown statistic": (lambda m: assert_population(None, 0.9, on="mean"), ArgumentError, r"on='mean'", r"'lower_bound'"),

@@ -336,8 +336,9 @@ def path_patch(
 ) -> Effect:
     """The effect of `sender` on the metric only through `receiver`'s input, every other path frozen at the target run.
 
-    `position`: the sender positions switched to the source run (default all); `receiver_position`: the positions
-    of the receiver's input written (default all). `normalized` is (patched - corrupt) / (clean - corrupt).
+    `receiver` may be a list: the sender's path through all of those inputs at once (e.g. every head's v input of a
+    layer). `position`: the sender positions switched to the source run (default all); `receiver_position`: the
+    positions of the receiver's input written (default all). `normalized` is (patched - corrupt) / (clean - corrupt).
 
     >>> effect = path_patch(model, clean, corrupt, sender="head_out.0.0", receiver="k_in.1.2",   # doctest: +SKIP
     ...                     metric=logit_diff("t5", "t60"))
@@ -345,15 +346,18 @@ def path_patch(
     _check_direction(direction)
     m = as_metric(model, metric)
     bound = bind(model)
-    s, r = parse_sender(model, sender), parse_receiver(model, receiver)
-    check_edge(s, r)
-    pc = cache_pair(model, clean, corrupt, m, [s], [r], position=position, receiver_position=receiver_position, direction=direction, bound=bound)
-    patched, _ = run(model, pc.target, m, edits=[pc.edit(r, [0], [pc.value(s, r)])], reference=pc.reference)
+    s = parse_sender(model, sender)
+    receivers = _parse_all(model, receiver, parse_receiver, None, "receiver")
+    for r in receivers:
+        check_edge(s, r)
+    pc = cache_pair(model, clean, corrupt, m, [s], receivers, position=position, receiver_position=receiver_position, direction=direction,
+                    bound=bound)
+    patched, _ = run(model, pc.target, m, edits=[pc.edit(r, [0], [pc.value(s, r)]) for r in receivers], reference=pc.reference)
     spos = [i for i, keep in enumerate(pc.sender_mask.tolist()) if keep]
-    what = f"path patching {s.label} -> {r.label}"
-    eff = normalized(float(patched[0]), pc.tgt, pc.src, min_gap=min_gap, what=what)
+    label = f"{s.label} -> {'+'.join(r.label for r in receivers)}"
+    eff = normalized(float(patched[0]), pc.tgt, pc.src, min_gap=min_gap, what=f"path patching {label}")
     return Effect(
-        "path patch", f"{s.label} -> {r.label}", tuple(spos), tuple(pc.target_tokens[p] for p in spos), m.name, pc.source, pc.target,
+        "path patch", label, tuple(spos), tuple(pc.target_tokens[p] for p in spos), m.name, pc.source, pc.target,
         pc.src, pc.tgt, float(patched[0]), eff, direction, tuple(pc.target_tokens),
     )
 
@@ -407,12 +411,12 @@ class PathMap:
 
 
 def _parse_all(model: Any, specs: Any, parse: Any, default: Any, what: str) -> list[Any]:
-    if specs is None or specs == "all":
+    if default is not None and (specs is None or specs == "all"):
         return default(model)
     if isinstance(specs, (str, Site)):
         specs = [specs]
     if not isinstance(specs, (list, tuple)) or not specs:
-        raise CircuitError(f"{what}={specs!r}: expected a non-empty list of names, one name, or None for all")
+        raise CircuitError(f"{what}={specs!r}: expected one name or a non-empty list of names" + (", or None for all" if default else ""))
     return list(dict.fromkeys(parse(model, s) for s in specs))
 
 

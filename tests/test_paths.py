@@ -50,7 +50,8 @@ def reference(model, sender, receiver, positions=None):
         x_emb, x_z, x_mlp, corrupt_ld = runs["corrupt"]
         kind, *idx = sender.split(".")
         pos = list(range(x_emb.shape[1])) if positions is None else positions
-        rkind, *ridx = receiver.split(".")
+        receivers = receiver if isinstance(receiver, list) else [receiver]  # a list: q/k/v inputs of one layer
+        rkind, *ridx = receivers[0].split(".")
         rlayer = N_LAYERS if rkind == "logits" else int(ridx[0])
         width = D // N_HEADS
 
@@ -82,8 +83,12 @@ def reference(model, sender, receiver, positions=None):
         # run 3: corrupt with only the receiver's input written
         with model.trace(CORRUPT):
             if rkind in ("q_in", "k_in", "v_in"):
-                start = "qkv".index(rkind[0]) * D + int(ridx[1]) * width
-                h[rlayer].attn.c_attn.output[:, :, start : start + width] = saved[:, :, start : start + width]
+                new = h[rlayer].attn.c_attn.output.clone()
+                for one in receivers:
+                    kind, _, head = one.split(".")
+                    start = "qkv".index(kind[0]) * D + int(head) * width
+                    new[:, :, start : start + width] = saved[:, :, start : start + width]
+                h[rlayer].attn.c_attn.output[:] = new
             elif rkind == "mlp_in":
                 h[rlayer].mlp.input[:] = saved
             else:
@@ -105,6 +110,8 @@ EDGES = [
     ("head_out.1.2", "logits", None),
     ("attn_out.0", "logits", [9, 13]),
     ("mlp_out.1", "logits", None),
+    ("embed", ["v_in.1.0", "v_in.1.1", "v_in.1.2", "v_in.1.3"], [2, 4, 9]),  # one sender through several inputs at once
+    ("head_out.0.0", ["q_in.1.2", "k_in.1.2"], None),
 ]
 
 
@@ -114,13 +121,16 @@ def test_path_patch_equals_hand_written_three_run_path_patching(model, metric, s
     effect = path_patch(model, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=metric, position=positions)
     assert math.isfinite(expected)
     assert abs(float(effect.normalized) - expected) <= 1e-4, (sender, receiver, float(effect.normalized), expected)
-    assert effect.site == f"{sender} -> {receiver}"
+    assert effect.site == f"{sender} -> {'+'.join(receiver) if isinstance(receiver, list) else receiver}"
 
 
 def test_some_edge_of_the_tiny_model_matters(model, metric):
     """Guards the comparison above against comparing zeros: the random model has edges with a visible effect."""
     effects = [abs(reference(model, s, r, p)) for s, r, p in EDGES]
     assert sum(e > 0.01 for e in effects) >= 5, effects
+    several = path_patch(model, CLEAN, CORRUPT, sender="embed", receiver=["v_in.1.0", "v_in.1.1", "v_in.1.2", "v_in.1.3"], metric=metric)
+    alone = [path_patch(model, CLEAN, CORRUPT, sender="embed", receiver=f"v_in.1.{h}", metric=metric).normalized for h in range(4)]
+    assert abs(float(several.normalized) - sum(alone)) > 1e-3  # the joint path is measured, not the sum of the single ones
 
 
 def test_batched_sweep_equals_single_edges(model, metric):

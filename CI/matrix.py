@@ -257,7 +257,8 @@ def run_env(env: EnvSpec, cfg: MatrixConfig, out: Path, cache: Path, pytest_args
     edir.mkdir(parents=True, exist_ok=True)
     log = edir / "log.txt"
     log.write_text("")
-    result: dict[str, Any] = {"name": env.name, "description": env.description, "requirements": env.requirements, "no_deps": env.no_deps}
+    result: dict[str, Any] = {"name": env.name, "description": env.description, "requirements": env.requirements, "no_deps": env.no_deps,
+                              "floating": env.floating}
     built = build_env(env, cfg, cache, log, rebuild=rebuild)
     result["build"] = built
     if not built["ok"]:
@@ -272,7 +273,10 @@ def run_env(env: EnvSpec, cfg: MatrixConfig, out: Path, cache: Path, pytest_args
     envvars[RESULTS_ENV] = str(results_file)
     envvars["PYTHONPATH"] = os.pathsep.join([str(HERE)] + ([envvars["PYTHONPATH"]] if envvars.get("PYTHONPATH") else []))
     selection = list(pytest_args) or [*cfg.tests, *cfg.pytest_args]
-    cmd = [py, "-m", "pytest", "-p", "matrix_collect", "-o", f"cache_dir={edir / 'pytest-cache'}", "-q", "-rN", *selection]
+    # the structure lock reports a changed model without failing its tests (warn: read-only), so each finding still
+    # says whether it holds; the report shows the lock's explanation per environment
+    cmd = [py, "-m", "pytest", "-p", "matrix_collect", "-o", f"cache_dir={edir / 'pytest-cache'}", "-q", "-rN",
+           "--nnsight-structure-lock", "warn", *selection]
     if any(a.startswith("--snapshot-update") for a in selection):
         raise MatrixConfigError("--snapshot-update in the test selection: the matrix reads snapshots, it never rewrites them")
     start = time.perf_counter()
@@ -280,10 +284,13 @@ def run_env(env: EnvSpec, cfg: MatrixConfig, out: Path, cache: Path, pytest_args
     result["test_seconds"] = round(time.perf_counter() - start, 1)
     result["pytest_exit"] = rc
     try:
-        result["tests"] = json.loads(results_file.read_text())["tests"]
+        collected = json.loads(results_file.read_text())
+        result["tests"] = collected["tests"]
+        result["structure"] = collected.get("structure", {})
         result["error"] = ""
     except (OSError, ValueError, KeyError):
         result["tests"] = []
+        result["structure"] = {}
         result["error"] = f"pytest exited {rc} without writing results (see {log})"
     specs = sorted({p for pattern in cfg.specs for p in glob.glob(str(ROOT / pattern))})
     result["replay"] = []
@@ -320,7 +327,7 @@ def classify(test: dict[str, Any]) -> str:
 def replay_verdict(rep: dict[str, Any]) -> str:
     """One phrase for a replayed finding: what moved, by the replay's three-way comparison."""
     if rep.get("error"):
-        return "replay error: " + str(rep["error"])[:200]
+        return "replay error: " + str(rep["error"])
     return str(rep.get("diagnosis", ""))
 
 
@@ -334,7 +341,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     for env in results:
         for t in env.get("tests", []):
             row = findings.setdefault(t["nodeid"], {"nodeid": t["nodeid"], "envs": {}})
-            row["envs"][env["name"]] = {"outcome": classify(t), "message": t.get("message", "")[:400], "drift": t.get("drift", []),
+            row["envs"][env["name"]] = {"outcome": classify(t), "message": t.get("message", ""), "drift": t.get("drift", []),
                                         "snapshot": t.get("snapshot", []), "seconds": t.get("duration", 0.0)}
         for r in env.get("replay", []):
             key = r.get("test") or f"replay:{r.get('name')}"
@@ -344,7 +351,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     bad: list[str] = []
     for env in results:
         if env.get("error"):
-            bad.append(f"{env['name']}: {env['error']}")
+            bad.append(f"{env['name']}: {env['error'].splitlines()[0]}")  # the whole reason is under Environments
         for t in env.get("tests", []):
             if classify(t) in BAD_OUTCOMES:
                 bad.append(f"{env['name']}: {t['nodeid']} {classify(t)}")
@@ -352,7 +359,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             if r.get("error") or r.get("status") not in (None, "stable"):
                 bad.append(f"{env['name']}: replay {r.get('name')}: {replay_verdict(r)}")
     envs = [{"name": e["name"], "description": e.get("description", ""), "versions": e.get("versions", {}), "requirements": e.get("requirements", []),
-             "no_deps": e.get("no_deps", []), "build": e.get("build", {}), "test_seconds": e.get("test_seconds", 0.0), "error": e.get("error", "")}
+             "no_deps": e.get("no_deps", []), "build": e.get("build", {}), "test_seconds": e.get("test_seconds", 0.0), "error": e.get("error", ""),
+             "floating": e.get("floating", False), "structure": e.get("structure", {})}
             for e in results]
     return {"generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "envs": envs,
             "findings": sorted(findings.values(), key=lambda r: r["nodeid"]), "problems": bad, "ok": not bad}
@@ -380,7 +388,19 @@ def render_markdown(summary: dict[str, Any]) -> str:
     for e in summary["envs"]:
         v, b = e["versions"], e["build"]
         build = "failed" if not b.get("ok", True) else ("reused" if b.get("reused") else f"{b.get('seconds', 0):.0f} s")
-        out.append(f"| {e['name']} | {v.get('nnsight', '?')} | {v.get('transformers', '?')} | {v.get('torch', '?')} | {v.get('python', '?')} | {build} | {e['test_seconds']:.0f} s |")
+        name = e["name"] + (" (floating: newest releases)" if e.get("floating") else "")
+        out.append(f"| {name} | {v.get('nnsight', '?')} | {v.get('transformers', '?')} | {v.get('torch', '?')} | {v.get('python', '?')} | {build} | {e['test_seconds']:.0f} s |")
+    for e in summary["envs"]:
+        if not e["build"].get("ok", True):  # why pip could not build it, in pip's words
+            out += ["", f"**{e['name']}** could not be built ({', '.join(e['requirements'])}):", "", "```"] + e["error"].splitlines() + ["```"]
+    locks = [(e["name"], label, v) for e in summary["envs"] for label, v in (e.get("structure") or {}).items() if v.get("lines")]
+    if locks:
+        out += ["", "## Structure lock", "", "What changed in each served model against the repository's structure lock "
+                "(`__snapshots__/.nnsight-structure.lock`), most consequential first; in your own runs every test using the model fails with these lines.", ""]
+        for name, label, v in locks:
+            after = f" after {', '.join(v.get('changes') or [])}" if v.get("changes") else ""
+            out.append(f"- **{name}**: the structure of `{label}` changed{after}:")
+            out += [f"  - {ln}" for ln in _fold_all(v["lines"])]
     out += ["", "## Findings", "", "| finding | " + " | ".join(envs) + " |", "|---|" + "---|" * len(envs)]
     for f in summary["findings"]:
         out.append(f"| `{f['nodeid']}` | " + " | ".join(_cell(f["envs"].get(n)) for n in envs) + " |")
@@ -398,11 +418,37 @@ def render_markdown(summary: dict[str, Any]) -> str:
         out += ["", "## Details", ""]
         for nodeid, n, c in details:
             out.append(f"- **{n}** `{nodeid}`: {c['outcome']}")
-            for line in (c["drift"] or c["snapshot"] or [ln for ln in c["message"].splitlines() if ln.strip()])[:6]:
-                out.append(f"  - {line}")
+            lines = c["drift"] or c["snapshot"] or [ln for ln in c["message"].splitlines() if ln.strip()]
+            shown = lines if c["outcome"] != "errored" else lines[:ERROR_LINES]  # an error's traceback is cut between lines
+            out += [f"  - {line}" for line in _fold_all(shown)]
+            if len(shown) < len(lines):
+                out.append(f"  - ({len(lines) - len(shown)} more line(s) in drift.json)")
     if summary["problems"]:
         out += ["", "## Problems", ""] + [f"- {p}" for p in summary["problems"]]
     return "\n".join(out) + "\n"
+
+
+ERROR_LINES = 20  # lines of an errored test's message in drift.md (drift.json keeps all); explanations are never cut
+FOLD = 240  # drift.md folds a longer line onto continuation lines; no line is cut
+
+
+def fold(line: str, width: int = FOLD) -> str:
+    """A long line folded at spaces onto indented continuation lines of a markdown list item; never cut, never dropped."""
+    if len(line) <= width:
+        return line
+    words, rows, row = line.split(" "), [], ""
+    for w in words:
+        if row and len(row) + 1 + len(w) > width:
+            rows.append(row)
+            row = w
+        else:
+            row = f"{row} {w}" if row else w
+    rows.append(row)
+    return "\n    ".join(rows)
+
+
+def _fold_all(lines: list[str]) -> list[str]:
+    return [fold(ln) for ln in lines]
 
 
 def _atomic_write(path: Path, text: str) -> None:

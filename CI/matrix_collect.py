@@ -49,8 +49,29 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         rec.update(outcome="xfailed" if xfail else "skipped", when=report.when, message=str(getattr(report, "wasxfail", "")) if xfail else _message(report))
     elif report.failed:
         full = str(report.longrepr or "")
-        rec.update(outcome="failed" if report.when == "call" else "error", when=report.when, message=_message(report)[:2000],
+        rec.update(outcome="failed" if report.when == "call" else "error", when=report.when, message=_whole_lines(_message(report)),
                    drift=_drift_lines(full), exception=_exception_name(report))
+
+
+def _whole_lines(text: str, limit: int = 20000) -> str:
+    """The message, cut only between lines (an explanation line is never cut in the middle)."""
+    if len(text) <= limit:
+        return text
+    kept = text[:limit].rsplit("\n", 1)[0]
+    return kept + f"\n... ({text.count(chr(10)) - kept.count(chr(10))} more line(s))"
+
+
+def _structure_lock() -> dict[str, Any]:
+    """What pytest-nnsight's structure lock said about each served model (the matrix runs it with warn)."""
+    try:
+        from pytest_nnsight import structure_lock
+    except ImportError:
+        return {}
+    lock = structure_lock.active()
+    if lock is None:
+        return {}
+    return {label: {"status": v.status, "changes": v.changes, "lines": v.lines, "seconds": round(v.seconds, 3)}
+            for label, v in lock.verdicts.items()}
 
 
 def _exception_name(report: pytest.TestReport) -> str:
@@ -71,5 +92,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"exitstatus": int(exitstatus), "tests": list(_RECORDS.values())}, handle, indent=1)
+        json.dump({"exitstatus": int(exitstatus), "tests": list(_RECORDS.values()), "structure": _structure_lock()}, handle, indent=1)
     os.replace(tmp, path)

@@ -83,6 +83,37 @@ def test_report_on_fake_results(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+H1 = ("transformer.h.*: output changed from tuple(Tensor[b,s,64]) to Tensor[b,s,64]; code that reads .output[0] now selects batch row 0 "
+      "instead of the hidden states, and writes to .output[0] change only batch row 0")
+
+
+def test_report_keeps_every_explanation_line_whole(tmp_path):
+    """A structure failure of 9 lines with a 190-character H1 line: drift.json keeps the message whole, drift.md every line
+    (a line over the fold width continues on the next line, never cut)."""
+    lines = ["AssertionError: the structure of bundled:capitals changed after transformers 5.24.0 -> 4.57.6:", H1]
+    lines += [f"transformer.h.{i}.attn: call signature changed: 4 -> 6 args; kwargs +cache_position -position_ids" for i in range(6)]
+    lines += ["run pytest --snapshot-update to accept the change"]
+    long_line = "nnsight: " + " ".join(["word"] * 80)  # 400+ characters
+    message = "\n".join(lines[:2] + [long_line] + lines[2:])
+    env = {"name": "tf4", "versions": V_OLD, "build": {"ok": True}, "test_seconds": 1.0, "error": "",
+           "tests": [_test("ex.py::test_structure", "failed", exception="AssertionError", message=message)],
+           "structure": {"bundled:capitals": {"status": "changed", "changes": ["transformers 5.24.0 -> 4.57.6"], "lines": [H1, long_line]}}}
+    summary = matrix.summarize([env])
+    matrix.write_reports(summary, tmp_path)
+    stored = json.loads((tmp_path / "drift.json").read_text())
+    assert stored["findings"][0]["envs"]["tf4"]["message"] == message
+    assert stored["envs"][0]["structure"]["bundled:capitals"]["lines"] == [H1, long_line]
+    md = (tmp_path / "drift.md").read_text()
+    assert f"  - {H1}" in md  # whole, in the details and in the structure lock section
+    assert md.count(H1) == 2
+    for line in lines[2:]:
+        assert f"  - {line}" in md
+    folded = md[md.index("  - nnsight: word"):].split("\n")
+    rebuilt = folded[0][4:] + "".join(" " + row.strip() for row in folded[1:] if row.startswith("    ") and not row.startswith("  - "))
+    assert rebuilt.startswith(long_line) and all(len(row) <= matrix.FOLD + 4 for row in folded[:3])
+    assert "## Structure lock" in md and "- **tf4**: the structure of `bundled:capitals` changed after transformers 5.24.0 -> 4.57.6:" in md
+
+
 def test_compatibility_table_from_fake_results():
     summary = matrix.summarize(_fake_results())
     previous = {"combinations": [{"nnsight": "0.7.0", "transformers": "5.24.0", "torch": "2.13.0", "ok": True, "passed": 1, "total": 1},

@@ -222,9 +222,48 @@ def record_snapshot(rec: Recorder, assertion: Any, data: Any) -> None:
         status, detail = ("re-verified" if res.success and not res.updated else "updated"), ", ".join(out.changes) or "weights changed"
     else:
         status, detail = "matched", ""
-    _append(rec.snapshots, {"name": res.snapshot_name, "status": status, "detail": detail})
+    entry = {"name": res.snapshot_name, "status": status, "detail": detail, "path": str(res.snapshot_location)}
+    if status in ("new", "drifted"):  # what --nnsight-review writes when the finding is accepted
+        entry["received"] = res.asserted_data if isinstance(res.asserted_data, str) else None
+    if compared and (status in ("drifted", "updated") or (status == "re-verified" and any(c.abs_err > 0 for c in out.comparison.cells))):
+        entry["drift"] = drift_of(out.comparison, out.changes, out.weights)
+    _append(rec.snapshots, entry)
     if hasattr(data, "sites") and hasattr(data, "values") and hasattr(data, "tokens"):
         record_map(data)
+
+
+def _grid(values: Any) -> list[list[float | None]]:
+    return [[_num(v) for v in row] if isinstance(row, list) else [] for row in values] if isinstance(values, list) else []
+
+
+def drift_of(cmp: Any, changes: Sequence[str], weights: Any = None) -> dict[str, Any]:
+    """The recorded and the new finding side by side, for the report's drift figure and the review.
+
+    `moved`: cells beyond tolerance; `changed`: cells whose value differs at all (a re-verified finding
+    has none moved, maybe some changed). A map gives both grids; a population both effect lists.
+    """
+    moved = {c.path for c in cmp.moved}
+    abs_errs = [c.abs_err for c in cmp.cells]
+    out: dict[str, Any] = {
+        "changes": list(changes) + ([f"weights {weights[0]} -> {weights[1]}"] if weights else []),
+        "tolerance": str(cmp.tolerance), "cells": len(cmp.cells), "moved": len(moved),
+        "changed": sum(1 for e in abs_errs if e > 0), "max_abs": _num(max(abs_errs, default=0.0)),
+        "structural": list(cmp.structural[:10]),
+    }
+    old, new = cmp.old_finding, cmp.new_finding
+    if all(isinstance(f, dict) and isinstance(f.get("values"), list) and isinstance(f.get("sites"), list) for f in (old, new)):
+        cells = [(c.path[1], c.path[2], c.path in moved, c.abs_err > 0) for c in cmp.cells
+                 if len(c.path) == 3 and c.path[0] == "values" and isinstance(c.path[1], int)]
+        out["map"] = {"sites": list(new["sites"]), "tokens": list(new.get("tokens") or []),
+                      "positions": list(new.get("positions") or range(len(new.get("tokens") or []))),
+                      "old_sites": list(old["sites"]), "old_tokens": list(old.get("tokens") or []),
+                      "old": _grid(old["values"]), "new": _grid(new["values"]), "metric": str(new.get("metric", "")),
+                      "moved": [[i, j] for i, j, m, _ in cells if m], "changed": [[i, j] for i, j, _, ch in cells if ch]}
+    elif all(isinstance(f, dict) and isinstance(f.get("effects"), list) for f in (old, new)):
+        out["population"] = {"old": [_num(v) for v in old["effects"][:MAX_VALUES]], "new": [_num(v) for v in new["effects"][:MAX_VALUES]],
+                             "threshold": _num(new.get("threshold")), "site": str(new.get("site", "")),
+                             "moved": sum(1 for c in cmp.cells if c.path in moved and c.path[:1] == ("effects",))}
+    return out
 
 
 # --- the run's side: start and finish a test, collect the records of a run --------------------------------

@@ -124,6 +124,10 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
         ax.set_title(f"{m['corrupt_prompt']!r} <- {m['clean_prompt']!r}"[:90] + f"\n{m['metric']}{marks}"[:100], fontsize=9)
         fig.tight_layout()
         out[f"figures/{slug}-map{k}.png"] = _png(fig, plt)
+    for n, snap in enumerate(rec.get("snapshots", [])[:8]):
+        drift = snap.get("drift") or {}
+        if drift.get("map") or drift.get("population"):
+            out[f"figures/{slug}-drift{n}.png"] = _drift_figure(drift, snap, plt)
     values, threshold, title = _variant_values(rec)
     if values:
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
@@ -139,6 +143,108 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
     out.update(lens_figures(rec, slug, plt, _png))
     out.update(circuit_figures(rec, slug, plt, _png))
     return out
+
+
+def drift_headline(drift: dict[str, Any]) -> str:
+    """One line: how many cells moved beyond tolerance, and the largest change."""
+    n, k, changed = drift.get("cells", 0), drift.get("moved", 0), drift.get("changed", 0)
+    if not n:
+        return "; ".join(drift.get("structural", [])[:2]) or "the finding's shape changed"
+    within = f", {changed} changed within tolerance" if changed and not k else ""
+    return f"{k} / {n} cells moved beyond tolerance ({drift.get('tolerance', '')}){within}; largest change {fmt(drift.get('max_abs'))}"
+
+
+def environment_line(drift: dict[str, Any]) -> str:
+    return "environment: " + (", ".join(drift.get("changes") or []) or "unchanged (same versions, device, dtype and weights)")
+
+
+def _diff_grid(old: list[list[Any]], new: list[list[Any]]) -> list[list[float | None]] | None:
+    if len(old) != len(new) or any(len(a) != len(b) for a, b in zip(old, new)):
+        return None
+    return [[None if a is None or b is None else b - a for a, b in zip(ra, rb)] for ra, rb in zip(old, new)]
+
+
+def _drift_figure(drift: dict[str, Any], snap: dict[str, Any], plt: Any) -> bytes:
+    """The recorded finding, the new one and their difference side by side on one colour scale, moved cells marked."""
+    head = f"{snap.get('name', '')}: {snap.get('status', '')}\n{environment_line(drift)}\n{drift_headline(drift)}"
+    if drift.get("population"):
+        p = drift["population"]
+        old, new = [v for v in p["old"] if v is not None], [v for v in p["new"] if v is not None]
+        fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+        both = old + new
+        lo, hi = (min(both), max(both)) if both else (0.0, 1.0)
+        nb = max(6, min(24, len(both) // 3))
+        bins = [lo + (hi - lo) * i / nb for i in range(nb + 1)] if hi > lo else 10
+        ax.hist(old, bins=bins, color="#888888", alpha=0.55, label=f"recorded ({len(old)} variants)", edgecolor="white")
+        ax.hist(new, bins=bins, color="#4477aa", alpha=0.55, label=f"this run ({len(new)} variants)", edgecolor="white")
+        if p.get("threshold") is not None:
+            ax.axvline(p["threshold"], color="red", linestyle="--", label=f"threshold {p['threshold']:g}")
+        ax.set_xlabel("normalized effect")
+        ax.set_ylabel("variants")
+        ax.legend(fontsize=8)
+        ax.set_title(head, fontsize=8, loc="left")
+        fig.tight_layout()
+        return _png(fig, plt)
+    m = drift["map"]
+    old = [[math.nan if v is None else v for v in row] for row in m["old"]]
+    new = [[math.nan if v is None else v for v in row] for row in m["new"]]
+    diff = _diff_grid(m["old"], m["new"])
+    panels = [("recorded", old, m.get("old_sites") or m["sites"], m.get("old_tokens") or m["tokens"]),
+              ("this run", new, m["sites"], m["tokens"])]
+    if diff is not None:
+        panels.append(("difference (this run - recorded)", [[math.nan if v is None else v for v in row] for row in diff], m["sites"], m["tokens"]))
+    finite = [abs(v) for _, grid, _, _ in panels for row in grid for v in row if math.isfinite(v)]
+    lim = max([1e-9] + finite)
+    n_cols = max(len(grid[0]) if grid else 0 for _, grid, _, _ in panels)
+    n_rows = max(len(grid) for _, grid, _, _ in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(24.0, len(panels) * max(3.0, 0.5 * n_cols + 1.3) + 1.4), max(3.6, 0.45 * n_rows + 2.8)),
+                             dpi=100, squeeze=False, layout="constrained")
+    moved, changed = {tuple(c) for c in m.get("moved", [])}, {tuple(c) for c in m.get("changed", [])}
+    im = None
+    for ax, (title, grid, sites, tokens) in zip(axes[0], panels):
+        if not grid or not grid[0]:
+            ax.set_axis_off()
+            continue
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(grid[0])), [f"{j}:{t}" for j, t in enumerate(tokens[:len(grid[0])])], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(grid)), sites[:len(grid)], fontsize=8)
+        ax.set_title(title, fontsize=9)
+        if len(grid) * len(grid[0]) <= 160:
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    ax.text(j, i, "nan" if not math.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black")
+        for i, j in changed - moved:
+            ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="#777777", linewidth=1, linestyle=":"))
+        for i, j in moved:
+            ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="#ff00ff", linewidth=2.5))
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), label="normalized effect, one scale for all three", shrink=0.9)
+    legend = "magenta: moved beyond tolerance" + ("; dotted: changed within tolerance" if changed - moved else "")
+    fig.suptitle(f"{head}\n{legend}", fontsize=9, x=0.01, ha="left")
+    return _png(fig, plt)
+
+
+def _html_drift(drift: dict[str, Any], figure: str | None) -> str:
+    """The environment change above the recorded / new / difference view (a figure, or HTML tables without matplotlib)."""
+    e = html.escape
+    parts = [f"<div class='drift'><p class='env'><b>{e(environment_line(drift))}</b></p><p>{e(drift_headline(drift))}</p>"]
+    if figure:
+        parts.append(f"<img src='{e(figure)}' alt='recorded, new and difference'>")
+    elif drift.get("map"):
+        m = drift["map"]
+        diff = _diff_grid(m["old"], m["new"])
+        grids = [("recorded", m["old"]), ("this run", m["new"])] + ([("difference", diff)] if diff is not None else [])
+        lim = max([1e-9] + [abs(v) for _, g in grids for row in g for v in row if v is not None])
+        moved = {tuple(c) for c in m.get("moved", [])}
+        for title, grid in grids:
+            view = {"sites": m["sites"], "tokens": m["tokens"], "positions": m["positions"], "values": grid, "failing": sorted(moved),
+                    "metric": title, "corrupt_prompt": "", "clean_prompt": ""}
+            parts.append(f"<div class='side'>{_html_map(view, lim, caption=title)}</div>")
+    elif drift.get("population"):
+        p = drift["population"]
+        parts.append(f"<p>recorded: {len(p['old'])} variants; this run: {len(p['new'])} variants; {p.get('moved', 0)} effects moved</p>")
+    return "".join(parts) + "</div>"
 
 
 def _png(fig: Any, plt: Any) -> bytes:
@@ -180,6 +286,8 @@ def _md(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[in
                          f"{fmt(p['lower_bound'])}), mean {fmt(p['mean'])} ± {fmt(p['std'])}")
         for s in rec.get("snapshots", []):
             lines.append(f"- snapshot {s['name']}: {s['status']}" + (f" ({s['detail']})" if s["detail"] else ""))
+            if s.get("drift"):
+                lines.append(f"  - {environment_line(s['drift'])}; {drift_headline(s['drift'])}")
         for m in rec.get("maps", [])[:8]:
             lines += ["", f"{m['metric']}: {m['corrupt_prompt']!r} <- {m['clean_prompt']!r}", "", _md_map(m)]
         lines += md_sections(rec)
@@ -213,10 +321,11 @@ def _color(v: float | None, lim: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def _html_map(m: dict[str, Any]) -> str:
+def _html_map(m: dict[str, Any], lim: float | None = None, caption: str | None = None) -> str:
     e = html.escape
     failing, claimed = {tuple(c) for c in m.get("failing", [])}, {tuple(c) for c in m.get("claimed", [])}
-    lim = max([1.0] + [abs(v) for row in m["values"] for v in row if v is not None])
+    if lim is None:
+        lim = max([1.0] + [abs(v) for row in m["values"] for v in row if v is not None])
     head = "".join(f"<th>{e(str(p))}:{e(t)}</th>" for p, t in zip(m["positions"], m["tokens"]))
     rows = []
     for i, (site, row) in enumerate(zip(m["sites"], m["values"])):
@@ -224,7 +333,7 @@ def _html_map(m: dict[str, Any]) -> str:
             f'<td style="background:{_color(v, lim)}" class="{"fail" if (i, j) in failing else ""} {"claim" if (i, j) in claimed else ""}">'
             f"{fmt(v)}{' ✗' if (i, j) in failing else ''}</td>" for j, v in enumerate(row))
         rows.append(f"<tr><th>{e(site)}</th>{tds}</tr>")
-    caption = f"{e(m['metric'])}: {e(repr(m['corrupt_prompt']))} &larr; {e(repr(m['clean_prompt']))}"
+    caption = e(caption) if caption is not None else f"{e(m['metric'])}: {e(repr(m['corrupt_prompt']))} &larr; {e(repr(m['clean_prompt']))}"
     return f'<table class="map"><caption>{caption}</caption><tr><th>site \\ position:token</th>{head}</tr>{"".join(rows)}</table>'
 
 
@@ -232,6 +341,7 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-top:1px solid #ccc;padding-top:1em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;text-align:right}
 th{background:#f4f4f4}.map td.fail{outline:3px solid #d00;outline-offset:-3px;font-weight:bold}.map td.claim{font-style:italic}
+.drift{border-left:4px solid #c0c;padding-left:.8em;margin:.5em 0}.drift .env{color:#606}.side{display:inline-block;vertical-align:top;margin-right:1em}
 .passed{color:#070}.failed{color:#c00}.skipped,.xfailed{color:#777}.note{color:#a60}img{max-width:100%;display:block;margin:.5em 0}
 caption{text-align:left;font-size:13px;color:#555}code{font-size:12px}"""
 
@@ -255,16 +365,26 @@ def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[
         for p in rec.get("populations", []):
             parts.append(f"<p>variants: {p['passed']}/{p['n']} &ge; {fmt(p['threshold'])} (rate {p['rate']:.3f}, Wilson 95% lower "
                          f"{fmt(p['lower_bound'])}), mean {fmt(p['mean'])} &plusmn; {fmt(p['std'])} at {e(p['site'])} @ {e(p['position'])}</p>")
-        for s in rec.get("snapshots", []):
+        drift_figures = [f for f in figures.get(k, []) if re.search(r"-drift\d+\.png$", f)]
+        for n, s in enumerate(rec.get("snapshots", [])):
             parts.append(f"<p>snapshot <code>{e(s['name'])}</code>: <b>{e(s['status'])}</b> {e(s['detail'])}</p>")
+            if s.get("drift"):
+                parts.append(_html_drift(s["drift"], next((f for f in drift_figures if f.endswith(f"-drift{n}.png")), None)))
         if not figures.get(k):  # without matplotlib the map is an HTML table; with it, the figure below
             parts += [_html_map(m) for m in rec.get("maps", [])[:8]]
         parts += html_sections(rec, figures=bool(figures.get(k)))
         parts += circuit_html(rec)
-        parts += [f"<img src='{e(f)}' alt='{e(Path(f).stem)}'>" for f in figures.get(k, [])]
+        parts += [f"<img src='{e(f)}' alt='{e(Path(f).stem)}'>" for f in figures.get(k, []) if f not in drift_figures]
     parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td style='text-align:left'>{e(str(v))}</td></tr>"
                                                           for k, v in env.items()) + "</table></body></html>")
     return "\n".join(parts)
+
+
+def _without_received(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without the received snapshot texts (kept for --nnsight-review; the snapshot files hold them)."""
+    if not any("received" in snap for snap in record.get("snapshots", [])):
+        return record
+    return dict(record, snapshots=[{k: v for k, v in snap.items() if k != "received"} for snap in record["snapshots"]])
 
 
 def write_report(directory: str | os.PathLike, records: Sequence[dict[str, Any]], env: dict[str, str], *, figures: bool = True) -> ReportResult:
@@ -287,14 +407,14 @@ def write_report(directory: str | os.PathLike, records: Sequence[dict[str, Any]]
     for rec, k in zip(records, range(len(records))):
         rec["figures"] = fig_files.get(k, [])
     data = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": env,
-            "summary": _counts(records), "findings": list(records)}
+            "summary": _counts(records), "findings": [_without_received(r) for r in records]}
     result.files["findings.json"] = atomic_write(d / "findings.json", json.dumps(data, indent=1, allow_nan=False))
     result.files["findings.md"] = atomic_write(d / "findings.md", _md(records, env, fig_files))
     result.files["index.html"] = atomic_write(d / "index.html", _html(records, env, fig_files, result.figures_note))
     figdir = d / "figures"
     if figdir.is_dir():  # figures of an earlier run that this run did not draw
         for old in figdir.glob("*.png"):
-            if f"figures/{old.name}" not in written and re.search(r"-(map\d+|lens\d+|circuit\d+|variants)\.png$", old.name):
+            if f"figures/{old.name}" not in written and re.search(r"-(map\d+|lens\d+|circuit\d+|drift\d+|variants)\.png$", old.name):
                 old.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
     return result

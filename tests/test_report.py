@@ -263,3 +263,119 @@ def test_peak():
     assert float(gray.std()) > 0.05 and 0.001 < dark < 0.5, f"a blank page? std {gray.std():.4f}, dark share {dark:.4f} ({shot})"
     red = (pixels[..., 0] > 0.35) & (pixels[..., 1] < 0.25) & (pixels[..., 2] < 0.3)
     assert red.sum() > 100, f"the heatmap (red cells) did not render: {int(red.sum())} red pixels in {shot}"
+
+
+POPULATION_SNAPSHOT_TEST = """
+from pytest_nnsight.populations import PopulationResult
+
+def test_population(finding_snapshot):
+    effects = tuple(0.5 + 0.04 * k for k in range(12))
+    result = PopulationResult(12, effects, 12, 1.0, 0.75, 0.72, 0.14, 0.4, "resid_post.0", "last", "logit_diff", ())
+    assert result == finding_snapshot(atol=1e-6, rtol=0)
+"""
+
+
+def _record_then_change(pytester, source: str, change) -> Path:
+    """Record the inner test's snapshot, then edit the file as an upgrade would have: `change(stored)`."""
+    pytester.makepyfile(test_snap=source)
+    pytester.runpytest_inprocess("--snapshot-update").assert_outcomes(passed=1)
+    (path,) = (pytester.path / "__snapshots__").rglob("*.json")
+    stored = json.loads(path.read_text())
+    change(stored)
+    path.write_text(json.dumps(stored))
+    return path
+
+
+def _drift_map_change(stored):
+    stored["environment"]["nnsight"] = "0.0.1"
+    stored["finding"]["values"][0][1] = 0.75  # this run measures 1.0 there
+
+
+def test_a_drifted_map_is_shown_recorded_new_and_difference_with_the_environment_change(pytester):
+    path = _record_then_change(pytester, SNAPSHOT_TEST, _drift_map_change)
+    before = path.read_bytes()
+    pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
+    assert path.read_bytes() == before  # a report never accepts anything
+    (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
+    snap = rec["snapshots"][0]
+    drift = snap["drift"]
+    assert "received" not in snap and drift["changes"][0].startswith("nnsight 0.0.1 -> ")
+    assert drift["map"]["old"] == [[0.0, 0.75], [0.5, 0.25]] and drift["map"]["new"] == [[0.0, 1.0], [0.5, 0.25]]
+    assert drift["map"]["moved"] == [[0, 1]] and (drift["moved"], drift["cells"]) == (1, 6)  # 4 values + clean, corrupt
+    html = (pytester.path / "out" / "index.html").read_text()
+    env_at, fig_at = html.index("environment: nnsight 0.0.1 -&gt; "), html.index("-drift0.png'")
+    assert env_at < fig_at and "1 / 6 cells moved beyond tolerance" in html[env_at:fig_at]
+    png = pytester.path / "out" / "figures" / "test_map-drift0.png"
+    plt = pytest.importorskip("matplotlib.pyplot")
+    pixels = plt.imread(str(png))
+    magenta = (pixels[..., 0] > 0.85) & (pixels[..., 1] < 0.25) & (pixels[..., 2] > 0.85)
+    assert magenta.sum() > 150, f"the moved cell is not marked in {png}"  # one outline per panel: recorded, new, difference
+    assert "environment: nnsight 0.0.1" in (pytester.path / "out" / "findings.md").read_text()
+
+
+def test_a_reverified_map_with_changed_cells_shows_them_and_a_matched_one_shows_nothing(pytester):
+    def within(stored):
+        stored["environment"]["transformers"] = "4.0.0"
+        stored["finding"]["values"][1][1] = 0.2500004  # within atol=1e-6 of this run's 0.25
+
+    _record_then_change(pytester, SNAPSHOT_TEST, within)
+    pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(passed=1)
+    (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
+    snap = rec["snapshots"][0]
+    assert snap["status"] == "re-verified" and snap["drift"]["moved"] == 0 and snap["drift"]["map"]["changed"] == [[1, 1]]
+    assert snap["drift"]["changes"][0].startswith("transformers 4.0.0 -> ")
+    pytester.runpytest_inprocess("--snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(passed=1)
+    (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
+    assert rec["snapshots"][0]["status"] == "matched" and "drift" not in rec["snapshots"][0]
+    assert not list((pytester.path / "out" / "figures").glob("*-drift*.png"))  # the stale drift figure is gone
+
+
+def test_a_drifted_population_overlays_both_histograms(pytester):
+    def shift(stored):
+        stored["environment"]["torch"] = "1.0.0"
+        stored["finding"]["effects"] = [v - 0.3 for v in stored["finding"]["effects"]]
+
+    _record_then_change(pytester, POPULATION_SNAPSHOT_TEST, shift)
+    pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
+    (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
+    pop = rec["snapshots"][0]["drift"]["population"]
+    assert pop["new"] == pytest.approx([0.5 + 0.04 * k for k in range(12)]) and pop["old"] == pytest.approx([0.2 + 0.04 * k for k in range(12)])
+    assert pop["threshold"] == 0.4 and pop["moved"] == 12
+    plt = pytest.importorskip("matplotlib.pyplot")
+    pixels = plt.imread(str(pytester.path / "out" / "figures" / "test_population-drift0.png"))[..., :3]
+    gray = (abs(pixels[..., 0] - pixels[..., 1]) < 0.03) & (abs(pixels[..., 1] - pixels[..., 2]) < 0.03) & (pixels[..., 0] > 0.6) & (pixels[..., 0] < 0.8)
+    blue = (pixels[..., 2] > pixels[..., 0] + 0.15) & (pixels[..., 2] > 0.6)
+    assert gray.sum() > 500 and blue.sum() > 500, "both histograms (recorded: gray, this run: blue) are drawn"
+
+
+def test_without_matplotlib_a_drift_is_three_html_tables(pytester):
+    _record_then_change(pytester, SNAPSHOT_TEST, _drift_map_change)
+    pytester.makeconftest("import sys\nsys.modules['matplotlib'] = None  # import matplotlib now raises ImportError\n")
+    pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
+    html = (pytester.path / "out" / "index.html").read_text()
+    drift = html[html.index("<div class='drift'>"):]
+    assert [c for c in ("<caption>recorded", "<caption>this run", "<caption>difference") if c in drift] == [
+        "<caption>recorded", "<caption>this run", "<caption>difference"]
+    assert drift.count("class=\"fail") == 3  # the moved cell, marked in each table
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium (Debian: apt-get install -y chromium; .ci/run installs it)")
+def test_drift_view_renders_in_headless_chromium(pytester, tmp_path):
+    _record_then_change(pytester, SNAPSHOT_TEST, _drift_map_change)
+    pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
+    shot = tmp_path / "drift.png"
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+           "--window-size=1200,900", (pytester.path / "out" / "index.html").as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.exists(), f"no screenshot; chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
+    plt = pytest.importorskip("matplotlib.pyplot")
+    pixels = plt.imread(str(shot))[..., :3]
+    assert pixels.shape[:2] == (900, 1200)
+    magenta = (pixels[..., 0] > 0.85) & (pixels[..., 1] < 0.25) & (pixels[..., 2] > 0.85)
+    rows = magenta.any(axis=1).nonzero()[0]
+    assert magenta.sum() > 100, f"the moved cell's mark did not render: {int(magenta.sum())} magenta pixels in {shot}"
+    dark_red = (pixels[..., 0] > 0.35) & (pixels[..., 1] < 0.15) & (pixels[..., 2] < 0.2)
+    assert dark_red.sum() > 100, f"the heatmaps did not render in {shot}"
+    assert rows.min() > 60, f"the drift view is not below the environment line ({shot})"

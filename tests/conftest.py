@@ -25,6 +25,23 @@ def _warm_up() -> None:
 
 
 import_nnsight()
+
+
+def _import_the_package() -> None:
+    """Import every module of the package now: a module first imported inside a pytester inline run is dropped
+    from sys.modules after it, and the next inline run re-imports it, so two copies of a class (prompts.Prompt)
+    meet and isinstance fails."""
+    import importlib
+    import pkgutil
+
+    import pytest_nnsight
+
+    for info in pkgutil.walk_packages(pytest_nnsight.__path__, "pytest_nnsight."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+
+
+_import_the_package()
 _warm_up()
 
 

@@ -142,23 +142,58 @@ class ActivationCache:
         *,
         dtype: str | None = None,
         batch_size: int = 32,
+        check_batching: bool | None = None,
     ) -> Activations:
         """Activations of `sites` at `positions` for every prompt: loaded when cached, else computed and stored.
 
         `positions`: anything a position accepts ("last", an int, a word, a '{slot}', a list of ints),
         the same number of tokens in every prompt; "all" keeps whole sequences (zero-padded at the end).
-        `dtype`: storage dtype (default: the model's).
+        `dtype`: storage dtype (default: the model's). `check_batching` (None follows --nnsight-check-batching):
+        after computing an entry, re-run a sample of prompts alone and fail with BatchingMismatchError on a difference.
         """
         plan = self._plan(model, prompts, sites, positions, dtype, batch_size)
         if self.directory is None:
-            return self._compute(model, plan, None)
+            return self._checked(model, plan, self._compute(model, plan, None), check_batching)
         manifest_path = self.directory / f"{PREFIX}{plan['key']}.json"
         with _locked(self.directory / f"{PREFIX}{plan['key']}.lock"):
             found = self._load(manifest_path, plan)
             if found is not None:
                 self.loaded += 1
                 return found
-            return self._compute(model, plan, manifest_path)
+            return self._checked(model, plan, self._compute(model, plan, manifest_path), check_batching)
+
+    def _checked(self, model: Any, plan: Mapping[str, Any], acts: Activations, flag: bool | None) -> Activations:
+        """--nnsight-check-batching for the cache: sampled prompts re-run one per trace must equal their batched rows."""
+        import random
+
+        import torch
+
+        from . import settings as _settings
+        from .errors import BatchingMismatchError
+        from .metrics import Metric
+        from .trace import run
+
+        active = _settings.ACTIVE
+        if not (flag if flag is not None else bool(active is not None and active.check_batching)) or len(plan["texts"]) < 2:
+            return acts
+        n = active.check_batching_cells if active is not None else 3
+        tol = {"float16": 2e-2, "bfloat16": 5e-2}.get(plan["dtype"], 1e-4)
+        bad = []
+        for i in random.Random(0).sample(range(len(plan["texts"])), min(n, len(plan["texts"]))):
+            _, single = run(model, plan["texts"][i], Metric("none", lambda out, ref: torch.zeros(1)), save=plan["sites"])
+            pos = plan["positions"][i]
+            for s in plan["sites"]:
+                want = single[s][0, pos].to("cpu", torch.float32)
+                got = acts[s][i, : len(pos)].to(torch.float32)
+                diff = float((want - got).abs().max())
+                if not diff <= tol:
+                    bad.append(f"  prompt {i} {plan['texts'][i]!r} at {s}: max |batched - single| {diff:.3g}")
+        if bad:
+            raise BatchingMismatchError(
+                f"batched activation cache entry disagrees with single-prompt runs beyond {tol:g}:\n" + "\n".join(bad)
+                + "\nthe batched path is wrong for this model (padding, position ids or batch-dependent modules): use batch_size=1 and report it"
+            )
+        return acts
 
     # -- planning: validate everything and derive the key before any forward pass ------------------
     def _plan(self, model: Any, prompts: Sequence[Any], sites: Any, positions: Any, dtype: str | None, batch_size: int) -> dict[str, Any]:

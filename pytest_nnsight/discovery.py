@@ -34,23 +34,26 @@ METHODS = ("eap", "eap-ig")
 
 
 def _row_metric(metrics: Sequence[Metric]) -> Metric:
-    """One Metric over a batch whose row r is measured by metrics[r] (each distinct metric computed once)."""
-    if len({m.name for m in metrics}) == 1:
-        return metrics[0]
-    groups: dict[str, tuple[Metric, list[int]]] = {}
-    for r, m in enumerate(metrics):
-        groups.setdefault(m.name, (m, []))[1].append(r)
+    """One Metric over a batch whose row r is measured by metrics[r] (each distinct metric computed once).
 
-    def fn(out: Any, ref: Any) -> Any:
+    Metrics are told apart by identity, never by name: per-pair closures share one name but measure different things.
+    """
+    if len({id(m) for m in metrics}) == 1:
+        return metrics[0]
+    groups: dict[int, tuple[Metric, list[int]]] = {}
+    for r, m in enumerate(metrics):
+        groups.setdefault(id(m), (m, []))[1].append(r)
+
+    def fn(out: Any, ref: Any, mask: Any = None) -> Any:
         values = None
         for m, rows in groups.values():
-            v = m(out, None).reshape(-1)
+            v = m(out, None, mask).reshape(-1)
             idx = torch.tensor(rows, device=v.device)
             part = torch.zeros_like(v).index_copy(0, idx, v[idx])
             values = part if values is None else values + part
         return values
 
-    return Metric("per-pair metric", fn)
+    return Metric("per-pair metric", fn, takes_mask=True, padding_safe=all(m.padding_safe for m in metrics))
 
 
 def _write_site(bound: Bound, r: Receiver) -> Site:

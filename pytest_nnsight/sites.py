@@ -222,13 +222,29 @@ def resolve_sites(model: Any, spec: Any) -> list[Site]:
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise SiteError("an empty list of sites: name at least one site, or use 'blocks', 'attn' or 'mlp'")
-        return [resolve_site(model, s) for s in spec]
+        return unique_labels([resolve_site(model, s) for s in spec])
     try:
         return [resolve_site(model, spec)]
     except SiteError as exc:
         if isinstance(spec, str) and not any(c in spec for c in ".:"):  # 'heads': meant a group?
             raise SiteError(f"{exc}; or a group of sites: {', '.join(NAMED)}") from None
         raise
+
+
+def unique_labels(sites: list[Site]) -> list[Site]:
+    """`sites`, refused when two different sites share one display label: results key their rows by label
+    (effect maps, cached activations, the report), so the second would silently read as the first."""
+    seen: dict[str, Site] = {}
+    for s in sites:
+        other = seen.setdefault(str(s), s)
+        if _where(other) != _where(s):
+            raise SiteError(f"two different sites are both labelled {str(s)!r} ({_where(other)} and {_where(s)}): results key rows by "
+                            "label, so one would read as the other; give them distinct labels")
+    return sites
+
+
+def _where(s: Site) -> tuple[Any, ...]:
+    return (s.path, s.part, s.head, s.item)
 
 
 def _path_exists(model: Any, path: str) -> bool:

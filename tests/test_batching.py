@@ -263,3 +263,52 @@ def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
     monkeypatch.setattr(pops, "_measure", skewed)
     with pytest.raises(BatchingMismatchError, match="batched population disagrees with single-pair runs"):
         population(capitals, pairs, "transformer.h.0", "{country}", threshold=0.5, check_batching=True)
+
+
+def test_check_batching_reruns_cached_prompts(capitals, monkeypatch):
+    prompts = [pair(t, COUNTRIES[0], COUNTRIES[1]).clean for t in DECODER_TEMPLATES]
+    ActivationCache(None).get(capitals, prompts, sites=["resid_post.0"], positions="last", check_batching=True)  # agrees
+    import pytest_nnsight.trace as trace
+
+    real = trace.run
+
+    def skewed(model, inputs, metric, **kwargs):
+        values, saved = real(model, inputs, metric, **kwargs)
+        if isinstance(inputs, str):  # the single-prompt reference drifts
+            saved = {s: v + 1e-3 for s, v in saved.items()}
+        return values, saved
+
+    monkeypatch.setattr(trace, "run", skewed)
+    with pytest.raises(BatchingMismatchError, match="batched activation cache entry disagrees with single-prompt runs"):
+        ActivationCache(None).get(capitals, prompts, sites=["resid_post.0"], positions="last", check_batching=True)
+
+
+# -- item 1, audited: nothing keys a metric or a site by its display name --------------------------
+
+
+def test_circuit_discovery_keeps_same_named_per_pair_metrics_apart():
+    from pytest_nnsight.discovery import _row_metric as discovery_row_metric
+    from pytest_nnsight.metrics import Metric
+    from pytest_nnsight.populations import _row_metric as population_row_metric
+
+    out = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]])
+    first, second = Metric("same", lambda o, ref: o[:, 0]), Metric("same", lambda o, ref: o[:, 1])
+    for row_metric in (discovery_row_metric, population_row_metric):
+        assert row_metric([first, second, first])(out, None, None).tolist() == [1.0, 20.0, 3.0]
+
+
+def test_two_sites_sharing_one_label_are_refused_wherever_rows_are_keyed_by_label(capitals):
+    from pytest_nnsight.attribution import attribution_patch
+    from pytest_nnsight.errors import SiteError
+    from pytest_nnsight.sites import Site
+
+    twins = [Site("transformer.h.0", label="mine"), Site("transformer.h.1", label="mine")]
+    clean, corrupt = "The capital of France is", "The capital of Germany is"
+    with pytest.raises(SiteError, match="two different sites are both labelled 'mine'"):
+        sweep(capitals, clean, corrupt, logit_diff("Paris", "Berlin"), sites=twins)
+    with pytest.raises(SiteError, match="both labelled 'mine'"):
+        attribution_patch(capitals, clean, corrupt, logit_diff("Paris", "Berlin"), sites=twins)
+    with pytest.raises(SiteError, match="both labelled 'mine'"):
+        ActivationCache(None).get(capitals, [clean], sites=twins, positions="last")
+    same = sweep(capitals, clean, corrupt, logit_diff("Paris", "Berlin"), sites=["resid_post.0", "resid_post.0"])  # one site twice is fine
+    assert same.values[0] == same.values[1]

@@ -5,6 +5,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pytest_nnsight.errors import ArgumentError, ArgumentTypeError, InterventionError, MetricError
 from pytest_nnsight.generation import (
@@ -101,6 +103,27 @@ def test_batched_generation_equals_one_prompt_at_a_time(induction, intervention)
     single = [generate(induction, p, max_new_tokens=5, intervention=intervention) for p in PROMPTS]
     assert batched.token_ids == tuple(s.token_ids[0] for s in single)
     assert generate(induction, PROMPTS, max_new_tokens=5, intervention=intervention, batch_size=3).token_ids == batched.token_ids
+
+
+SYMBOLS = [f"t{i}" for i in range(64)]
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.sampled_from(SYMBOLS), min_size=2, max_size=12, unique=True), min_size=1, max_size=5),
+    which=st.sampled_from(["none", "ablate", "steer", "mean"]),
+    where=st.sampled_from(["all", "prompt", "generated"]),
+    sample=st.booleans(),
+)
+def test_property_batched_equals_single_over_prompt_sets_and_interventions(induction, rows, which, where, sample):
+    """Left padding, explicit position ids and per-prompt seeding: any batch gives each prompt its single-prompt text."""
+    prompts = [" ".join(r + r[:1]) for r in rows]
+    vec = torch.linspace(-3, 3, 64)
+    intervention = {"none": None, "ablate": Ablate("head_out.1.2", positions=where), "steer": Steer("resid_post.0", vec, positions=where),
+                    "mean": Ablate("attn_out.1", positions=where, method="mean", reference_prompts=["t1 t2 t3 t1"])}[which]
+    kw = dict(max_new_tokens=3, intervention=intervention, do_sample=sample, seed=5 if sample else None, temperature=1.5)
+    batched = generate(induction, prompts, **kw)
+    assert batched.token_ids == tuple(generate(induction, p, **kw).token_ids[0] for p in prompts)
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(induction):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from . import settings as _settings
@@ -59,6 +61,8 @@ def pytest_configure(config: pytest.Config) -> None:
         if resolved.hypothesis_profile:  # imports hypothesis (~0.3 s) only when a profile is asked for
             _settings.load_hypothesis_profile(resolved.hypothesis_profile, resolved.source_of("hypothesis_profile"))
         report_state = _report.configure(config, resolved)  # an unwritable --nnsight-report DIR stops the run now
+        if resolved.review and report_state.directory is None and getattr(config, "cache", None) is not None:
+            report_state.directory = Path(config.cache.mkdir("nnsight-review"))  # the review's figures: a report in the cache
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = resolved
@@ -192,6 +196,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         for line in lines:
             terminalreporter.write_line(line)
     _findings_summary(terminalreporter, config)
+    if SETTINGS_KEY in config.stash and config.stash[SETTINGS_KEY].review and not hasattr(config, "workerinput"):
+        from . import review
+
+        state = config.stash[REPORT_KEY]
+        review.run(config, terminalreporter, state.records.records, state.directory if state.result is not None else None)
     _activation_cache_summary(terminalreporter, config)
     cache = config.stash.get(CACHE_KEY, None)
     if cache is None or not cache.loaded() or config.get_verbosity() < 0:

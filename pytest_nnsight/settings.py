@@ -146,6 +146,9 @@ OPTIONS: tuple[Option, ...] = (
            "run; -v shows it too", False, parse_bool),
     Option("report", "write a findings report (findings.json, findings.md, index.html, figures/*.png) into this directory",
            None, parse_path, "DIR"),
+    Option("review", "at the end of the run, walk the drifted and new findings snapshots one by one in the terminal (claim, "
+           "environment change, numbers, side-by-side figure) and write only the accepted ones; without a terminal, print "
+           "the same summary and write nothing", False, parse_bool),
     Option("remote", "run intervention traces on NDIF (nnsight remote=True) for models too large for the runner: off, ndif "
            "(needs the API key in env NDIF_API_KEY) or local (nnsight's in-process simulation of the remote path)", "off",
            parse_remote, "MODE"),
@@ -177,6 +180,7 @@ class Settings:
     deterministic: bool = False
     summary: bool = False
     report: str | None = None
+    review: bool = False
     remote: str = "off"
     structure_lock: str = "on"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

@@ -303,6 +303,9 @@ def main() -> int:
     torch.manual_seed(0)
     entries = bench_sweep_and_patch(args.device, args.reps) + bench_variants(args.device, args.reps) + bench_peak_memory(args.device) + bench_cache_rerun(args.device)
     entries += bench_deterministic_cost(args.device)
+    from circuits_bench import bench_eap_speedup, bench_path_sweep_speedup  # benchmarks/circuits_bench.py (issue 18)
+
+    entries += bench_eap_speedup(args.device, args.reps, interleaved) + bench_path_sweep_speedup(args.device, args.reps, interleaved)
     if not args.skip_side_by_side:
         from side_by_side import scaling, side_by_side  # benchmarks/side_by_side.py: the GPT-2-small shape against TransformerLens and raw hooks
 

@@ -322,9 +322,9 @@ class ActivationCache:
             for part in runs([len(t) for t in plan["tokens"]], plan["batch_size"], mixed=mixed_lengths_ok(model)):
                 start = part.start
                 batch = texts[part.start:part.stop]
-                none = Metric("none", lambda out, ref, k=len(batch): torch.zeros(k))
+                none = Metric("none", lambda out, ref, k=len(batch): torch.zeros(k), last_only=True)  # reads no logits
                 encoded = encode(model, list(batch))
-                _, acts = run(model, list(batch), none, save=sites)
+                _, acts = run(model, list(batch), none, save=sites, lean=True)  # LM head on one position, no KV cache
                 self.forwards += 1
                 longest = max(len(t) for t in plan["tokens"][start:start + len(batch)])
                 rows = {}

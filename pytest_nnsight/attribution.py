@@ -21,6 +21,7 @@ from .assertions import _fail
 from .errors import ArgumentError, ArgumentTypeError, MetricError, SiteError
 from .prompts import pair_positions, text_of
 from .trace import Edit, _translate, normalized, reference_logits, run
+from .forward import forward_kwargs
 from .metrics import Metric, as_metric, per_row
 from .results import EffectMap
 from .sites import (
@@ -60,7 +61,7 @@ def attribution_patch(
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
     reference = reference_logits(model, m, text_of(clean))
 
-    src_metric, src_acts = run(model, text_of(source), m, save=site_list, reference=reference)
+    src_metric, src_acts = run(model, text_of(source), m, save=site_list, reference=reference, lean=True)
     src = float(src_metric[0])
     tgt, tgt_acts, grads = gradients(model, text_of(target), m, site_list, reference=reference)
     what = f"attribution over {len(site_list)} sites x {len(cols)} positions"
@@ -106,7 +107,7 @@ def gradients(
     picks: list[int] = []  # picks[k]: which gradient belongs to order[k]
     try:
         with torch.inference_mode(False), torch.enable_grad(), _differentiable(model):
-            with model.trace(prompt):
+            with model.trace(prompt, **forward_kwargs(getattr(model, "_module", model), keep_last=metric.last_only)):
                 values = []
                 for site in order:
                     values.append(site_value(model, site))

@@ -103,7 +103,8 @@ def _row_metric(metrics: Sequence[Metric]) -> Metric:
             values = values.index_copy(0, idx, v[idx])
         return values
 
-    return Metric("per-variant metric", fn, takes_mask=True, padding_safe=all(m.padding_safe for m in metrics))
+    return Metric("per-variant metric", fn, takes_mask=True, padding_safe=all(m.padding_safe for m in metrics),
+                  last_only=all(m.last_only for m in metrics))
 
 
 def _measure(
@@ -119,7 +120,7 @@ def _measure(
     for idx in groups(lengths, half, mixed=mixed):
         texts = [t for i in idx for t in (text_of(cleans[i]), text_of(targets[i]))]
         batch = encode(model, texts)
-        values, acts = run(model, texts, _row_metric([bound[i] for i in idx for _ in (0, 1)]), save=[s])
+        values, acts = run(model, texts, _row_metric([bound[i] for i in idx for _ in (0, 1)]), save=[s], lean=True)
         for k, i in enumerate(idx):
             donors[i] = acts[s][2 * k, batch.padded(2 * k, positions[i])]
             src_vals[i], tgt_vals[i] = float(values[2 * k]), float(values[2 * k + 1])
@@ -134,7 +135,7 @@ def _measure(
             rows += [r] * len(positions[i])
             pos += batch.padded(r, positions[i])
         edit = Edit(s, tuple(rows), tuple(pos), torch.cat([donors[i] for i in idx]))
-        values, _ = run(model, texts, _row_metric([bound[i] for i in idx]), edits=[edit])
+        values, _ = run(model, texts, _row_metric([bound[i] for i in idx]), edits=[edit], lean=True)
         for i, v in zip(idx, values.tolist()):
             patched[i] = v
     return src_vals, tgt_vals, patched

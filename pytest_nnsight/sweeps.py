@@ -162,7 +162,7 @@ def plain_cells(
 ) -> tuple[float, float, dict, torch.Tensor]:
     """Every cell through plain nnsight traces of `rows` patched copies of the target (no prefix reuse)."""
     reference = reference_logits(model, metric, clean)
-    base, acts = run(model, [source, target], metric, save=site_list, reference=reference)
+    base, acts = run(model, [source, target], metric, save=site_list, reference=reference, lean=True)
     src, tgt = float(base[0]), float(base[1])
     normalized(tgt, tgt, src, min_gap=min_gap, what=what)  # refuses a broken experiment before any cell runs
     raw = torch.empty(len(cells))
@@ -174,7 +174,7 @@ def plain_cells(
             if picked:
                 pos = [chunk[r][1] for r in picked]
                 edits.append(Edit(site, tuple(picked), tuple(pos), acts[site][0, pos]))
-        values, _ = run(model, [target] * len(chunk), metric, edits=edits, reference=reference)
+        values, _ = run(model, [target] * len(chunk), metric, edits=edits, reference=reference, lean=True)
         raw[start : start + len(chunk)] = values
     return src, tgt, acts, raw
 

@@ -16,6 +16,7 @@ import torch
 from . import compat
 from .batching import _device, encode
 from .errors import BrokenExperimentError, InterventionError, NnsightTestError, PositionError
+from .forward import forward_kwargs
 from .metrics import Metric, logits_of, per_row
 from .remote import is_remote, trace_kwargs
 from .sites import Site, execution_order, site_value
@@ -40,8 +41,12 @@ def run(
     edits: Sequence[Edit] = (),
     save: Sequence[Site] = (),
     reference: Any = None,
+    lean: bool = False,
 ) -> tuple[torch.Tensor, dict[Site, torch.Tensor]]:
-    """One forward over `inputs` with `edits` applied; returns (metric per row on CPU, saved activations)."""
+    """One forward over `inputs` with `edits` applied; returns (metric per row on CPU, saved activations).
+
+    `lean`: no key/value cache, and the LM head on the last position only when the metric reads no other
+    (`Metric.last_only`; see pytest_nnsight.forward.forward_kwargs)."""
     rows = len(inputs) if isinstance(inputs, list) else 1
     batch = encode(model, inputs)  # the served tokenizer, its padding side, and each row's real-token mask
     mask = batch.mask.to(_device(model)) if metric.takes_mask else None
@@ -54,7 +59,8 @@ def run(
     remote = is_remote(model)  # --nnsight-remote: the trace runs where the model is, so edits move to its device
     try:
         with torch.inference_mode():
-            with model.trace(*batch.args, **batch.kwargs, **trace_kwargs(model)):
+            extra = forward_kwargs(getattr(model, "_module", model), keep_last=metric.last_only) if lean else {}
+            with model.trace(*batch.args, **batch.kwargs, **extra, **trace_kwargs(model)):
                 for site in order:
                     value = site_value(model, site)
                     if site in save:

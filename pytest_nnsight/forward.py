@@ -21,9 +21,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import torch
-
-from .sites import Site, module_of
+from .sites import Site, module_of  # stdlib only: the plugin opens baseline scopes without importing torch
 
 #: bytes a chunk of patched rows may hold (activations of the widest layer plus kept logits); sweep(memory_budget=)
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
@@ -67,6 +65,8 @@ def _forward_params(module: Any) -> frozenset[str]:
 def encode(model: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Token ids, attention mask and (for left-padded batches) position ids counted from each row's first token,
     on the model's device: the batch nnsight builds for the same prompts (its left-pad position fix included)."""
+    import torch
+
     tok = model.tokenizer
     enc = tok(list(texts), return_tensors="pt", padding=True)
     device = next(module_of(model).parameters()).device
@@ -82,6 +82,8 @@ def encode(model: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
 
 def expand(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
     """One encoded prompt repeated over `rows` rows without copying or re-tokenizing."""
+    import torch
+
     return {k: v.expand(rows, *v.shape[1:]) for k, v in batch.items()}
 
 
@@ -156,6 +158,8 @@ def plan_for(model: Any) -> Plan | None:
 
 def _lm_head(root: Any, layout: Any) -> Any:
     """The LM head: the family's path, else transformers' own accessor (GPT-NeoX's `embed_out` is `lm_head` in 5.x)."""
+    import torch
+
     if layout is not None and layout.has_lm_head:
         return root.get_submodule(layout.path("lm_head"))
     getter = getattr(root, "get_output_embeddings", None)
@@ -182,6 +186,8 @@ def capture(
 ) -> tuple[Capture, dict[Site, torch.Tensor]]:
     """Run the model once on `batch`, recording what a replay of the `target_rows` (default: all) needs and the
     activations at `read` of every row (detached clones)."""
+    import torch
+
     cap = Capture()
     saved: dict[Site, torch.Tensor] = {}
     handles = []
@@ -218,6 +224,8 @@ def capture(
 
 
 def _reader(root: Any, site: Site, saved: dict[Site, torch.Tensor]) -> Any:
+    import torch
+
     module = root.get_submodule(site.path)
 
     def keep(value: Any) -> None:
@@ -246,6 +254,8 @@ class Row:
 def replay(plan: Plan, cap: Capture, rows: Sequence[Row], finish: Callable[[torch.Tensor], Any]) -> Any:
     """Run `rows` from their start blocks to the end in one pass whose batch grows layer by layer; returns
     `finish(hidden after the final norm's input, rows in the order given)`."""
+    import torch
+
     n = len(plan.layers)
     order = sorted(range(len(rows)), key=lambda r: rows[r].start.layer)
     batch_b = cap.hidden[0].shape[0]
@@ -289,6 +299,8 @@ def replay(plan: Plan, cap: Capture, rows: Sequence[Row], finish: Callable[[torc
 
 def _take(call: tuple[tuple, dict], sources: list[int], batch_b: int) -> tuple[tuple, dict]:
     """A block's recorded arguments for the batch rows `sources` (rows of the recorded batch); batch-1 tensors broadcast."""
+    import torch
+
     if batch_b == 1:
         return call
     idx = None
@@ -351,6 +363,8 @@ def identity_checked(plan: Plan, replayed: float, target: float, tol: float) -> 
 
 def head_logits(plan: Plan, hidden: torch.Tensor, keep_last: bool) -> Any:
     """The model output a metric reads: final norm and LM head on the last position (or all of them)."""
+    import torch
+
     from transformers.modeling_outputs import CausalLMOutput
 
     h = hidden[:, -1:, :] if keep_last else hidden
@@ -360,6 +374,8 @@ def head_logits(plan: Plan, hidden: torch.Tensor, keep_last: bool) -> Any:
 def rows_per_chunk(plan: Plan | None, model: Any, tokens: int, keep_last: bool, budget: int) -> int:
     """How many patched rows fit `budget` bytes: per row, the widest activation of a block (about 8 x d_model per
     token for the MLP, plus heads x tokens attention scores) over `tokens`, and the kept logits (vocab per position)."""
+    import torch
+
     root = module_of(model)
     cfg = getattr(root, "config", None)
     d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 768
@@ -368,3 +384,32 @@ def rows_per_chunk(plan: Plan | None, model: Any, tokens: int, keep_last: bool, 
     width = 4 if next(root.parameters()).dtype == torch.float32 else 2
     per_row = width * (tokens * (8 * d + heads * tokens) + (1 if keep_last else tokens) * vocab * 2)
     return max(1, int(budget // max(per_row, 1)))
+
+
+# -- baselines of repeated patch() calls within one test ----------------------------------------------------------
+
+_BASELINES: list[dict[tuple, dict[str, Any]]] = []  # a stack: pytest run inside a test (pytester) gets its own scope
+
+
+class baseline_scope:
+    """Within this scope (the plugin opens one around every test), `patch()` computes the unpatched runs of one
+    (model, prompts, metric, direction) once. Metrics are keyed by object identity, never by name (per-pair closures
+    share a `__name__`), and the model by identity and the version counters of its weights (an in-place edit of a
+    weight recomputes them)."""
+
+    def __enter__(self) -> "baseline_scope":
+        _BASELINES.append({})
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _BASELINES.pop()
+
+
+def baselines() -> dict[tuple, dict[str, Any]] | None:
+    """The open scope's cache of baselines, or None outside any scope (nothing is cached then)."""
+    return _BASELINES[-1] if _BASELINES else None
+
+
+def weights_version(model: Any) -> tuple[int, ...]:
+    """The in-place version counters of a model's parameters: they move when a weight is edited in place."""
+    return tuple(p._version for p in module_of(model).parameters())

@@ -14,6 +14,7 @@ import torch
 
 from .batching import encode, groups, mixed_lengths_ok
 from .errors import ArgumentError, ArgumentTypeError, InterventionError, PositionError
+from . import forward as _forward
 from .metrics import Metric, as_metric, logits_of
 from .prompts import Prompt, check_context, describe_positions, pair_positions, resolve_position, slots_of, text_of, tokens_of
 from .prompts import show_tokens  # noqa: F401  (moved to prompts.py)
@@ -57,9 +58,7 @@ def patch(
     s = resolve_site(model, site)
     ct, xt, pos = pair_positions(model, clean, corrupt, position)
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
-    reference = reference_logits(model, m, text_of(clean))
-    base, acts = run(model, [text_of(source), text_of(target)], m, save=[s], reference=reference)
-    src_act = acts[s][0]
+    base, reference, src_act = _baselines(model, metric, m, s, text_of(clean), text_of(source), text_of(target), direction)
     values = src_act[pos]
     patched, _ = run(model, text_of(target), m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference)
     what = f"patching {s} at {describe_positions(ct, pos)}"
@@ -80,6 +79,25 @@ def patch(
         "patch", str(s), tuple(pos), tuple(target_tokens[p] for p in pos), m.name, text_of(source), text_of(target),
         float(base[0]), float(base[1]), float(patched[0]), eff, direction, tuple(target_tokens), controls=ctrl,
     )
+
+
+def _baselines(model: Any, spec: Any, m: Metric, s: Site, clean: str, source: str, target: str, direction: str) -> tuple[Any, Any, torch.Tensor]:
+    """The unpatched metric of [source, target], the reference logits and the source activation at `s`; within a test,
+    computed once per (model, prompts, metric object, direction) and once per site (see forward.baseline_scope)."""
+    cache = _forward.baselines()
+    key = (id(_forward.module_of(model)), source, target, id(spec), direction, _forward.weights_version(model)) if cache is not None else None
+    hit = cache.get(key) if cache is not None else None
+    if hit is None:
+        reference = reference_logits(model, m, clean)
+        base, acts = run(model, [source, target], m, save=[s], reference=reference)
+        hit = {"keep": (model, spec), "base": base, "reference": reference, "acts": {s: acts[s][0]}}  # keep: ids stay unique
+        if cache is not None:
+            cache[key] = hit
+    if s not in hit["acts"]:
+        none = Metric("none", lambda out, ref: torch.zeros(1), last_only=True)
+        _, acts = run(model, source, none, save=[s], lean=True)
+        hit["acts"][s] = acts[s][0]
+    return hit["base"], hit["reference"], hit["acts"][s]
 
 
 def _control_positions(model: Any, tokens: Sequence[str], pos: Sequence[int], control: Any, prompt: str) -> list[int]:

@@ -162,8 +162,11 @@ def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, righ
 def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
     """Open the test's findings recorder while it runs: assertions, sweeps and snapshots record into it."""
     rec = _findings.start(item)
+    from .forward import baseline_scope  # torch loads with the first test, not at plugin import
+
     try:
-        yield
+        with baseline_scope():  # repeated patch() calls on one pair share their unpatched runs within this test
+            yield
     finally:
         _findings.finish(item, rec)
 

@@ -145,3 +145,80 @@ def test_batching_verdict_is_cached_per_model_sites_and_chunk_shape(tiny, monkey
     sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", batch_size=4, check_batching=True, check_cells=3)
     assert len(calls) == 3  # other sites, another chunk shape: checked again
     sweeps.forget_verdicts()
+
+
+# -- baselines of repeated patch() calls --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def count_patch_runs(monkeypatch):
+    from pytest_nnsight import interventions
+
+    calls = []
+    real = interventions.run
+    monkeypatch.setattr(interventions, "run", lambda model, inputs, metric, **kw: calls.append(len(inputs) if isinstance(inputs, list) else 1) or real(model, inputs, metric, **kw))
+    return calls
+
+
+def test_repeated_patches_on_one_pair_share_their_baselines(tiny, count_patch_runs):
+    from pytest_nnsight.interventions import patch
+
+    metric = logit_diff("Mary", "John")
+    plain = [patch(tiny, CLEAN, CORRUPT, site=s, position=p, metric=metric) for s, p in (("resid_post.0", 3), ("resid_post.0", 5), ("mlp_out.1", 5))]
+    count_patch_runs.clear()
+    with forward.baseline_scope():
+        cached = [patch(tiny, CLEAN, CORRUPT, site=s, position=p, metric=metric) for s, p in (("resid_post.0", 3), ("resid_post.0", 5), ("mlp_out.1", 5))]
+    # first: [clean, corrupt] + patched; same site again: patched only; a new site: the clean activation there + patched
+    assert count_patch_runs == [2, 1, 1, 1, 1]
+    for a, b in zip(plain, cached):
+        assert (a.clean, a.corrupt, float(a.intervened), float(a.normalized)) == pytest.approx((b.clean, b.corrupt, float(b.intervened), float(b.normalized)), abs=TOL)
+
+
+def test_baselines_are_keyed_by_metric_identity_not_name(tiny):
+    from pytest_nnsight.interventions import patch
+
+    def make(a, b):
+        def ld(out):  # every closure is named 'ld'
+            return out.logits[:, -1, a] - out.logits[:, -1, b]
+        return ld
+
+    tok = tiny.tokenizer
+    mary, john, store = tok.convert_tokens_to_ids(["Mary", "John", "store"])
+    with forward.baseline_scope():
+        first = patch(tiny, CLEAN, CORRUPT, site="resid_post.0", position=-1, metric=make(mary, john))
+        second = patch(tiny, CLEAN, CORRUPT, site="resid_post.0", position=-1, metric=make(store, john))
+    alone = patch(tiny, CLEAN, CORRUPT, site="resid_post.0", position=-1, metric=make(store, john))
+    assert second.clean != pytest.approx(first.clean)
+    assert (second.clean, second.corrupt) == pytest.approx((alone.clean, alone.corrupt), abs=TOL)
+
+
+def test_an_in_place_weight_edit_recomputes_the_baselines(count_patch_runs):
+    from pytest_nnsight.interventions import patch
+
+    module, tok = tiny_model("gpt2", seed=5)
+    model = ModelCache(Settings(device="cpu")).get(module, tok)
+    metric = logit_diff("Mary", "John")
+    with forward.baseline_scope():
+        before = patch(model, CLEAN, CORRUPT, site="resid_post.0", position=-1, metric=metric)
+        with torch.no_grad():
+            module.lm_head.weight.mul_(2.0)
+        after = patch(model, CLEAN, CORRUPT, site="resid_post.0", position=-1, metric=metric)
+    assert count_patch_runs == [2, 1, 2, 1]
+    fresh = patch(model, CLEAN, CORRUPT, site="resid_post.0", position=-1, metric=metric)
+    assert after.clean != pytest.approx(before.clean)
+    assert (after.clean, after.corrupt) == pytest.approx((fresh.clean, fresh.corrupt), abs=TOL)
+
+
+def test_the_plugin_opens_a_baseline_scope_per_test(pytester):
+    pytester.makepyfile("""
+        from pytest_nnsight import forward
+
+        def test_one():
+            assert forward.baselines() == {}
+            forward.baselines()["x"] = 1
+
+        def test_two():
+            assert forward.baselines() == {}
+    """)
+    pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
+    assert forward.baselines() is not None  # this test's own scope

@@ -11,10 +11,12 @@ controller with the rest of the report. Imports only the standard library.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 REPORT_ATTR = "nnsight_finding"  # the record's attribute on a TestReport
+FIXTURE_ATTR = "nnsight_fixture_findings"  # records of fixtures set up for that test, on its report
 MARKER = "finding(claim): the claim this test checks, in words; the findings summary and report show it (default: the test name)."
 MAX_ITEMS = 500  # per list: a hypothesis test recording each example stays bounded
 MAX_VALUES = 4096  # per population: effects kept for the histogram
@@ -79,6 +81,13 @@ def _num(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _is_nan(x: Any) -> bool:
+    try:
+        return math.isnan(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
 def _append(items: list[dict[str, Any]], entry: dict[str, Any]) -> None:
     if len(items) < MAX_ITEMS:
         items.append(entry)
@@ -100,7 +109,8 @@ def record_effect(rec: Recorder, effect: Any) -> None:
     _append(rec.effects, {"kind": effect.kind, "site": effect.site, "positions": list(effect.positions),
                           "tokens": list(effect.position_tokens), "metric": effect.metric, "prompt": effect.target_prompt,
                           "source": _num(effect.source), "target": _num(effect.target), "intervened": _num(effect.intervened),
-                          "normalized": _num(effect.normalized), "controls": {k: _num(v) for k, v in effect.controls.items()}})
+                          "normalized": _num(effect.normalized), "controls": {k: _num(v) for k, v in effect.controls.items()},
+                          "nan": _is_nan(effect.normalized)})
 
 
 @_safe
@@ -115,7 +125,8 @@ def record_map(rec: Recorder, effects: Any, failing: Sequence[tuple[int, int]] =
         entry = {"sites": list(effects.sites), "positions": list(effects.positions), "tokens": list(effects.tokens),
                  "values": [[_num(v) for v in row] for row in effects.values], "metric": effects.metric, "kind": effects.kind,
                  "clean_prompt": effects.clean_prompt, "corrupt_prompt": effects.corrupt_prompt,
-                 "clean": _num(effects.clean), "corrupt": _num(effects.corrupt), "failing": [], "claimed": []}
+                 "clean": _num(effects.clean), "corrupt": _num(effects.corrupt), "failing": [], "claimed": [],
+                 "nan_cells": sum(1 for row in effects.values for v in row if _is_nan(v))}
         rec._map_ids[key] = len(rec.maps)
         rec.maps.append(entry)
     entry["failing"] = sorted({*map(tuple, entry["failing"]), *((int(i), int(j)) for i, j in failing)})
@@ -149,7 +160,7 @@ def record_population(rec: Recorder, result: Any, min_rate: float | None = None,
         "_id": id(result), "site": result.site, "position": repr(result.position), "metric": result.metric, "n": result.n,
         "passed": result.passed, "rate": _num(result.rate), "lower_bound": _num(result.lower_bound), "mean": _num(result.mean),
         "std": _num(result.std), "threshold": _num(result.threshold), "effects": [_num(e) for e in result.effects[:MAX_VALUES]],
-        "min_rate": _num(min_rate), "on": on,
+        "min_rate": _num(min_rate), "on": on, "nan": sum(1 for e in result.effects if _is_nan(e)),
     })
 
 
@@ -276,6 +287,43 @@ def start(item: Any) -> Recorder:
     return rec
 
 
+def start_fixture(fixturedef: Any, request: Any) -> Recorder:
+    """Open a recorder for a fixture being set up: sweeps and populations computed in (module- or session-scoped)
+    fixtures are recorded as a finding of their own, naming the tests that use the fixture."""
+    name, scope = fixturedef.argname, fixturedef.scope
+    rec = Recorder(f"{fixturedef.baseid or '<conftest>'}::<fixture {name}>", f"measured in fixture {name!r} ({scope}-scoped)")
+    _STACK.append(rec)
+    return rec
+
+
+def finish_fixture(fixturedef: Any, request: Any, rec: Recorder) -> None:
+    """Close a fixture's recorder; a non-empty record rides on the setup report of the test that set the fixture up."""
+    if rec in _STACK:
+        _STACK.remove(rec)
+    if rec.empty():
+        return
+    session = getattr(request, "session", None)
+    users = [i.nodeid for i in getattr(session, "items", []) if fixturedef in _fixturedefs(i, fixturedef.argname)]
+    record = dict(rec.to_dict(), fixture=fixturedef.argname, scope=fixturedef.scope, used_by=users[:MAX_ITEMS])
+    for p in record["populations"]:
+        p.pop("_id", None)
+    item = getattr(request, "_pyfuncitem", None) or getattr(request, "node", None)
+    if item is not None:
+        pending = getattr(item, "stash_fixture_findings", None)
+        if pending is None:
+            pending = []
+            try:
+                item.stash_fixture_findings = pending
+            except Exception:
+                return
+        pending.append(record)
+
+
+def _fixturedefs(item: Any, name: str) -> Sequence[Any]:
+    info = getattr(item, "_fixtureinfo", None)
+    return tuple(getattr(info, "name2fixturedefs", {}).get(name, ())) if info is not None else ()
+
+
 def finish(item: Any, rec: Recorder) -> None:
     """Close the recorder, keep its record on the item, add its key numbers to the JUnit XML properties."""
     if rec in _STACK:
@@ -293,6 +341,10 @@ def finish(item: Any, rec: Recorder) -> None:
 
 def attach(item: Any, report: Any) -> None:
     """Put the item's record on its report (call phase; a marked test skipped or failing at setup gets a bare one)."""
+    fixture_records = getattr(item, "stash_fixture_findings", None)
+    if fixture_records:  # measured while fixtures were set up (this phase, or during the call for a fixture it requested)
+        setattr(report, FIXTURE_ATTR, list(fixture_records))
+        fixture_records.clear()
     record = getattr(item, "stash_finding", None)
     if record is None and report.when == "setup" and report.outcome != "passed" and item.get_closest_marker("finding") is not None:
         record = Recorder(item.nodeid, _claim(item), marked=True).to_dict()
@@ -355,8 +407,14 @@ class RunRecords:
     """The finding records of one run, in report order (the controller's, under xdist)."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
+    band: float = 1.5  # |normalized effect| above this is suspicious (--nnsight-suspicious-effect)
 
     def add(self, report: Any) -> None:
+        for fixture in getattr(report, FIXTURE_ATTR, None) or ():
+            if isinstance(fixture, dict):
+                fixture = dict(fixture, outcome="fixture", duration=None, when="setup")
+                fixture["suspicious"] = suspicious(fixture, self.band)
+                self.records.append(fixture)
         record = getattr(report, REPORT_ATTR, None)
         if not isinstance(record, dict):
             return
@@ -365,16 +423,67 @@ class RunRecords:
             record["outcome"] = "xfailed" if report.skipped else "xpassed"
         elif report.when == "setup" and report.failed:
             record["outcome"] = "error"
+        if report.failed:
+            record["message"] = failure_message(report)
+        record["suspicious"] = suspicious(record, self.band)
         self.records.append(record)
+
+
+MESSAGE_LINES = 8
+
+
+def failure_message(report: Any) -> str:
+    """The first lines of a failed test's assertion text (pytest's `E` lines), else its crash line."""
+    text = getattr(report, "longreprtext", "") or ""
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
+    lines = [line for line in lines if line]
+    if lines:
+        lines[0] = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[0])  # 'pytest_nnsight.errors.FindingFailed: ' -> 'FindingFailed: '
+    if not lines:
+        crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+        tail = text.strip().splitlines()
+        msg = str(getattr(crash, "message", "") or "") or (tail[-1] if tail else "")
+        lines = msg.splitlines()[:MESSAGE_LINES] if msg else []
+    more = f"\n... ({len(lines) - MESSAGE_LINES} more lines)" if len(lines) > MESSAGE_LINES else ""
+    return "\n".join(lines[:MESSAGE_LINES]) + more
+
+
+def suspicious(record: dict[str, Any], band: float) -> list[str]:
+    """Implausible values of a record: normalized patch effects with |effect| > band, and NaN anywhere."""
+    out: list[str] = []
+
+    def big(v: Any) -> bool:
+        return v is not None and abs(v) > band
+
+    for e in record.get("effects") or []:
+        if e.get("nan"):
+            out.append(f"NaN effect of the {e['kind']} at {e['site']}")
+        elif e["kind"] == "patch" and big(e["normalized"]):
+            out.append(f"normalized effect {e['normalized']:.4g} of the patch at {e['site']} (|effect| > {band:g})")
+    for m in record.get("maps") or []:
+        if m.get("nan_cells"):
+            out.append(f"{m['nan_cells']} NaN cells in the {m['kind']} map of {m['metric']}")
+        if m["kind"] in ("patch", "attribution"):
+            cells = [(abs(v), m["sites"][i], m["positions"][j]) for i, row in enumerate(m["values"]) for j, v in enumerate(row) if big(v)]
+            if cells:
+                worst = max(cells)
+                out.append(f"{len(cells)} cells of the {m['kind']} map with |effect| > {band:g} (largest {worst[0]:.4g} at {worst[1]} / {worst[2]})")
+    for p in record.get("populations") or []:
+        if p.get("nan"):
+            out.append(f"{p['nan']} of {p['n']} variants with a NaN effect at {p['site']} (clean and corrupt barely differ)")
+        over = [v for v in p.get("effects") or [] if big(v)]
+        if over:
+            out.append(f"{len(over)} of {p['n']} variants with |effect| > {band:g} at {p['site']} (largest {max(map(abs, over)):.4g})")
+    return out[:20]
 
 
 def fmt(x: Any) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def summary_line(record: dict[str, Any]) -> str:
-    """One finding in one line: outcome, claim, measured vs threshold, variants, snapshot status."""
-    parts = [f"{record['outcome'].upper()} {record['claim']}"]
+def summary_line(record: dict[str, Any], *, outcome: bool = True) -> str:
+    """One finding in one line: outcome, claim, measured vs threshold, variants, snapshot status, suspicious values."""
+    parts = [f"{record['outcome'].upper()} {record['claim']}" if outcome else record["claim"]]
     check = primary_check(record)
     if check is not None:
         shown = [check] + [c for c in record["checks"] if c is not check][: 1 if len(record["checks"]) == 2 else 0]
@@ -393,11 +502,22 @@ def summary_line(record: dict[str, Any]) -> str:
         parts.append(f"{len(vals)} variants: effect {min(vals):.3g}..{max(vals):.3g}")
     for s in record.get("snapshots", []):
         parts.append(f"snapshot {s['status']}" + (f" ({s['detail']})" if s["detail"] else ""))
+    if record.get("suspicious"):
+        parts.append("SUSPICIOUS: " + "; ".join(record["suspicious"][:3]))
+    if record.get("message"):
+        parts.append("failed: " + record["message"].splitlines()[0][:160])
     return " | ".join(parts) + f"  [{record['nodeid']}]"
 
 
 def terminal_summary(terminalreporter: Any, records: RunRecords, show: bool) -> None:
     """The 'pytest-nnsight findings' section: shown with -v or --nnsight-summary, quiet otherwise."""
+    odd = [r for r in records.records if r.get("suspicious")]
+    if odd:  # shown whatever the verbosity: an implausible number that passed is the worst kind of pass
+        terminalreporter.section("pytest-nnsight suspicious values")
+        for record in odd:
+            terminalreporter.write_line(f"{record['outcome'].upper()} {record['claim']}  [{record['nodeid']}]", yellow=True)
+            for line in record["suspicious"]:
+                terminalreporter.write_line(f"  {line}")
     if not show or not records.records:
         return
     terminalreporter.section("pytest-nnsight findings")

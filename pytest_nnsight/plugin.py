@@ -172,6 +172,16 @@ def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Measurements made while a fixture is set up (a module-scoped sweep, a session population) are recorded too."""
+    rec = _findings.start_fixture(fixturedef, request)
+    try:
+        yield
+    finally:
+        _findings.finish_fixture(fixturedef, request, rec)
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     outcome = yield
     _findings.attach(item, outcome.get_result())  # the record travels on the report (and through xdist)

@@ -279,6 +279,12 @@ def _md(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[in
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     for k, rec in enumerate(records):
         lines += ["", f"## {rec['claim']}", "", f"`{rec['nodeid']}`: **{rec['outcome']}**", ""]
+        if rec.get("message"):
+            lines += ["```", rec["message"], "```", ""]
+        for x in rec.get("suspicious") or []:
+            lines.append(f"- **suspicious**: {x}")
+        if rec.get("used_by"):
+            lines.append(f"- used by: {', '.join(f'`{u}`' for u in rec['used_by'][:20])}" + (" ..." if len(rec["used_by"]) > 20 else ""))
         for c in rec.get("checks", []):
             lines.append(f"- {'pass' if c['passed'] else 'FAIL'}: {c['what']}: {fmt(c['measured'])} {c['op']} {fmt(c['threshold'])}")
         for p in rec.get("populations", []):
@@ -343,7 +349,9 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 th{background:#f4f4f4}.map td.fail{outline:3px solid #d00;outline-offset:-3px;font-weight:bold}.map td.claim{font-style:italic}
 .drift{border-left:4px solid #c0c;padding-left:.8em;margin:.5em 0}.drift .env{color:#606}.side{display:inline-block;vertical-align:top;margin-right:1em}
 .passed{color:#070}.failed{color:#c00}.skipped,.xfailed{color:#777}.note{color:#a60}img{max-width:100%;display:block;margin:.5em 0}
-caption{text-align:left;font-size:13px;color:#555}code{font-size:12px}"""
+caption{text-align:left;font-size:13px;color:#555}code{font-size:12px}pre.message{background:#fff4f4;border-left:4px solid #d00;padding:.5em;white-space:pre-wrap}.suspicious{color:#a60}
+b.suspicious{background:#fe9;color:#640;padding:0 .3em}
+"""
 
 
 def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[int, list[str]], note: str) -> str:
@@ -352,11 +360,19 @@ def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[
              "<h1>pytest-nnsight findings</h1>", f"<p>{e(_counts(records))}</p>"]
     if note:
         parts.append(f"<p class='note'>{e(note)}</p>")
-    parts.append("<ul>" + "".join(f"<li class='{e(r['outcome'])}'><a href='#f{k}'>{e(r['outcome'])}</a>: {e(summary_line(r))}</li>"
+    parts.append("<ul>" + "".join(f"<li class='{e(r['outcome'])}'><a href='#f{k}'>{e(r['outcome'])}</a>: {e(summary_line(r, outcome=False))}"
+                                  + (" <b class='suspicious'>suspicious</b>" if r.get("suspicious") else "") + "</li>"
                                   for k, r in enumerate(records)) + "</ul>")
     for k, rec in enumerate(records):
         parts.append(f"<h2 id='f{k}'>{e(rec['claim'])}</h2><p><code>{e(rec['nodeid'])}</code>: "
                      f"<b class='{e(rec['outcome'])}'>{e(rec['outcome'])}</b></p>")
+        if rec.get("message"):
+            parts.append(f"<pre class='message'>{e(rec['message'])}</pre>")
+        if rec.get("suspicious"):
+            parts.append("<p class='suspicious'><b>suspicious values</b></p><ul class='suspicious'>"
+                         + "".join(f"<li>{e(x)}</li>" for x in rec["suspicious"]) + "</ul>")
+        if rec.get("used_by"):
+            parts.append(f"<p>used by: {e(', '.join(rec['used_by'][:20]))}" + (" ..." if len(rec["used_by"]) > 20 else "") + "</p>")
         if rec.get("checks"):
             parts.append("<table><tr><th>check</th><th>measured</th><th>threshold</th><th>result</th></tr>" + "".join(
                 f"<tr><td style='text-align:left'>{e(c['what'])}</td><td>{fmt(c['measured'])}</td><td>{e(c['op'])} {fmt(c['threshold'])}</td>"
@@ -449,7 +465,7 @@ def configure(config: Any, settings: Any) -> ReportState:
     """Start the run's records; check now that the report directory can be written (the controller's, under xdist)."""
     from .findings import RunRecords
 
-    state = ReportState(RunRecords(), report_directory(config, settings))
+    state = ReportState(RunRecords(band=settings.suspicious_effect), report_directory(config, settings))
     if state.directory is not None and not hasattr(config, "workerinput"):
         try:
             check_writable(state.directory)

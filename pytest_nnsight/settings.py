@@ -126,8 +126,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", "dtype models are loaded in: auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, float16 or bfloat16", "auto", parse_dtype, "DTYPE"),
     Option("offline", "never touch a model hub: load only local, cached and bundled weights", False, parse_bool),
     Option("require_models", "fail, instead of skip, tests whose model weights cannot be had (for CI on GPU runners)", False, parse_bool),
-    Option("check_batching", "re-run a sample of batched sweep cells one at a time and fail when they disagree", False, parse_bool),
-    Option("check_batching_cells", "how many cells of each sweep --nnsight-check-batching re-runs", 3, parse_positive_int, "N"),
+    Option("check_batching", "re-run a sample of batched work (sweep cells, population pairs, activation-cache prompts) one at a "
+           "time and fail when they disagree", False, parse_bool),
+    Option("check_batching_cells", "how many cells, pairs or prompts of each batched call --nnsight-check-batching re-runs", 3,
+           parse_positive_int, "N"),
+    Option("suspicious_effect", "flag normalized effects with |effect| above this (and NaN) as suspicious in the findings summary "
+           "and report", 1.5, parse_tolerance, "X"),
     Option("hypothesis_profile", "hypothesis settings profile to load: nnsight-dev, nnsight-ci or any registered one; unset leaves "
            "the hypothesis profile alone", None, parse_profile, "NAME"),
     Option("cache_dir", "directory of the on-disk activation cache (relative paths: from the rootdir); unset: inside pytest's "
@@ -170,6 +174,7 @@ class Settings:
     require_models: bool = False
     check_batching: bool = False
     check_batching_cells: int = 3
+    suspicious_effect: float = 1.5
     hypothesis_profile: str | None = None
     cache_dir: str | None = None
     cache_clear: bool = False

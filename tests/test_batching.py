@@ -93,6 +93,9 @@ def test_batched_equals_single_for_every_verb(served, kind, side, mixed, order):
     wide = sweep(model, p.clean, p.corrupt, metric(p), sites=[site], batch_size=32)
     narrow = sweep(model, p.clean, p.corrupt, metric(p), sites=[site], batch_size=1)
     assert all(close(a, b) for ra, rb in zip(wide.raw, narrow.raw) for a, b in zip(ra, rb))
+    for j in (0, len(wide.positions) // 2, len(wide.positions) - 1):  # a cell equals the plain patch() path at that cell
+        cell = patch(model, p.clean, p.corrupt, site=site, position=wide.positions[j], metric=metric(p))
+        assert close(wide.raw[0][j], cell.intervened), (j, wide.raw[0][j], cell.intervened)
 
     # ablate (mean over reference prompts of several lengths) and the activation cache
     prompts = [q.clean for q in pairs] + [q.corrupt for q in pairs]

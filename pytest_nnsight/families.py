@@ -119,6 +119,7 @@ class Layout:
     n_layers: int
     n_heads: int
     d_model: int
+    head_path: str | None = None  # the LM head found on this model, when the family's name for it is not there
 
     def layer(self, i: int) -> str:
         return f"{self.prefix}{self.family.layers}.{i}"
@@ -129,7 +130,7 @@ class Layout:
     def path(self, what: str) -> str | None:
         """The full path of a global component (embed, final_norm, lm_head), or None when the model lacks it."""
         if what == "lm_head":
-            return self.family.lm_head if self.has_lm_head else None
+            return (self.head_path or self.family.lm_head) if self.has_lm_head else None
         rel = getattr(self.family, what)
         return None if rel is None else f"{self.prefix}{rel}"
 
@@ -148,13 +149,27 @@ def _config_int(config: Any, names: tuple[str, ...], what: str, family: Family) 
 def _bind(root: Any, family: Family) -> Layout | None:
     for prefix in (f"{family.base}." if family.base else "", ""):
         if _has(root, f"{prefix}{family.layers}"):
-            has_head = bool(family.lm_head) and (prefix != "" or not family.base) and _has(root, family.lm_head)
+            task = bool(family.lm_head) and (prefix != "" or not family.base)
+            head = family.lm_head if task and _has(root, family.lm_head) else (_output_embeddings(root) if task else None)
             config = getattr(root, "config", None)
             n = len(root.get_submodule(f"{prefix}{family.layers}"))
             heads = _config_int(config, family.n_heads, "n_heads", family) if config is not None else 0
             width = _config_int(config, family.d_model, "d_model", family) if config is not None else 0
-            return Layout(family, prefix, has_head, n, heads, width)
+            return Layout(family, prefix, head is not None, n, heads, width, None if head == family.lm_head else head)
     return None
+
+
+def _output_embeddings(root: Any) -> str | None:
+    """The path of the model's LM head by transformers' own accessor, for a family whose name for it moved
+    (GPT-NeoX's `embed_out` is `lm_head` from transformers 5); None when it has none."""
+    getter = getattr(root, "get_output_embeddings", None)
+    try:
+        head = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    if head is None:
+        return None
+    return next((name for name, m in root.named_modules() if m is head and name), None)
 
 
 def find_layout(model: Any) -> Layout | None:

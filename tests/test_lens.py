@@ -83,3 +83,24 @@ def test_unknown_and_multi_token_answers_are_named(capitals):
         logit_lens(capitals, PROMPT, answer="Paris Berlin")
     with pytest.raises(ArgumentError, match="expects a LogitLens"):
         assert_emerges_at("not a lens", layer=0)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "gptj"])
+def test_lens_and_greedy_generation_on_other_families_match_transformers(nnsight_models, family):
+    """The lens decodes through each family's own final norm and head; generation equals transformers' cached generate."""
+    from pytest_nnsight.generation import generate
+    from pytest_nnsight.testing import tiny_model
+
+    module, tok = tiny_model(family, seed=2)
+    model = nnsight_models.get(module, tok, device="cpu")
+    prompt = "When Mary and John went to the store"
+    lens = logit_lens(model, prompt, answer="John")
+    ids = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = module(**ids, output_hidden_states=True)
+        norm = module.get_submodule({"gpt_neox": "gpt_neox.final_layer_norm", "llama": "model.norm", "gptj": "transformer.ln_f"}[family])
+        head = module.get_output_embeddings()
+        rows = [head(norm(h[0])) for h in out.hidden_states[:-1]] + [out.logits[0]]
+        new = module.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids["input_ids"].shape[1]:].tolist()
+    assert [list(r) for r in lens.ranks] == [[int((r[p] > r[p, lens.answer_id]).sum()) for p in range(r.shape[0])] for r in rows]
+    assert list(generate(model, prompt, max_new_tokens=4).token_ids[0]) == new

@@ -71,10 +71,8 @@ def wrap_language_model(nnsight: Any, source: Any, **kwargs: Any) -> Any:
         wrapped = language_model_class(nnsight)(source, **kwargs)
     config = getattr(source, "config", None)
     if config is not None and getattr(wrapped, "config", None) is None:
-        try:
-            wrapped.config = config
-        except Exception:  # noqa: BLE001 - an nnsight that refuses the attribute keeps its own behaviour
-            pass
+        # object.__setattr__: an Envoy's own __setattr__ (0.6) forwards the name to the module and leaves None in place
+        object.__setattr__(wrapped, "config", config)
     return wrapped
 
 
@@ -136,6 +134,24 @@ def trace_inputs(model: Any, inputs: Any) -> Any:
         return inputs
     enc["position_ids"] = left_pad_positions(mask)
     return enc
+
+
+def _keyword_only_opens_no_invoke(args: tuple, kwargs: dict) -> bool:
+    """nnsight 0.5 opens the trace's invoke only for positional inputs: `model.trace(input_ids=..., attention_mask=...)`
+    runs the body outside any forward ("Cannot return output of Envoy that is not interleaving"); 0.6+ count keywords."""
+    return not args and "input_ids" in kwargs and not nnsight_at_least(0, 6)
+
+
+def trace_args(model: Any, args: tuple, kwargs: dict) -> tuple:
+    """Positional inputs for `model.trace`: on nnsight 0.5, keyword-only token ids move to the first position."""
+    return (kwargs["input_ids"],) if _keyword_only_opens_no_invoke(args, kwargs) else tuple(args)
+
+
+def trace_kwargs_of(model: Any, args: tuple, kwargs: dict) -> dict:
+    """Keyword inputs for `model.trace`, matching `trace_args`."""
+    if _keyword_only_opens_no_invoke(args, kwargs):
+        return {k: v for k, v in kwargs.items() if k != "input_ids"}
+    return dict(kwargs)
 
 
 # -- errors ---------------------------------------------------------------------------------------------

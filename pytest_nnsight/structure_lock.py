@@ -13,12 +13,14 @@ Imports only the standard library at module load (the record loads torch when a 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import NnsightTestError
 
@@ -39,6 +41,23 @@ def parse_mode(value: str | bool) -> str:
     if v in ("0", "false", "no", ""):
         return "off"
     raise ValueError("expected on (record, then fail tests when the structure changed), warn, update (accept the change) or off")
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """One writer at a time in `directory` (xdist workers may each record a model): flock on the directory itself,
+    so no lock file is left behind; where there is no flock (Windows), writers are not serialized."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class StructureChangedError(NnsightTestError, AssertionError):
@@ -87,11 +106,12 @@ class StructureLock:
         """Merge one model's entry into the file (re-read first: xdist workers may each add a model)."""
         from .files import atomic_write
 
-        models = self.read()
-        models[label] = entry
-        text = json.dumps({"format": FORMAT, "version": VERSION, "models": dict(sorted(models.items()))}, indent=1, sort_keys=False)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, text + "\n")
+        with _exclusive(self.path.parent):
+            models = self.read()
+            models[label] = entry
+            text = json.dumps({"format": FORMAT, "version": VERSION, "models": dict(sorted(models.items()))}, indent=1)
+            atomic_write(self.path, text + "\n")
 
     # -- serving ------------------------------------------------------------------------------------
     def check(self, label: str, wrapper: Any) -> Verdict:

@@ -60,7 +60,8 @@ def run(
     try:
         with torch.inference_mode():
             extra = forward_kwargs(getattr(model, "_module", model), keep_last=metric.last_only) if lean else {}
-            with model.trace(*batch.args, **batch.kwargs, **extra, **trace_kwargs(model)):
+            args, kwargs = compat.trace_args(model, batch.args, batch.kwargs), compat.trace_kwargs_of(model, batch.args, batch.kwargs)
+            with model.trace(*args, **kwargs, **extra, **trace_kwargs(model)):
                 for site in order:
                     value = site_value(model, site)
                     if site in save:
@@ -135,7 +136,7 @@ def reference_logits(model: Any, metric: Metric, clean: str) -> Any:
         return None
     batch = encode(model, clean)
     with torch.inference_mode():
-        with model.trace(*batch.args, **batch.kwargs, **trace_kwargs(model)):
+        with model.trace(*compat.trace_args(model, batch.args, batch.kwargs), **compat.trace_kwargs_of(model, batch.args, batch.kwargs), **trace_kwargs(model)):
             last = logits_of(model.output)[:, -1, :].detach().clone().save()
     return last
 

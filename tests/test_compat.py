@@ -125,7 +125,12 @@ def test_wrapper_class_and_config_on_a_preloaded_module():
 
     class LanguageModel:  # nnsight <= 0.7: no TransformersModel, and .config None on a pre-loaded module
         def __init__(self, module, **kw):
-            self._module, self.config, self.kw = module, None, kw
+            object.__setattr__(self, "_module", module)
+            object.__setattr__(self, "config", None)
+            object.__setattr__(self, "kw", kw)
+
+        def __setattr__(self, name, value):  # like 0.6.3's Envoy: an attribute set goes to the module
+            setattr(self._module, name, value)
 
     old = types.SimpleNamespace(LanguageModel=LanguageModel)
     module, tok = tiny_gpt2()
@@ -155,3 +160,14 @@ def test_not_reached_and_cause_line_across_lines():
     wrapped = ValueError("Traceback (most recent call last):\n  File x, line 3\n    foo\n\nIndexError: index 5 is out of range")
     assert compat.cause_line(wrapped) == "IndexError: index 5 is out of range"
     assert compat.cause_line(IndexError("index 5 is out of range")) == "index 5 is out of range"
+
+
+def test_keyword_only_inputs_move_to_the_first_position_on_nnsight_0_5(monkeypatch):
+    """nnsight 0.5 opens no invoke for keyword-only inputs (the body never sees a forward); 0.6+ take them as given."""
+    ids, mask = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    monkeypatch.setattr(compat, "installed", lambda name: (0, 5, 15))
+    assert compat.trace_args(None, (), kwargs)[0] is ids and compat.trace_kwargs_of(None, (), kwargs) == {"attention_mask": mask}
+    assert compat.trace_args(None, (ids,), {"attention_mask": mask}) == (ids,)  # already positional
+    monkeypatch.setattr(compat, "installed", lambda name: (0, 6, 3))
+    assert compat.trace_args(None, (), kwargs) == () and compat.trace_kwargs_of(None, (), kwargs) == kwargs

@@ -182,3 +182,27 @@ def test_bad_mode_is_a_usage_error(pytester):
     result = pytester.runpytest_inprocess("--nnsight-structure-lock", "strict")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*invalid nnsight_structure_lock 'strict' from command line option --nnsight-structure-lock: expected on*"])
+
+
+def _write_many(path, worker):
+    from pytest_nnsight.structure_lock import StructureLock
+
+    lock = StructureLock(path)
+    for i in range(10):
+        lock.write(f"model-{worker}-{i}", {"environment": {}, "structure": {"worker": worker}})
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    """xdist workers each record their models in one lock: four processes, ten writes each, no entry lost, no temp left."""
+    import multiprocessing
+
+    path = tmp_path / "__snapshots__" / LOCK_NAME
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_many, args=(path, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert len(json.loads(path.read_text())["models"]) == 40
+    assert [p.name for p in path.parent.iterdir()] == [LOCK_NAME]

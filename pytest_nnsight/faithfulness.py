@@ -22,6 +22,7 @@ import torch
 
 from .assertions import _fail
 from .discovery import _pair_list, _row_metric
+from .edge_ablation import edge_level_metric
 from .errors import ArgumentError, CircuitError
 from .findings import record_check, record_circuit
 from .graph import Circuit, ablatable, as_circuit
@@ -78,6 +79,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _site(bound: Any, s: Sender) -> Site:
+    if s.kind == "embed":
+        return Site(bound.lay.path("embed"))
     if s.kind == "head":
         return Site(bound.lay.in_layer(s.layer, "head_proj"), part="input", head=s.head, n_heads=bound.lay.n_heads)
     return Site(bound.lay.in_layer(s.layer, "mlp"))
@@ -158,20 +161,40 @@ def _share(a: float, b: float, full: float, empty: float) -> float:
     return (a - b) / gap if abs(gap) > 1e-6 and math.isfinite(gap) else math.nan
 
 
-def faithfulness(model: Any, circuit: Any, pairs: Any, *, metric: Any = None, ablation: str = "mean", batch_size: int = 32) -> CircuitResult:
+def faithfulness(
+    model: Any, circuit: Any, pairs: Any, *, metric: Any = None, ablation: str = "mean", level: str = "nodes", batch_size: int = 32,
+) -> CircuitResult:
     """The share of the full model's metric the circuit keeps with every other head and MLP ablated, per pair.
+
+    `level="edges"` (edge circuits): also every edge between kept components that the circuit does not hold is ablated
+    at its receiver (the embeddings included), so the circuit's components see only the senders it connects to them.
 
     >>> result = faithfulness(model, circuit, pairs, ablation="mean")     # doctest: +SKIP
     >>> assert_faithful(result, at_least=0.9, min_rate=0.9)               # doctest: +SKIP
     """
+    if level not in ("nodes", "edges"):
+        raise ArgumentError(f"level {level!r}: expected 'nodes' (ablate the heads and MLPs outside the circuit) or 'edges' (also the "
+                            "edges outside it)")
     bound, c, everything, inside, plist, metrics = _prepare(model, circuit, pairs, metric, ablation)
+    if level == "edges" and not c.edges:
+        raise CircuitError(f"level='edges' needs a circuit of edges; {c!r} names nodes only: use level='nodes'")
     sites, values = _values(model, bound, everything, plist, ablation)
     keep = {s.label for s in inside}
     outside = {s.label for s in everything} - keep
-    full, empty, kept = _measure(model, plist, metrics, sites, values, [set(), set(sites), outside], batch_size)
+    if level == "nodes":
+        full, empty, kept = _measure(model, plist, metrics, sites, values, [set(), set(sites), outside], batch_size)
+    else:
+        full, empty = _measure(model, plist, metrics, sites, values, [set(), set(sites)], batch_size)
+        _, embed_values = _values(model, bound, [Sender("embed", "embed", -1)], plist, ablation)
+        kept = edge_level_metric(model, bound, c, plist, lambda rows: _row_metric([metrics[i] for i in rows]), sites, values, embed_values,
+                                 outside, inside, batch_size)
     shares = [_share(k, e, f, e) for k, f, e in zip(kept, full, empty)]
-    return CircuitResult("faithfulness", c, ablation, metrics[0].name if len({m.name for m in metrics}) == 1 else "per-pair metric",
+    return CircuitResult("faithfulness", c, ablation if level == "nodes" else f"{ablation}, edges", _metric_name(metrics),
                          tuple(text_of(p[0]) for p in plist), tuple(shares), tuple(full), tuple(empty), tuple(kept))
+
+
+def _metric_name(metrics: list) -> str:
+    return metrics[0].name if len({m.name for m in metrics}) == 1 else "per-pair metric"
 
 
 def completeness(model: Any, circuit: Any, pairs: Any, *, metric: Any = None, ablation: str = "mean", batch_size: int = 32) -> CircuitResult:

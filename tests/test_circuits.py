@@ -287,3 +287,72 @@ def test_circuit_drawing_places_nodes_by_layer():
     pos = layout(["embed", "head_out.0.0", "head_out.0.3", "mlp_out.0", "head_out.1.2", "mlp_out.1", "logits"])
     assert pos["embed"] == (1.5, 0.0) and pos["logits"] == (1.5, 5.0)
     assert pos["head_out.0.3"] == (3.0, 1.0) and pos["mlp_out.0"] == (1.5, 2.0) and pos["head_out.1.2"] == (2.0, 3.0)
+
+
+def _complete_edges(model, nodes):
+    kept = set(nodes) | {"embed", "logits"}
+    return [(s.label, r.label) for s, r in all_edges(model) if s.label in kept and r.node in kept]
+
+
+@pytest.mark.parametrize("how", ["zero", "mean"])
+def test_edge_level_with_every_edge_between_the_nodes_equals_node_level(model, metric, how):
+    nodes = faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation=how)
+    edges = faithfulness(model, Circuit(edges=_complete_edges(model, NODES)), PAIRS, metric=metric, ablation=how, level="edges")
+    assert max(abs(a - b) for a, b in zip(nodes.ablated, edges.ablated)) <= 1e-5
+    assert edges.ablation == f"{how}, edges"
+
+
+def test_edge_level_ablates_a_missing_edge_at_its_receiver_only(model, metric):
+    """Drop head 0.1 -> k_in.1.2 and mlp_out.0 -> logits from the complete circuit: by hand, head 1.2's key input then
+    reads the residual stream without head 0.1's contribution, the final norm without the MLP's (zero ablation), and
+    nothing else changes. Three traces: the key needs layer 0's run, the logits need the run with the key written."""
+    dropped = {("head_out.0.1", "k_in.1.2"), ("mlp_out.0", "logits")}
+    circuit = Circuit(edges=[e for e in _complete_edges(model, NODES) if e not in dropped])
+    result = faithfulness(model, circuit, PAIRS[:1], metric=metric, ablation="zero", level="edges")
+    hf, h = model._module, model.transformer.h
+    tok = model.tokenizer
+    mary, john = tok.convert_tokens_to_ids("Mary"), tok.convert_tokens_to_ids("John")
+
+    def ablate(layer):
+        new = h[layer].attn.c_proj.input.clone()
+        for head in range(4):
+            if f"head_out.{layer}.{head}" not in NODES:
+                new[:, :, head * 8 : (head + 1) * 8] = 0
+        h[layer].attn.c_proj.input[:] = new
+        if f"mlp_out.{layer}" not in NODES:
+            h[layer].mlp.output[:] = 0
+
+    with torch.inference_mode():
+        with model.trace(PAIRS[0][0]):
+            ablate(0)
+            z0 = h[0].attn.c_proj.input.detach().clone().save()
+            mlp0 = h[0].mlp.output.detach().clone().save()
+            resid1 = h[1].ln_1.input.detach().clone().save()
+        only = torch.zeros_like(z0)
+        only[:, :, 8:16] = z0[:, :, 8:16]
+        proj = hf.transformer.h[0].attn.c_proj
+        contribution = proj(only) - proj(torch.zeros_like(only))
+        key = hf.transformer.h[1].attn.c_attn(hf.transformer.h[1].ln_1(resid1 - contribution))[:, :, 32 + 16 : 32 + 24]
+        with model.trace(PAIRS[0][0]):
+            ablate(0)
+            h[1].attn.c_attn.output[:, :, 32 + 16 : 32 + 24] = key
+            ablate(1)
+            final = model.transformer.ln_f.input.detach().clone().save()
+        normed = hf.transformer.ln_f(final - mlp0)
+        with model.trace(PAIRS[0][0]):
+            ablate(0)
+            h[1].attn.c_attn.output[:, :, 32 + 16 : 32 + 24] = key
+            ablate(1)
+            model.transformer.ln_f.output[:] = normed
+            logits = model.lm_head.output.detach().clone().save()
+    expected = float(logits[0, -1, mary] - logits[0, -1, john])
+    assert abs(result.ablated[0] - expected) <= 1e-4
+    node_level = faithfulness(model, Circuit(nodes=NODES), PAIRS[:1], metric=metric, ablation="zero")
+    assert abs(node_level.ablated[0] - expected) > 1e-2  # the dropped edges made a difference
+
+
+def test_edge_level_needs_edges(model, metric):
+    with pytest.raises(CircuitError, match="level='edges' needs a circuit of edges"):
+        faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, level="edges")
+    with pytest.raises(ArgumentError, match="level 'paths'"):
+        faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, level="paths")

@@ -94,8 +94,9 @@ class Ablate:
     """Replace `site` at `positions` with zeros (`method='zero'`) or its mean over every token of `reference_prompts`
     (`method='mean'`), in every forward of the generation.
 
-    `positions`: 'all' (every real token, the default), 'prompt', 'generated' (every new token), or a position
-    of the prompt (an int, a word, a list of ints).
+    `positions`: 'all' (every real token, the default), 'prompt', 'generated' (every new token), or positions of
+    the prompt ('last', an int, negative from the prompt's end, a word, a list of ints), resolved in each prompt's
+    own tokens.
     """
 
     site: Any
@@ -136,7 +137,7 @@ class Patch:
 @dataclass
 class _Bound:
     site: Any
-    where: Any  # "all" | "prompt" | "generated" | list of prompt positions
+    where: Any  # "all" | "prompt" | "generated" | {prompt: its token indices}
     op: str
     value: Any  # [d] tensor written (or added) at every selected position, or [k, d] per prompt position (patch)
     name: str
@@ -152,15 +153,13 @@ def _as_list(intervention: Any) -> list[Any]:
     return items
 
 
-def _where(positions: Any, tokens: Sequence[str] | None, prompt: str, what: str) -> Any:
-    from .prompts import resolve_position
+def _where(model: Any, positions: Any, prompts: Sequence[str]) -> Any:
+    """'all' / 'prompt' / 'generated' as given; anything else resolved in each prompt's own tokens: {prompt: [indices]}."""
+    from .prompts import resolve_position, tokens_of
 
     if isinstance(positions, str) and positions in WHERE:
         return positions
-    if tokens is None:
-        raise ArgumentError(f"{what}: positions {positions!r} name prompt positions; expected one of {', '.join(WHERE)} "
-                            "here, or generate from one prompt")
-    return resolve_position(tokens, positions, prompt=prompt)
+    return {p: resolve_position(tokens_of(model, p), positions, prompt=p) for p in dict.fromkeys(prompts)}
 
 
 def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]:
@@ -172,7 +171,6 @@ def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]
     from .trace import run
 
     bound = []
-    one = prompts[0] if len(set(prompts)) == 1 else None
     for it in _as_list(intervention):
         s = resolve_site(model, it.site)
         none = Metric("none", lambda out, ref: torch.zeros(1))
@@ -182,7 +180,7 @@ def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]
         if isinstance(it, Ablate):
             if it.method not in ("zero", "mean"):
                 raise ArgumentError(f"ablation method {it.method!r}: expected 'zero' or 'mean' during generation")
-            where = _where(it.positions, tokens_of(model, one) if one else None, one or "", it.describe())
+            where = _where(model, it.positions, prompts)
             if it.method == "zero":
                 value = torch.zeros(width, dtype=dtype, device=device)
             else:
@@ -199,17 +197,18 @@ def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]
                 raise InterventionError(f"steering vector of shape {shape} does not fit {s}: expected a tensor of shape ({width},)")
             if not torch.isfinite(vec).all():
                 raise InterventionError(f"steering vector for {s} contains NaN or inf: expected finite values")
-            where = _where(it.positions, tokens_of(model, one) if one else None, one or "", it.describe())
+            where = _where(model, it.positions, prompts)
             bound.append(_Bound(s, where, "add", (float(it.alpha) * vec.to(device=device, dtype=dtype)), it.describe()))
         else:
             src = text_of(it.source)
-            pos = _where(it.positions, tokens_of(model, src), src, it.describe())
-            if isinstance(pos, str):
-                raise ArgumentError(f"{it.describe()}: a patch needs prompt positions (an int, a word, a list), not {pos!r}")
+            if isinstance(it.positions, str) and it.positions in WHERE:
+                raise ArgumentError(f"{it.describe()}: a patch needs prompt positions (an int, a word of the source, a list), "
+                                    f"not {it.positions!r}")
+            pos = _where(model, it.positions, [src])[src]
             shortest = min(len(tokens_of(model, p)) for p in prompts)
             if max(pos) >= shortest:
                 raise ArgumentError(f"{it.describe()}: position {max(pos)} is beyond the shortest prompt ({shortest} tokens)")
-            bound.append(_Bound(s, list(pos), "set", acts[s][0, pos], it.describe()))
+            bound.append(_Bound(s, {p: list(pos) for p in prompts}, "set", acts[s][0, pos], it.describe()))
     return bound
 
 
@@ -226,7 +225,7 @@ def _mean_over_tokens(model: Any, site: Any, texts: Sequence[str]) -> Any:
     return torch.cat(rows).mean(0)
 
 
-def _edits(bound: Sequence[_Bound], pads: Sequence[int], lengths: Sequence[int], total: int) -> list[Any]:
+def _edits(bound: Sequence[_Bound], texts: Sequence[str], pads: Sequence[int], lengths: Sequence[int], total: int) -> list[Any]:
     import torch
 
     from .trace import Edit
@@ -241,7 +240,7 @@ def _edits(bound: Sequence[_Bound], pads: Sequence[int], lengths: Sequence[int],
                 ps = list(range(start, stop))
                 v = [b.value] * len(ps)
             else:
-                ps = [pad + p for p in b.where]
+                ps = [pad + p for p in b.where[texts[r]]]
                 v = list(b.value) if b.value.dim() == 2 else [b.value] * len(ps)
             rows += [r] * len(ps)
             pos += ps
@@ -397,7 +396,7 @@ def _decode(model: Any, tok: Any, texts: Sequence[str], encoded: Sequence[list[i
     out: list[list[int]] = [[] for _ in texts]
     done = [False] * len(texts)
     for step in range(config.max_new_tokens):
-        logits = _next_logits(model, ids, mask, _edits(bound, pads, lengths, ids.shape[1]))  # [B, V] float32 on CPU
+        logits = _next_logits(model, ids, mask, _edits(bound, texts, pads, lengths, ids.shape[1]))  # [B, V] float32 on CPU
         if eos is not None and step < config.min_new_tokens:
             logits[:, eos] = -math.inf
         new = []

@@ -80,6 +80,22 @@ def test_steering_at_every_step_equals_a_hook(induction):
     assert gen.texts != generate(induction, PROMPTS[1], max_new_tokens=4).texts  # the steer changes the text (else the test shows nothing)
 
 
+def test_prompt_positions_resolve_in_each_prompt_and_match_a_hook(induction):
+    """positions='last' names each prompt's own last token: a hook zeroing that embedding in the prompt's forward agrees."""
+    prompt = PROMPTS[1]
+    last = len(induction.tokenizer(prompt)["input_ids"]) - 1
+
+    def post(module, args, out):
+        if out.shape[1] > last:  # the prompt forward (then the cache holds the edited position)
+            out = out.clone()
+            out[:, last] = 0
+        return out
+
+    gen = generate(induction, [prompt, PROMPTS[0]], max_new_tokens=3, intervention=Ablate("embed", positions="last"))
+    assert list(gen.token_ids[0]) == hf_generate(induction, prompt, 3, [("transformer.drop", "register_forward_hook", post, {})])
+    assert gen.token_ids[0] != generate(induction, prompt, max_new_tokens=3).token_ids[0]
+
+
 def test_patch_writes_the_source_activation_at_the_same_prompt_positions(induction):
     source, target = "t1 t2 t3 t4 t1", "t1 t9 t3 t4 t1"
     with torch.inference_mode():
@@ -97,7 +113,10 @@ def test_patch_writes_the_source_activation_at_the_same_prompt_positions(inducti
     assert generate(induction, target, max_new_tokens=1).texts[0] == "t9"  # and without the patch, t9
 
 
-@pytest.mark.parametrize("intervention", [None, [Ablate(f"head_out.1.{h}") for h in range(4)], Ablate("resid_post.0", positions="generated")])
+@pytest.mark.parametrize("intervention", [
+    None, [Ablate(f"head_out.1.{h}") for h in range(4)], Ablate("resid_post.0", positions="generated"),
+    Ablate("embed", positions=[1, 2]), Steer("resid_post.0", torch.linspace(-2, 2, 64), positions="last"),
+], ids=["none", "heads", "generated", "prompt-ints", "prompt-last"])
 def test_batched_generation_equals_one_prompt_at_a_time(induction, intervention):
     batched = generate(induction, PROMPTS, max_new_tokens=5, intervention=intervention)
     single = [generate(induction, p, max_new_tokens=5, intervention=intervention) for p in PROMPTS]

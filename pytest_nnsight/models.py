@@ -410,7 +410,8 @@ def _text_guard(name: str, has_tokenizer: bool) -> Any:
         if any(isinstance(v, str) or (isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v)) for v in values):
             prompt = next(v for v in values if isinstance(v, (str, list, tuple)))
             if has_tokenizer:
-                fix = "tokenize first: model.trace(**model.tokenizer(prompt, return_tensors='pt'))"
+                fix = ("pytest-nnsight's verbs (patch, sweep, population, the activation cache) take text and tokenize it with the "
+                       "served tokenizer; in a raw trace, tokenize first: model.trace(**model.tokenizer(prompt, return_tensors='pt'))")
             else:
                 fix = "pass tokenizer= when asking for the model, or give token ids / tensors"
             raise ModelUsageError(f"{name} was served without a text interface, so it cannot take the prompt {prompt!r}: {fix}")

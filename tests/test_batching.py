@@ -315,3 +315,37 @@ def test_two_sites_sharing_one_label_are_refused_wherever_rows_are_keyed_by_labe
         ActivationCache(None).get(capitals, [clean], sites=twins, positions="last")
     same = sweep(capitals, clean, corrupt, logit_diff("Paris", "Berlin"), sites=["resid_post.0", "resid_post.0"])  # one site twice is fine
     assert same.values[0] == same.values[1]
+
+
+def test_a_probe_on_an_encoder_reads_the_country_token_of_text_prompts(served):
+    from pytest_nnsight.probing import probe
+
+    model = served["encoder", "left"]
+    prompts, labels = [], []
+    for template in ENCODER_TEMPLATES:
+        for country, _ in COUNTRIES:
+            prompts.append(Prompt(template.replace("{country}", country), Slots(country=country)))
+            labels.append(country)
+    acts = ActivationCache(None).get(model, prompts * 2, sites=["embed"], positions="{country}", batch_size=5)
+    result = probe(acts, "embed", labels * 2)
+    assert result.accuracy == 1.0  # the embedding of the country token names the country: the positions were the right ones
+
+
+def test_any_module_served_with_a_tokenizer_takes_text(nnsight_models):
+    from pytest_nnsight.testing import word_tokenizer
+
+    class Bag(torch.nn.Module):  # a plain module: forward(ids), no attention mask, no config
+        def __init__(self, vocab):
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, 8)
+            self.out = torch.nn.Linear(8, 1)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids)).squeeze(-1)  # [batch, T]
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    model = nnsight_models.get(Bag(len(tok)), tok, device="cpu")
+    effect = patch(model, "The capital of France is", "The capital of Germany is", site="emb", position="France",
+                   metric=lambda out: out[:, 4])
+    assert effect.normalized == pytest.approx(1.0, abs=1e-6)

@@ -37,11 +37,12 @@ class Recorder:
     lenses: list[dict[str, Any]] = field(default_factory=list)
     generations: list[dict[str, Any]] = field(default_factory=list)
     circuits: list[dict[str, Any]] = field(default_factory=list)
+    probes: list[dict[str, Any]] = field(default_factory=list)
     _map_ids: dict[int, int] = field(default_factory=dict, repr=False)
 
     def empty(self) -> bool:
         return not (self.checks or self.maps or self.effects or self.populations or self.snapshots or self.lenses or self.generations
-                    or self.circuits)
+                    or self.circuits or self.probes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -176,6 +177,23 @@ def record_circuit(rec: Recorder, circuit: Any, claimed: Sequence[tuple[str, str
             old["missing"] = sorted({tuple(e) for e in old["missing"] + entry["missing"]})
             return
     _append(rec.circuits, entry)
+
+
+MAX_PROBES = 24  # per test: a probe sweep over every layer of a deep model stays bounded
+
+
+@_safe
+def record_probe(rec: Recorder, result: Any) -> None:
+    """A ProbeResult: accuracy, interval, baselines, and the 2-D PCA of the probed activations coloured by label."""
+    if len(rec.probes) >= MAX_PROBES or any(p["_id"] == id(result) for p in rec.probes):  # fitted here, then asserted
+        return
+    extra = getattr(result, "extra", None) or {}
+    pca = extra.get("pca") or {}
+    labels = [str(x) for x in extra.get("labels", [])][: len(pca.get("points", []))]
+    rec.probes.append({"_id": id(result), "site": str(result.site), "position": str(result.position), "accuracy": _num(result.accuracy),
+                       "ci": [_num(result.ci[0]), _num(result.ci[1])], "majority": _num(result.majority), "control": _num(result.control),
+                       "n_test": int(result.n_test), "classes": len(result.classes),
+                       "pca": {"points": pca.get("points", []), "explained": pca.get("explained", []), "labels": labels}})
 
 
 @_safe
@@ -330,7 +348,7 @@ def finish(item: Any, rec: Recorder) -> None:
         _STACK.remove(rec)
     if rec.empty() and not rec.marked:
         return
-    for p in rec.populations:
+    for p in rec.populations + rec.probes:
         p.pop("_id", None)
     item.stash_finding = rec.to_dict()  # read by attach() when the call's report is made
     try:

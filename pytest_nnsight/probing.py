@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
 from .errors import ProbeError
+from .findings import record_check, record_probe
 from .results import EffectMap, Measured
 from .stats import wilson_interval
 
@@ -91,6 +92,9 @@ def _predict(w: Any, x: Any) -> Any:
     import torch
 
     return (torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1) @ w).argmax(1)
+
+
+PCA_POINTS = 2000  # activations drawn in a probe's PCA plot (the first ones, in prompt order)
 
 
 @dataclass(frozen=True)
@@ -179,8 +183,32 @@ def fit_probe(
     most = Counter(y[ti].tolist()).most_common(1)[0][0]
     majority = float((y[si] == most).double().mean())
     split = f"stratified by label, seed {seed}: {len(train)} train / {len(test)} test ({test_fraction:g} of each class held out)"
-    return ProbeResult(site, position, correct / len(test), correct, len(test), len(train), wilson_interval(correct, len(test)), train_acc,
-                       majority, control_acc, classes, split, seed, l2)
+    result = ProbeResult(site, position, correct / len(test), correct, len(test), len(train), wilson_interval(correct, len(test)), train_acc,
+                         majority, control_acc, classes, split, seed, l2,
+                         extra={"pca": pca_2d(features.detach().to("cpu", torch.float64)), "labels": [classes[i] for i in y_list]})
+    record_probe(result)  # the report draws the PCA beside the accuracies
+    return result
+
+
+def pca_2d(x: Any, max_points: int = PCA_POINTS) -> dict[str, Any]:
+    """The first two principal components of `x` [N, d] (centred, not scaled): points, explained variance ratios.
+
+    Signs are fixed (each component's largest loading positive), so the picture is the same on every run.
+    """
+    import torch
+
+    x = x[:max_points] - x[:max_points].mean(0)
+    if x.shape[0] < 2 or x.shape[1] < 1:
+        return {"points": [[0.0, 0.0] for _ in range(x.shape[0])], "explained": [0.0, 0.0]}
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    comps = vh[:2]
+    comps = comps * torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    points = x @ comps.T
+    if points.shape[1] < 2:
+        points = torch.cat([points, torch.zeros(points.shape[0], 2 - points.shape[1], dtype=points.dtype)], 1)
+    var = s.square()
+    explained = (var[:2] / var.sum().clamp_min(1e-300)).tolist() + [0.0] * (2 - min(2, len(var)))
+    return {"points": [[round(float(a), 6), round(float(b), 6)] for a, b in points.tolist()], "explained": [float(e) for e in explained[:2]]}
 
 
 def probe(acts: Any, site: Any, labels: Sequence[Hashable], *, index: int = -1, **kwargs: Any) -> ProbeResult:
@@ -273,6 +301,9 @@ def assert_probe(result: ProbeResult, min_accuracy: float, *, over_baseline: flo
 
     measured = result.ci[0] if lower_bound else float(result.accuracy)
     what = "the 95% lower bound of held-out accuracy" if lower_bound else "held-out accuracy"
+    record_probe(result)  # a probe fitted outside the test (a fixture) is drawn in the report once asserted
+    record_check(f"{what} of the probe at {result.site}", measured, ">=", min_accuracy, site=result.site,
+                 passed=measured >= min_accuracy and (over_baseline is None or float(result.accuracy) >= result.baseline + over_baseline))
     problems = []
     if not measured >= min_accuracy:
         problems.append(f"{what} {measured:.4g} < {min_accuracy:g}")

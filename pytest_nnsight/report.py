@@ -26,6 +26,7 @@ from .environment import library_versions, package_version
 from .files import atomic_write
 from .findings import fmt, primary_check, summary_line, variant_effects
 from .report_circuits import circuit_figures, circuit_html, circuit_md
+from .report_probes import probe_figures, probe_html, probe_md
 from .report_sections import html_sections, lens_figures, md_sections
 
 FORMAT = 1
@@ -128,6 +129,7 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
         drift = snap.get("drift") or {}
         if drift.get("map") or drift.get("population"):
             out[f"figures/{slug}-drift{n}.png"] = _drift_figure(drift, snap, plt)
+    out.update(probe_figures(rec, slug, plt))
     values, threshold, title = _variant_values(rec)
     if values:
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
@@ -298,6 +300,7 @@ def _md(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[in
             lines += ["", f"{m['metric']}: {m['corrupt_prompt']!r} <- {m['clean_prompt']!r}", "", _md_map(m)]
         lines += md_sections(rec)
         lines += circuit_md(rec)
+        lines += probe_md(rec)
         lines += [f"\n![figure]({f})" for f in figures.get(k, [])]
     lines += ["", "## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()]
     return "\n".join(lines) + "\n"
@@ -381,7 +384,7 @@ def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[
         for p in rec.get("populations", []):
             parts.append(f"<p>variants: {p['passed']}/{p['n']} &ge; {fmt(p['threshold'])} (rate {p['rate']:.3f}, Wilson 95% lower "
                          f"{fmt(p['lower_bound'])}), mean {fmt(p['mean'])} &plusmn; {fmt(p['std'])} at {e(p['site'])} @ {e(p['position'])}</p>")
-        drift_figures = [f for f in figures.get(k, []) if re.search(r"-drift\d+\.png$", f)]
+        drift_figures = [f for f in figures.get(k, []) if re.search(r"-(drift\d+|probes)\.png$", f)]  # placed beside their text
         for n, s in enumerate(rec.get("snapshots", [])):
             parts.append(f"<p>snapshot <code>{e(s['name'])}</code>: <b>{e(s['status'])}</b> {e(s['detail'])}</p>")
             if s.get("drift"):
@@ -390,6 +393,7 @@ def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[
             parts += [_html_map(m) for m in rec.get("maps", [])[:8]]
         parts += html_sections(rec, figures=bool(figures.get(k)))
         parts += circuit_html(rec)
+        parts += probe_html(rec, figures.get(k, []))
         parts += [f"<img src='{e(f)}' alt='{e(Path(f).stem)}'>" for f in figures.get(k, []) if f not in drift_figures]
     parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td style='text-align:left'>{e(str(v))}</td></tr>"
                                                           for k, v in env.items()) + "</table></body></html>")
@@ -430,7 +434,7 @@ def write_report(directory: str | os.PathLike, records: Sequence[dict[str, Any]]
     figdir = d / "figures"
     if figdir.is_dir():  # figures of an earlier run that this run did not draw
         for old in figdir.glob("*.png"):
-            if f"figures/{old.name}" not in written and re.search(r"-(map\d+|lens\d+|circuit\d+|drift\d+|variants)\.png$", old.name):
+            if f"figures/{old.name}" not in written and re.search(r"-(map\d+|lens\d+|circuit\d+|drift\d+|probes|variants)\.png$", old.name):
                 old.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
     return result

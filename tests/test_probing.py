@@ -1,5 +1,6 @@
 """Linear probes: known answers on synthetic data, Wilson intervals against hand-computed values, bad input."""
 
+import json
 import math
 
 import pytest
@@ -128,3 +129,57 @@ def test_probe_on_cached_activations_and_its_errors(capitals, nnsight_models, tm
         probe(acts, "resid_post.0", [1] * 12)
     with pytest.raises(ProbeError, match="position index 1 is out of range"):
         probe(acts, "resid_post.0", labels, index=1)
+
+
+def test_pca_2d_projects_on_the_top_two_principal_directions():
+    from pytest_nnsight.probing import pca_2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    x = x @ torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]  # rotate: no axis is a component
+    out = pca_2d(x)
+    xc = x - x.mean(0)
+    evals, evecs = torch.linalg.eigh(xc.T @ xc)  # ascending
+    ref = xc @ evecs[:, [-1, -2]]
+    got = torch.tensor(out["points"], dtype=torch.float64)
+    for k in range(2):  # components are defined up to sign
+        sign = 1.0 if float(got[:, k] @ ref[:, k]) >= 0 else -1.0
+        assert torch.allclose(got[:, k], sign * ref[:, k], atol=1e-5)
+    assert out["explained"] == pytest.approx([float(evals[-1] / evals.sum()), float(evals[-2] / evals.sum())], rel=1e-9)
+    perm = torch.randperm(300, generator=g)
+    shuffled = torch.tensor(pca_2d(x[perm])["points"], dtype=torch.float64)
+    assert torch.allclose(shuffled, got[perm], atol=1e-5)  # signs are fixed by the data, not by the row order
+
+
+PROBE_FINDING = """
+import pytest, torch
+from pytest_nnsight.probing import assert_probe, fit_probe
+
+@pytest.mark.finding("the label is linearly decodable")
+def test_probe():
+    g = torch.Generator().manual_seed(0)
+    labels = ["a", "b", "c"] * 40
+    centers = {"a": torch.tensor([3.0, 0, 0, 0]), "b": torch.tensor([0, 3.0, 0, 0]), "c": torch.tensor([0, 0, 3.0, 0])}
+    x = torch.stack([centers[l] for l in labels]) + torch.randn(120, 4, generator=g)
+    result = fit_probe(x, labels, site="resid_post.0", position="last")
+    assert_probe(result, 0.8)
+"""
+
+
+def test_probe_findings_get_a_pca_figure_beside_the_accuracies_in_the_report(pytester):
+    pytester.makepyfile(test_p=PROBE_FINDING)
+    pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(passed=1)
+    (rec,) = json.loads((pytester.path / "out" / "findings.json").read_text())["findings"]
+    (p,) = rec["probes"]  # fitted, then asserted: recorded once
+    assert p["site"] == "resid_post.0" and p["accuracy"] >= 0.8 and len(p["pca"]["points"]) == 120
+    assert p["pca"]["labels"][:3] == ["a", "b", "c"] and sum(p["pca"]["explained"]) <= 1.0
+    assert rec["checks"][0]["what"].startswith("held-out accuracy of the probe at resid_post.0") and rec["checks"][0]["passed"]
+    html = (pytester.path / "out" / "index.html").read_text()
+    row = html[html.index("<div class='probe-row'"):]
+    assert row.index("linear probes: held-out accuracy") < row.index("figures/test_probe-probes.png")
+    plt = pytest.importorskip("matplotlib.pyplot")
+    pixels = plt.imread(str(pytester.path / "out" / "figures" / "test_probe-probes.png"))[..., :3]
+    for hex_ in ("1f77b4", "ff7f0e", "2ca02c"):  # tab10's first three: the labels a, b, c
+        rgb = torch.tensor([int(hex_[i:i + 2], 16) / 255 for i in (0, 2, 4)])
+        near = (torch.from_numpy(pixels.copy()) - (0.8 * rgb + 0.2)).abs().max(-1).values < 0.08  # alpha 0.8 on white
+        assert int(near.sum()) > 40, f"label colour #{hex_} is missing from the PCA figure"

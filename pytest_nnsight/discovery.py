@@ -148,10 +148,12 @@ def _gradients(
                 with out.sum().backward(inputs=values):
                     for v in reversed(values):
                         grads.append(v.grad.detach().clone().save())
-    except MetricError:
-        raise
+    except MetricError as exc:  # ours, raised inside the trace: drop nnsight's frames from what pytest shows
+        raise exc.with_traceback(None)  # noqa: B904
     except (AttributeError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError) as exc:
-        raise _translate(exc, model, order) from exc
+        err = _translate(exc, model, order)
+        err.original = exc  # nnsight's own exception, for debugging; not chained, so tracebacks stay short (as trace.run)
+        raise err from None
     writes = [s for s in order if s in write_sites]
     return dict(zip(writes, grads[::-1])), saved
 

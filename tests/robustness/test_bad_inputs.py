@@ -14,7 +14,8 @@ from pytest_nnsight import (
     NonFiniteMetricError, PositionError, SettingsError, SiteError, ablate, assert_population, assert_restores, attribution_patch,
     block, head, logit_diff, patch, patch_layer, prob, rank, steer, sweep, wilson_interval,
 )
-from pytest_nnsight.errors import BrokenExperimentError, ProbeError, SnapshotFileError, SnapshotValueError
+from pytest_nnsight.circuits import Circuit, discover, edge_attribution, faithfulness, path_patch, path_sweep
+from pytest_nnsight.errors import BrokenExperimentError, CircuitError, ProbeError, SnapshotFileError, SnapshotValueError
 from pytest_nnsight.generation import Ablate, contains, generate, generation_population
 from pytest_nnsight.lens import assert_emerges_at, logit_lens
 from pytest_nnsight.models import ModelCache
@@ -127,6 +128,29 @@ CASES = {
     "lens answer of two tokens": (lambda m: logit_lens(m, CLEAN, answer="Paris Rome"), MetricError, r"'Paris Rome' is 2 tokens", r"single-token"),
     "lens emergence at a layer the model lacks": (lambda m: assert_emerges_at(logit_lens(m, CLEAN, answer="Paris"), layer=4), ArgumentError,
                                                   r"layer 4 is out of range", r"valid 0\.\.1"),
+    # circuits
+    "path patch an edge backwards": (lambda m: path_patch(m, CLEAN, CORRUPT, sender="head_out.1.0", receiver="k_in.0.0", metric=LD),
+                                     CircuitError, r"no edge head_out.1.0 -> k_in.0.0", r"from an earlier component to a later one"),
+    "path patch a head the model lacks": (lambda m: path_patch(m, CLEAN, CORRUPT, sender="head_out.0.9", receiver="logits", metric=LD),
+                                          CircuitError, r"'head_out.0.9'", r"valid 0\.\.3"),
+    "path patch into an output": (lambda m: path_patch(m, CLEAN, CORRUPT, sender="embed", receiver="mlp_out.1", metric=LD), CircuitError,
+                                  r"'mlp_out.1' is a sender", r"receivers are q_in.L.H"),
+    "path sweep of no senders": (lambda m: path_sweep(m, CLEAN, CORRUPT, senders=[], metric=LD), CircuitError, r"senders=\[\]",
+                                 r"a non-empty list of names"),
+    "path patch positions that do not line up": (lambda m: path_patch(m, CLEAN, "The capital city of Germany is called", sender="embed",
+                                                                      receiver="logits", metric=LD), PositionError, r"different lengths"),
+    "faithfulness of an empty circuit": (lambda m: faithfulness(m, Circuit(nodes=("embed",)), [(CLEAN, CORRUPT)], metric=LD), CircuitError,
+                                         r"holds no head or MLP", r"head_out.L.H"),
+    "faithfulness of the whole model": (lambda m: faithfulness(m, ["attn_out.0", "attn_out.1", "mlp_out.0", "mlp_out.1"], [(CLEAN, CORRUPT)],
+                                                               metric=LD), CircuitError, r"every head and MLP", r"leave out"),
+    "faithfulness of an unknown node": (lambda m: faithfulness(m, ["neuron.3"], [(CLEAN, CORRUPT)], metric=LD), CircuitError, r"'neuron.3'",
+                                        r"nodes are embed, head_out.L.H, mlp_out.L"),
+    "discover with both cuts": (lambda m: discover(m, [(CLEAN, CORRUPT)], metric=LD, top_k=3, threshold=0.1), ArgumentError,
+                                r"top_k=3, threshold=0.1", r"exactly one"),
+    "edge attribution of a reference metric": (lambda m: edge_attribution(m, CLEAN, CORRUPT, metric=__import__("pytest_nnsight").kl_div()),
+                                               MetricError, r"kl_div\(\)", r"logit_diff, logprob or prob"),
+    "edge attribution of a non-differentiable metric": (lambda m: edge_attribution(m, CLEAN, CORRUPT, metric=rank("Paris")), MetricError,
+                                                        r"rank\('Paris'\) is not differentiable", r"path_sweep"),
     # other entry points
     "wilson interval k > n": (lambda m: wilson_interval(3, 2), ArgumentError, r"k=3, n=2", r"0 <= k <= n"),
     "population assertion on an unknown statistic": (lambda m: assert_population(None, 0.9, on="mean"), ArgumentError, r"on='mean'", r"'lower_bound'"),

@@ -195,3 +195,39 @@ def test_a_family_without_split_inputs_is_refused_with_the_reason():
     wrapped = wrap(llama.eval(), tok)
     with pytest.raises(CircuitError, match=r"llama family\) reads its receiver inputs .* supported families: gpt2"):
         path_patch(wrapped, CLEAN, CORRUPT, sender="embed", receiver="logits", metric=logit_diff("Mary", "John"))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_any_batch_of_edges_equals_each_edge_alone(model, metric, data):
+    """Property: whatever edges, sender positions and batch size, a batched sweep gives each edge's path_patch."""
+    from pytest_nnsight.paths import all_receivers, all_senders
+
+    senders = data.draw(st.lists(st.sampled_from([s.label for s in all_senders(model)]), min_size=1, max_size=4, unique=True))
+    receivers = data.draw(st.lists(st.sampled_from([r.label for r in all_receivers(model)]), min_size=1, max_size=4, unique=True))
+    positions = data.draw(st.none() | st.lists(st.integers(0, 13), min_size=1, max_size=3, unique=True))
+    batch = data.draw(st.integers(1, 7))
+    try:
+        paths = path_sweep(model, CLEAN, CORRUPT, metric=metric, senders=senders, receivers=receivers, position=positions,
+                           batch_size=batch, check_batching=False)
+    except CircuitError as exc:  # every receiver reads before every sender writes
+        assert "no edge among" in str(exc)
+        return
+    for sender, receiver, value in paths.edges():
+        alone = path_patch(model, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=metric, position=positions)
+        assert abs(float(alone.normalized) - value) <= 1e-5, (sender, receiver, positions, batch)
+
+
+def test_edge_scores_of_pairs_of_several_lengths_batched_equal_each_pair_alone(model, metric):
+    from pytest_nnsight.discovery import edge_scores
+
+    pairs = [("When Mary and John went to the store John gave a drink to", "When John and Mary went to the store Mary gave a drink to"),
+             ("When Mary and John went to the city John gave a drink to", "When John and Mary went to the city Mary gave a drink to"),
+             ("Mary and John went to the store John gave a drink to", "John and Mary went to the store Mary gave a drink to")]
+    edges, together = edge_scores(model, pairs, metric=metric, method="eap-ig", steps=3, batch_size=2)
+    alone = [edge_scores(model, [p], metric=metric, method="eap-ig", steps=3)[1] for p in pairs]
+    assert max(abs(t - sum(a[k] for a in alone) / 3) for k, t in enumerate(together)) <= 1e-5

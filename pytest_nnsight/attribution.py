@@ -17,7 +17,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from . import compat
 from .assertions import _fail
+from .batching import _device, encode
 from .errors import ArgumentError, ArgumentTypeError, MetricError, SiteError
 from .prompts import pair_positions, text_of
 from .trace import Edit, _translate, normalized, reference_logits, run
@@ -105,14 +107,17 @@ def gradients(
     grads: list[torch.Tensor] = []
     out: list[Any] = []
     picks: list[int] = []  # picks[k]: which gradient belongs to order[k]
+    batch = encode(model, prompt)  # the served tokenizer (an encoder takes text here too)
+    mask = batch.mask.to(_device(model)) if metric.takes_mask else None
+    args, kwargs = compat.trace_args(model, batch.args, batch.kwargs), compat.trace_kwargs_of(model, batch.args, batch.kwargs)
     try:
         with torch.inference_mode(False), torch.enable_grad(), _differentiable(model):
-            with model.trace(prompt, **forward_kwargs(getattr(model, "_module", model), keep_last=metric.last_only)):
+            with model.trace(*args, **kwargs, **forward_kwargs(getattr(model, "_module", model), keep_last=metric.last_only)):
                 values = []
                 for site in order:
                     values.append(site_value(model, site))
                     acts.append(values[-1].detach().clone().save())
-                value = metric(model.output, reference)
+                value = metric(model.output, reference, mask)
                 if not (isinstance(value, torch.Tensor) and value.requires_grad):
                     raise MetricError(
                         f"metric {metric.name} is not differentiable (it returned {type(value).__name__}"

@@ -349,3 +349,15 @@ def test_any_module_served_with_a_tokenizer_takes_text(nnsight_models):
     effect = patch(model, "The capital of France is", "The capital of Germany is", site="emb", position="France",
                    metric=lambda out: out[:, 4])
     assert effect.normalized == pytest.approx(1.0, abs=1e-6)
+
+
+def test_attribution_patching_takes_an_encoder_and_text(served):
+    from pytest_nnsight.attribution import attribution_patch
+
+    model = served["encoder", "right"]
+    approx = attribution_patch(model, "The capital of France is", "The capital of Germany is", cosine_to("The capital of France is"),
+                               sites=["embed", "resid_post.0"])
+    assert approx.shape == (2, 7) and approx.tokens[4] == "france"  # columns named by the clean prompt
+    exact = sweep(model, "The capital of France is", "The capital of Germany is", cosine_to("The capital of France is"), sites=["embed"])
+    assert all(abs(v) < 1e-6 for j, v in enumerate(exact.values[0]) if j != 4)  # only the country cell moves anything
+    assert all(abs(v) < 1e-4 for j, v in enumerate(approx.values[0]) if j != 4)  # the gradient approximation agrees where it is exact

@@ -44,4 +44,4 @@ bench-gpu: venv
 	OMP_WAIT_POLICY=PASSIVE timeout 600 $(PY) benchmarks/gpu.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build site *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist site *.egg-info

@@ -205,7 +205,7 @@ def record_lens(rec: Recorder, lens: Any) -> None:
 
 
 @_safe
-def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scores: Any = None) -> None:
+def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scores: Any = None, expected: Any = ()) -> None:
     """Generated text per prompt, baseline and intervened side by side, with the decoding and the scores.
 
     A single generation goes in the column its intervention names: 'baseline' when it had none, else 'intervened'.
@@ -218,6 +218,8 @@ def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scor
     rows = []
     for k, prompt in enumerate(first.prompts[:MAX_ITEMS]):
         row = {"prompt": prompt}
+        if expected:
+            row["expected"] = expected[k]
         for name, gen in zip(("baseline", "intervened"), (baseline, intervened)):
             if name in columns:
                 row[name] = gen.texts[k]

@@ -456,6 +456,13 @@ class TextMetric:
 
     name: str
     fn: Callable[[Any, Generation, int], float]
+    expected: Any = None  # what the continuation is compared with (a string, one per prompt, or a function), if anything
+
+    def expected_texts(self, generation: Generation) -> tuple[str, ...]:
+        """The expected continuation of each prompt, or () for a metric without one."""
+        if self.expected is None:
+            return ()
+        return tuple(_expected_for(self.expected, generation, k) for k in range(len(generation)))
 
     def __call__(self, model: Any, generation: Generation) -> tuple[float, ...]:
         return tuple(float(self.fn(model, generation, k)) for k in range(len(generation)))
@@ -502,7 +509,7 @@ def token_accuracy(expected: Any) -> TextMetric:
         got = gen.token_ids[k]
         return sum(1 for i, t in enumerate(want) if i < len(got) and got[i] == t) / len(want)
 
-    return TextMetric(f"token_accuracy({_name(expected)})", fn)
+    return TextMetric(f"token_accuracy({_name(expected)})", fn, expected)
 
 
 def exact_continuation(expected: Any) -> TextMetric:
@@ -512,7 +519,7 @@ def exact_continuation(expected: Any) -> TextMetric:
         want = _expected_ids(model, _expected_for(expected, gen, k))
         return float(list(gen.token_ids[k][: len(want)]) == want)
 
-    return TextMetric(f"exact_continuation({_name(expected)})", fn)
+    return TextMetric(f"exact_continuation({_name(expected)})", fn, expected)
 
 
 def contains(text: Any) -> TextMetric:
@@ -521,7 +528,7 @@ def contains(text: Any) -> TextMetric:
     def fn(model: Any, gen: Generation, k: int) -> float:
         return float(_expected_for(text, gen, k) in gen.texts[k])
 
-    return TextMetric(f"contains({_name(text)})", fn)
+    return TextMetric(f"contains({_name(text)})", fn, text)
 
 
 def text_metric(fn: Callable[[str, str], Any], name: str | None = None) -> TextMetric:
@@ -564,7 +571,7 @@ class GenerationPopulation:
     baseline_scores: tuple[float, ...]
     intervened: Generation | None = None
     intervened_scores: tuple[float, ...] = ()
-    expected: tuple[str, ...] = field(default=())
+    expected: tuple[str, ...] = field(default=())  # each prompt's expected continuation, when the metric has one
 
     @property
     def n(self) -> int:
@@ -622,8 +629,9 @@ def generation_population(
     scores = {f"baseline {metric.name}": base_scores}
     if inter is not None:
         scores[f"intervened {metric.name}"] = inter_scores
-    record_generation(base, inter, scores)
-    return GenerationPopulation(metric.name, base, base_scores, inter, inter_scores)
+    expected = metric.expected_texts(base)
+    record_generation(base, inter, scores, expected)
+    return GenerationPopulation(metric.name, base, base_scores, inter, inter_scores, expected)
 
 
 def assert_generation(
@@ -666,6 +674,7 @@ def assert_generation(
     order = sorted(range(len(scores)), key=lambda k: scores[k] if op == ">=" else -scores[k])
     worst = "".join(
         f"\n    {scores[k]:.3g}: {gen.prompts[k]!r} -> {gen.texts[k]!r}"
+        + (f" (expected {result.expected[k]!r})" if result.expected else "")
         + (f" (baseline {result.baseline.texts[k]!r})" if run == "intervened" else "")
         for k in order[:show] if not ok[k]
     )

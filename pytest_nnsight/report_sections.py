@@ -12,6 +12,7 @@ from typing import Any
 
 MAX_LENSES = 8
 MAX_ROWS = 50  # prompts shown per generation table
+TEXT_COLUMNS = ("expected", "baseline", "intervened")
 
 
 def lens_figures(rec: dict[str, Any], slug: str, plt: Any, png: Any) -> dict[str, bytes]:
@@ -55,8 +56,8 @@ def html_sections(rec: dict[str, Any], figures: bool) -> list[str]:
             parts.append(f"<table class='map'><caption>logit lens: rank of {e(repr(lens['answer']))} in {e(repr(lens['prompt']))} "
                          f"(0 = top-1)</caption><tr><th>site \\ position:token</th>{head}</tr>{rows}</table>")
     for g in rec.get("generations", []):
-        cols = [c for c in ("baseline", "intervened") if any(c in r for r in g["rows"])]
-        scores = [k for k in (g["rows"][0] if g["rows"] else {}) if k not in ("prompt", "baseline", "intervened")]
+        cols = [c for c in TEXT_COLUMNS if any(c in r for r in g["rows"])]
+        scores = [k for k in (g["rows"][0] if g["rows"] else {}) if k not in ("prompt", *TEXT_COLUMNS)]
         head = "".join(f"<th>{e(c)}</th>" for c in ["prompt", *cols, *scores])
         body = "".join(
             "<tr>" + "".join(f"<td style='text-align:left'><code>{e(str(r.get(c, '')))}</code></td>" for c in ["prompt", *cols])
@@ -77,8 +78,8 @@ def md_sections(rec: dict[str, Any]) -> list[str]:
                   "|---" * (len(lens["positions"]) + 1) + "|"]
         lines += [f"| {s} | " + " | ".join(str(r) for r in ranks) + " |" for s, ranks in zip(lens["sites"], lens["ranks"])]
     for g in rec.get("generations", []):
-        cols = [c for c in ("baseline", "intervened") if any(c in r for r in g["rows"])]
-        scores = [k for k in (g["rows"][0] if g["rows"] else {}) if k not in ("prompt", "baseline", "intervened")]
+        cols = [c for c in TEXT_COLUMNS if any(c in r for r in g["rows"])]
+        scores = [k for k in (g["rows"][0] if g["rows"] else {}) if k not in ("prompt", *TEXT_COLUMNS)]
         lines += ["", f"generated text, {g['config']}; intervention: {g['intervention'] or 'none'}", "",
                   "| " + " | ".join(["prompt", *cols, *scores]) + " |", "|---" * (1 + len(cols) + len(scores)) + "|"]
         for r in g["rows"][:MAX_ROWS]:

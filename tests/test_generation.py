@@ -193,7 +193,8 @@ def test_generation_claims_pass_and_fail_with_the_worst_variants(induction):
         assert_generation(result, run="intervened", at_least=0.9)
     text = str(info.value)
     assert "claim: intervened token_accuracy(per prompt) >= 0.9 in at least 100% of 4 prompt variants" in text
-    assert "pass rate:" in text and "zero ablation of head_out.1.0" in text and "(baseline 't9 t20 t41')" in text
+    assert "pass rate:" in text and "zero ablation of head_out.1.0" in text and "(expected 't9 t20 t41') (baseline 't9 t20 t41')" in text
+    assert result.expected == tuple(expected)
 
 
 def test_generated_text_snapshots_exactly_with_its_decoding(induction):
@@ -283,10 +284,10 @@ def test_report_shows_the_lens_heatmap_and_the_texts_side_by_side(pytester):
     assert [r["intervened"] for r in gen["rows"]] == measured["intervened"]
     assert gen["config"] == "greedy, max_new_tokens 2" and gen["intervention"].startswith("zero ablation of head_out.1.0")
     html = (pytester.path / "out" / "index.html").read_text()
-    assert "<th>prompt</th><th>baseline</th><th>intervened</th>" in html
+    assert "<th>prompt</th><th>expected</th><th>baseline</th><th>intervened</th>" in html
     for text in measured["baseline"] + measured["intervened"]:
         assert f"<code>{text}</code>" in html
     lens_png = [f for f in rec["figures"] if f.endswith("-lens0.png")]
     assert lens_png and (pytester.path / "out" / lens_png[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (pytester.path / "out" / "findings.md").read_text()
-    assert "| prompt | baseline | intervened |" in md and "| resid_post.1 | " in md
+    assert "| prompt | expected | baseline | intervened |" in md and "| resid_post.1 | " in md

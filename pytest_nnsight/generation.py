@@ -348,6 +348,7 @@ def _generate(
         from .errors import ModelUsageError
 
         raise ModelUsageError("generate needs a model with a tokenizer: load it through the nnsight_model fixture or wrap it with one")
+    _check_generative(model)
     encoded = [list(tok(t)["input_ids"]) for t in texts]
     limit = _context(model)
     for t, ids in zip(texts, encoded):
@@ -370,6 +371,23 @@ def _generate(
         config,
         label,
     )
+
+
+def _check_generative(model: Any) -> None:
+    """Refuse a model that predicts no next token (an encoder, a base model without its LM head): its output's argmax
+    would be a hidden unit, not a token."""
+    from .errors import ModelUsageError
+    from .families import find_layout
+    from .sites import model_name, module_of
+
+    root = module_of(model)
+    layout = find_layout(model)
+    can = getattr(root, "can_generate", None)
+    generative = (layout.path("lm_head") is not None) if layout is not None else (bool(can()) if callable(can) else False)
+    if not generative:
+        kind = f"a {layout.family.name} model without an LM head" if layout is not None else f"a {type(root).__name__}"
+        raise ModelUsageError(f"generate needs a causal language model with an LM head; {model_name(model)} is {kind}, "
+                              "so its outputs are not next-token logits")
 
 
 def _generator(seed: int, text: str) -> Any:

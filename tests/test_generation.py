@@ -233,6 +233,15 @@ def test_bad_input_is_one_clear_error(induction, kwargs, error, match):
         generate(induction, "t1 t2 t3 t4 t1", **kwargs)
 
 
+def test_a_model_without_an_lm_head_is_refused(nnsight_models):
+    from pytest_nnsight.errors import ModelUsageError
+    from pytest_nnsight.testing import tiny_model
+
+    bert = nnsight_models.get(*tiny_model("bert"), device="cpu")
+    with pytest.raises(ModelUsageError, match=r"generate needs a causal language model with an LM head; .* is a bert model without an LM head"):
+        generate(bert, "the capital of france is", max_new_tokens=2)
+
+
 def test_bad_claims_and_metrics_are_named(induction):
     with pytest.raises(ArgumentError, match=r"prompts=\[\]"):
         generate(induction, [], max_new_tokens=2)

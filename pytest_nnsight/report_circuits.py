@@ -23,7 +23,7 @@ def _node_of(receiver: str) -> str:
 
 
 def layout(nodes: list[str]) -> dict[str, tuple[float, float]]:
-    """(x, y) per node: y = stage (embed 0, layer L's heads 2L+1, its MLP 2L+2, logits last), x = head index (MLPs centred)."""
+    """(x, y) per node: y = stage (embed 0, layer L's heads 2L+1, its MLP 2L+2, logits last), x = head index (MLPs near the centre)."""
     layers, heads = 0, 1
     for n in nodes:
         m = _NODE.match(n)
@@ -41,8 +41,10 @@ def layout(nodes: list[str]) -> dict[str, tuple[float, float]]:
             out[n] = (centre, 2.0 * layers + 1)
         elif m and m.group(1) is not None:
             out[n] = (float(m.group(2)), 2.0 * int(m.group(1)) + 1)
-        elif m:
-            out[n] = (centre if m.group(3) == "mlp_out" else centre + 0.5, 2.0 * int(m.group(4)) + 2 - (m.group(3) == "attn_out"))
+        elif m:  # MLPs alternate left and right of the centre, so an edge from one MLP up to the logits misses the next
+            layer = int(m.group(4))
+            x = centre + (0.35 if layer % 2 else -0.35) if m.group(3) == "mlp_out" else centre + 0.5
+            out[n] = (x, 2.0 * layer + 2 - (m.group(3) == "attn_out"))
     return out
 
 

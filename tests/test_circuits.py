@@ -286,7 +286,8 @@ def test_circuit_drawing_places_nodes_by_layer():
 
     pos = layout(["embed", "head_out.0.0", "head_out.0.3", "mlp_out.0", "head_out.1.2", "mlp_out.1", "logits"])
     assert pos["embed"] == (1.5, 0.0) and pos["logits"] == (1.5, 5.0)
-    assert pos["head_out.0.3"] == (3.0, 1.0) and pos["mlp_out.0"] == (1.5, 2.0) and pos["head_out.1.2"] == (2.0, 3.0)
+    assert pos["head_out.0.3"] == (3.0, 1.0) and pos["mlp_out.0"] == (1.15, 2.0) and pos["head_out.1.2"] == (2.0, 3.0)
+    assert pos["mlp_out.1"] == (1.85, 4.0)  # MLPs alternate sides: mlp 0 -> logits does not run through mlp 1
 
 
 def _complete_edges(model, nodes):

@@ -165,8 +165,8 @@ def _takes_mask(metric: Callable[..., Any]) -> bool:
         params = list(inspect.signature(metric).parameters.values())
     except (TypeError, ValueError):
         return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 2  # `lambda out, k=3: ...` keeps its default: only a required second parameter is the mask
 
 
 def _guarded(metric: Callable[..., Any], name: str, with_mask: bool = False) -> Callable[..., Any]:

@@ -361,3 +361,11 @@ def test_attribution_patching_takes_an_encoder_and_text(served):
     exact = sweep(model, "The capital of France is", "The capital of Germany is", cosine_to("The capital of France is"), sites=["embed"])
     assert all(abs(v) < 1e-6 for j, v in enumerate(exact.values[0]) if j != 4)  # only the country cell moves anything
     assert all(abs(v) < 1e-4 for j, v in enumerate(approx.values[0]) if j != 4)  # the gradient approximation agrees where it is exact
+
+
+def test_only_a_required_second_parameter_receives_the_mask():
+    from pytest_nnsight.metrics import as_metric
+
+    assert as_metric(None, lambda out, mask: out).takes_mask
+    assert not as_metric(None, lambda out, k=3: out).takes_mask and not as_metric(None, lambda out, k=3: out).padding_safe
+    assert not as_metric(None, lambda *outs: outs[0]).takes_mask

@@ -53,7 +53,6 @@ def prompts(tokens: int) -> tuple[str, str]:
     return " ".join(words), " ".join(other)
 
 
-ANSWER, DISTRACTOR = 11, 12  # token ids; any two, the random model gives them different logits on the two prompts
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
@@ -86,13 +85,16 @@ class Contenders:
         self.tokens = self.ids["clean"].shape[1]
         self.sample = [(layer, p) for layer in range(n_layer) for p in (len(prompts(tokens)[0].split()) // 3 + 1, self.tokens - 1)]
         self.tl = None
+        with torch.inference_mode():  # the answer pair the prompts move most: a wide gap, so normalizing amplifies no rounding
+            moved = (self.hf(self.ids["clean"]).logits[0, -1] - self.hf(self.ids["corrupt"]).logits[0, -1]).float()
+        self.answer, self.distractor = int(moved.argmax()), int(moved.argmin())
 
     # -- pytest-nnsight -----------------------------------------------------------------------------------------
     def ours(self) -> torch.Tensor:
         from pytest_nnsight.metrics import logit_diff
         from pytest_nnsight.sweeps import sweep
 
-        return sweep(self.model, self.clean, self.corrupt, logit_diff(ANSWER, DISTRACTOR), sites="resid_pre", check_batching=False).tensor()
+        return sweep(self.model, self.clean, self.corrupt, logit_diff(self.answer, self.distractor), sites="resid_pre", check_batching=False).tensor()
 
     # -- raw torch hooks, batched, lean ----------------------------------------------------------------------------
     def raw_lean(self) -> torch.Tensor:
@@ -105,7 +107,7 @@ class Contenders:
             finally:
                 for h in hs:
                     h.remove()
-            ld = base[:, ANSWER] - base[:, DISTRACTOR]
+            ld = base[:, self.answer] - base[:, self.distractor]
             rows = n * t
             hooks = []
             for layer, block in enumerate(hf.transformer.h):
@@ -119,7 +121,7 @@ class Contenders:
             finally:
                 for h in hooks:
                     h.remove()
-            patched = (out[:, ANSWER] - out[:, DISTRACTOR]).view(n, t)
+            patched = (out[:, self.answer] - out[:, self.distractor]).view(n, t)
         return ((patched - ld[1]) / (ld[0] - ld[1])).double().cpu()
 
     # -- nnsight, one trace per cell -------------------------------------------------------------------------------
@@ -133,13 +135,13 @@ class Contenders:
                 clean_logits = model.lm_head.output[0, -1].save()
             with model.trace(self.corrupt):
                 corrupt_logits = model.lm_head.output[0, -1].save()
-            c = float(clean_logits[ANSWER] - clean_logits[DISTRACTOR])
-            x = float(corrupt_logits[ANSWER] - corrupt_logits[DISTRACTOR])
+            c = float(clean_logits[self.answer] - clean_logits[self.distractor])
+            x = float(corrupt_logits[self.answer] - corrupt_logits[self.distractor])
             for layer, pos in cells:
                 with model.trace(self.corrupt):
                     model.transformer.h[layer].input[:, pos, :] = acts[layer][:, pos, :]
                     logits = model.lm_head.output[0, -1].save()
-                out[(layer, pos)] = (float(logits[ANSWER] - logits[DISTRACTOR]) - x) / (c - x)
+                out[(layer, pos)] = (float(logits[self.answer] - logits[self.distractor]) - x) / (c - x)
         return out
 
     # -- TransformerLens ---------------------------------------------------------------------------------------------
@@ -164,9 +166,9 @@ class Contenders:
         with torch.inference_mode():
             clean_logits, cache = b.run_with_cache(self.ids["clean"])
             corrupt_logits = b(self.ids["corrupt"])
-            c = float(clean_logits[0, -1, ANSWER] - clean_logits[0, -1, DISTRACTOR])
-            x = float(corrupt_logits[0, -1, ANSWER] - corrupt_logits[0, -1, DISTRACTOR])
-            metric = lambda lg: (lg[0, -1, ANSWER] - lg[0, -1, DISTRACTOR] - x) / (c - x)  # noqa: E731
+            c = float(clean_logits[0, -1, self.answer] - clean_logits[0, -1, self.distractor])
+            x = float(corrupt_logits[0, -1, self.answer] - corrupt_logits[0, -1, self.distractor])
+            metric = lambda lg: (lg[0, -1, self.answer] - lg[0, -1, self.distractor] - x) / (c - x)  # noqa: E731
             df = pd.DataFrame({"layer": [l for l, _ in cells], "pos": [p for _, p in cells]})
             vals = patching.generic_activation_patch(b, self.ids["corrupt"], cache, metric, patching.layer_pos_patch_setter, "resid_pre", index_df=df)
         return {cell: float(v) for cell, v in zip(cells, vals)}
@@ -234,7 +236,7 @@ print(json.dumps({"cells": layers * c.tokens, "ours_s": statistics.median(ours),
 """
 
 
-def scaling(device: str, rounds: int = 3, width: int = 256) -> list[dict[str, Any]]:
+def scaling(device: str, rounds: int = 2, width: int = 128) -> list[dict[str, Any]]:
     """Time and peak memory of a full resid_pre sweep against positions (16, 32, 64) and layers (12, 24), each in a
     fresh process; the cost per cell is reported relative to raw lean hooks doing the same cells (flat or falling)."""
     configs = [(12, 16), (12, 32), (12, 64), (24, 16)]

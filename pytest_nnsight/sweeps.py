@@ -18,7 +18,8 @@ from . import forward as _forward
 from . import settings as _settings
 from .errors import ArgumentError, BatchingMismatchError
 from .findings import record_map
-from .prompts import pair_positions, slots_of, text_of
+from .batching import ids_of
+from .prompts import TokenPrompt, pair_positions, slots_of, text_of
 from .trace import Edit, normalized, reference_logits, run
 from .metrics import as_metric, logits_of, per_row
 from .results import EffectMap
@@ -160,22 +161,43 @@ def plain_cells(
     model: Any, source: str, target: str, clean: str, metric: Any, site_list: Sequence[Site], cells: Sequence[tuple[int, int]],
     rows: int, *, min_gap: float, what: str,
 ) -> tuple[float, float, dict, torch.Tensor]:
-    """Every cell through plain nnsight traces of `rows` patched copies of the target (no prefix reuse)."""
+    """Every cell through plain nnsight traces of `rows` patched copies of the target (no prefix reuse). The target's
+    token ids are prepared once; the first trace also runs the source and target rows, each patched row copying the
+    source row's activation in the same forward (a small sweep is one trace)."""
     reference = reference_logits(model, metric, clean)
-    base, acts = run(model, [source, target], metric, save=site_list, reference=reference, lean=True)
-    src, tgt = float(base[0]), float(base[1])
-    normalized(tgt, tgt, src, min_gap=min_gap, what=what)  # refuses a broken experiment before any cell runs
+    tgt_ids = TokenPrompt(target, ids_of(model, target))
+    src_ids = TokenPrompt(source, ids_of(model, source))
     raw = torch.empty(len(cells))
-    for start in range(0, len(cells), rows):
-        chunk = cells[start : start + rows]
+    acts: dict = {}
+    src = tgt = None
+    start = 0
+    while start < len(cells):
+        first = src is None
+        chunk = cells[start : start + (max(1, rows - 2) if first else rows)]
+        offset = 2 if first else 0
         edits = []
         for i, site in enumerate(site_list):
             picked = [r for r, (si, _) in enumerate(chunk) if si == i]
             if picked:
-                pos = [chunk[r][1] for r in picked]
-                edits.append(Edit(site, tuple(picked), tuple(pos), acts[site][0, pos]))
-        values, _ = run(model, [target] * len(chunk), metric, edits=edits, reference=reference, lean=True)
+                pos = tuple(chunk[r][1] for r in picked)
+                rows_at = tuple(r + offset for r in picked)
+                if first:
+                    edits.append(Edit(site, rows_at, pos, torch.zeros(len(picked), dtype=torch.long), op="copy"))
+                else:
+                    edits.append(Edit(site, rows_at, pos, acts[site][0, list(pos)]))
+        inputs = ([src_ids, tgt_ids] if first else []) + [tgt_ids] * len(chunk)
+        values, saved = run(model, inputs, metric, edits=edits, save=site_list if first else (), reference=reference, lean=True)
+        if first:
+            src, tgt = float(values[0]), float(values[1])
+            acts = {s: a[:1] for s, a in saved.items()}
+            normalized(tgt, tgt, src, min_gap=min_gap, what=what)  # refuses a broken experiment before any other chunk
+            values = values[2:]
         raw[start : start + len(chunk)] = values
+        start += len(chunk)
+    if src is None:  # no cell: the unpatched pair alone
+        base, acts = run(model, [src_ids, tgt_ids], metric, save=site_list, reference=reference, lean=True)
+        src, tgt = float(base[0]), float(base[1])
+        normalized(tgt, tgt, src, min_gap=min_gap, what=what)
     return src, tgt, acts, raw
 
 

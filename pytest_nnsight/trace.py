@@ -24,7 +24,8 @@ from .sites import Site, execution_order, site_value
 
 @dataclass(frozen=True)
 class Edit:
-    """Write `values[k]` (op 'set') or add it (op 'add') at (rows[k], positions[k]) of a site."""
+    """Write `values[k]` (op 'set') or add it (op 'add') at (rows[k], positions[k]) of a site; op 'copy' writes there
+    the same site and position of batch row `values[k]` of the same forward (a donor row traced alongside)."""
 
     site: Site
     rows: tuple[int, ...]
@@ -79,6 +80,13 @@ def run(
 
 
 def _apply(value: torch.Tensor, edit: Edit, move: bool = False) -> None:
+    if edit.op == "copy":  # values: the batch row each patched row copies from, within this same forward
+        rows = torch.tensor(edit.rows, device=value.device)
+        pos = torch.tensor(edit.positions, device=value.device)
+        src_rows = edit.values.to(device=value.device)
+        with compat.edit_mode(value):
+            value[rows, pos, :] = value[src_rows, pos, :].clone()
+        return
     expected = (len(edit.rows), value.shape[-1])
     if tuple(edit.values.shape) != expected:
         # a broadcastable shape would be accepted by torch and overwrite more than asked (hazard H11)

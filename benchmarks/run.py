@@ -306,6 +306,9 @@ def main() -> int:
     from circuits_bench import bench_eap_speedup, bench_path_sweep_speedup  # benchmarks/circuits_bench.py (issue 18)
 
     entries += bench_eap_speedup(args.device, args.reps, interleaved) + bench_path_sweep_speedup(args.device, args.reps, interleaved)
+    from generation_bench import bench_generation_batching  # benchmarks/generation_bench.py (issue 18)
+
+    entries += bench_generation_batching(args.device, args.reps, interleaved)
     if not args.skip_side_by_side:
         from side_by_side import scaling, side_by_side  # benchmarks/side_by_side.py: the GPT-2-small shape against TransformerLens and raw hooks
 

@@ -55,7 +55,7 @@ def test_greedy_equals_transformers_generate_with_kv_cache(induction, prompt):
     assert list(gen.token_ids[0]) == hf_generate(induction, prompt, 6)
 
 
-def test_greedy_equals_transformers_generate_on_capitals_including_eos(capitals):
+def test_greedy_equals_transformers_generate_on_capitals(capitals):
     prompts = ["The capital of France is", "Q : what is the capital of Spain ? A :"]
     for p in prompts:
         gen = generate(capitals, p, max_new_tokens=8)
@@ -155,6 +155,39 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(induction)
     assert a.config == Decoding(6, True, 2.0, None, 7, 0, True)
     top1 = generate(induction, PROMPTS, max_new_tokens=6, do_sample=True, top_k=1, seed=3)
     assert top1.token_ids == generate(induction, PROMPTS, max_new_tokens=6).token_ids  # top_k=1 sampling is greedy
+
+
+def test_eos_ends_a_row_as_in_transformers_and_batched_rows_stop_apart(nnsight_models):
+    """The bundled models never emit EOS here, so a tiny random model gets as EOS a word it generates."""
+    from pytest_nnsight.testing import tiny_gpt2
+
+    module, tok = tiny_gpt2(seed=5)  # generates "store store France ..." after the first prompt, "is is ..." after the second
+    model = nnsight_models.get(module, tok, device="cpu")
+    prompts = ["When Mary and John went to the store", "The capital of France is"]
+    free = generate(model, prompts, max_new_tokens=8, stop_at_eos=False)
+    row = free.token_ids[0]
+    k = next(i for i in range(1, len(row)) if row[i] not in row[:i])  # a token first generated at step k >= 1
+    eos = row[k]
+    old = model.tokenizer.eos_token
+    model.tokenizer.eos_token = model.tokenizer.convert_ids_to_tokens(eos)
+    try:
+        stopped = generate(model, prompts, max_new_tokens=8)
+        held = generate(model, prompts, max_new_tokens=8, min_new_tokens=k + 2)
+        for r, p in enumerate(prompts):
+            ids = model.tokenizer(p, return_tensors="pt")
+            with torch.inference_mode():
+                ref = module.generate(**ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, ids["input_ids"].shape[1]:]
+                ref_held = module.generate(**ids, max_new_tokens=8, min_new_tokens=k + 2, do_sample=False, eos_token_id=eos,
+                                           pad_token_id=0)[0, ids["input_ids"].shape[1]:]
+            assert list(stopped.token_ids[r]) == ref.tolist()
+            assert list(held.token_ids[r]) == ref_held.tolist()
+            assert stopped.token_ids[r] == generate(model, p, max_new_tokens=8).token_ids[0]
+        assert stopped.token_ids[0] == row[: k + 1] and stopped.tokens[0][-1] == model.tokenizer.eos_token
+        assert len(stopped.token_ids[1]) == 8  # the other row of the batch goes on
+        assert eos not in held.token_ids[0][: k + 2]
+        assert stopped.config.stop_at_eos and not free.config.stop_at_eos
+    finally:
+        model.tokenizer.eos_token = old
 
 
 def test_min_new_tokens_holds_eos_back(capitals):

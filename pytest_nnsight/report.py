@@ -139,7 +139,11 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
             ax.legend(fontsize=8)
         ax.set_xlabel("normalized effect")
         ax.set_ylabel("variants")
-        ax.set_title(title[:100], fontsize=9)
+        odd = [x for x in rec.get("suspicious") or [] if "variants" in x or "effect" in x]
+        if odd:  # an implausible value is remarked on the figure itself, not only in the text
+            ax.set_title(title[:100] + "\nSUSPICIOUS: " + odd[0][:90], fontsize=9, color="#a60")
+        else:
+            ax.set_title(title[:100], fontsize=9)
         fig.tight_layout()
         out[f"figures/{slug}-variants.png"] = _png(fig, plt)
     out.update(lens_figures(rec, slug, plt, _png))

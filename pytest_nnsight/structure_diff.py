@@ -60,11 +60,11 @@ def explain_value(where: str, old: Any, new: Any) -> list[str]:
         row = "batch row 0" if dims[:1] == ["b"] else "the first slice along dimension 0"
         what = "the hidden states" if _kind(first) == "tensor" else f"element 0 ({render(first, short=True)})"
         line = (f"{where} changed from {ro} to {rn}; code that reads .{where}[0] now selects {row} instead of {what}"
-                f", and writes to .{where}[0] change only {row}")
+                f", and writes to .{where}[0] change only {row} (H1/H2)")
         return [line]
     if ko == "tensor" and kn == "sequence":
         return [f"{where} changed from {ro} to {rn}; code that indexes .{where}[:, pos] now fails on a {next(iter(new))} "
-                f"(TypeError), and .{where}[0] now means element 0 ({render(_body(new)[0] if _body(new) else None, short=True)}), not batch row 0"]
+                f"(TypeError), and .{where}[0] now means element 0 ({render(_body(new)[0] if _body(new) else None, short=True)}), not batch row 0 (H1/H3)"]
     if ko == kn == "tensor":
         return _tensor_change(where, old, new)
     if ko == kn == "sequence":

@@ -84,7 +84,7 @@ def test_report_on_fake_results(tmp_path):
 
 
 H1 = ("transformer.h.*: output changed from tuple(Tensor[b,s,64]) to Tensor[b,s,64]; code that reads .output[0] now selects batch row 0 "
-      "instead of the hidden states, and writes to .output[0] change only batch row 0")
+      "instead of the hidden states, and writes to .output[0] change only batch row 0 (H1/H2)")
 
 
 def test_report_keeps_every_explanation_line_whole(tmp_path):

@@ -78,7 +78,7 @@ def test_h1_h2_block_tuple_to_tensor_is_explained():
     old, new = structure(tuple_blocks(tiny_gpt2()[0]), tiny_gpt2()[1]), structure()
     lines = explain(old, new)
     assert ("transformer.h.*: output changed from tuple(Tensor[b,s,32]) to Tensor[b,s,32]; code that reads .output[0] now "
-            "selects batch row 0 instead of the hidden states, and writes to .output[0] change only batch row 0") in lines, lines
+            "selects batch row 0 instead of the hidden states, and writes to .output[0] change only batch row 0 (H1/H2)") in lines, lines
     back = explain(new, old)
     assert any(line.startswith("transformer.h.*: output changed from Tensor[b,s,32] to tuple(Tensor[b,s,32])") and "TypeError" in line
                for line in back), back

@@ -94,7 +94,7 @@ def test_lock_fails_raw_trace_tests_after_a_container_change(pytester):
     result.stdout.fnmatch_lines([
         "*the structure of bundled:capitals changed after transformers 4.57.6 -> * (structure lock __snapshots__/.nnsight-structure.lock):",
         "*transformer.h.*: output changed from tuple(Tensor[[]b,s,64]) to Tensor[[]b,s,64]; code that reads .output[[]0] now selects "
-        "batch row 0 instead of the hidden states, and writes to .output[[]0] change only batch row 0",
+        "batch row 0 instead of the hidden states, and writes to .output[[]0] change only batch row 0 (H1/H2)",
         "*nnsight: inside a trace, transformer.h.0.output changed from tuple(Tensor[[]b,s,64]) to Tensor[[]b,s,64]*",
         "*accept it with --snapshot-update or --nnsight-structure-lock update*",
     ])

@@ -190,15 +190,6 @@ def test_eos_ends_a_row_as_in_transformers_and_batched_rows_stop_apart(nnsight_m
         model.tokenizer.eos_token = old
 
 
-def test_min_new_tokens_holds_eos_back(capitals):
-    eos = capitals.tokenizer.eos_token_id
-    free = generate(capitals, "The capital of France is", max_new_tokens=10)
-    held = generate(capitals, "The capital of France is", max_new_tokens=10, min_new_tokens=10)
-    assert len(held.token_ids[0]) == 10 and eos not in held.token_ids[0]
-    if eos in free.token_ids[0]:
-        assert free.token_ids[0][-1] == eos and len(free.token_ids[0]) <= 10
-
-
 def gen_of(prompts, texts, tok):
     ids = tuple(tuple(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     return Generation(tuple(prompts), tuple(texts), tuple(tuple(tok.convert_ids_to_tokens(list(i))) for i in ids), ids, Decoding(3))

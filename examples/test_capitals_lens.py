@@ -27,6 +27,12 @@ def test_capital_emerges_at_layer_0(capitals):
     assert_emerges_at(lens, layer=0, position="last")
 
 
+@pytest.mark.finding("the capital is top-1 at the last position from layer 0 on in >= 95% of 96 prompts (8 templates x 12 countries)")
+def test_capital_emerges_at_layer_0_across_templates_and_countries(capitals):
+    lenses = [logit_lens(capitals, t.format(country=c), answer=a, positions="last") for t in CAPITAL_TEMPLATES for c, a in COUNTRIES[:12]]
+    assert_emerges_at(lenses, layer=0, min_rate=0.95)
+
+
 @pytest.mark.finding("where the lens shows the capital is where patching the last position restores it (every template, 3 countries)")
 @pytest.mark.parametrize("template", CAPITAL_TEMPLATES)
 def test_lens_emergence_is_the_first_layer_the_patching_map_restores(capitals, template):

@@ -144,30 +144,70 @@ def logit_lens(model: Any, prompt: Any, *, answer: str | int, positions: Any = N
     return lens
 
 
-def assert_emerges_at(lens: LogitLens, *, layer: Any, position: Any = "last", stays: bool = True) -> None:
-    """The answer becomes top-1 at `layer` (an int L for resid_post.L, or 'embed') at `position`: not top-1 at any
-    earlier row, top-1 at `layer`, and (with `stays`, the default) top-1 at every later layer too.
-
-    Fails with the measured ranks per layer.
-    """
-    __tracebackhide__ = True
-    from .assertions import _fail
-
-    if not isinstance(lens, LogitLens):
-        raise ArgumentError(f"assert_emerges_at expects a LogitLens (from logit_lens(...)), got {type(lens).__name__}")
+def _emergence_check(lens: LogitLens, layer: Any, position: Any, stays: bool) -> tuple[bool, int, int, list[int], str]:
+    """(holds, row, column, ranks down the column, why not) for one lens."""
     i, j = lens.row(layer), lens.column(position)
     col = [lens.ranks[k][j] for k in range(len(lens.sites))]
     earlier = [lens.sites[k] for k in range(i) if col[k] == 0]
     later = [lens.sites[k] for k in range(i + 1, len(col)) if col[k] != 0] if stays else []
     ok = not earlier and col[i] == 0 and not later
+    why = ("" if ok else f"already top-1 at {', '.join(earlier)}" if earlier else f"rank {col[i]} at {lens.sites[i]}, not top-1" if col[i]
+           else f"top-1 at {lens.sites[i]} but not at {', '.join(later)}")
+    return ok, i, j, col, why
+
+
+def assert_emerges_at(lens: LogitLens | Sequence[LogitLens], *, layer: Any, position: Any = "last", stays: bool = True,
+                      min_rate: float = 1.0, on: str = "rate") -> None:
+    """The answer becomes top-1 at `layer` (an int L for resid_post.L, or 'embed') at `position`: not top-1 at any
+    earlier row, top-1 at `layer`, and (with `stays`, the default) top-1 at every later layer too.
+
+    Given a list of lenses (prompt variants), the claim must hold in at least `min_rate` of them, stated on the raw
+    rate or (`on='lower_bound'`) its Wilson 95% lower bound. Fails with the measured ranks per layer.
+    """
+    __tracebackhide__ = True
+    from .assertions import _fail
+    from .stats import wilson_interval
+
+    lenses = list(lens) if isinstance(lens, (list, tuple)) else [lens]
+    if not lenses or not all(isinstance(x, LogitLens) for x in lenses):
+        got = type(lens).__name__ if not isinstance(lens, (list, tuple)) else f"a list of {len(lenses)} ({', '.join(sorted({type(x).__name__ for x in lenses})) or 'nothing'})"
+        raise ArgumentError(f"assert_emerges_at expects a LogitLens or a non-empty list of them (from logit_lens(...)), got {got}")
+    if on not in ("rate", "lower_bound"):
+        raise ArgumentError(f"on={on!r}: expected 'rate' or 'lower_bound' (Wilson 95%)")
+    if isinstance(min_rate, bool) or not isinstance(min_rate, (int, float)) or not 0 <= min_rate <= 1:
+        raise ArgumentError(f"min_rate={min_rate!r}: expected a rate between 0 and 1")
+    checks = [_emergence_check(x, layer, position, stays) for x in lenses]
+    if len(lenses) > 1:
+        passed = sum(c[0] for c in checks)
+        rate, lower = passed / len(checks), wilson_interval(passed, len(checks))[0]
+        value = rate if on == "rate" else lower
+        site = lenses[0].sites[checks[0][1]]
+        record_check(f"logit lens: answer top-1 from {site} in a share of {len(lenses)} prompts" + (" (Wilson lower bound)" if on == "lower_bound" else ""),
+                     value, ">=", min_rate, site=site, detail=f"{passed}/{len(checks)}")
+        if value >= min_rate:
+            return
+        worst = "".join(f"\n    {x.prompt!r} -> {x.answer!r}: {c[4]}; ranks {c[3]}" for x, c in zip(lenses, checks) if not c[0])
+        _fail(
+            f"claim: the answer becomes top-1 at {site}" + (" and stays top-1" if stays else "") + f" in at least {min_rate:.0%} of "
+            f"{len(lenses)} prompts",
+            [
+                ("pass rate", f"{rate:.3f} ({passed} / {len(checks)})"),
+                ("wilson", f"{lower:.3f} (95% lower bound)"),
+                ("rows", ", ".join(lenses[0].sites) + "  (ranks below in this order; 0 = top-1)"),
+                ("failing", worst),
+                ("expected", f"{'pass rate' if on == 'rate' else 'Wilson lower bound'} >= {min_rate:g}, measured {value:.3f}"),
+            ],
+            "look at the failing prompts' ranks: a template the finding does not cover, or a neighbouring layer",
+        )
+        return
+    lens = lenses[0]
+    ok, i, j, col, why = checks[0]
     first = next((lens.sites[k] for k in range(len(col)) if col[k] == 0), None)
     record_check(f"logit lens: {lens.answer!r} top-1 from {lens.sites[i]} at position {lens.positions[j]}", 1.0 if ok else 0.0, ">=", 1.0,
                  site=lens.sites[i], detail=f"ranks {col}", passed=ok)
     if ok:
         return
     p = lens.positions[j]
-    why = (f"already top-1 at {', '.join(earlier)}" if earlier else f"rank {col[i]} at {lens.sites[i]}, not top-1" if col[i]
-           else f"top-1 at {lens.sites[i]} but not at {', '.join(later)}")
     _fail(
         f"claim: {lens.answer!r} becomes top-1 at {lens.sites[i]} (position {p} {lens.tokens[p]!r})" + (" and stays top-1" if stays else ""),
         [

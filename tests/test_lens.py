@@ -67,6 +67,22 @@ def test_emergence_claim_passes_and_fails_with_the_ranks(capitals):
     assert f"first top-1 at {first}" in text
 
 
+def test_emergence_over_variants_states_a_pass_rate(capitals):
+    lenses = [logit_lens(capitals, t, answer=a, positions="last") for t, a in
+              [("The capital of France is", "Paris"), ("The capital of Spain is", "Madrid"), ("France has its capital in", "Paris")]]
+    emerged = [x.emergence() for x in lenses]
+    layer = int(emerged[0].split(".")[1])
+    assert_emerges_at(lenses, layer=layer, min_rate=emerged.count(emerged[0]) / 3)
+    wrong = 1 - layer
+    with pytest.raises(AssertionError) as info:
+        assert_emerges_at(lenses, layer=wrong, min_rate=0.5)
+    text = str(info.value)
+    assert f"claim: the answer becomes top-1 at resid_post.{wrong} and stays top-1 in at least 50% of 3 prompts" in text
+    assert "pass rate:" in text and "'The capital of France is' -> 'Paris'" in text and "ranks [" in text
+    with pytest.raises(ArgumentError, match=r"a non-empty list of them"):
+        assert_emerges_at([], layer=0)
+
+
 def test_lens_rows_and_columns_reject_bad_values(capitals):
     lens = logit_lens(capitals, PROMPT, answer="Paris", positions=[4, 5])
     with pytest.raises(ArgumentError, match=r"layer 7 is out of range: the model has 2 layers, valid 0..1"):
@@ -81,7 +97,7 @@ def test_unknown_and_multi_token_answers_are_named(capitals):
         logit_lens(capitals, PROMPT, answer="Atlantis")
     with pytest.raises(MetricError, match=r"'Paris Berlin' is 2 tokens"):
         logit_lens(capitals, PROMPT, answer="Paris Berlin")
-    with pytest.raises(ArgumentError, match="expects a LogitLens"):
+    with pytest.raises(ArgumentError, match="expects a LogitLens or a non-empty list"):
         assert_emerges_at("not a lens", layer=0)
 
 

@@ -349,6 +349,13 @@ def _generate(
 
         raise ModelUsageError("generate needs a model with a tokenizer: load it through the nnsight_model fixture or wrap it with one")
     _check_generative(model)
+    from .remote import is_remote
+
+    if is_remote(model):
+        from .errors import ModelUsageError
+
+        raise ModelUsageError("generate runs the model in this process: it reads each step's next-token logits inside the trace, "
+                              "which a remote (--nnsight-remote / NDIF) trace does not send back; run generation findings locally")
     encoded = [list(tok(t)["input_ids"]) for t in texts]
     limit = _context(model)
     for t, ids in zip(texts, encoded):

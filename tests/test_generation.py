@@ -266,6 +266,15 @@ def test_a_model_without_an_lm_head_is_refused(nnsight_models):
         generate(bert, "the capital of france is", max_new_tokens=2)
 
 
+def test_remote_generation_is_refused_with_the_reason(induction, monkeypatch):
+    from pytest_nnsight import remote
+    from pytest_nnsight.errors import ModelUsageError
+
+    monkeypatch.setattr(remote, "trace_kwargs", lambda model=None, settings=None: {"remote": True})
+    with pytest.raises(ModelUsageError, match=r"generate runs the model in this process.*run generation findings locally"):
+        generate(induction, "t1 t2 t3 t1", max_new_tokens=2)
+
+
 def test_bad_claims_and_metrics_are_named(induction):
     with pytest.raises(ArgumentError, match=r"prompts=\[\]"):
         generate(induction, [], max_new_tokens=2)

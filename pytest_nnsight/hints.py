@@ -5,8 +5,11 @@
 a module read out of execution order or one that never ran (OutOfOrderError, MissedProviderError,
 "was not provided"), `.value` on a saved result, a name saved inside a comprehension or an inner
 function, or left unsaved, that does not escape the trace, and a bad layer index reported as
-AttributeError (0.8). `attach` adds the line to a failed test's report. Standard library only:
-it never imports nnsight, and matches only when nnsight is already loaded.
+AttributeError (0.8). `output_index_hint` covers raw trace code: an IndexError/TypeError from a line
+indexing a module's `.output`, explained by the test's model's structure record (the structure lock:
+a container change seen this run, or a bare tensor where the code indexes [0]). `attach` adds the
+line to a failed test's report. Standard library only: it never imports nnsight, and matches only
+when nnsight is already loaded.
 """
 
 from __future__ import annotations

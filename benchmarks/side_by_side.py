@@ -221,7 +221,9 @@ sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/benchmarks")
 from side_by_side import Contenders
 layers, tokens, width, device, rounds = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 c = Contenders(device, n_layer=layers, n_embd=width, tokens=tokens)
-c.ours()
+from pytest_nnsight.metrics import logit_diff
+from pytest_nnsight.sweeps import sweep
+sweep(c.model, c.clean, c.corrupt, logit_diff(c.answer, c.distractor), sites="resid_pre.0", positions=[c.tokens - 1], check_batching=False)  # warm: one cell
 if device.startswith("cuda"):
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.max_memory_allocated()
 else:
@@ -236,7 +238,7 @@ print(json.dumps({"cells": layers * c.tokens, "ours_s": statistics.median(ours),
 """
 
 
-def scaling(device: str, rounds: int = 2, width: int = 128) -> list[dict[str, Any]]:
+def scaling(device: str, rounds: int = 3, width: int = 128) -> list[dict[str, Any]]:
     """Time and peak memory of a full resid_pre sweep against positions (16, 32, 64) and layers (12, 24), each in a
     fresh process; the cost per cell is reported relative to raw lean hooks doing the same cells (flat or falling)."""
     configs = [(12, 16), (12, 32), (12, 64), (24, 16)]

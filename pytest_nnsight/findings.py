@@ -82,6 +82,11 @@ def _num(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _text(x: Any) -> str | None:
+    """A plain str (None stays None): a str subclass (TokenPrompt) in a record would stop xdist sending the report."""
+    return None if x is None else str(x)
+
+
 def _is_nan(x: Any) -> bool:
     try:
         return math.isnan(float(x))
@@ -108,7 +113,7 @@ def record_check(rec: Recorder, what: str, measured: Any, op: str, threshold: An
 def record_effect(rec: Recorder, effect: Any) -> None:
     """One intervention's Effect (patch, ablation, steering): its normalized value and raw numbers."""
     _append(rec.effects, {"kind": effect.kind, "site": effect.site, "positions": list(effect.positions),
-                          "tokens": list(effect.position_tokens), "metric": effect.metric, "prompt": effect.target_prompt,
+                          "tokens": list(effect.position_tokens), "metric": effect.metric, "prompt": _text(effect.target_prompt),
                           "source": _num(effect.source), "target": _num(effect.target), "intervened": _num(effect.intervened),
                           "normalized": _num(effect.normalized), "controls": {k: _num(v) for k, v in effect.controls.items()},
                           "nan": _is_nan(effect.normalized)})
@@ -125,7 +130,7 @@ def record_map(rec: Recorder, effects: Any, failing: Sequence[tuple[int, int]] =
             return
         entry = {"sites": list(effects.sites), "positions": list(effects.positions), "tokens": list(effects.tokens),
                  "values": [[_num(v) for v in row] for row in effects.values], "metric": effects.metric, "kind": effects.kind,
-                 "clean_prompt": effects.clean_prompt, "corrupt_prompt": effects.corrupt_prompt,
+                 "clean_prompt": _text(effects.clean_prompt), "corrupt_prompt": _text(effects.corrupt_prompt),
                  "clean": _num(effects.clean), "corrupt": _num(effects.corrupt), "failing": [], "claimed": [],
                  "nan_cells": sum(1 for row in effects.values for v in row if _is_nan(v))}
         rec._map_ids[key] = len(rec.maps)
@@ -199,7 +204,7 @@ def record_probe(rec: Recorder, result: Any) -> None:
 @_safe
 def record_lens(rec: Recorder, lens: Any) -> None:
     """A LogitLens: the answer's rank and probability per site x position, for the report's heatmap."""
-    _append(rec.lenses, {"prompt": lens.prompt, "answer": lens.answer, "sites": list(lens.sites), "positions": list(lens.positions),
+    _append(rec.lenses, {"prompt": _text(lens.prompt), "answer": lens.answer, "sites": list(lens.sites), "positions": list(lens.positions),
                          "tokens": [lens.tokens[p] for p in lens.positions], "ranks": [list(r) for r in lens.ranks],
                          "probs": [[_num(v) for v in row] for row in lens.probs]})
 
@@ -217,7 +222,7 @@ def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scor
     first = baseline if baseline is not None else intervened
     rows = []
     for k, prompt in enumerate(first.prompts[:MAX_ITEMS]):
-        row = {"prompt": prompt}
+        row = {"prompt": _text(prompt)}
         if expected:
             row["expected"] = expected[k]
         for name, gen in zip(("baseline", "intervened"), (baseline, intervened)):

@@ -27,6 +27,7 @@ import torch
 from . import settings as _settings
 from .errors import ArgumentError, BatchingMismatchError, CircuitError, SiteError
 from .families import Layout, layout_of
+from .results import fixed
 from .metrics import Metric, as_metric
 from .prompts import pair_positions, resolve_position, slots_of, text_of
 from .results import Effect
@@ -400,7 +401,7 @@ class PathMap:
     def to_text(self, digits: int = 2) -> str:
         """An aligned table, senders down, receivers across; '.' where no edge exists."""
         head = [""] + list(self.receivers)
-        rows = [[s] + ["." if math.isnan(v) else f"{v:.{digits}f}" for v in row] for s, row in zip(self.senders, self.values)]
+        rows = [[s] + ["." if math.isnan(v) else fixed(v, digits) for v in row] for s, row in zip(self.senders, self.values)]
         widths = [max(len(x[c]) for x in [head] + rows) for c in range(len(head))]
         return "\n".join("  ".join(x[c].rjust(widths[c]) for c in range(len(head))) for x in [head] + rows)
 

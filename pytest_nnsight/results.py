@@ -148,6 +148,12 @@ class Effect:
         )
 
 
+def fixed(v: float, digits: int = 2) -> str:
+    """`v` with `digits` decimals; a value that rounds to zero prints 0.00, never -0.00."""
+    text = f"{v:.{digits}f}"
+    return text[1:] if text.startswith("-") and not text[1:].strip("0.") else text
+
+
 @dataclass(frozen=True)
 class EffectMap:
     """An effect per (site, position): rows are sites in forward order, columns the prompt's tokens."""
@@ -203,7 +209,7 @@ class EffectMap:
         """The map as an aligned table; cells in `mark` (row, column) are flagged with '!'."""
         marked = set(mark)
         head = [""] + [f"{p}:{t}" for p, t in zip(self.positions, self.tokens)]
-        rows = [[s] + [f"{v:.{digits}f}" + ("!" if (i, j) in marked else " ") for j, v in enumerate(r)] for i, (s, r) in enumerate(zip(self.sites, self.values))]
+        rows = [[s] + [fixed(v, digits) + ("!" if (i, j) in marked else " ") for j, v in enumerate(r)] for i, (s, r) in enumerate(zip(self.sites, self.values))]
         widths = [max(len(x[c]) for x in [head] + rows) for c in range(len(head))]
         return "\n".join("  ".join(x[c].rjust(widths[c]) for c in range(len(head))) for x in [head] + rows)
 

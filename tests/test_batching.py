@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight import ModelCache, Settings, findings
 from pytest_nnsight.activation_cache import ActivationCache
 from pytest_nnsight.batching import encode, mixed_lengths_ok
 from pytest_nnsight.errors import BatchingMismatchError, PositionError
@@ -216,6 +216,11 @@ def test_a_batch_encoding_is_a_prompt(served):
     by_text = patch(model, text, other, site="resid_post.0", position=4, metric=cosine_to(text))
     by_ids = patch(model, model.tokenizer(text, return_tensors="pt"), dict(model.tokenizer(other)), site="resid_post.0", position=4, metric=cosine_to(text))
     assert (by_ids.clean, by_ids.corrupt, by_ids.intervened) == pytest.approx((by_text.clean, by_text.corrupt, by_text.intervened), abs=1e-6)
+    # its record travels from an xdist worker to the controller: execnet sends plain str only (a TokenPrompt there was an INTERNALERROR)
+    execnet = pytest.importorskip("execnet")
+    record = findings.current().to_dict()  # this test's record, as the report hook will send it
+    assert record["effects"] and all(type(e["prompt"]) is str for e in record["effects"]), record["effects"]
+    execnet.dumps(record)
 
 
 def test_fixture_served_encoder_takes_text_in_every_verb(pytester):

@@ -1,4 +1,5 @@
-"""500 finding tests on one cached model: memory stays flat after warm-up, and nothing a test saved outlives it.
+"""500 finding tests on one cached model: memory stays flat after warm-up, and nothing a test saved outlives it
+(results of patch and sweep, and the block output and logits a test saved in grad mode, each with its autograd graph).
 
 Bounds (also in the README): RSS grows less than 20 MB from the sample after the first 50 tests to the
 end (measured here: see the report in the test's failure text); on CUDA, allocated memory grows less
@@ -68,9 +69,11 @@ def test_finding(nnsight_model, track, i):
         effect = patch(model, clean, corrupt, site="transformer.h.0", position="last", metric=logit_diff(a1, a2))
         assert_restores(effect, 0.5)
         track(effect)
-    with model.trace(clean):  # grad mode on, as a user would write it
+    with model.trace(clean):  # grad mode on, as a user would write it: each saved value drags its autograd graph along
         hidden = model.transformer.h[0].output.save()
-    track(hidden)
+        logits = model.lm_head.output.save()
+    assert logits.shape[0] == 1 and hidden.requires_grad
+    track(hidden, logits)
 """.replace("N)", f"{N})")
 
 
@@ -80,7 +83,7 @@ def _run(pytester, device: str) -> dict:
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "--nnsight-device", device)
     result.assert_outcomes(passed=N)
     data = json.loads((pytester.path / "memory.json").read_text())
-    assert data["saved"] == 2 * N
+    assert data["saved"] == 3 * N
     assert data["alive"] == [0] * (N // EVERY), f"saved tensors or results outlived their tests: {data['alive']}"
     return data
 

@@ -114,6 +114,32 @@ def left_pad_positions(mask: Any) -> Any:
     return torch.where(left_padded, counted, plain)
 
 
+def cache_input_name(model: Any) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` from transformers 5, `past_key_values` before
+    (transformers 5 still accepts `past_key_values`, with a deprecation notice)."""
+    import inspect
+
+    module = getattr(model, "_module", model)
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward returned: `output.cache` from transformers 5, `output.past_key_values` before; None without one.
+
+    Read by key, so transformers 5 prints no deprecation notice for the old attribute."""
+    for key in ("cache", "past_key_values"):
+        try:
+            if key in output and output[key] is not None:
+                return output[key]
+        except (TypeError, KeyError):
+            continue
+    return None
+
+
 def trace_inputs(model: Any, inputs: Any) -> Any:
     """What to give `model.trace` for `inputs` (a prompt or a list of prompts).
 

@@ -62,9 +62,10 @@ def test_greedy_equals_transformers_generate_on_capitals(capitals):
         assert list(gen.token_ids[0]) == hf_generate(capitals, p, 8)
 
 
-def test_ablation_at_every_step_equals_a_hook_during_cached_generation(induction):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_ablation_at_every_step_equals_a_hook_during_cached_generation(induction, use_cache):
     heads = [0, 1, 2, 3]
-    gen = generate(induction, PROMPTS[0], max_new_tokens=6, intervention=[Ablate(f"head_out.1.{h}") for h in heads])
+    gen = generate(induction, PROMPTS[0], max_new_tokens=6, intervention=[Ablate(f"head_out.1.{h}") for h in heads], use_cache=use_cache)
     assert list(gen.token_ids[0]) == hf_generate(induction, PROMPTS[0], 6, [zero_heads(1, heads)])
     assert gen.intervention.startswith("zero ablation of head_out.1.0 at 'all'")
 
@@ -133,15 +134,16 @@ SYMBOLS = [f"t{i}" for i in range(64)]
     which=st.sampled_from(["none", "ablate", "steer", "mean"]),
     where=st.sampled_from(["all", "prompt", "generated"]),
     sample=st.booleans(),
+    cache=st.booleans(),
 )
-def test_property_batched_equals_single_over_prompt_sets_and_interventions(induction, rows, which, where, sample):
+def test_property_batched_equals_single_over_prompt_sets_and_interventions(induction, rows, which, where, sample, cache):
     """Left padding, explicit position ids and per-prompt seeding: any batch gives each prompt its single-prompt text."""
     prompts = [" ".join(r + r[:1]) for r in rows]
     vec = torch.linspace(-3, 3, 64)
     intervention = {"none": None, "ablate": Ablate("head_out.1.2", positions=where), "steer": Steer("resid_post.0", vec, positions=where),
                     "mean": Ablate("attn_out.1", positions=where, method="mean", reference_prompts=["t1 t2 t3 t1"])}[which]
     kw = dict(max_new_tokens=3, intervention=intervention, do_sample=sample, seed=5 if sample else None, temperature=1.5)
-    batched = generate(induction, prompts, **kw)
+    batched = generate(induction, prompts, use_cache=cache, **kw)  # the KV cache path too: the single runs use none
     assert batched.token_ids == tuple(generate(induction, p, **kw).token_ids[0] for p in prompts)
 
 
@@ -173,6 +175,7 @@ def test_eos_ends_a_row_as_in_transformers_and_batched_rows_stop_apart(nnsight_m
     try:
         stopped = generate(model, prompts, max_new_tokens=8)
         held = generate(model, prompts, max_new_tokens=8, min_new_tokens=k + 2)
+        assert generate(model, prompts, max_new_tokens=8, use_cache=True).token_ids == stopped.token_ids
         for r, p in enumerate(prompts):
             ids = model.tokenizer(p, return_tensors="pt")
             with torch.inference_mode():
@@ -228,7 +231,7 @@ def test_generated_text_snapshots_exactly_with_its_decoding(induction):
     gen = generate(induction, PROMPTS[:2], max_new_tokens=4)
     old = to_value(gen)
     assert old["config"] == {"@type": "Decoding", "max_new_tokens": 4, "do_sample": False, "temperature": 1.0, "top_k": None,
-                             "seed": None, "min_new_tokens": 0, "stop_at_eos": True}
+                             "seed": None, "min_new_tokens": 0, "stop_at_eos": True, "use_cache": False}
     assert compare_findings(old, to_value(gen), Tolerance(1e-4, 1e-4)).ok
     changed = to_value(dataclasses.replace(gen, texts=(gen.texts[0], gen.texts[1] + " t1")))
     assert not compare_findings(old, changed, Tolerance(1e9, 1e9)).ok  # text is exact, whatever the numeric tolerance
@@ -245,6 +248,7 @@ def test_generated_text_snapshots_exactly_with_its_decoding(induction):
         (dict(max_new_tokens=3, do_sample=True), ArgumentError, r"seed=None: sampled generation needs an int seed"),
         (dict(max_new_tokens=3, do_sample=True, seed=0, temperature=0), ArgumentError, r"temperature=0: expected a finite number > 0"),
         (dict(max_new_tokens=3, batch_size=0), ArgumentError, r"batch_size=0: expected an int >= 1"),
+        (dict(max_new_tokens=3, use_cache="yes"), ArgumentTypeError, r"use_cache='yes': expected True or False"),
         (dict(max_new_tokens=3, intervention="head_out.1.0"), ArgumentTypeError, r"expected Ablate\(...\), Steer\(...\), Patch\(...\)"),
         (dict(max_new_tokens=3, intervention=Ablate("head_out.1.9")), Exception, r"head 9 is out of range: layer 1 has 4 heads"),
         (dict(max_new_tokens=3, intervention=Ablate("embed", method="resample")), ArgumentError, r"ablation method 'resample': expected 'zero' or 'mean'"),

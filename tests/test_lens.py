@@ -120,3 +120,4 @@ def test_lens_and_greedy_generation_on_other_families_match_transformers(nnsight
         new = module.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids["input_ids"].shape[1]:].tolist()
     assert [list(r) for r in lens.ranks] == [[int((r[p] > r[p, lens.answer_id]).sum()) for p in range(r.shape[0])] for r in rows]
     assert list(generate(model, prompt, max_new_tokens=4).token_ids[0]) == new
+    assert list(generate(model, prompt, max_new_tokens=4, use_cache=True).token_ids[0]) == new

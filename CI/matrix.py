@@ -429,7 +429,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
 
 
 ERROR_LINES = 20  # lines of an errored test's message in drift.md (drift.json keeps all); explanations are never cut
-FOLD = 240  # drift.md folds a longer line onto continuation lines; no line is cut
+FOLD = 280  # drift.md folds a longer line onto continuation lines; no line is cut
 
 
 def fold(line: str, width: int = FOLD) -> str:

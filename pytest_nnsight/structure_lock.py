@@ -129,9 +129,13 @@ class StructureLock:
         from .structure_diff import explain
 
         start = time.perf_counter()
-        record = model_structure(wrapper).record
-        seconds = time.perf_counter() - start
         self.probes[label] = self.probes.get(label, 0) + 1
+        try:
+            record = model_structure(wrapper).record
+        except Exception as exc:  # noqa: BLE001 - a model the probe cannot record is served unguarded, never failed
+            return Verdict(label, "error", [f"not recorded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"],
+                           seconds=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         versions = library_versions()
         entry = {"environment": versions, "structure": record}
         stored = self.read().get(label)
@@ -263,6 +267,7 @@ def summary_lines() -> list[str]:
     for label, v in lock.verdicts.items():
         what = {"recorded": f"recorded in {SNAPSHOT_DIR}/{lock.path.name} (first serve)", "unchanged": "unchanged",
                 "changed": f"CHANGED ({len(v.lines)} line(s); " + ("tests using it fail)" if lock.mode == "on" else "warn only)"),
-                "accepted": "changed and accepted (lock rewritten)"}.get(v.status, v.status)
+                "accepted": "changed and accepted (lock rewritten)",
+                "error": v.lines[0] if v.lines else "not recorded"}.get(v.status, v.status)
         out.append(f"{label}: {what}; {lock.probes.get(label, 0)} probe(s), {v.seconds * 1000:.0f} ms")
     return out

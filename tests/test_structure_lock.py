@@ -206,3 +206,18 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
     assert len(json.loads(path.read_text())["models"]) == 40
     assert [p.name for p in path.parent.iterdir()] == [LOCK_NAME]
+
+
+def test_a_model_the_probe_cannot_record_is_served_unguarded(pytester, monkeypatch):
+    """The lock never fails a test for its own sake: a probe error is reported in the summary, the test runs."""
+    from pytest_nnsight import structure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setattr(structure, "model_structure", broken)
+    pytester.makepyfile(test_raw=RAW)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert _summary_line(result).startswith("bundled:capitals: not recorded: RuntimeError: probe exploded; 1 probe(s)")
+    assert not _lock(pytester).exists()

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import re
 import warnings
+import weakref
 from typing import Any, Iterator
 
 from .environment import package_version
@@ -138,6 +139,43 @@ def cache_of(output: Any) -> Any:
         except (TypeError, KeyError):
             continue
     return None
+
+
+def lean_forward_kwargs(module: Any, *, keep_last: bool) -> dict[str, Any]:
+    """Keywords for a lean forward of a transformers model: `logits_to_keep=1` when only the last position's logits are
+    read (transformers < 4.45 spells it `num_logits_to_keep`; models without either compute every position), and
+    `use_cache=False`, each only where the model's forward accepts it (encoders and custom modules take neither)."""
+    params = _forward_params(module)
+    out: dict[str, Any] = {}
+    if "use_cache" in params:
+        out["use_cache"] = False
+    if keep_last:
+        for name in ("logits_to_keep", "num_logits_to_keep"):
+            if name in params:
+                out[name] = 1
+                break
+    return out
+
+
+_FORWARD_PARAMS: "weakref.WeakKeyDictionary[Any, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
+def _forward_params(module: Any) -> frozenset[str]:
+    import inspect
+
+    try:
+        return _FORWARD_PARAMS[module]
+    except (KeyError, TypeError):
+        pass
+    try:
+        params = frozenset(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        params = frozenset()
+    try:
+        _FORWARD_PARAMS[module] = params
+    except TypeError:
+        pass
+    return params
 
 
 def trace_inputs(model: Any, inputs: Any) -> Any:

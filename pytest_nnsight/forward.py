@@ -16,7 +16,6 @@ and an unpatched row replayed from layer 0 must reproduce the target run before 
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -27,36 +26,9 @@ from .sites import Site, module_of  # stdlib only: the plugin opens baseline sco
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
 
-# -- version differences (the installed transformers decides which keywords a forward takes) --------------------
+# -- version differences live in compat.py (which keywords the installed transformers' forward takes) ----------------
 
-
-def forward_kwargs(module: Any, *, keep_last: bool) -> dict[str, Any]:
-    """Keywords for a lean forward of a transformers model: `logits_to_keep=1` (older: `num_logits_to_keep`) when only
-    the last position's logits are read, and `use_cache=False`, each only where the model's forward accepts it."""
-    params = _forward_params(module)
-    out: dict[str, Any] = {}
-    if "use_cache" in params:
-        out["use_cache"] = False
-    if keep_last:
-        for name in ("logits_to_keep", "num_logits_to_keep"):
-            if name in params:
-                out[name] = 1
-                break
-    return out
-
-
-_PARAMS: "weakref.WeakKeyDictionary[Any, frozenset[str]]" = weakref.WeakKeyDictionary()
-
-
-def _forward_params(module: Any) -> frozenset[str]:
-    cached = _PARAMS.get(module)
-    if cached is None:
-        try:
-            cached = frozenset(inspect.signature(module.forward).parameters)
-        except (TypeError, ValueError):
-            cached = frozenset()
-        _PARAMS[module] = cached
-    return cached
+from .compat import lean_forward_kwargs as forward_kwargs  # noqa: E402  (re-exported: trace.py and attribution.py use it)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
@@ -76,7 +48,9 @@ def encode(model: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         mask = mask.to(device)
         batch["attention_mask"] = mask
         if not bool(mask.all()) and getattr(tok, "padding_side", "right") == "left":
-            batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            from .compat import left_pad_positions
+
+            batch["position_ids"] = left_pad_positions(mask)
     return batch
 
 

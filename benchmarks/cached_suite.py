@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from pytest_nnsight import blocks, embed
+from pytest_nnsight.sites import blocks, embed
 from pytest_nnsight.bundled import path_of
 from pytest_nnsight.wordlists import CAPITAL_FILLERS
 

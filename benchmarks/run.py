@@ -24,7 +24,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads: Op
 
 import torch  # noqa: E402
 
-from pytest_nnsight import ModelCache, Settings  # noqa: E402
+from pytest_nnsight.models import ModelCache  # noqa: E402
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.metrics import logit_diff  # noqa: E402
 from pytest_nnsight.interventions import patch  # noqa: E402
 from pytest_nnsight.sweeps import sweep  # noqa: E402
@@ -124,13 +125,13 @@ def bench_sweep_and_patch(device: str, reps: int) -> list[dict[str, Any]]:
     tok = model.tokenizer
     answer, distractor = tok.convert_tokens_to_ids(["Paris", "Berlin"])
     metric = logit_diff("Paris", "Berlin")
-    batched = sweep(model, CLEAN, CORRUPT, metric, check_batching=False)
+    batched = sweep(model, CLEAN, CORRUPT, metric=metric, check_batching=False)
     naive = naive_sweep(model, answer, distractor)
     diff = float((batched.tensor() - naive.double()).abs().max())
     t = interleaved(
         {
             "naive": lambda: naive_sweep(model, answer, distractor),
-            "batched": lambda: sweep(model, CLEAN, CORRUPT, metric, check_batching=False),
+            "batched": lambda: sweep(model, CLEAN, CORRUPT, metric=metric, check_batching=False),
         },
         reps,
     )
@@ -138,7 +139,7 @@ def bench_sweep_and_patch(device: str, reps: int) -> list[dict[str, Any]]:
     cells = batched.shape[0] * batched.shape[1]
     lean = raw_lean_blocks(model, answer, distractor)
     lean_diff = float((batched.tensor() - lean).abs().max())
-    tr = interleaved({"raw": lambda: raw_lean_blocks(model, answer, distractor), "ours": lambda: sweep(model, CLEAN, CORRUPT, metric, check_batching=False)}, reps * 2)
+    tr = interleaved({"raw": lambda: raw_lean_blocks(model, answer, distractor), "ours": lambda: sweep(model, CLEAN, CORRUPT, metric=metric, check_batching=False)}, reps * 2)
     vs_raw = tr["ours"] / tr["raw"]
 
     layer, pos = 1, len(batched.tokens) - 1
@@ -166,7 +167,8 @@ def bench_sweep_and_patch(device: str, reps: int) -> list[dict[str, Any]]:
 PEAK_CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.sweeps import sweep
 from pytest_nnsight.testing import tiny_gpt2
 from pytest_nnsight import sites
@@ -220,7 +222,7 @@ def bench_variants(device: str, reps: int) -> list[dict[str, Any]]:
         return [patch(model, p.clean, p.corrupt, site="transformer.h.0", position="last", metric=logit_diff(p.answer, p.distractor)) for p in pairs]
 
     def batched() -> Any:
-        return population(model, pairs, "transformer.h.0", "last", threshold=0.7)
+        return population(model, pairs, site="transformer.h.0", position="last", threshold=0.7)
 
     singles, pop = separate(), batched()
     raw_diff = max(

@@ -74,7 +74,8 @@ class Contenders:
     """The four ways to compute the same resid_pre map, on one model and prompt pair."""
 
     def __init__(self, device: str, dtype: torch.dtype = torch.float32, n_layer: int = 12, n_embd: int = 768, tokens: int = 16):
-        from pytest_nnsight import ModelCache, Settings
+        from pytest_nnsight.models import ModelCache
+        from pytest_nnsight.settings import Settings
 
         self.hf, self.tok = gpt2s(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64))
         self.hf.to(device=device, dtype=dtype)
@@ -94,7 +95,7 @@ class Contenders:
         from pytest_nnsight.metrics import logit_diff
         from pytest_nnsight.sweeps import sweep
 
-        return sweep(self.model, self.clean, self.corrupt, logit_diff(self.answer, self.distractor), sites="resid_pre", check_batching=False).tensor()
+        return sweep(self.model, self.clean, self.corrupt, metric=logit_diff(self.answer, self.distractor), sites="resid_pre", check_batching=False).tensor()
 
     # -- raw torch hooks, batched, lean ----------------------------------------------------------------------------
     def raw_lean(self) -> torch.Tensor:

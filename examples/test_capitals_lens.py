@@ -40,7 +40,7 @@ def test_lens_emergence_is_the_first_layer_the_patching_map_restores(capitals, t
         (country, capital), (other, distractor) = COUNTRIES[i], COUNTRIES[i + 1]
         clean, corrupt = template.format(country=country), template.format(country=other)
         lens = logit_lens(capitals, clean, answer=capital, positions="last")
-        effects = sweep(capitals, clean, corrupt, logit_diff(capital, distractor), sites="resid_post", positions=[-1])
+        effects = sweep(capitals, clean, corrupt, metric=logit_diff(capital, distractor), sites="resid_post", positions=[-1])
         first_restoring = next((site for site, row in zip(effects.sites, effects.values) if row[0] >= 0.5), None)
         assert lens.emergence("last") == first_restoring, f"{clean!r}: lens {lens.ranks_at('last')}, patching {effects.to_text()}"
 

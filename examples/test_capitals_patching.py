@@ -8,7 +8,8 @@ token after block 0, whose attention moves it there.
 
 import pytest
 
-from pytest_nnsight import assert_peaks_at, assert_restores, blocks, embed, logit_diff, patch, sweep
+from pytest_nnsight import assert_peaks_at, assert_restores, logit_diff, patch, sweep
+from pytest_nnsight.sites import blocks, embed
 
 TEMPLATES = ["The capital of {} is", "Everyone knows that the capital of {} is", "Q : what is the capital of {} ? A :"]
 PAIRS = [("France", "Paris", "Germany", "Berlin"), ("Japan", "Tokyo", "Kenya", "Nairobi"), ("Peru", "Lima", "Norway", "Oslo")]
@@ -24,7 +25,7 @@ def capitals(nnsight_model):
 def test_subject_then_last_position(capitals, template):
     country, capital, other, other_capital = PAIRS[0]
     clean, corrupt = template.format(country), template.format(other)
-    effects = sweep(capitals, clean, corrupt, logit_diff(capital, other_capital), sites=[embed(capitals), *blocks(capitals)])
+    effects = sweep(capitals, clean, corrupt, metric=logit_diff(capital, other_capital), sites=[embed(capitals), *blocks(capitals)])
     print(f"\n{effects!r}\n{effects.to_text()}")
     subject = effects.tokens.index(country)
     last = len(effects.tokens) - 1

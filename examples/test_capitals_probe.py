@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from pytest_nnsight import blocks, embed, logit_diff, sweep
+from pytest_nnsight import logit_diff, sweep
+from pytest_nnsight.sites import blocks, embed
 from pytest_nnsight.bundled import path_of
 from pytest_nnsight.probing import assert_probe, probe_sites
 
@@ -50,7 +51,7 @@ def test_country_is_decodable_at_the_last_position_from_block_0(probes):
 def test_decodable_layer_agrees_with_the_patching_map(capitals, probes):
     first_decodable = probes.first_above(0.9, over_baseline=0.5)
     for template in ("The capital of {} is", "Everyone knows that the capital of {} is", "Q : what is the capital of {} ? A :"):
-        effects = sweep(capitals, template.format("France"), template.format("Germany"), logit_diff("Paris", "Berlin"),
+        effects = sweep(capitals, template.format("France"), template.format("Germany"), metric=logit_diff("Paris", "Berlin"),
                         sites=[embed(capitals), *blocks(capitals)])
         last = effects.positions[-1]
         first_causal = next((s for s, v in zip(effects.sites, effects.column(last)) if v >= 0.9), None)

@@ -35,7 +35,7 @@ def test_block0_last_position_restores_the_capital(capitals, pair):
 
 @pytest.mark.finding("block 0 at the last position restores >= 0.7 in at least 90% of 64 variants (Wilson 95% lower bound)")
 def test_block0_last_position_restores_the_capital_in_90_percent(capitals):
-    result = population(capitals, PAIRS, "transformer.h.0", "last", n=64, threshold=0.7)
+    result = population(capitals, PAIRS, site="transformer.h.0", position="last", n=64, threshold=0.7)
     print(result)
     assert_population(result, min_rate=0.9, on="lower_bound")
 

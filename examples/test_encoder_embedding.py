@@ -50,5 +50,5 @@ def test_the_country_embedding_carries_the_sentence_difference(encoder):
 
 @pytest.mark.finding("in at least 90% of 36 variants (Wilson 95% lower bound), the country embedding restores >= 0.99 of the embedding")
 def test_the_country_embedding_carries_the_sentence_difference_in_every_variant(encoder):
-    result = population(encoder, pairs(), "embed", "{country}", lambda p: cosine_to(p.clean.text), threshold=0.99)
+    result = population(encoder, pairs(), site="embed", position="{country}", metric=lambda p: cosine_to(p.clean.text), threshold=0.99)
     assert_population(result, min_rate=0.9, on="lower_bound")

@@ -9,7 +9,8 @@ last position; patching the subject after the last layer does nothing to the nex
 
 import pytest
 
-from pytest_nnsight import assert_restores, logit_diff, n_layers, patch
+from pytest_nnsight import assert_restores, logit_diff, patch
+from pytest_nnsight.families import n_layers
 from pytest_nnsight.testing import tiny_model
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"

@@ -7,7 +7,8 @@ run makes the model answer with France's capital, and a full sweep shows where t
 
 import pytest
 
-from pytest_nnsight import assert_top_token, blocks, logit_diff, patch_layer, sweep
+from pytest_nnsight import assert_top_token, logit_diff, patch_layer, sweep
+from pytest_nnsight.sites import blocks
 
 # per model: clean/corrupt country, their capitals as single tokens of that model's tokenizer
 CASES = {
@@ -27,7 +28,7 @@ class InterventionExp:
         self.model = model
 
     def patch_layer(self, prompt, source_prompt, layer, pos):
-        result = patch_layer(self.model, prompt, source_prompt, layer, pos, k=5)
+        result = patch_layer(self.model, corrupt=prompt, clean=source_prompt, layer=layer, position=pos, k=5)
         return {"top_probs": list(result.probs), "top_tokens": list(result.tokens), "result": result}
 
 
@@ -45,7 +46,7 @@ def test_patching_the_last_position_transfers_the_answer(model, request):
 @pytest.mark.nnsight_models("bundled:capitals", "gpt2")
 def test_block_sweep_moves_from_subject_to_last_position(model, request):
     template, country, capital, other, other_capital = case(request)
-    effects = sweep(model, template.format(country), template.format(other), logit_diff(capital, other_capital), sites=blocks(model))
+    effects = sweep(model, template.format(country), template.format(other), metric=logit_diff(capital, other_capital), sites=blocks(model))
     print(f"\n{effects!r}\n{effects.to_text()}")
     subject = effects.tokens.index(model.tokenizer.convert_ids_to_tokens(model.tokenizer(country, add_special_tokens=False)["input_ids"])[0])
     last = len(effects.tokens) - 1

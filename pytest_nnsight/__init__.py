@@ -3,84 +3,84 @@
 The plugin loads by itself once installed (entry point ``pytest11``). Importing this package
 does not import torch, transformers or nnsight; the intervention API (``patch``, ``sweep``, ...)
 loads them on first use.
+
+The top level holds the verbs, metrics, sites, assertions, result types and the base error; the
+rest lives in documented submodules: ``pytest_nnsight.errors`` (every error class),
+``.strategies``, ``.populations``, ``.snapshots``, ``.replay``, ``.testing``, ``.sites``,
+``.families``, ``.probing``, ``.patterns``, ``.activation_cache``, ``.circuits``, ``.generation``.
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
 from importlib import import_module
 from typing import Any
 
-from .environment import library_versions
-from .errors import (
-    ArgumentError,
-    ArgumentTypeError,
-    ActivationCacheError,
-    ActivationCacheWarning,
-    ProbeError,
-    SiteNotCachedError,
-    BatchingMismatchError,
-    BrokenExperimentError,
-    InterventionError,
-    MetricError,
-    ModelLoadError,
-    ModelSpecError,
-    ModelUnavailableError,
-    ModelUsageError,
-    NnsightTestError,
-    NonFiniteMetricError,
-    PositionError,
-    SettingsError,
-    SiteError,
-)
-from .models import LoadedModel, ModelCache, ModelKey, wrap
+from .errors import FindingFailed, NnsightTestError
 from .results import Effect, EffectMap, Measured
-from .settings import Settings
 
 __version__ = "0.1.0"
 
-# names that import torch: loaded on first access so `import pytest_nnsight` stays light
-_LAZY = {
+# The public API, name -> module; the names that import torch load on first access.
+_API = {
+    # verbs: (model, clean, corrupt, *, site(s)=, position(s)=, metric=, ...)
     "patch": "interventions", "ablate": "interventions", "steer": "interventions", "patch_layer": "interventions",
-    "Prompt": "prompts", "TopTokens": "interventions",
-    "sweep": "sweeps",
-    "attribution_patch": "attribution", "check_attribution": "attribution", "AttributionCheck": "attribution",
+    "sweep": "sweeps", "attribution_patch": "attribution", "check_attribution": "attribution",
+    "population": "populations", "read": "reading", "probe_sites": "probing", "attention_pattern": "patterns",
+    # metrics
     "logit_diff": "metrics", "prob": "metrics", "logprob": "metrics", "rank": "metrics", "kl_div": "metrics",
-    "Site": "sites", "block": "sites", "attn_out": "sites", "mlp_out": "sites", "head": "sites", "embed": "sites", "blocks": "sites",
-    "population": "populations", "assert_population": "populations", "PopulationResult": "populations", "wilson_interval": "stats",
-    "counterfactual_pairs": "strategies", "prompts": "strategies", "CounterfactualPair": "strategies",
+    # sites and prompts
+    "site": "sites", "Site": "sites", "Prompt": "prompts",
+    # assertions
     "assert_restores": "assertions", "assert_drops": "assertions", "assert_beats_controls": "assertions",
-    "assert_peaks_at": "assertions", "assert_top_token": "assertions", "FindingFailed": "assertions",
-    "FindingSnapshotExtension": "snapshots", "Tolerance": "snapshots", "calibrate_tolerance": "snapshots",
-    "ActivationCache": "activation_cache", "Activations": "activation_cache", "weights_fingerprint": "fingerprint",
-    "Family": "families", "register_family": "families", "family_of": "families", "validate": "families",
-    "n_layers": "families", "n_heads": "families", "d_model": "families", "UnknownArchitectureError": "families",
-    "FamilyMismatchError": "families", "EagerAttentionWarning": "families", "site": "sites", "resolve_site": "sites",
-    "attention_pattern": "patterns", "assert_attends": "patterns", "assert_previous_token_head": "patterns",
-    "previous_token_scores": "patterns",
-    "probe": "probing", "probe_sites": "probing", "fit_probe": "probing", "assert_probe": "probing",
-    "ProbeResult": "probing", "ProbeSweep": "probing",
-    "model_structure": "structure", "ModelStructure": "structure", "compatibility_hint": "hints",
-    "FindingSpec": "replay", "replay": "replay", "ReplayError": "replay",
+    "assert_peaks_at": "assertions", "assert_top_token": "assertions", "assert_population": "populations",
+    "assert_probe": "probing", "assert_attends": "patterns", "assert_previous_token_head": "patterns",
+    # result types (Effect, EffectMap, Measured are imported above)
+    "TopTokens": "interventions", "PopulationResult": "populations", "AttributionCheck": "attribution",
+    # circuits, the logit lens and generation
     "logit_lens": "lens", "generate": "generation",
     "path_patch": "circuits", "Circuit": "circuits", "faithfulness": "circuits",
 }
 
+# Names the top level exported before the API was curated: they still import from here for one
+# release, with a DeprecationWarning naming their module (where they stay, without a warning).
+_MOVED = {
+    **dict.fromkeys(["block", "attn_out", "mlp_out", "head", "embed", "blocks", "resolve_site"], "sites"),
+    **dict.fromkeys(["counterfactual_pairs", "CounterfactualPair"], "strategies"),
+    **dict.fromkeys(["FindingSnapshotExtension", "Tolerance", "calibrate_tolerance"], "snapshots"),
+    **dict.fromkeys(["ActivationCache", "Activations"], "activation_cache"),
+    **dict.fromkeys(["Family", "register_family", "family_of", "validate", "n_layers", "n_heads", "d_model"], "families"),
+    **dict.fromkeys(["probe", "fit_probe", "ProbeResult", "ProbeSweep"], "probing"),
+    **dict.fromkeys(["model_structure", "ModelStructure"], "structure"),
+    **dict.fromkeys(["LoadedModel", "ModelCache", "ModelKey", "wrap"], "models"),
+    **dict.fromkeys([
+        "ArgumentError", "ArgumentTypeError", "ActivationCacheError", "ActivationCacheWarning", "BatchingMismatchError",
+        "BrokenExperimentError", "EagerAttentionWarning", "FamilyMismatchError", "InterventionError", "MetricError",
+        "ModelLoadError", "ModelSpecError", "ModelUnavailableError", "ModelUsageError", "NonFiniteMetricError", "PositionError",
+        "ProbeError", "ReplayError", "SettingsError", "SiteError", "SiteNotCachedError", "UnknownArchitectureError",
+    ], "errors"),
+    "previous_token_scores": "patterns", "wilson_interval": "stats", "weights_fingerprint": "fingerprint",
+    "compatibility_hint": "hints", "FindingSpec": "replay", "Settings": "settings", "library_versions": "environment",
+}
+
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _API:
+        value = getattr(import_module(f".{_API[name]}", __name__), name)
         globals()[name] = value
         return value
+    if name in _MOVED:
+        module = f"{__name__}.{_MOVED[name]}"
+        if not sys._getframe(1).f_code.co_filename.startswith("<frozen importlib"):  # `from pytest_nnsight import x` asks twice
+            warnings.warn(
+                f"importing {name} from pytest_nnsight is deprecated and stops working in the next release: "
+                f"import it from {module} (the top level keeps only the public API, pytest_nnsight.__all__)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return getattr(import_module(module), name)  # not cached: every old import warns
     raise AttributeError(f"module 'pytest_nnsight' has no attribute {name!r}")
 
 
-__all__ = sorted(
-    [
-        "BatchingMismatchError", "BrokenExperimentError", "Effect", "EffectMap", "InterventionError", "LoadedModel", "Measured",
-        "MetricError", "ModelCache", "ModelKey", "ModelLoadError", "ModelSpecError", "ModelUnavailableError", "ModelUsageError",
-        "NnsightTestError", "NonFiniteMetricError", "PositionError", "Settings", "SettingsError", "SiteError", "library_versions", "wrap",
-        "ActivationCacheError", "ActivationCacheWarning", "ProbeError", "SiteNotCachedError",
-        "ArgumentError", "ArgumentTypeError",
-        *_LAZY,
-    ]
-)
+__all__ = sorted(["Effect", "EffectMap", "FindingFailed", "Measured", "NnsightTestError", *_API])

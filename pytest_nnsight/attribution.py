@@ -20,6 +20,7 @@ import torch
 from . import compat
 from .assertions import _fail
 from .batching import _device, encode
+from .deprecation import UNSET, moved_positionals, required
 from .errors import ArgumentError, ArgumentTypeError, MetricError, SiteError
 from .prompts import pair_positions, text_of
 from .trace import Edit, _translate, normalized, reference_logits, run
@@ -37,8 +38,8 @@ def attribution_patch(
     model: Any,
     clean: Any,
     corrupt: Any,
-    metric: Any,
-    *,
+    *old: Any,
+    metric: Any = UNSET,
     sites: Any = "blocks",
     positions: Any = None,
     direction: str = "clean->corrupt",
@@ -50,10 +51,13 @@ def attribution_patch(
     term, i.e. the approximated patched metric), with kind 'attribution'. Check it with `check_attribution`.
 
     >>> approx = attribution_patch(model, "The capital of France is", "The capital of Germany is",   # doctest: +SKIP
-    ...                            logit_diff("Paris", "Berlin"), sites=[embed(model), *blocks(model)])
+    ...                            metric=logit_diff("Paris", "Berlin"), sites=["embed", "resid_post"])
     >>> approx.argmax()                                                                                # doctest: +SKIP
     ('embed', 4, 'France', 0.97)
     """
+    args = moved_positionals("attribution_patch", "model, clean, corrupt", old, ("metric",), {"metric": metric})
+    required("attribution_patch", args)
+    metric = args["metric"]
     if direction not in DIRECTIONS:
         raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
     m = as_metric(model, metric)
@@ -232,9 +236,9 @@ def check_attribution(
     model: Any,
     clean: Any,
     corrupt: Any,
-    metric: Any,
-    approx: EffectMap,
-    *,
+    *old: Any,
+    metric: Any = UNSET,
+    approx: EffectMap = UNSET,
     top: int = 5,
     atol: float = 0.1,
     sites: Any = None,
@@ -245,8 +249,11 @@ def check_attribution(
 
     `sites` defaults to the sites named by the map's row labels; give the `sites=` of `attribution_patch` when they were unlabeled.
 
-    >>> check_attribution(model, clean, corrupt, logit_diff("Paris", "Berlin"), approx, top=5, atol=0.1).raise_if_failed()   # doctest: +SKIP
+    >>> check_attribution(model, clean, corrupt, metric=logit_diff("Paris", "Berlin"), approx=approx, top=5).raise_if_failed()  # doctest: +SKIP
     """
+    args = moved_positionals("check_attribution", "model, clean, corrupt", old, ("metric", "approx"), {"metric": metric, "approx": approx})
+    required("check_attribution", args)
+    metric, approx = args["metric"], args["approx"]
     if direction not in DIRECTIONS:
         raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
     if not isinstance(approx, EffectMap):

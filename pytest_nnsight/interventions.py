@@ -13,13 +13,14 @@ from typing import Any, Sequence
 import torch
 
 from .batching import encode, groups, mixed_lengths_ok
+from .deprecation import UNSET, deprecated, required
 from .errors import ArgumentError, ArgumentTypeError, InterventionError, PositionError
 from . import forward as _forward
 from .metrics import Metric, as_metric, logits_of
 from .prompts import Prompt, check_context, describe_positions, pair_positions, resolve_position, slots_of, text_of, tokens_of
-from .prompts import show_tokens  # noqa: F401  (moved to prompts.py)
+from .prompts import show_tokens
 from .results import Effect
-from .sites import Site, resolve_site
+from .sites import Site, resolve_site, site
 from .trace import Edit, normalized, reference_logits, run
 from .trace import _apply, _cause_line, _reference, _translate  # noqa: F401  (moved to trace.py)
 
@@ -214,7 +215,11 @@ def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Te
 
 @dataclass(frozen=True)
 class TopTokens:
-    """The seed's `patch_layer` result: the next-token distribution after a patch, top k."""
+    """`patch_layer`'s result: the next-token distribution of the patched run, top k.
+
+    `prompt` is the prompt patched (corrupt), `source_prompt` the one the activation comes from (clean);
+    `position` is the first patched position of `prompt`, `positions` all of them.
+    """
 
     prompt: str
     source_prompt: str
@@ -222,23 +227,71 @@ class TopTokens:
     position: int
     tokens: tuple[str, ...]
     probs: tuple[float, ...]
+    positions: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
         top = ", ".join(f"{t!r} {p:.3f}" for t, p in zip(self.tokens, self.probs))
-        return f"TopTokens({self.site} @ {self.position}: {top})"
+        where = self.position if len(self.positions) <= 1 else f"{self.positions[0]}..{self.positions[-1]}"
+        return f"TopTokens({self.site} @ {where}: {top})"
 
 
-def patch_layer(model: Any, prompt: str, source_prompt: str, layer: int, pos: int, k: int = 5) -> TopTokens:
-    """The seed document's InterventionExp.patch_layer: the source prompt's hidden state at (layer, pos) written into the prompt's run; top-k tokens after."""
-    from .sites import block
+_OLD_ORDER = ("prompt", "source_prompt", "layer", "pos", "k")
 
-    s = block(model, layer)
-    source_prompt, prompt = text_of(source_prompt), text_of(prompt)
-    st, pt = tokens_of(model, source_prompt), tokens_of(model, prompt)
-    check_context(model, st, source_prompt)
-    check_context(model, pt, prompt)
-    p_src = resolve_position(st, pos, prompt=source_prompt)
-    p_dst = resolve_position(pt, pos, prompt=prompt)
+
+def patch_layer(
+    model: Any,
+    *old: Any,
+    clean: Any = UNSET,
+    corrupt: Any = UNSET,
+    layer: int = UNSET,
+    position: Any = UNSET,
+    k: int = UNSET,
+    prompt: Any = UNSET,
+    source_prompt: Any = UNSET,
+    pos: Any = UNSET,
+) -> TopTokens:
+    """Write the clean run's residual stream after block `layer` at `position` into the corrupt run; the top-k next tokens after.
+
+    `position` is anything `patch` accepts, resolved in each prompt: an int (negative from the end), "last", a
+    slice (`slice(None)` patches the whole layer; both prompts then need the same token length), a list, a word
+    of either prompt (a word only one prompt has names the same indices in the other) or a slot.
+
+    The old spelling `patch_layer(model, prompt, source_prompt, layer, pos, k)` (prompts by position: the one
+    patched first, the source second) and the keywords `prompt=`, `source_prompt=`, `pos=` still work with a
+    DeprecationWarning.
+
+    >>> patch_layer(model, clean="The capital of France is", corrupt="The capital of Germany is",   # doctest: +SKIP
+    ...             layer=1, position="last").tokens[0]
+    ' Paris'
+    """
+    given = {"prompt": prompt, "source_prompt": source_prompt, "layer": layer, "pos": pos, "k": k}
+    if old:
+        if len(old) > len(_OLD_ORDER):
+            raise ArgumentTypeError(f"patch_layer() takes 1 positional argument (model) but {1 + len(old)} were given: pass clean=, corrupt=, layer=, position=")
+        for name, value in zip(_OLD_ORDER, old):
+            if given[name] is not UNSET:
+                raise ArgumentTypeError(f"patch_layer() got {name} twice, by position and as {name}=")
+            given[name] = value
+        deprecated(
+            "patch_layer(model, prompt, source_prompt, layer, pos) with its arguments by position (the prompt patched first, the source second)",
+            "write patch_layer(model, clean=source_prompt, corrupt=prompt, layer=layer, position=pos), the order of patch()",
+        )
+    elif any(given[n] is not UNSET for n in ("prompt", "source_prompt", "pos")):
+        deprecated("patch_layer's keywords prompt=, source_prompt= and pos=", "write corrupt= (the prompt patched), clean= (the source) and position=")
+    clean = _one_of("clean", clean, "source_prompt", given["source_prompt"])
+    corrupt = _one_of("corrupt", corrupt, "prompt", given["prompt"])
+    position = _one_of("position", position, "pos", given["pos"])
+    layer, k = given["layer"], 5 if given["k"] is UNSET else given["k"]
+    required("patch_layer", {"clean": clean, "corrupt": corrupt, "layer": layer, "position": position})
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ArgumentError(f"k={k!r}: expected a positive int, the number of top tokens to return")
+
+    s = site(model, "resid_post", layer)
+    clean_text, corrupt_text = text_of(clean), text_of(corrupt)
+    ct, xt = tokens_of(model, clean_text), tokens_of(model, corrupt_text)
+    check_context(model, ct, clean_text)
+    check_context(model, xt, corrupt_text)
+    p_src, p_dst = _positions_in_both(ct, xt, position, clean, corrupt)
     holder: list[torch.Tensor] = []
 
     def last_logits(out: Any, ref: Any) -> torch.Tensor:
@@ -246,10 +299,45 @@ def patch_layer(model: Any, prompt: str, source_prompt: str, layer: int, pos: in
         return torch.zeros(1)
 
     keep = Metric("last logits", last_logits)
-    _, acts = run(model, source_prompt, keep, save=[s])
+    _, acts = run(model, clean_text, keep, save=[s])
     holder.clear()
-    run(model, prompt, keep, edits=[Edit(s, (0,), (p_dst[0],), acts[s][0, p_src])])
+    run(model, corrupt_text, keep, edits=[Edit(s, (0,) * len(p_dst), tuple(p_dst), acts[s][0, p_src])])
     probs = holder[0].softmax(-1)
-    top = torch.topk(probs, k)
+    top = torch.topk(probs, min(k, probs.shape[-1]))
     tok = model.tokenizer
-    return TopTokens(prompt, source_prompt, str(s), p_dst[0], tuple(tok.decode([int(i)]) for i in top.indices), tuple(float(v) for v in top.values))
+    return TopTokens(corrupt_text, clean_text, str(s), p_dst[0], tuple(tok.decode([int(i)]) for i in top.indices),
+                     tuple(float(v) for v in top.values), tuple(p_dst))
+
+
+def _one_of(name: str, value: Any, old_name: str, old_value: Any) -> Any:
+    if value is not UNSET and old_value is not UNSET:
+        raise ArgumentTypeError(f"patch_layer() got both {name}= and its old name {old_name}=: pass {name}= only")
+    return old_value if value is UNSET else value
+
+
+def _positions_in_both(ct: Sequence[str], xt: Sequence[str], position: Any, clean: Any, corrupt: Any) -> tuple[list[int], list[int]]:
+    """`position` resolved in the clean and in the corrupt prompt; a word only one of them has names the same indices in both."""
+    both = f"\n  clean:   [{show_tokens(ct)}]\n  corrupt: [{show_tokens(xt)}]"
+    found: list[list[int] | None] = []
+    errors: list[PositionError] = []
+    for tokens, p in ((ct, clean), (xt, corrupt)):
+        try:
+            found.append(resolve_position(tokens, position, prompt=text_of(p), slots=slots_of(p)))
+        except PositionError as exc:
+            found.append(None)
+            errors.append(exc)
+    src, dst = found
+    if src is None and dst is None:
+        raise PositionError(f"{errors[0]}; nor in the corrupt prompt:{both}")
+    if src is None or dst is None:
+        is_word = isinstance(position, str) and position != "last" and not position.startswith("{")
+        known, other = (dst, ct) if src is None else (src, xt)
+        if not is_word or max(known) >= len(other):
+            raise PositionError(f"{errors[0]}{both}")
+        src = dst = known
+    if len(src) != len(dst):
+        raise PositionError(
+            f"position {position!r} names {len(src)} tokens in the clean prompt but {len(dst)} in the corrupt one, so the patch "
+            f"has no one-to-one cells: give prompts of the same token length or positions both have{both}"
+        )
+    return src, dst

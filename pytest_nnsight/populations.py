@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .deprecation import UNSET, moved_positionals, required
 from .assertions import _fail
 from .batching import encode, groups, lengths_of, may_mix
 from .errors import ArgumentError, BatchingMismatchError, BrokenExperimentError, MetricError
@@ -219,11 +220,11 @@ def _verify(model: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], p
 def population(
     model: Any,
     pairs: Any,
-    site: Any,
-    position: Any,
-    metric: Callable[[CounterfactualPair], Any] | None = None,
-    *,
-    threshold: float,
+    *old: Any,
+    site: Any = UNSET,
+    position: Any = UNSET,
+    metric: Callable[[CounterfactualPair], Any] | None = UNSET,
+    threshold: float = UNSET,
     n: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
@@ -245,7 +246,15 @@ def population(
     `check_batching` (None follows --nnsight-check-batching) re-runs `check_pairs` pairs alone and fails
     with BatchingMismatchError when a batched value differs. `reuse='prefix'` (default) starts each patched row at the
     patched block from the corrupt run's cached residual (pytest_nnsight.forward); 'none' runs plain nnsight traces.
+
+    >>> result = population(model, counterfactual_pairs(templates, fillers), n=64,   # doctest: +SKIP
+    ...                     site="resid_post.0", position="last", threshold=0.7)
     """
+    args = moved_positionals("population", "model, pairs", old, ("site", "position", "metric"),
+                             {"site": site, "position": position, "metric": metric, "threshold": threshold})
+    metric = None if args["metric"] is UNSET else args["metric"]
+    required("population", {k: args[k] for k in ("site", "position", "threshold")})
+    site, position, threshold = args["site"], args["position"], args["threshold"]
     if reuse not in ("prefix", "none"):
         raise ArgumentError(f"reuse {reuse!r}: expected 'prefix' or 'none'")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

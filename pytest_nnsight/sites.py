@@ -216,13 +216,14 @@ def resolve_site(model: Any, spec: Any) -> Site:
 
 def resolve_sites(model: Any, spec: Any) -> list[Site]:
     """A list of sites from one site, a list of them, or a named group ('blocks', 'attn', 'mlp', or a vocabulary
-    name over every layer: 'resid_pre', 'resid_post', 'attn_out', 'mlp_out', 'pattern', 'head_out' (every layer x head))."""
+    name over every layer: 'resid_pre', 'resid_post', 'attn_out', 'mlp_out', 'pattern', 'head_out' (every layer x head));
+    a group inside a list stands for its sites: ["embed", "resid_post"]."""
     if isinstance(spec, str) and spec in NAMED:
         return NAMED[spec](model)
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise SiteError("an empty list of sites: name at least one site, or use 'blocks', 'attn' or 'mlp'")
-        return unique_labels([resolve_site(model, s) for s in spec])
+        return unique_labels([one for s in spec for one in (NAMED[s](model) if isinstance(s, str) and s in NAMED else [resolve_site(model, s)])])
     try:
         return [resolve_site(model, spec)]
     except SiteError as exc:

@@ -16,6 +16,7 @@ import torch
 
 from . import forward as _forward
 from . import settings as _settings
+from .deprecation import UNSET, moved_positionals, required
 from .errors import ArgumentError, BatchingMismatchError
 from .findings import record_map
 from .batching import ids_of
@@ -30,8 +31,8 @@ def sweep(
     model: Any,
     clean: Any,
     corrupt: Any,
-    metric: Any,
-    *,
+    *old: Any,
+    metric: Any = UNSET,
     sites: Any = "blocks",
     positions: Any = None,
     batch_size: int | None = None,
@@ -51,10 +52,13 @@ def sweep(
     'none' runs every cell through a plain nnsight trace. `check_batching`: None follows --nnsight-check-batching.
 
     >>> effects = sweep(model, "The capital of France is", "The capital of Germany is",   # doctest: +SKIP
-    ...                 logit_diff("Paris", "Berlin"))
+    ...                 metric=logit_diff("Paris", "Berlin"))
     >>> effects.argmax()                                                                   # doctest: +SKIP
     ('resid_post.1', 5, 'is', 1.0)
     """
+    args = moved_positionals("sweep", "model, clean, corrupt", old, ("metric",), {"metric": metric})  # the old sweep(m, c, x, metric)
+    required("sweep", args)
+    metric = args["metric"]
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int (or None to size chunks by memory_budget)")
     if memory_budget is not None and (not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 1):

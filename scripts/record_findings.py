@@ -9,7 +9,9 @@ its numbers; `examples/test_capitals_replay.py` checks them and `python -m pytes
 
 from pathlib import Path
 
-from pytest_nnsight import ModelCache, Settings, kl_div, logit_diff, logprob, prob
+from pytest_nnsight import kl_div, logit_diff, logprob, prob
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.replay import FindingSpec
 
 OUT = Path(__file__).resolve().parent.parent / "examples" / "findings"

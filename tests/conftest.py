@@ -16,7 +16,8 @@ from pytest_nnsight.testing import tiny_gpt2
 
 
 def _warm_up() -> None:
-    from pytest_nnsight import ModelCache, Settings
+    from pytest_nnsight.models import ModelCache
+    from pytest_nnsight.settings import Settings
 
     model = ModelCache(Settings(device="cpu")).get("bundled:capitals")
     with torch.inference_mode():

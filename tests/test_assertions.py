@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from pytest_nnsight import Effect, EffectMap, NonFiniteMetricError
+from pytest_nnsight import Effect, EffectMap
+from pytest_nnsight.errors import NonFiniteMetricError
 from pytest_nnsight.assertions import FindingFailed, assert_beats_controls, assert_drops, assert_peaks_at, assert_restores, assert_top_token
 from pytest_nnsight.interventions import TopTokens
 
@@ -197,7 +198,8 @@ import copy
 import pytest
 import torch
 
-from pytest_nnsight import ablate, assert_beats_controls, assert_drops, assert_peaks_at, assert_top_token, blocks, logit_diff, patch, patch_layer, sweep
+from pytest_nnsight import ablate, assert_beats_controls, assert_drops, assert_peaks_at, assert_top_token, logit_diff, patch, patch_layer, sweep
+from pytest_nnsight.sites import blocks
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
 LD = logit_diff("Paris", "Berlin")

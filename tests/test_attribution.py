@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from pytest_nnsight import MetricError, PositionError
+from pytest_nnsight.errors import MetricError, PositionError
 from pytest_nnsight.assertions import FindingFailed
 from pytest_nnsight.attribution import AttributionCheck, attribution_patch, check_attribution, gradients
 from pytest_nnsight.interventions import Edit, run
@@ -29,7 +29,8 @@ ATOL = 0.75
 
 @pytest.fixture(scope="module")
 def model():
-    from pytest_nnsight import ModelCache, Settings
+    from pytest_nnsight.models import ModelCache
+    from pytest_nnsight.settings import Settings
 
     return ModelCache(Settings(device="cpu", offline=True)).get("bundled:capitals")
 
@@ -46,12 +47,12 @@ def sites(model):
 
 @pytest.fixture(scope="module")
 def approx(model, ld, sites):
-    return attribution_patch(model, CLEAN, CORRUPT, ld, sites=sites)
+    return attribution_patch(model, CLEAN, CORRUPT, metric=ld, sites=sites)
 
 
 @pytest.fixture(scope="module")
 def true_map(model, ld, sites):
-    return sweep(model, CLEAN, CORRUPT, ld, sites=sites, check_batching=False)
+    return sweep(model, CLEAN, CORRUPT, metric=ld, sites=sites, check_batching=False)
 
 
 def test_map_layout_equals_sweep(model, ld, approx, true_map):
@@ -71,8 +72,8 @@ def test_map_layout_equals_sweep(model, ld, approx, true_map):
 
 
 def test_default_sites_and_positions_match_sweep(model, ld):
-    a = attribution_patch(model, CLEAN, CORRUPT, ld, positions="last")
-    s = sweep(model, CLEAN, CORRUPT, ld, positions="last", check_batching=False)
+    a = attribution_patch(model, CLEAN, CORRUPT, metric=ld, positions="last")
+    s = sweep(model, CLEAN, CORRUPT, metric=ld, positions="last", check_batching=False)
     assert (a.sites, a.tokens, a.positions) == (s.sites, s.tokens, s.positions) == (("resid_post.0", "resid_post.1"), ("is",), (LAST,))
 
 
@@ -109,7 +110,7 @@ def test_gradient_is_exact_by_finite_differences(model, ld, approx, sites):
 def test_heads_sum_to_their_projection_input(model, ld):
     """Head sites share one tensor (the c_proj input): its gradient is read once and sliced per head."""
     heads = [head(model, 0, h) for h in range(4)]
-    a = attribution_patch(model, CLEAN, CORRUPT, ld, sites=[*heads, "transformer.h.0.attn.c_proj:input"])
+    a = attribution_patch(model, CLEAN, CORRUPT, metric=ld, sites=[*heads, "transformer.h.0.attn.c_proj:input"])
     assert a.sites[:4] == ("head_out.0.0", "head_out.0.1", "head_out.0.2", "head_out.0.3")
     for j in range(len(a.positions)):
         assert sum(a.values[i][j] for i in range(4)) == pytest.approx(a.values[4][j], abs=1e-6)
@@ -117,7 +118,7 @@ def test_heads_sum_to_their_projection_input(model, ld):
 
 
 def test_check_attribution_passes_with_measured_tolerance(model, ld, approx):
-    check = check_attribution(model, CLEAN, CORRUPT, ld, approx, top=5, atol=ATOL)
+    check = check_attribution(model, CLEAN, CORRUPT, metric=ld, approx=approx, top=5, atol=ATOL)
     assert isinstance(check, AttributionCheck)
     assert check.passed and check.raise_if_failed() is check
     assert len(check.cells) == len(check.approx) == len(check.true) == 5
@@ -129,7 +130,7 @@ def test_check_attribution_passes_with_measured_tolerance(model, ld, approx):
 
 
 def test_check_attribution_fails_readably_when_atol_is_tiny(model, ld, approx):
-    check = check_attribution(model, CLEAN, CORRUPT, ld, approx, top=3, atol=1e-3)
+    check = check_attribution(model, CLEAN, CORRUPT, metric=ld, approx=approx, top=3, atol=1e-3)
     assert not check.passed
     assert "FAILED" in repr(check)
     with pytest.raises(FindingFailed) as info:
@@ -143,19 +144,19 @@ def test_check_attribution_fails_readably_when_atol_is_tiny(model, ld, approx):
 
 def test_check_attribution_rejects_a_map_of_other_prompts(model, ld, approx):
     with pytest.raises(ValueError, match="computed for"):
-        check_attribution(model, "The capital of Italy is", CORRUPT, ld, approx)
+        check_attribution(model, "The capital of Italy is", CORRUPT, metric=ld, approx=approx)
 
 
 def test_corrupt_to_clean_direction(model, ld, sites):
     """Linearizing around the clean run is worse here: measured max top-5 error 0.899 for this pair (at most 0.899 over
     8 templates x 3 pairs); the peaks still sit in the same cells, so the check flags exactly those three."""
-    a = attribution_patch(model, CLEAN, CORRUPT, ld, sites=sites, direction="corrupt->clean")
-    s = sweep(model, CLEAN, CORRUPT, ld, sites=sites, direction="corrupt->clean", check_batching=False)
+    a = attribution_patch(model, CLEAN, CORRUPT, metric=ld, sites=sites, direction="corrupt->clean")
+    s = sweep(model, CLEAN, CORRUPT, metric=ld, sites=sites, direction="corrupt->clean", check_batching=False)
     assert (a.sites, a.tokens) == (s.sites, s.tokens)
     assert (a.clean, a.corrupt) == (pytest.approx(s.clean, abs=1e-4), pytest.approx(s.corrupt, abs=1e-4))
     for row in ("embed", "resid_post.0", "resid_post.1"):
         assert max(range(6), key=lambda j: a.row(row)[j]) == max(range(6), key=lambda j: s.row(row)[j])
-    check = check_attribution(model, CLEAN, CORRUPT, ld, a, direction="corrupt->clean", atol=0.5)
+    check = check_attribution(model, CLEAN, CORRUPT, metric=ld, approx=a, direction="corrupt->clean", atol=0.5)
     for (site, pos, _), t in zip(check.cells, check.true):
         assert t == pytest.approx(s[site, pos], abs=1e-4)  # "true" is real patching in the same direction
     flagged = {c[:2] for c, e in zip(check.cells, check.errors) if e > 0.5}
@@ -165,17 +166,17 @@ def test_corrupt_to_clean_direction(model, ld, sites):
 
 def test_multi_token_answer_is_a_metric_error(model):
     with pytest.raises(MetricError, match="single-token"):
-        attribution_patch(model, CLEAN, CORRUPT, logit_diff("Paris Rome", "Berlin"))
+        attribution_patch(model, CLEAN, CORRUPT, metric=logit_diff("Paris Rome", "Berlin"))
 
 
 def test_prompts_of_different_lengths_are_a_position_error(model, ld):
     with pytest.raises(PositionError, match="line up"):
-        attribution_patch(model, CLEAN, "The capital city of Germany is", ld)
+        attribution_patch(model, CLEAN, "The capital city of Germany is", metric=ld)
 
 
 def test_unknown_direction(model, ld):
     with pytest.raises(ValueError, match="direction"):
-        attribution_patch(model, CLEAN, CORRUPT, ld, direction="both")
+        attribution_patch(model, CLEAN, CORRUPT, metric=ld, direction="both")
 
 
 def _tensors_in(obj):
@@ -192,7 +193,7 @@ def _tensors_in(obj):
 def test_no_graph_leaks_and_parameter_grads_stay_none(model, ld, sites):
     params = list(model._module.parameters())
     assert all(p.grad is None for p in params)
-    a = attribution_patch(model, CLEAN, CORRUPT, ld, sites=sites)
+    a = attribution_patch(model, CLEAN, CORRUPT, metric=ld, sites=sites)
     assert all(p.grad is None for p in params), "backward filled parameter .grad"
     assert not list(_tensors_in(a))
     for row in a.values + a.raw:
@@ -203,7 +204,7 @@ def test_no_graph_leaks_and_parameter_grads_stay_none(model, ld, sites):
     for t in [*acts.values(), *grads.values()]:
         assert not t.requires_grad and t.grad_fn is None
     assert all(p.grad is None for p in params)
-    check = check_attribution(model, CLEAN, CORRUPT, ld, a, atol=ATOL)
+    check = check_attribution(model, CLEAN, CORRUPT, metric=ld, approx=a, atol=ATOL)
     assert not list(_tensors_in(check))
 
 
@@ -212,7 +213,7 @@ def test_existing_parameter_grads_are_left_alone(model, ld):
     marker = torch.full_like(p, 0.5)
     p.grad = marker.clone()
     try:
-        attribution_patch(model, CLEAN, CORRUPT, ld)
+        attribution_patch(model, CLEAN, CORRUPT, metric=ld)
         assert torch.equal(p.grad, marker)
     finally:
         p.grad = None
@@ -224,7 +225,7 @@ def test_works_inside_inference_mode_and_on_a_frozen_model(model, ld, approx, si
         p.requires_grad_(False)
     try:
         with torch.inference_mode():
-            a = attribution_patch(model, CLEAN, CORRUPT, ld, sites=sites)
+            a = attribution_patch(model, CLEAN, CORRUPT, metric=ld, sites=sites)
         assert all(not p.requires_grad for p in params)  # restored as found
     finally:
         for p in params:
@@ -243,4 +244,4 @@ def test_non_differentiable_metric_is_a_metric_error(model):
     from pytest_nnsight.metrics import rank
 
     with pytest.raises(MetricError, match="not differentiable"):
-        attribution_patch(model, CLEAN, CORRUPT, rank("Paris"))
+        attribution_patch(model, CLEAN, CORRUPT, metric=rank("Paris"))

@@ -11,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_nnsight import ModelCache, Settings, findings
+from pytest_nnsight import findings
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.activation_cache import ActivationCache
 from pytest_nnsight.batching import encode, mixed_lengths_ok
 from pytest_nnsight.errors import BatchingMismatchError, PositionError
@@ -79,9 +81,9 @@ def test_batched_equals_single_for_every_verb(served, kind, side, mixed, order):
     metric, site = metric_for(kind), site_for(kind)
 
     # population: one batch vs each pair alone; patch on each pair gives the same numbers again
-    batched = population(model, pairs, site, "{country}", metric, threshold=0.5, batch_size=64)
+    batched = population(model, pairs, site=site, position="{country}", metric=metric, threshold=0.5, batch_size=64)
     for i, p in enumerate(pairs):
-        alone = population(model, [p], site, "{country}", metric, threshold=0.5)
+        alone = population(model, [p], site=site, position="{country}", metric=metric, threshold=0.5)
         for field in ("effects", "clean", "corrupt", "patched"):
             assert close(getattr(batched, field)[i], getattr(alone, field)[0]), (field, i, getattr(batched, field)[i], getattr(alone, field)[0])
         effect = patch(model, p.clean, p.corrupt, site=site, position="{country}", metric=metric(p))
@@ -93,8 +95,8 @@ def test_batched_equals_single_for_every_verb(served, kind, side, mixed, order):
 
     # sweep: all cells in one batch vs one cell per trace
     p = pairs[0]
-    wide = sweep(model, p.clean, p.corrupt, metric(p), sites=[site], batch_size=32)
-    narrow = sweep(model, p.clean, p.corrupt, metric(p), sites=[site], batch_size=1)
+    wide = sweep(model, p.clean, p.corrupt, metric=metric(p), sites=[site], batch_size=32)
+    narrow = sweep(model, p.clean, p.corrupt, metric=metric(p), sites=[site], batch_size=1)
     assert all(close(a, b) for ra, rb in zip(wide.raw, narrow.raw) for a, b in zip(ra, rb))
     for j in (0, len(wide.positions) // 2, len(wide.positions) - 1):  # a cell equals the plain patch() path at that cell
         cell = patch(model, p.clean, p.corrupt, site=site, position=wide.positions[j], metric=metric(p))
@@ -127,9 +129,9 @@ def test_population_keeps_per_pair_metric_closures_apart(capitals):
         a, b = capitals.tokenizer.convert_tokens_to_ids([p.answer, p.distractor])
         return lambda out: logits_of(out)[:, -1, a] - logits_of(out)[:, -1, b]  # every closure is named '<lambda>'
 
-    batched = population(capitals, pairs, "transformer.h.1", "last", per_pair, threshold=0.9, same_length=False)
+    batched = population(capitals, pairs, site="transformer.h.1", position="last", metric=per_pair, threshold=0.9, same_length=False)
     for i, p in enumerate(pairs):
-        alone = population(capitals, [p], "transformer.h.1", "last", per_pair, threshold=0.9)
+        alone = population(capitals, [p], site="transformer.h.1", position="last", metric=per_pair, threshold=0.9)
         assert batched.effects[i] == pytest.approx(alone.effects[0], abs=TOL)
         assert batched.clean[i] == pytest.approx(alone.clean[0], abs=TOL)
     assert batched.passed == 4
@@ -146,9 +148,9 @@ def test_a_padding_blind_custom_metric_gives_single_run_numbers_on_mixed_lengths
     def mean_logit(p):
         return lambda out: logits_of(out)[:, :, a].mean(1)
 
-    batched = population(capitals, pairs, "transformer.h.0", "{country}", mean_logit, threshold=0.0)
+    batched = population(capitals, pairs, site="transformer.h.0", position="{country}", metric=mean_logit, threshold=0.0)
     for i, p in enumerate(pairs):
-        alone = population(capitals, [p], "transformer.h.0", "{country}", mean_logit, threshold=0.0)
+        alone = population(capitals, [p], site="transformer.h.0", position="{country}", metric=mean_logit, threshold=0.0)
         assert batched.corrupt[i] == pytest.approx(alone.corrupt[0], abs=TOL)
         assert batched.patched[i] == pytest.approx(alone.patched[0], abs=TOL)
 
@@ -161,7 +163,7 @@ def test_a_custom_metric_taking_the_mask_sees_only_real_tokens(capitals):
         return mask.sum(-1).float()
 
     pairs = [pair(DECODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
-    result = population(capitals, pairs, "transformer.h.0", "{country}", lambda p: real_tokens, threshold=0.0)
+    result = population(capitals, pairs, site="transformer.h.0", position="{country}", metric=lambda p: real_tokens, threshold=0.0)
     lengths = [len(capitals.tokenizer(p.clean.text)["input_ids"]) for p in pairs]
     assert list(result.clean) == lengths  # the mask counts each prompt's own tokens, never the padding
     assert any(m.shape[0] > 2 and not bool(m.all()) for m in seen)  # mixed lengths did share a padded trace
@@ -173,9 +175,9 @@ def test_encoder_mixed_length_population_equals_single_runs(served, side):
     model = served["encoder", side]
     assert not mixed_lengths_ok(model)
     pairs = [pair(ENCODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
-    batched = population(model, pairs, "resid_post.0", "{country}", lambda p: cosine_to(p.clean.text), threshold=0.5)
+    batched = population(model, pairs, site="resid_post.0", position="{country}", metric=lambda p: cosine_to(p.clean.text), threshold=0.5)
     for i, p in enumerate(pairs):
-        alone = population(model, [p], "resid_post.0", "{country}", lambda q: cosine_to(q.clean.text), threshold=0.5)
+        alone = population(model, [p], site="resid_post.0", position="{country}", metric=lambda q: cosine_to(q.clean.text), threshold=0.5)
         assert batched.effects[i] == pytest.approx(alone.effects[0], abs=TOL)
 
 
@@ -262,7 +264,7 @@ def test_a_cased_position_word_matches_an_uncased_tokenizer(served):
 
 def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
     pairs = [pair(DECODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
-    population(capitals, pairs, "transformer.h.0", "{country}", threshold=0.5, check_batching=True)  # the real path agrees
+    population(capitals, pairs, site="transformer.h.0", position="{country}", threshold=0.5, check_batching=True)  # the real path agrees
     import pytest_nnsight.populations as pops
 
     real = pops._measure
@@ -273,7 +275,7 @@ def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
 
     monkeypatch.setattr(pops, "_measure", skewed)
     with pytest.raises(BatchingMismatchError, match="batched population disagrees with single-pair runs"):
-        population(capitals, pairs, "transformer.h.0", "{country}", threshold=0.5, check_batching=True)
+        population(capitals, pairs, site="transformer.h.0", position="{country}", threshold=0.5, check_batching=True)
 
 
 def test_check_batching_reruns_cached_prompts(capitals, monkeypatch):
@@ -316,12 +318,12 @@ def test_two_sites_sharing_one_label_are_refused_wherever_rows_are_keyed_by_labe
     twins = [Site("transformer.h.0", label="mine"), Site("transformer.h.1", label="mine")]
     clean, corrupt = "The capital of France is", "The capital of Germany is"
     with pytest.raises(SiteError, match="two different sites are both labelled 'mine'"):
-        sweep(capitals, clean, corrupt, logit_diff("Paris", "Berlin"), sites=twins)
+        sweep(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=twins)
     with pytest.raises(SiteError, match="both labelled 'mine'"):
-        attribution_patch(capitals, clean, corrupt, logit_diff("Paris", "Berlin"), sites=twins)
+        attribution_patch(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=twins)
     with pytest.raises(SiteError, match="both labelled 'mine'"):
         ActivationCache(None).get(capitals, [clean], sites=twins, positions="last")
-    same = sweep(capitals, clean, corrupt, logit_diff("Paris", "Berlin"), sites=["resid_post.0", "resid_post.0"])  # one site twice is fine
+    same = sweep(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=["resid_post.0", "resid_post.0"])  # one site twice is fine
     assert same.values[0] == same.values[1]
 
 
@@ -363,10 +365,10 @@ def test_attribution_patching_takes_an_encoder_and_text(served):
     from pytest_nnsight.attribution import attribution_patch
 
     model = served["encoder", "right"]
-    approx = attribution_patch(model, "The capital of France is", "The capital of Germany is", cosine_to("The capital of France is"),
+    approx = attribution_patch(model, "The capital of France is", "The capital of Germany is", metric=cosine_to("The capital of France is"),
                                sites=["embed", "resid_post.0"])
     assert approx.shape == (2, 7) and approx.tokens[4] == "france"  # columns named by the clean prompt
-    exact = sweep(model, "The capital of France is", "The capital of Germany is", cosine_to("The capital of France is"), sites=["embed"])
+    exact = sweep(model, "The capital of France is", "The capital of Germany is", metric=cosine_to("The capital of France is"), sites=["embed"])
     assert all(abs(v) < 1e-6 for j, v in enumerate(exact.values[0]) if j != 4)  # only the country cell moves anything
     assert all(abs(v) < 1e-4 for j, v in enumerate(approx.values[0]) if j != 4)  # the gradient approximation agrees where it is exact
 

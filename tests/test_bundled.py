@@ -8,7 +8,8 @@ from pytest_nnsight import bundled
 
 @pytest.fixture(scope="module")
 def capitals():
-    from pytest_nnsight import ModelCache, Settings
+    from pytest_nnsight.models import ModelCache
+    from pytest_nnsight.settings import Settings
 
     return ModelCache(Settings(device="cpu", offline=True)).get("bundled:capitals")
 

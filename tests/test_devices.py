@@ -218,7 +218,7 @@ def test_remote_reaches_every_trace_of_patch_and_sweep(capitals, monkeypatch):
     monkeypatch.setitem(remote_module.NDIF_MODELS, id(capitals), capitals)  # as if served by load_for_ndif
     calls.clear()
     remote = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=metric)
-    sweep(capitals, CLEAN, CORRUPT, metric, sites=["transformer.h.0"], positions=[4, 5])
+    sweep(capitals, CLEAN, CORRUPT, metric=metric, sites=["transformer.h.0"], positions=[4, 5])
     assert len(calls) >= 4 and all(c.get("remote") is True for c in calls), calls
     assert remote == local
 
@@ -227,10 +227,10 @@ def test_remote_local_simulation_gives_the_same_results(capitals, monkeypatch):
     """nnsight's remote='local' serializes each trace and rebuilds it with local modules hidden, as NDIF would."""
     metric = logit_diff("Paris", "Berlin")
     local_effect = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=metric)
-    local_map = sweep(capitals, CLEAN, CORRUPT, metric, sites=["transformer.h.0", "transformer.h.1"])
+    local_map = sweep(capitals, CLEAN, CORRUPT, metric=metric, sites=["transformer.h.0", "transformer.h.1"])
     monkeypatch.setattr(_settings, "ACTIVE", Settings(device="cpu", remote="local"))
     remote_effect = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=metric)
-    remote_map = sweep(capitals, CLEAN, CORRUPT, metric, sites=["transformer.h.0", "transformer.h.1"])
+    remote_map = sweep(capitals, CLEAN, CORRUPT, metric=metric, sites=["transformer.h.0", "transformer.h.1"])
     assert remote_effect == local_effect, (remote_effect, local_effect)
     assert remote_map.shape == local_map.shape == (2, 6)
     assert remote_map == local_map, (remote_map.values, local_map.values)

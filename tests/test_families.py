@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
-from pytest_nnsight import ModelCache, Settings, SiteError
+from pytest_nnsight.errors import SiteError
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.assertions import FindingFailed
 from pytest_nnsight.families import (
     GPT2,
@@ -128,7 +130,7 @@ def test_pattern_switches_to_eager_once_and_rows_sum_to_one(served):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_sweeps_run_over_vocabulary_and_head_sites(cache, name):
     model = cache.get(*tiny_model(name, seed=1))
-    effects = sweep(model, PROMPT, "The capital of Germany is", logit_diff("Paris", "Berlin"), sites=["resid_pre.0", "head_out.1.3", "resid_post.1"])
+    effects = sweep(model, PROMPT, "The capital of Germany is", metric=logit_diff("Paris", "Berlin"), sites=["resid_pre.0", "head_out.1.3", "resid_post.1"])
     assert effects.sites == ("resid_pre.0", "head_out.1.3", "resid_post.1")
     assert effects.values[0][4] == pytest.approx(1.0, abs=1e-4)  # the only differing token, before any layer
     assert effects.values[2][5] == pytest.approx(1.0, abs=1e-4)  # the last residual at the last position
@@ -194,7 +196,7 @@ def test_validation_names_the_site_that_does_not_fit(cache):
 
 TOY = '''
 import torch
-from pytest_nnsight import Family, register_family
+from pytest_nnsight.families import Family, register_family
 
 
 class Cfg:

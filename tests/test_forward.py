@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight import forward, sweeps
 from pytest_nnsight.metrics import Metric, as_metric, last_position, logit_diff
 from pytest_nnsight.populations import population
@@ -33,8 +34,8 @@ def raw(effects) -> torch.Tensor:
 @pytest.mark.parametrize("sites", ["resid_pre", "resid_post", "attn_out", "mlp_out", "head_out", "embed"])
 def test_prefix_sweep_equals_the_plain_path(tiny, sites):
     metric = logit_diff("Mary", "John")
-    fast = sweep(tiny, CLEAN, CORRUPT, metric, sites=sites, check_batching=False)
-    plain = sweep(tiny, CLEAN, CORRUPT, metric, sites=sites, check_batching=False, reuse="none")
+    fast = sweep(tiny, CLEAN, CORRUPT, metric=metric, sites=sites, check_batching=False)
+    plain = sweep(tiny, CLEAN, CORRUPT, metric=metric, sites=sites, check_batching=False, reuse="none")
     assert forward.plan_for(tiny) is not None  # the prefix path ran (it refuses a model it cannot replay)
     torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)
     assert (fast.clean, fast.corrupt) == pytest.approx((plain.clean, plain.corrupt), abs=TOL)
@@ -42,9 +43,9 @@ def test_prefix_sweep_equals_the_plain_path(tiny, sites):
 
 def test_prefix_sweep_in_small_chunks_and_the_other_direction(tiny):
     metric = logit_diff("Mary", "John")
-    plain = sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", direction="corrupt->clean", check_batching=False, reuse="none")
+    plain = sweep(tiny, CLEAN, CORRUPT, metric=metric, sites="resid_post", direction="corrupt->clean", check_batching=False, reuse="none")
     for batch_size in (1, 5):
-        fast = sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", direction="corrupt->clean", batch_size=batch_size, check_batching=False)
+        fast = sweep(tiny, CLEAN, CORRUPT, metric=metric, sites="resid_post", direction="corrupt->clean", batch_size=batch_size, check_batching=False)
         torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)
 
 
@@ -55,9 +56,9 @@ def test_full_logit_user_metric_and_kl_match_the_plain_path(tiny):
         seen.append(out.logits.shape[1])
         return out.logits[:, :, 3].mean(-1)
 
-    fast = sweep(tiny, CLEAN, CORRUPT, mean_logit_of_mary, sites="resid_pre", check_batching=False)
+    fast = sweep(tiny, CLEAN, CORRUPT, metric=mean_logit_of_mary, sites="resid_pre", check_batching=False)
     assert set(seen) == {len(tiny.tokenizer(CLEAN)["input_ids"])}
-    plain = sweep(tiny, CLEAN, CORRUPT, mean_logit_of_mary, sites="resid_pre", check_batching=False, reuse="none")
+    plain = sweep(tiny, CLEAN, CORRUPT, metric=mean_logit_of_mary, sites="resid_pre", check_batching=False, reuse="none")
     torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)
 
 
@@ -70,7 +71,7 @@ def test_a_declared_last_position_metric_gets_one_position(tiny):
         return out.logits[:, -1, 3] - out.logits[:, -1, 4]
 
     assert as_metric(tiny, mary_minus_john).last_only and as_metric(tiny, logit_diff("Mary", "John")).last_only
-    sweep(tiny, CLEAN, CORRUPT, mary_minus_john, sites="resid_pre", check_batching=False)
+    sweep(tiny, CLEAN, CORRUPT, metric=mary_minus_john, sites="resid_pre", check_batching=False)
     assert set(seen) == {1}
 
 
@@ -90,8 +91,8 @@ def pairs_of_three_lengths() -> list[CounterfactualPair]:
 def test_left_padded_population_by_prefix_reuse_equals_the_plain_path(tiny, site):
     pairs = pairs_of_three_lengths()
     assert len({len(tiny.tokenizer(p.clean.text)["input_ids"]) for p in pairs}) == 3  # rows really are padded
-    fast = population(tiny, pairs, site, "last", threshold=0.5, batch_size=6)
-    plain = population(tiny, pairs, site, "last", threshold=0.5, batch_size=6, reuse="none")
+    fast = population(tiny, pairs, site=site, position="last", threshold=0.5, batch_size=6)
+    plain = population(tiny, pairs, site=site, position="last", threshold=0.5, batch_size=6, reuse="none")
     for name in ("clean", "corrupt", "patched"):
         torch.testing.assert_close(torch.tensor(getattr(fast, name)), torch.tensor(getattr(plain, name)), atol=TOL, rtol=0)
 
@@ -103,9 +104,9 @@ def test_a_replay_that_does_not_reproduce_the_model_falls_back_to_the_plain_path
     real_head = plan.lm_head
     plan.lm_head = lambda h: real_head(h) * 1.5  # a forward the replay does not know about
     metric = logit_diff("Mary", "John")
-    effects = sweep(model, CLEAN, CORRUPT, metric, sites="resid_post", check_batching=False)
+    effects = sweep(model, CLEAN, CORRUPT, metric=metric, sites="resid_post", check_batching=False)
     assert forward.plan_for(model) is None  # refused for this model from now on
-    plain = sweep(model, CLEAN, CORRUPT, metric, sites="resid_post", check_batching=False, reuse="none")
+    plain = sweep(model, CLEAN, CORRUPT, metric=metric, sites="resid_post", check_batching=False, reuse="none")
     torch.testing.assert_close(raw(effects), raw(plain), atol=TOL, rtol=0)
 
 
@@ -139,10 +140,10 @@ def test_batching_verdict_is_cached_per_model_sites_and_chunk_shape(tiny, monkey
     monkeypatch.setattr(sweeps, "verify_cells", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
     metric = logit_diff("Mary", "John")
     for _ in range(2):
-        sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", check_batching=True, check_cells=3)
+        sweep(tiny, CLEAN, CORRUPT, metric=metric, sites="resid_post", check_batching=True, check_cells=3)
     assert len(calls) == 1  # the second sweep of the same shape reuses the verdict
-    sweep(tiny, CLEAN, CORRUPT, metric, sites="mlp_out", check_batching=True, check_cells=3)
-    sweep(tiny, CLEAN, CORRUPT, metric, sites="resid_post", batch_size=4, check_batching=True, check_cells=3)
+    sweep(tiny, CLEAN, CORRUPT, metric=metric, sites="mlp_out", check_batching=True, check_cells=3)
+    sweep(tiny, CLEAN, CORRUPT, metric=metric, sites="resid_post", batch_size=4, check_batching=True, check_cells=3)
     assert len(calls) == 3  # other sites, another chunk shape: checked again
     sweeps.forget_verdicts()
 

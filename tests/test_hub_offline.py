@@ -3,7 +3,8 @@
 import pytest
 import transformers
 
-from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.errors import ModelUnavailableError
 
 

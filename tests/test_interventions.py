@@ -7,7 +7,9 @@ import re
 import pytest
 import torch
 
-from pytest_nnsight import BrokenExperimentError, InterventionError, MetricError, ModelCache, NonFiniteMetricError, Settings
+from pytest_nnsight.errors import BrokenExperimentError, InterventionError, MetricError, NonFiniteMetricError
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.assertions import assert_restores, assert_top_token
 from pytest_nnsight.interventions import Edit, ablate, patch, patch_layer, run, steer
 from pytest_nnsight.metrics import as_metric, kl_div, logit_diff, logprob, prob, rank
@@ -466,14 +468,14 @@ def seed_patch_layer(model, prompt, source_prompt, layer, pos):
 @pytest.mark.parametrize("layer, pos", [(1, -1), (0, -1), (0, 4), (1, 2)])
 def test_patch_layer_matches_the_seeds_hand_written_version(capitals, layer, pos):
     expected = seed_patch_layer(capitals, CORRUPT, CLEAN, layer, pos)
-    result = patch_layer(capitals, CORRUPT, CLEAN, layer, pos)
+    result = patch_layer(capitals, corrupt=CORRUPT, clean=CLEAN, layer=layer, position=pos)
     assert list(result.tokens) == expected["top_tokens"]
     assert list(result.probs) == pytest.approx(expected["top_probs"], abs=1e-6)
     assert result.site == f"resid_post.{layer}" and result.position == pos % 6
 
 
 def test_patch_layer_at_the_last_position_transfers_the_answer(capitals):
-    result = patch_layer(capitals, CORRUPT, CLEAN, 1, -1)
+    result = patch_layer(capitals, corrupt=CORRUPT, clean=CLEAN, layer=1, position=-1)
     assert result.tokens[0] == "Paris" and result.probs[0] > 0.5
     assert list(result.probs) == sorted(result.probs, reverse=True)
     assert_top_token(capitals, result, "Paris")

@@ -42,7 +42,7 @@ def pairs(capitals):
 @pytest.mark.parametrize("position", ["last", "{country}"])
 @pytest.mark.parametrize("same_length, tol", [(True, 1e-5), (False, 1e-5)])  # left padding (the default) must not move the numbers either
 def test_population_equals_single_patch_runs(capitals, pairs, position, same_length, tol):
-    result = population(capitals, pairs, "transformer.h.0", position, n=24, threshold=0.7, batch_size=16, same_length=same_length)
+    result = population(capitals, pairs, site="transformer.h.0", position=position, n=24, threshold=0.7, batch_size=16, same_length=same_length)
     assert result.n == 24 and len(set(result.variants)) == 24
     assert len({v.template for v in result.variants}) > 1  # different lengths, so rows are left-padded
     for i, (p, eff) in enumerate(zip(result.variants, result.effects)):
@@ -54,17 +54,17 @@ def test_population_equals_single_patch_runs(capitals, pairs, position, same_len
 
 
 def test_population_summary_numbers(capitals, pairs):
-    r = population(capitals, pairs, "transformer.h.0", "last", n=40, threshold=0.9)
+    r = population(capitals, pairs, site="transformer.h.0", position="last", n=40, threshold=0.9)
     passing = [e for e in r.effects if e >= 0.9]
     assert r.passed == len(passing) and r.rate == len(passing) / 40
     assert r.mean == pytest.approx(sum(r.effects) / 40)
     assert r.std == pytest.approx(math.sqrt(sum((e - r.mean) ** 2 for e in r.effects) / 39))
     assert r.worst(1)[0][0] == min(r.effects)
-    assert population(capitals, pairs, "transformer.h.0", "last", n=40, threshold=0.9).effects == r.effects  # same seed, same variants
+    assert population(capitals, pairs, site="transformer.h.0", position="last", n=40, threshold=0.9).effects == r.effects  # same seed, same variants
 
 
 def test_assert_population_failure_text(capitals, pairs):
-    r = population(capitals, pairs, "transformer.h.0", "{country}", n=20, threshold=0.7)
+    r = population(capitals, pairs, site="transformer.h.0", position="{country}", n=20, threshold=0.7)
     with pytest.raises(FindingFailed) as info:
         assert_population(r, min_rate=0.9)
     text = str(info.value)
@@ -77,7 +77,7 @@ def test_assert_population_failure_text(capitals, pairs):
 
 def test_assert_population_on_lower_bound_vs_rate(capitals):
     few = counterfactual_pairs(capitals, ["The capital of {country} is"], {"country": CAPITALS})
-    r = population(capitals, few, "transformer.h.0", "last", n=10, threshold=0.5)
+    r = population(capitals, few, site="transformer.h.0", position="last", n=10, threshold=0.5)
     assert r.passed == 10 and r.lower_bound == pytest.approx(0.7225, abs=1e-4)
     assert_population(r, min_rate=0.9, on="rate")
     with pytest.raises(FindingFailed, match="Wilson 95% lower bound"):
@@ -87,11 +87,11 @@ def test_assert_population_on_lower_bound_vs_rate(capitals):
 def test_population_bad_input(capitals):
     small = counterfactual_pairs(capitals, ["The capital of {country} is"], {"country": {"France": "Paris", "Spain": "Madrid"}})
     with pytest.raises(StrategyError, match="n=3 is larger than the 2 distinct"):
-        population(capitals, small, "transformer.h.0", "last", n=3, threshold=0.5)
+        population(capitals, small, site="transformer.h.0", position="last", n=3, threshold=0.5)
     with pytest.raises(StrategyError, match="needs n="):
-        population(capitals, small, "transformer.h.0", "last", threshold=0.5)
+        population(capitals, small, site="transformer.h.0", position="last", threshold=0.5)
     with pytest.raises(ValueError, match="on='mean'"):
-        assert_population(population(capitals, small, "transformer.h.0", "last", n=2, threshold=0.5), on="mean")
+        assert_population(population(capitals, small, site="transformer.h.0", position="last", n=2, threshold=0.5), on="mean")
 
 
 PER_EXAMPLE = """
@@ -100,7 +100,8 @@ from hypothesis import given, target
 from pytest_nnsight import logit_diff, patch
 from pytest_nnsight.strategies import counterfactual_pairs
 from pytest_nnsight.wordlists import CAPITAL_TEMPLATES, CAPITALS
-from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 
 PAIRS = counterfactual_pairs(ModelCache(Settings(device="cpu")).get("bundled:capitals"), CAPITAL_TEMPLATES, {"country": CAPITALS})
 

@@ -24,7 +24,8 @@ def dump(key, value):
 
 CAPITALS_FINDINGS = DUMP + """
 import pytest
-from pytest_nnsight import assert_peaks_at, assert_restores, blocks, bundled, embed, logit_diff, patch, sweep
+from pytest_nnsight import assert_peaks_at, assert_restores, bundled, logit_diff, patch, sweep
+from pytest_nnsight.sites import blocks, embed
 from pytest_nnsight.populations import assert_population, population
 from pytest_nnsight.strategies import counterfactual_pairs
 from pytest_nnsight.wordlists import CAPITAL_TEMPLATES, CAPITALS

@@ -4,7 +4,7 @@ and every misuse fails before a forward pass with a message that names the valid
 import pytest
 import torch
 
-from pytest_nnsight import PositionError, SiteError
+from pytest_nnsight.errors import PositionError, SiteError
 from pytest_nnsight.interventions import Prompt, ablate, patch, patch_layer, run, steer
 from pytest_nnsight.metrics import as_metric, logit_diff, prob
 from pytest_nnsight.sites import Site, attn_out, block, blocks, embed, head, mlp_out, resolve_position, resolve_site, resolve_sites, site, tokens_of
@@ -290,7 +290,7 @@ def test_prompts_of_different_lengths_print_both_tokenizations(capitals):
     assert "clean:   [0:<bos> 1:The 2:capital 3:of 4:France 5:is]" in message
     assert "corrupt: [0:<bos> 1:The 2:capital 3:city 4:of 5:Germany 6:is]" in message
     with pytest.raises(PositionError, match=r"(?s)clean: .*3:of 4:France.*corrupt: .*3:city"):
-        sweep(capitals, CLEAN, "The capital city of Germany is", LD)
+        sweep(capitals, CLEAN, "The capital city of Germany is", metric=LD)
 
 
 def test_a_bad_position_in_patch_prints_both_tokenizations(capitals):
@@ -305,10 +305,10 @@ LONG = " ".join([CLEAN] * 7)  # 36 tokens; the model's context is 32
     "call",
     [
         lambda m: patch(m, LONG, LONG.replace("France", "Germany"), site="transformer.h.0", position="last", metric=LD),
-        lambda m: sweep(m, LONG, LONG.replace("France", "Germany"), LD),
+        lambda m: sweep(m, LONG, LONG.replace("France", "Germany"), metric=LD),
         lambda m: ablate(m, LONG, site="transformer.h.0", position="last", metric=LD),
         lambda m: steer(m, LONG, site="transformer.h.0", position="last", metric=LD, vector=torch.zeros(64)),
-        lambda m: patch_layer(m, LONG, LONG, 0, -1),
+        lambda m: patch_layer(m, corrupt=LONG, clean=LONG, layer=0, position=-1),
     ],
     ids=["patch", "sweep", "ablate", "steer", "patch_layer"],
 )
@@ -322,10 +322,10 @@ def test_prompt_longer_than_the_context_is_a_position_error(capitals, call):
     "call",
     [
         lambda m, p: patch(m, p, p, site="transformer.h.0", position="last", metric=LD),
-        lambda m, p: sweep(m, p, p, LD),
+        lambda m, p: sweep(m, p, p, metric=LD),
         lambda m, p: ablate(m, p, site="transformer.h.0", position="last", metric=LD),
         lambda m, p: steer(m, p, site="transformer.h.0", position="last", metric=LD, vector=torch.zeros(64)),
-        lambda m, p: patch_layer(m, p, CLEAN, 0, -1),
+        lambda m, p: patch_layer(m, corrupt=p, clean=CLEAN, layer=0, position=-1),
     ],
     ids=["patch", "sweep", "ablate", "steer", "patch_layer"],
 )

@@ -311,7 +311,7 @@ def test_population_results_and_nested_dataclasses_serialize_generically():
 def test_plain_use_extension_named_snapshots_and_with_tolerance(pytester, monkeypatch):
     pytester.makepyfile(test_api="""
 import os
-from pytest_nnsight import FindingSnapshotExtension
+from pytest_nnsight.snapshots import FindingSnapshotExtension
 
 def shift():
     return float(os.environ.get("SHIFT", "0"))

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from pytest_nnsight import InterventionError, PositionError, logit_diff, patch, steer
+from pytest_nnsight import logit_diff, patch, steer
+from pytest_nnsight.errors import InterventionError, PositionError
 from pytest_nnsight.models import wrap
 from pytest_nnsight.structure import collapse, expand, model_structure
 from pytest_nnsight.structure_diff import explain
@@ -203,7 +204,8 @@ def test_h10_h11_broadcastable_values_are_refused():
 
 def test_h13_bad_layer_is_a_site_error_on_every_nnsight():
     """H13: a bad layer is IndexError on <= 0.7, AttributeError on 0.8; pytest-nnsight raises SiteError either way."""
-    from pytest_nnsight import SiteError, block
+    from pytest_nnsight.errors import SiteError
+    from pytest_nnsight.sites import block
 
     model = wrap(*tiny_gpt2())
     with pytest.raises(SiteError, match="5"):
@@ -215,7 +217,7 @@ def test_h8_attribution_gradients_are_real():
     from pytest_nnsight import attribution_patch
 
     model = wrap(*tiny_gpt2())
-    effects = attribution_patch(model, "The capital of France is", "The capital of Germany is", logit_diff("Paris", "Berlin"))
+    effects = attribution_patch(model, "The capital of France is", "The capital of Germany is", metric=logit_diff("Paris", "Berlin"))
     values = torch.as_tensor(effects.values, dtype=torch.float64)
     assert torch.isfinite(values).all() and values.abs().max() > 0, effects
 
@@ -250,7 +252,7 @@ def test_tiny_structure(structure_snapshot):
     structure_snapshot(wrap(module, tok))
 
 def test_assert_form(structure_snapshot):
-    from pytest_nnsight import model_structure
+    from pytest_nnsight.structure import model_structure
     assert model_structure(wrap(*tiny_gpt2())) == structure_snapshot
 '''
 

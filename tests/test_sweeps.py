@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from pytest_nnsight import BatchingMismatchError, BrokenExperimentError, EffectMap, Settings
+from pytest_nnsight import EffectMap
+from pytest_nnsight.errors import BatchingMismatchError, BrokenExperimentError
+from pytest_nnsight.settings import Settings
 from pytest_nnsight import settings as settings_module
 from pytest_nnsight import sweeps
 from pytest_nnsight.interventions import Prompt
@@ -60,7 +62,7 @@ def naive(capitals):
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
 def test_batched_sweep_equals_the_naive_map(capitals, naive, batch_size):
     values, raw, ld_clean, ld_corrupt = naive
-    effects = sweep(capitals, CLEAN, CORRUPT, LD, batch_size=batch_size, check_batching=False)
+    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, batch_size=batch_size, check_batching=False)
     assert effects.shape == (2, 6)
     assert effects.sites == ("resid_post.0", "resid_post.1") and effects.tokens == TOKENS and effects.positions == tuple(range(6))
     assert (effects.clean_prompt, effects.corrupt_prompt, effects.metric) == (CLEAN, CORRUPT, "logit_diff('Paris', 'Berlin')")
@@ -78,7 +80,7 @@ def test_the_naive_map_shows_the_known_mechanism(naive):
 
 def test_sweep_in_the_other_direction_equals_the_naive_map(capitals):
     values, raw, ld_corrupt, ld_clean = naive_block_map(capitals, CORRUPT, CLEAN)
-    effects = sweep(capitals, CLEAN, CORRUPT, LD, direction="corrupt->clean", batch_size=5)
+    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, direction="corrupt->clean", batch_size=5)
     torch.testing.assert_close(torch.tensor(effects.raw), torch.tensor(raw), atol=TOL, rtol=0)
     torch.testing.assert_close(effects.tensor(), torch.tensor(values, dtype=torch.float64), atol=TOL, rtol=0)
     assert effects.clean == pytest.approx(ld_clean, abs=TOL) and effects.corrupt == pytest.approx(ld_corrupt, abs=TOL)
@@ -86,7 +88,7 @@ def test_sweep_in_the_other_direction_equals_the_naive_map(capitals):
 
 def test_head_sweep_equals_hand_patching_each_heads_slice(capitals):
     sites = [head(capitals, 0, i) for i in range(4)]
-    effects = sweep(capitals, CLEAN, CORRUPT, LD, sites=sites, batch_size=7)
+    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, sites=sites, batch_size=7)
     assert effects.sites == ("head_out.0.0", "head_out.0.1", "head_out.0.2", "head_out.0.3")
     ld_clean, ld_corrupt = plain_ld(capitals, CLEAN), plain_ld(capitals, CORRUPT)
     with torch.inference_mode():
@@ -106,7 +108,7 @@ def test_head_sweep_equals_hand_patching_each_heads_slice(capitals):
 
 @pytest.mark.parametrize("kind", ["attn", "mlp"])
 def test_attn_and_mlp_sweeps_equal_hand_patches(capitals, kind):
-    effects = sweep(capitals, CLEAN, CORRUPT, LD, sites=kind)
+    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, sites=kind)
     assert effects.sites == (f"{kind}_out.0", f"{kind}_out.1")
     helper = attn_out if kind == "attn" else mlp_out
     assert effects.sites == tuple(str(helper(capitals, i)) for i in range(2))
@@ -128,7 +130,7 @@ def test_attn_and_mlp_sweeps_equal_hand_patches(capitals, kind):
 
 
 def test_mixed_site_list_keeps_its_order_and_input_sites_match_outputs(capitals):
-    effects = sweep(capitals, CLEAN, CORRUPT, LD, sites=[embed(capitals), "transformer.h.1:input", *blocks(capitals)])
+    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, sites=[embed(capitals), "transformer.h.1:input", *blocks(capitals)])
     assert effects.sites == ("embed", "transformer.h.1:input", "resid_post.0", "resid_post.1")
     # block 1's input is block 0's output: the two rows are the same patch
     assert effects.row("transformer.h.1:input") == pytest.approx(effects.row("resid_post.0"), abs=TOL)
@@ -140,7 +142,7 @@ def test_mixed_site_list_keeps_its_order_and_input_sites_match_outputs(capitals)
     [([1, 5], (1, 5)), ("last", (5,)), (slice(3, None), (3, 4, 5)), ("France", (4,)), (-2, (4,))],
 )
 def test_positions_select_columns_of_the_full_map(capitals, naive, positions, expected):
-    effects = sweep(capitals, CLEAN, CORRUPT, LD, positions=positions)
+    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, positions=positions)
     assert effects.positions == expected
     assert effects.tokens == tuple(TOKENS[p] for p in expected)
     assert effects.shape == (2, len(expected))
@@ -149,14 +151,14 @@ def test_positions_select_columns_of_the_full_map(capitals, naive, positions, ex
 
 
 def test_slot_positions_in_a_sweep(capitals):
-    effects = sweep(capitals, Prompt(CLEAN, {"country": "France"}), Prompt(CORRUPT, {"country": "Germany"}), LD, positions="{country}")
+    effects = sweep(capitals, Prompt(CLEAN, {"country": "France"}), Prompt(CORRUPT, {"country": "Germany"}), metric=LD, positions="{country}")
     assert effects.positions == (4,) and effects.tokens == ("France",)
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, True, 2.0, "8"])  # None sizes chunks by memory
 def test_bad_batch_size_is_a_value_error(capitals, batch_size):
     with pytest.raises(ValueError, match="batch_size .*: expected a positive int"):
-        sweep(capitals, CLEAN, CORRUPT, LD, batch_size=batch_size)
+        sweep(capitals, CLEAN, CORRUPT, metric=LD, batch_size=batch_size)
 
 
 def test_sweep_refuses_a_broken_experiment_before_running_cells(capitals, monkeypatch):
@@ -164,11 +166,11 @@ def test_sweep_refuses_a_broken_experiment_before_running_cells(capitals, monkey
     real = sweeps.run
     monkeypatch.setattr(sweeps, "run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with pytest.raises(BrokenExperimentError, match=r"sweeping 2 sites x 6 positions: the two runs barely differ"):
-        sweep(capitals, CLEAN, CLEAN, LD, reuse="none")
+        sweep(capitals, CLEAN, CLEAN, metric=LD, reuse="none")
     assert len(calls) == 1  # only the unpatched pair ran
     monkeypatch.setattr(sweeps, "run_cells", lambda *a, **kw: calls.append(2))
     with pytest.raises(BrokenExperimentError, match=r"the two runs barely differ"):
-        sweep(capitals, CLEAN, CLEAN, LD)  # prefix reuse: refused before any patched row
+        sweep(capitals, CLEAN, CLEAN, metric=LD)  # prefix reuse: refused before any patched row
     assert calls == [1]
 
 
@@ -197,7 +199,7 @@ def count_runs(monkeypatch):
 
 
 def test_check_batching_reruns_the_asked_cells_and_passes(capitals, count_runs, naive):
-    effects = sweep(capitals, CLEAN, CORRUPT, LD, batch_size=4, check_batching=True, check_cells=5, reuse="none")
+    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, batch_size=4, check_batching=True, check_cells=5, reuse="none")
     assert count_runs == {"single": 5, "batched": 4, "broken": False}  # 4 rows a trace: [clean, corrupt] + 2 cells, then 4, 4, 2
     torch.testing.assert_close(torch.tensor(effects.raw), torch.tensor(naive[1]), atol=TOL, rtol=0)
 
@@ -205,7 +207,7 @@ def test_check_batching_reruns_the_asked_cells_and_passes(capitals, count_runs, 
 def test_check_batching_catches_a_broken_batch_path(capitals, count_runs):
     count_runs["broken"] = True
     with pytest.raises(BatchingMismatchError) as info:
-        sweep(capitals, CLEAN, CORRUPT, LD, check_batching=True, check_cells=3, reuse="none")
+        sweep(capitals, CLEAN, CORRUPT, metric=LD, check_batching=True, check_cells=3, reuse="none")
     message = str(info.value)
     assert "batched sweep disagrees with single-cell runs beyond 0.0001 in 3 of 3 checked cells" in message
     assert "|diff| 0.5" in message
@@ -215,12 +217,12 @@ def test_check_batching_catches_a_broken_batch_path(capitals, count_runs):
 
 def test_check_batching_follows_the_setting_and_is_what_catches_the_bug(capitals, count_runs, monkeypatch):
     count_runs["broken"] = True
-    sweep(capitals, CLEAN, CORRUPT, LD, check_batching=False, reuse="none")  # without the check a broken batch passes silently
+    sweep(capitals, CLEAN, CORRUPT, metric=LD, check_batching=False, reuse="none")  # without the check a broken batch passes silently
     monkeypatch.setattr(settings_module, "ACTIVE", Settings(check_batching=True, check_batching_cells=2))
     with pytest.raises(BatchingMismatchError, match="in 2 of 2 checked cells"):
-        sweep(capitals, CLEAN, CORRUPT, LD, reuse="none")
+        sweep(capitals, CLEAN, CORRUPT, metric=LD, reuse="none")
     monkeypatch.setattr(settings_module, "ACTIVE", Settings(check_batching=False))
-    sweep(capitals, CLEAN, CORRUPT, LD, reuse="none")
+    sweep(capitals, CLEAN, CORRUPT, metric=LD, reuse="none")
 
 
 def test_check_batching_catches_a_broken_prefix_path(capitals, monkeypatch):
@@ -228,7 +230,7 @@ def test_check_batching_catches_a_broken_prefix_path(capitals, monkeypatch):
     real = sweeps.run_cells
     monkeypatch.setattr(sweeps, "run_cells", lambda *a, **kw: real(*a, **kw) + 0.5)
     with pytest.raises(BatchingMismatchError, match=r"in 4 of 12 checked cells"):  # the 8 cells before 'Germany' run no row
-        sweep(capitals, CLEAN, CORRUPT, LD, check_batching=True, check_cells=12)
+        sweep(capitals, CLEAN, CORRUPT, metric=LD, check_batching=True, check_cells=12)
 
 
 def test_tolerance_for_low_precision_dtypes():
@@ -286,7 +288,7 @@ def test_effect_map_default_positions_are_all_tokens():
 
 
 def test_real_sweep_helpers(capitals, naive):
-    effects = sweep(capitals, CLEAN, CORRUPT, LD)
+    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD)
     site, pos, tok, value = effects.argmax()
     best = max(((i, p) for i in range(2) for p in range(6)), key=lambda c: naive[0][c[0]][c[1]])
     assert (site, pos, tok) == (f"resid_post.{best[0]}", best[1], TOKENS[best[1]])

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from pytest_nnsight import (
-    ArgumentError, ArgumentTypeError, InterventionError, MetricError, ModelSpecError, ModelUnavailableError, ModelUsageError,
-    NonFiniteMetricError, PositionError, SettingsError, SiteError, ablate, assert_population, assert_restores, attribution_patch,
-    block, head, logit_diff, patch, patch_layer, prob, rank, steer, sweep, wilson_interval,
-)
+from pytest_nnsight import ablate, assert_population, assert_restores, attribution_patch, logit_diff, patch, patch_layer, prob, rank, steer, sweep
+from pytest_nnsight.errors import ArgumentError, ArgumentTypeError, InterventionError, MetricError, ModelSpecError, ModelUnavailableError, ModelUsageError, NonFiniteMetricError, PositionError, SettingsError, SiteError
+from pytest_nnsight.sites import block, head
+from pytest_nnsight.stats import wilson_interval
 from pytest_nnsight.circuits import Circuit, discover, edge_attribution, faithfulness, path_patch, path_sweep
 from pytest_nnsight.errors import BrokenExperimentError, CircuitError, ProbeError, SnapshotFileError, SnapshotValueError
 from pytest_nnsight.generation import Ablate, contains, generate, generation_population
@@ -54,9 +53,9 @@ CASES = {
     "site layer as a string": (lambda m: block(m, "1"), SiteError, r"'1' is not an int", r"expected 0\.\.1"),
     "site layer as a bool": (lambda m: block(m, True), SiteError, r"True is not an int", r"expected 0\.\.1"),
     "head index negative past range": (lambda m: head(m, 0, -5), SiteError, r"head -5", r"valid 0\.\.3 \(or -4\.\.-1\)"),
-    "site group that does not exist": (lambda m: sweep(m, CLEAN, CORRUPT, LD, sites="heads"), SiteError, r"'heads'", r"blocks, attn, mlp"),
-    "sweep with no sites": (lambda m: sweep(m, CLEAN, CORRUPT, LD, sites=[]), SiteError, r"empty list of sites", r"'blocks', 'attn' or 'mlp'"),
-    "patch_layer layer out of range": (lambda m: patch_layer(m, CORRUPT, CLEAN, layer=5, pos=4), SiteError, r"layer 5", r"valid 0\.\.1"),
+    "site group that does not exist": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, sites="heads"), SiteError, r"'heads'", r"blocks, attn, mlp"),
+    "sweep with no sites": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, sites=[]), SiteError, r"empty list of sites", r"'blocks', 'attn' or 'mlp'"),
+    "patch_layer layer out of range": (lambda m: patch_layer(m, corrupt=CORRUPT, clean=CLEAN, layer=5, position=4), SiteError, r"layer 5", r"valid 0\.\.1"),
     # positions
     "position past the end": (lambda m: _patch(m, position=99), PositionError, r"position 99", r"valid 0\.\.5"),
     "position negative past the start": (lambda m: _patch(m, position=-99), PositionError, r"position -99", r"-6\.\.-1"),
@@ -67,7 +66,7 @@ CASES = {
     "position a bool": (lambda m: _patch(m, position=True), PositionError, r"True", r"expected an int, 'last'"),
     "position an empty list": (lambda m: _patch(m, position=[]), PositionError, r"\[\]", r"a list of ints"),
     "position a mixed list": (lambda m: _patch(m, position=[0, "x"]), PositionError, r"\[0, 'x'\]", r"a list of ints"),
-    "patch_layer position out of range": (lambda m: patch_layer(m, CORRUPT, CLEAN, layer=0, pos=40), PositionError, r"position 40", r"valid 0\.\.5"),
+    "patch_layer position out of range": (lambda m: patch_layer(m, corrupt=CORRUPT, clean=CLEAN, layer=0, position=40), PositionError, r"position 40", r"valid 0\.\.5"),
     # prompts
     "clean and corrupt of different lengths": (lambda m: _patch(m, corrupt="The capital of France is Paris"), PositionError, r"\(6 vs 7\)", r"corrupt: \[0:<bos>"),
     "empty prompt": (lambda m: _patch(m, clean=""), PositionError, r"''", r"expected text"),
@@ -89,13 +88,13 @@ CASES = {
     "metric NaN, then a claim on it": (lambda m: assert_restores(_patch(m, metric=_nan_metric), 0.5), NonFiniteMetricError, r"nan", r"not finite"),
     # arguments
     "patch direction": (lambda m: _patch(m, direction="both"), ArgumentError, r"'both'", r"'clean->corrupt' or 'corrupt->clean'"),
-    "sweep direction": (lambda m: sweep(m, CLEAN, CORRUPT, LD, direction="sideways"), ArgumentError, r"'sideways'", r"'clean->corrupt' or 'corrupt->clean'"),
-    "sweep batch size zero": (lambda m: sweep(m, CLEAN, CORRUPT, LD, batch_size=0), ArgumentError, r"batch_size 0", r"positive int"),
-    "sweep batch size a float": (lambda m: sweep(m, CLEAN, CORRUPT, LD, batch_size=2.0), ArgumentError, r"batch_size 2\.0", r"positive int"),
-    "sweep of identical prompts": (lambda m: sweep(m, CLEAN, CLEAN, LD), BrokenExperimentError, r"gap 0", r"pick one that flips the answer"),
+    "sweep direction": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, direction="sideways"), ArgumentError, r"'sideways'", r"'clean->corrupt' or 'corrupt->clean'"),
+    "sweep batch size zero": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, batch_size=0), ArgumentError, r"batch_size 0", r"positive int"),
+    "sweep batch size a float": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, batch_size=2.0), ArgumentError, r"batch_size 2\.0", r"positive int"),
+    "sweep of identical prompts": (lambda m: sweep(m, CLEAN, CLEAN, metric=LD), BrokenExperimentError, r"gap 0", r"pick one that flips the answer"),
     "ablate method": (lambda m: ablate(m, CLEAN, site="transformer.h.0", position="last", metric=LD, method="gaussian"), ArgumentError, r"'gaussian'", r"'zero', 'mean' or 'resample'"),
     "mean ablation without references": (lambda m: ablate(m, CLEAN, site="transformer.h.0", position="last", metric=LD, method="mean"), ArgumentError, r"mean ablation", r"needs reference_prompts"),
-    "attribution direction": (lambda m: attribution_patch(m, CLEAN, CORRUPT, LD, direction="up"), ArgumentError, r"'up'", r"'clean->corrupt' or 'corrupt->clean'"),
+    "attribution direction": (lambda m: attribution_patch(m, CLEAN, CORRUPT, metric=LD, direction="up"), ArgumentError, r"'up'", r"'clean->corrupt' or 'corrupt->clean'"),
     # NaN / inf / devices
     "steer with a NaN vector": (lambda m: _steer(m, torch.full((64,), float("nan"))), InterventionError, r"NaN", r"finite"),
     "steer with an inf vector": (lambda m: _steer(m, torch.full((64,), float("inf"))), InterventionError, r"inf", r"finite"),
@@ -165,7 +164,7 @@ def test_bad_input_gives_one_clear_error(capitals, clean_error, case):
     clean_error(info.value, kind, *fragments)
 
 
-@pytest.mark.filterwarnings("ignore::pytest_nnsight.EagerAttentionWarning")
+@pytest.mark.filterwarnings("ignore::pytest_nnsight.errors.EagerAttentionWarning")
 def test_a_pattern_of_a_model_without_tokenizer_is_a_usage_error(clean_error):
     from pytest_nnsight import attention_pattern
     from pytest_nnsight.models import wrap
@@ -269,7 +268,7 @@ def test_a_model_emitting_inf_fails_claims_with_a_non_finite_error(capitals, cle
     handle = capitals._module.lm_head.register_forward_hook(lambda mod, args, out: out * float("inf"))
     try:
         effect = _patch(capitals)
-        effects = sweep(capitals, CLEAN, CORRUPT, LD, check_batching=False)
+        effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, check_batching=False)
     finally:
         handle.remove()
     assert math.isnan(effect.normalized)

@@ -108,7 +108,7 @@ FINDING = (
     "from pytest_nnsight import logit_diff, sweep, assert_peaks_at\n\n"
     "def test_map(nnsight_model):\n"
     "    model = nnsight_model('bundled:capitals')\n"
-    "    effects = sweep(model, 'The capital of France is', 'The capital of Germany is', logit_diff('Paris', 'Berlin'))\n"
+    "    effects = sweep(model, 'The capital of France is', 'The capital of Germany is', metric=logit_diff('Paris', 'Berlin'))\n"
     "    assert_peaks_at(effects, [('resid_post.1', -1)], at_least=0.5, elsewhere_at_most=1.5)\n"
 )
 

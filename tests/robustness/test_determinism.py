@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from pytest_nnsight import attn_out, block, embed, logit_diff, sweep
+from pytest_nnsight import logit_diff, sweep
+from pytest_nnsight.sites import attn_out, block, embed
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
 
@@ -64,7 +65,7 @@ def test_two_runs_give_bit_identical_maps_and_snapshots(pytester):
 
 @pytest.mark.parametrize("sites, sizes", [("blocks", (1, 3, 7, 64)), ("head_out", (5, 13, 64))], ids=["blocks", "heads"])
 def test_sweep_results_agree_across_batch_sizes(capitals, sites, sizes):
-    maps = {bs: sweep(capitals, CLEAN, CORRUPT, logit_diff("Paris", "Berlin"), sites=sites, batch_size=bs, check_batching=False)
+    maps = {bs: sweep(capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, batch_size=bs, check_batching=False)
             for bs in sizes}
     ref = maps[sizes[0]]
     for bs, m in maps.items():
@@ -75,8 +76,8 @@ def test_sweep_results_agree_across_batch_sizes(capitals, sites, sizes):
 
 def test_sweep_over_mixed_sites_agrees_across_batch_sizes(capitals):
     sites = [embed(capitals), attn_out(capitals, 0), block(capitals, 0), "head_out.1.2", block(capitals, 1)]
-    a = sweep(capitals, CLEAN, CORRUPT, logit_diff("Paris", "Berlin"), sites=sites, batch_size=2, check_batching=False)
-    b = sweep(capitals, CLEAN, CORRUPT, logit_diff("Paris", "Berlin"), sites=sites, batch_size=30, check_batching=False)
+    a = sweep(capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, batch_size=2, check_batching=False)
+    b = sweep(capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, batch_size=30, check_batching=False)
     worst = max(abs(x - y) for rx, ry in zip(a.values, b.values) for x, y in zip(rx, ry))
     assert worst <= 1e-5, f"batch sizes 2 and 30 differ by {worst:.3g}"
 

@@ -89,7 +89,7 @@ def test_patch_metrics(capitals, metric):
        direction=st.sampled_from(["clean->corrupt"] * 4 + ["corrupt->clean"] * 2 + ["both", None]))
 def test_sweep_arguments(capitals, sites, positions, batch_size, direction):
     def call():
-        effects = sweep(capitals, CLEAN, CORRUPT, logit_diff("Paris", "Berlin"), sites=sites, positions=positions,
+        effects = sweep(capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, positions=positions,
                         batch_size=batch_size, direction=direction, check_batching=False)
         assert all(math.isfinite(v) for row in effects.values for v in row), effects.to_text()
 

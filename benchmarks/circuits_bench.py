@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.circuits import all_edges, edge_scores, path_sweep, spearman
 from pytest_nnsight.metrics import as_metric, logit_diff
 from pytest_nnsight.paths import cache_pair, run_edges

@@ -190,7 +190,7 @@ def project_dependencies() -> list[str]:
 
         deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     except Exception:  # Python 3.10 or an unusual pyproject: the common set
-        deps = ["pytest>=7.4", "hypothesis>=6.100", "syrupy>=4.6", "safetensors>=0.4", "tokenizers>=0.20"]
+        deps = ["pytest>=7.4", "hypothesis>=6.100", "syrupy>=7,<8", "safetensors>=0.4", "tokenizers>=0.20"]
     return [str(d) for d in deps]
 
 

@@ -17,8 +17,8 @@ import warnings
 from importlib import import_module
 from typing import Any
 
-from .errors import FindingFailed, NnsightTestError
-from .results import Effect, EffectMap, Measured
+from .errors import FindingFailed as FindingFailed, NnsightTestError as NnsightTestError  # re-exported
+from .results import Effect as Effect, EffectMap as EffectMap, Measured as Measured  # re-exported
 
 __version__ = "0.1.0"
 

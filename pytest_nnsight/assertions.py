@@ -9,7 +9,7 @@ import math
 from typing import Any, Sequence
 
 from .errors import ArgumentError, FindingFailed, NonFiniteMetricError
-from .findings import record_check, record_peaks
+from .findings import record_check, record_effect, record_peaks
 from .results import Effect, EffectMap
 
 
@@ -29,6 +29,7 @@ def _finite(value: float, what: str, effect: Effect | None = None) -> None:
 def assert_restores(effect: Effect, at_least: float) -> None:
     """The patch restores at least `at_least` of the clean behaviour (normalized effect)."""
     __tracebackhide__ = True
+    record_effect(effect)  # a hand-built Effect too (the verbs already recorded theirs; recorded once)
     record_check(f"normalized effect of the {effect.kind} at {effect.site}", effect.normalized, ">=", at_least, site=effect.site)
     _finite(effect.normalized, "the normalized effect", effect)
     if not effect.normalized >= at_least:
@@ -44,6 +45,7 @@ def assert_drops(effect: Effect, by_at_least: float, *, relative: bool = False) 
     __tracebackhide__ = True
     drop = float(effect.target) - float(effect.intervened)
     measured = drop / abs(effect.target) if relative and effect.target else drop
+    record_effect(effect)  # a hand-built Effect too (the verbs already recorded theirs; recorded once)
     record_check(f"{'relative ' if relative else ''}drop of {effect.metric} from the {effect.kind} at {effect.site}", measured, ">=", by_at_least, site=effect.site)
     _finite(measured, "the drop", effect)
     if not measured >= by_at_least:
@@ -60,6 +62,7 @@ def assert_beats_controls(effect: Effect, margin: float) -> None:
     __tracebackhide__ = True
     if not effect.controls:
         raise ArgumentError("this effect carries no controls: run the intervention with controls=True")
+    record_effect(effect)  # a hand-built Effect too (the verbs already recorded theirs; recorded once)
     record_check(f"effect at {effect.site} minus its strongest control", float(effect.normalized) - max(effect.controls.values()), ">=", margin, site=effect.site)
     _finite(effect.normalized, "the normalized effect", effect)
     losing = {k: v for k, v in effect.controls.items() if not float(effect.normalized) - v >= margin}

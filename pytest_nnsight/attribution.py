@@ -26,7 +26,7 @@ from .prompts import pair_positions, text_of
 from .trace import Edit, _translate, normalized, reference_logits, run
 from .forward import forward_kwargs
 from .metrics import Metric, as_metric, per_row
-from .results import EffectMap
+from .results import Direction, EffectMap
 from .sites import (
     Site, execution_order, module_of, resolve_position, resolve_site, resolve_sites, site_value,
 )
@@ -42,7 +42,7 @@ def attribution_patch(
     metric: Any = UNSET,
     sites: Any = "blocks",
     positions: Any = None,
-    direction: str = "clean->corrupt",
+    direction: Direction = "clean->corrupt",
     min_gap: float = 1e-4,
 ) -> EffectMap:
     """Approximate `sweep()` with two forwards and one backward: effect ~ (source - target activation) . gradient / (source - target metric).
@@ -242,7 +242,7 @@ def check_attribution(
     top: int = 5,
     atol: float = 0.1,
     sites: Any = None,
-    direction: str = "clean->corrupt",
+    direction: Direction = "clean->corrupt",
     min_gap: float = 1e-4,
 ) -> AttributionCheck:
     """Patch the `top` cells of largest |approx| for real, one trace per cell, and compare; see `AttributionCheck.raise_if_failed`.

@@ -124,3 +124,7 @@ class ReplayError(NnsightTestError, ValueError):
 
 class FindingFailed(AssertionError):
     """A claim about a model did not hold (an assertion failure, not misuse: it is an AssertionError only)."""
+
+
+class StructureChangedError(NnsightTestError, AssertionError):
+    """The served model's structure differs from the one recorded in the structure lock."""

@@ -39,6 +39,7 @@ class Recorder:
     circuits: list[dict[str, Any]] = field(default_factory=list)
     probes: list[dict[str, Any]] = field(default_factory=list)
     _map_ids: dict[int, int] = field(default_factory=dict, repr=False)
+    _effects_seen: list[Any] = field(default_factory=list, repr=False)  # the Effect objects recorded (identity, not equality)
 
     def empty(self) -> bool:
         return not (self.checks or self.maps or self.effects or self.populations or self.snapshots or self.lenses or self.generations
@@ -47,6 +48,7 @@ class Recorder:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("_map_ids")
+        d.pop("_effects_seen")
         return d
 
 
@@ -111,12 +113,21 @@ def record_check(rec: Recorder, what: str, measured: Any, op: str, threshold: An
 
 @_safe
 def record_effect(rec: Recorder, effect: Any) -> None:
-    """One intervention's Effect (patch, ablation, steering): its normalized value and raw numbers."""
+    """One intervention's Effect (patch, ablation, steering): its normalized value and raw numbers; once per object."""
+    if any(seen is effect for seen in rec._effects_seen):
+        return
+    rec._effects_seen.append(effect)
     _append(rec.effects, {"kind": effect.kind, "site": effect.site, "positions": list(effect.positions),
                           "tokens": list(effect.position_tokens), "metric": effect.metric, "prompt": _text(effect.target_prompt),
                           "source": _num(effect.source), "target": _num(effect.target), "intervened": _num(effect.intervened),
                           "normalized": _num(effect.normalized), "controls": {k: _num(v) for k, v in effect.controls.items()},
                           "nan": _is_nan(effect.normalized)})
+
+
+def recorded(effect: Any) -> Any:
+    """`effect`, recorded for the findings report: the verbs return `recorded(Effect(...))`."""
+    record_effect(effect)
+    return effect
 
 
 @_safe
@@ -238,8 +249,9 @@ def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scor
 @_safe
 def record_snapshot(rec: Recorder, assertion: Any, data: Any) -> None:
     """The status of the finding_snapshot assertion that just ran: new, written, matched, re-verified, drifted, updated."""
-    results = getattr(assertion, "_execution_results", {})
-    res = results.get(getattr(assertion, "_executions", 0) - 1)
+    from .snapshots.syrupy_adapter import last_result  # stdlib only
+
+    res = last_result(assertion)
     if res is None:
         return
     out = getattr(assertion.extension, "last", None)

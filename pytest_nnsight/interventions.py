@@ -19,7 +19,8 @@ from . import forward as _forward
 from .metrics import Metric, as_metric, logits_of
 from .prompts import Prompt, check_context, describe_positions, pair_positions, resolve_position, slots_of, text_of, tokens_of
 from .prompts import show_tokens
-from .results import Effect
+from .findings import recorded
+from .results import AblationMethod, Direction, Effect
 from .sites import Site, resolve_site, site
 from .trace import Edit, normalized, reference_logits, run
 from .trace import _apply, _cause_line, _reference, _translate  # noqa: F401  (moved to trace.py)
@@ -38,7 +39,7 @@ def patch(
     site: Any,
     position: Any,
     metric: Any,
-    direction: str = "clean->corrupt",
+    direction: Direction = "clean->corrupt",
     controls: bool = False,
     control_position: Any = None,
     min_gap: float = 1e-4,
@@ -76,10 +77,10 @@ def patch(
             r, _ = run(model, text_of(target), m, edits=[Edit(s, (0,) * len(other), tuple(other), src_act[other])], reference=reference)
             ctrl[f"position {other[0]} {ct[other[0]]!r}"] = normalized(float(r[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what)
     target_tokens = xt if direction == "clean->corrupt" else ct
-    return Effect(
+    return recorded(Effect(
         "patch", str(s), tuple(pos), tuple(target_tokens[p] for p in pos), m.name, text_of(source), text_of(target),
         float(base[0]), float(base[1]), float(patched[0]), eff, direction, tuple(target_tokens), controls=ctrl,
-    )
+    ))
 
 
 def _baselines(model: Any, spec: Any, m: Metric, s: Site, clean: str, source: str, target: str, direction: str) -> tuple[Any, Any, torch.Tensor]:
@@ -118,7 +119,7 @@ def ablate(
     site: Any,
     position: Any,
     metric: Any,
-    method: str = "zero",
+    method: AblationMethod = "zero",
     reference_prompts: Sequence[Any] = (),
     donor: Any = None,
 ) -> Effect:
@@ -154,7 +155,7 @@ def ablate(
     ablated, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference)
     b, a = float(base[0]), float(ablated[0])
     rel = (a - b) / abs(b) if b != 0 else math.copysign(math.inf, a - b) if a != b else 0.0
-    return Effect(how, str(s), tuple(pos), tuple(tokens[p] for p in pos), m.name, "", text, b, b, a, rel, "ablation", tuple(tokens))
+    return recorded(Effect(how, str(s), tuple(pos), tuple(tokens[p] for p in pos), m.name, "", text, b, b, a, rel, "ablation", tuple(tokens)))
 
 
 def _mean_activation(model: Any, site: Site, prompts: Sequence[Any], position: Any, own: Sequence[int]) -> torch.Tensor:
@@ -210,7 +211,8 @@ def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Te
     steered, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values, op="add")], reference=reference)
     b, a = float(base[0]), float(steered[0])
     rel = (a - b) / abs(b) if b != 0 else (math.inf if a != b else 0.0)
-    return Effect(f"steering (alpha={alpha:g})", str(s), tuple(pos), tuple(tokens[p] for p in pos), m.name, "", text, b, b, a, rel, "steering", tuple(tokens))
+    return recorded(Effect(f"steering (alpha={alpha:g})", str(s), tuple(pos), tuple(tokens[p] for p in pos), m.name, "", text, b, b, a, rel,
+                           "steering", tuple(tokens)))
 
 
 @dataclass(frozen=True)

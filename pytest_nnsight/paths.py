@@ -30,6 +30,7 @@ from .families import Layout, layout_of
 from .results import fixed
 from .metrics import Metric, as_metric
 from .prompts import pair_positions, resolve_position, slots_of, text_of
+from .findings import recorded
 from .results import Effect
 from .sites import Site, _head_index, _layer_index, model_name
 from .sweeps import tolerance_for
@@ -357,10 +358,10 @@ def path_patch(
     spos = [i for i, keep in enumerate(pc.sender_mask.tolist()) if keep]
     label = f"{s.label} -> {'+'.join(r.label for r in receivers)}"
     eff = normalized(float(patched[0]), pc.tgt, pc.src, min_gap=min_gap, what=f"path patching {label}")
-    return Effect(
+    return recorded(Effect(
         "path patch", label, tuple(spos), tuple(pc.target_tokens[p] for p in spos), m.name, pc.source, pc.target,
         pc.src, pc.tgt, float(patched[0]), eff, direction, tuple(pc.target_tokens),
-    )
+    ))
 
 
 # -- many edges of one pair, batched ------------------------------------------------------------------

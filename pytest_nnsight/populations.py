@@ -26,6 +26,7 @@ from .prompts import pair_positions, text_of
 from .trace import Edit, normalized, run
 from . import forward as _forward
 from .metrics import Metric, as_metric, logit_diff, per_row
+from .results import Direction, Reuse
 from .sites import resolve_site
 from .strategies import CounterfactualPair, StrategyError
 from .stats import wilson_interval
@@ -228,12 +229,12 @@ def population(
     n: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    direction: str = "clean->corrupt",
+    direction: Direction = "clean->corrupt",
     min_gap: float = 1e-4,
     same_length: bool = False,
     check_batching: bool | None = None,
     check_pairs: int | None = None,
-    reuse: str = "prefix",
+    reuse: Reuse = "prefix",
 ) -> PopulationResult:
     """Patch `site` at `position` from clean into corrupt for every pair; effect per pair, batched.
 

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from .errors import NonFiniteMetricError
-from .findings import record_effect
 
+
+#: which run's activation goes into which: the clean one's into the corrupt run (restoring), or the reverse (breaking)
+Direction = Literal["clean->corrupt", "corrupt->clean"]
+#: how an ablation replaces an activation
+AblationMethod = Literal["zero", "mean", "resample"]
+#: whether sweeps and populations start patched rows from cached layers ('prefix') or run every row whole ('none')
+Reuse = Literal["prefix", "none"]
+#: an Effect's direction: a patch's, or the kind of single-prompt intervention
+EffectDirection = Literal["clean->corrupt", "corrupt->clean", "ablation", "steering"]
 
 class Measured(float):
     """A float measured by an intervention; `assert effect.normalized >= 0.8` shows where it came from.
@@ -102,7 +110,7 @@ class Effect:
     target: float  # metric on the unpatched run that is intervened on
     intervened: float
     normalized: float
-    direction: str = "clean->corrupt"
+    direction: EffectDirection = "clean->corrupt"
     tokens: tuple[str, ...] = ()
     top_tokens: tuple[tuple[str, float], ...] = ()
     controls: dict[str, float] = field(default_factory=dict)
@@ -138,7 +146,6 @@ class Effect:
         ctx = self.context()
         object.__setattr__(self, "normalized", Measured(self.normalized, f"normalized effect of the {self.kind} at {self.site}", ctx))
         object.__setattr__(self, "intervened", Measured(self.intervened, f"{self.metric} after the {self.kind} at {self.site}", ctx))
-        record_effect(self)  # for the findings report (a no-op outside a test)
 
     def __repr__(self) -> str:
         pos = ",".join(map(str, self.positions))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .specs import spec_of
+
 SHORT, LONG = "The capital of France is", "Everyone knows that the capital of the country of France is"
 SAME, DIFFERS = "same as alone", "differs from alone"
 TOLERANCE = 1e-3  # relative to the logits' scale; nnsight 0.8 agrees to ~2e-6, <= 0.7 moves them by ~0.1-0.4
@@ -33,8 +35,6 @@ def _block_path(model: Any) -> str | None:
 
 
 def _spec(value: Any, batch: int, length: int) -> Any:
-    from .structure import spec_of
-
     return _symbolic(spec_of(value), batch, length)
 
 

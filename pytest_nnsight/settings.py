@@ -115,10 +115,19 @@ class Option:
         return "nnsight_" + self.noun
 
 
-def parse_structure_lock(value: str | bool) -> str:
-    from .structure_lock import parse_mode
+STRUCTURE_LOCK_MODES = ("on", "warn", "update", "off")
 
-    return parse_mode(value)
+
+def parse_structure_lock(value: str | bool) -> str:
+    """A structure lock mode from an option value: on, warn, update or off (true/false also accepted)."""
+    v = str(value).strip().lower()
+    if v in STRUCTURE_LOCK_MODES:
+        return v
+    if v in ("1", "true", "yes"):
+        return "on"
+    if v in ("0", "false", "no", ""):
+        return "off"
+    raise ValueError("expected on (record, then fail tests when the structure changed), warn, update (accept the change) or off")
 
 
 OPTIONS: tuple[Option, ...] = (

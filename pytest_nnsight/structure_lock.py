@@ -22,27 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import NnsightTestError
+from .errors import StructureChangedError  # noqa: F401  (re-exported; every error class lives in errors.py)
+from .settings import STRUCTURE_LOCK_MODES as MODES, parse_structure_lock as parse_mode  # noqa: F401
 
 LOCK_NAME = ".nnsight-structure.lock"  # JSON; a dot name: syrupy skips it (any other file there counts as an unused snapshot)
 SNAPSHOT_DIR = "__snapshots__"
 FORMAT = "pytest-nnsight structure lock"
 VERSION = 1
-MODES = ("on", "warn", "update", "off")
-
-
-def parse_mode(value: str | bool) -> str:
-    """A lock mode from an option value: on, warn, update or off (true/false also accepted)."""
-    v = str(value).strip().lower()
-    if v in MODES:
-        return v
-    if v in ("1", "true", "yes"):
-        return "on"
-    if v in ("0", "false", "no", ""):
-        return "off"
-    raise ValueError("expected on (record, then fail tests when the structure changed), warn, update (accept the change) or off")
-
-
 @contextlib.contextmanager
 def _exclusive(directory: Path) -> Iterator[None]:
     """One writer at a time in `directory` (xdist workers may each record a model): flock on the directory itself,
@@ -58,10 +44,6 @@ def _exclusive(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-class StructureChangedError(NnsightTestError, AssertionError):
-    """The served model's structure differs from the one recorded in the structure lock."""
 
 
 @dataclass

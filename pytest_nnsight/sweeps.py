@@ -23,7 +23,7 @@ from .batching import ids_of
 from .prompts import TokenPrompt, pair_positions, slots_of, text_of
 from .trace import Edit, normalized, reference_logits, run
 from .metrics import as_metric, logits_of, per_row
-from .results import EffectMap
+from .results import Direction, EffectMap, Reuse
 from .sites import Site, module_of, resolve_position, resolve_sites
 
 
@@ -37,11 +37,11 @@ def sweep(
     positions: Any = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
-    direction: str = "clean->corrupt",
+    direction: Direction = "clean->corrupt",
     check_batching: bool | None = None,
     check_cells: int | None = None,
     min_gap: float = 1e-4,
-    reuse: str = "prefix",
+    reuse: Reuse = "prefix",
 ) -> EffectMap:
     """Patch every (site, position) cell from one run into the other; returns an EffectMap of normalized effects.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Iterator
 
 from syrupy.assertion import SnapshotAssertion
@@ -23,6 +22,7 @@ from ..files import atomic_write  # noqa: F401  (also imported from here by test
 from ..findings import record_snapshot
 from . import hooks
 from .compare import Comparison, Tolerance, compare_findings, default_tolerance, environment_changes, explain, tolerance_from
+from .syrupy_adapter import after_this_assertion
 from .encode import DECIMALS, dumps, loads, record
 
 ACCEPT = "run pytest --snapshot-update to accept the change"
@@ -263,7 +263,7 @@ class FindingSnapshotAssertion(SnapshotAssertion):
             if value is not None:
                 previous = getattr(self, name)
                 setattr(self, name, value)
-                self._post_assert_actions.append(lambda n=name, v=previous: setattr(self, n, v))
+                after_this_assertion(self, lambda n=name, v=previous: setattr(self, n, v))
         return super().__call__(**kwargs)  # type: ignore[return-value]
 
     def __repr__(self) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from .syrupy_adapter import forget_collected_module
+
 USER_PROPERTY = "nnsight_snapshot"
 
 
@@ -79,12 +81,7 @@ def module_skipped(report: pytest.CollectReport) -> None:
         return
     path = (config.rootpath / report.nodeid).absolute()
     _STACK[-1].skipped_modules.add((str(path.parent), path.stem))
-    syrupy_session = getattr(config, "_syrupy", None)
-    modules = getattr(syrupy_session, "_collected_modules", None)
-    if isinstance(modules, set):
-        from syrupy.location import PyTestLocation
-
-        modules.discard(PyTestLocation.module_path_key(path))
+    forget_collected_module(config, path)
 
 
 def _stem_matches(stem: str, name: str) -> bool:

@@ -13,7 +13,8 @@ import statistics
 import torch
 
 import pytest_nnsight.populations as pops
-from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.embeddings import cosine_to, embed, mean_pool
 from pytest_nnsight.metrics import Metric, logits_of
 from pytest_nnsight.prompts import Prompt

@@ -7,7 +7,8 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
-from pytest_nnsight import ModelCache, Settings
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.generation import Ablate, generate
 
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from pytest_nnsight import Settings
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.models import ModelCache, wrap
 from pytest_nnsight.structure import model_structure
 from pytest_nnsight.testing import tiny_gpt2

@@ -9,6 +9,7 @@ only; figures need matplotlib, as the rest of the report.
 from __future__ import annotations
 
 import html
+import io
 import math
 import textwrap
 from typing import Any
@@ -50,9 +51,10 @@ def probe_figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
         fig.legend(handles=handles, loc="outside right upper", fontsize=7, title="label", title_fontsize=8)
     title = f"2-D PCA of the probed activations per site, coloured by label ({len(classes)} classes); {probes[0]['position']}"
     fig.suptitle(textwrap.fill(title, 30 * cols + 20, max_lines=3, placeholder=" ..."), fontsize=9)
-    from .report import _png
-
-    return {f"figures/{slug}-probes.png": _png(fig, plt)}
+    buf = io.BytesIO()  # as report._png (not imported: report imports this module)
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return {f"figures/{slug}-probes.png": buf.getvalue()}
 
 
 def _legend(probes: list[dict[str, Any]]) -> bool:

@@ -12,18 +12,26 @@ from typing import Any, Sequence
 
 import torch
 
+from . import forward as _forward
 from .batching import encode, groups, mixed_lengths_ok
 from .deprecation import UNSET, deprecated, required
 from .errors import ArgumentError, ArgumentTypeError, InterventionError, PositionError
-from . import forward as _forward
-from .metrics import Metric, as_metric, logits_of
-from .prompts import Prompt, check_context, describe_positions, pair_positions, resolve_position, slots_of, text_of, tokens_of
-from .prompts import show_tokens
 from .findings import recorded
+from .metrics import Metric, as_metric, logits_of
+from .prompts import (
+    Prompt,
+    check_context,
+    describe_positions,
+    pair_positions,
+    resolve_position,
+    show_tokens,
+    slots_of,
+    text_of,
+    tokens_of,
+)
 from .results import AblationMethod, Direction, Effect
 from .sites import Site, resolve_site, site
-from .trace import Edit, normalized, reference_logits, run
-from .trace import _apply, _cause_line, _reference, _translate  # noqa: F401  (moved to trace.py)
+from .trace import Edit, _apply, _cause_line, _reference, _translate, normalized, reference_logits, run  # noqa: F401  (moved to trace.py)
 
 __all__ = [  # re-exported for code that imported them from here before prompts.py and trace.py
     "Edit", "Prompt", "TopTokens", "ablate", "check_context", "normalized", "pair_positions", "patch", "patch_layer",

@@ -14,9 +14,18 @@ import torch
 
 import pytest_nnsight
 from pytest_nnsight import (
-    NnsightTestError, Prompt, attribution_patch, check_attribution, logit_diff, patch_layer, population, read, site, sweep,
+    NnsightTestError,
+    Prompt,
+    attribution_patch,
+    check_attribution,
+    errors,
+    logit_diff,
+    patch_layer,
+    population,
+    read,
+    site,
+    sweep,
 )
-from pytest_nnsight import errors
 from pytest_nnsight.errors import ArgumentTypeError, PositionError, SiteError
 from pytest_nnsight.strategies import CounterfactualPair
 

@@ -282,19 +282,34 @@ def validate(model: Any, layout: Layout | None = None) -> Layout:
     projection input splits into n_heads; patterns [B, H, T, T] under eager attention), that embed is
     resid_pre.0 and resid_post.L is resid_pre.L+1.
     """
-    import torch
-
     layout = layout or layout_of(model)
     root = _root(model)
-    fam = layout.family
+    fail = _Mismatch(layout.family.name, type(root).__name__)
+    watch = _watched_sites(layout)
+    seen = _probe_forward(root, watch, fail)
+    _check_shapes(root, layout, watch, seen, fail)
+    _check_order(layout.n_layers, seen, fail)
+    _check_residual_chain(layout.n_layers, seen, fail)
+    return layout
 
-    def fail(site: str, why: str) -> None:
+
+@dataclass(frozen=True)
+class _Mismatch:
+    """Raises the FamilyMismatchError of one validation, naming the site and what was wrong there."""
+
+    family: str
+    model: str
+
+    def __call__(self, site: str, why: str) -> None:
         raise FamilyMismatchError(
-            f"model family {fam.name!r} does not fit {type(root).__name__} at site {site}: {why}. The library may have "
+            f"model family {self.family!r} does not fit {self.model} at site {site}: {why}. The library may have "
             "renamed or restructured its modules: fix the Family table (pytest_nnsight.register_family) or name sites by module path"
         )
 
-    watch: dict[str, tuple[str, str]] = {"embed": (layout.path("embed"), "output")}  # site -> (path, part)
+
+def _watched_sites(layout: Layout) -> dict[str, tuple[str, str]]:
+    """site -> (module path, 'input' or 'output'), for every site of the vocabulary the family maps."""
+    watch: dict[str, tuple[str, str]] = {"embed": (layout.path("embed"), "output")}
     for i in range(layout.n_layers):
         watch[f"resid_pre.{i}"] = (layout.layer(i), "input")
         watch[f"attn_out.{i}"] = (layout.in_layer(i, "attn"), "output")
@@ -306,28 +321,33 @@ def validate(model: Any, layout: Layout | None = None) -> Layout:
         watch["final_norm"] = (layout.path("final_norm"), "output")
     if layout.path("lm_head"):
         watch["logits"] = (layout.path("lm_head"), "output")
+    return watch
+
+
+def _first(value: Any, item: int = 0) -> Any:
+    if isinstance(value, (tuple, list)):
+        return value[item] if len(value) > item else None
+    return value if item == 0 else None
+
+
+def _probe_forward(root: Any, watch: dict[str, tuple[str, str]], fail: _Mismatch) -> dict[str, tuple[int, Any]]:
+    """One forward of a [2, 5] batch with hooks on every watched module: site -> (when it ran, its value)."""
+    import torch
+
     modules = {}
     for site, (path, _) in watch.items():
         try:
             modules[site] = root.get_submodule(path)
         except AttributeError:
             fail(site, f"no module {path!r}")
-
     seen: dict[str, tuple[int, Any]] = {}
-    clock = [0]
-
-    def first(value: Any, item: int = 0) -> Any:
-        if isinstance(value, (tuple, list)):
-            return value[item] if len(value) > item else None
-        return value if item == 0 else None
 
     def record(site: str, value: Any) -> None:
         if site not in seen:
-            seen[site] = (clock[0], value)
-            clock[0] += 1
+            seen[site] = (len(seen), value)
 
     handles = []
-    for site, (path, part) in watch.items():
+    for site, (_, part) in watch.items():
         mod = modules[site]
         item = 1 if site.startswith("pattern.") else 0
         if part == "input":
@@ -337,7 +357,7 @@ def validate(model: Any, layout: Layout | None = None) -> Layout:
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         else:
             def post(_m: Any, _a: Any, out: Any, s: str = site, k: int = item) -> None:
-                record(s, first(out, k))
+                record(s, _first(out, k))
 
             handles.append(mod.register_forward_hook(post))
     vocab = getattr(getattr(root, "config", None), "vocab_size", None) or 8
@@ -349,16 +369,22 @@ def validate(model: Any, layout: Layout | None = None) -> Layout:
     finally:
         for h in handles:
             h.remove()
-
-    B, T, d, H = 2, 5, layout.d_model, layout.n_heads
     for site in watch:
         if site not in seen:
             fail(site, f"module {watch[site][0]!r} did not run in a forward pass")
+    return seen
+
+
+def _check_shapes(root: Any, layout: Layout, watch: dict[str, tuple[str, str]], seen: dict[str, tuple[int, Any]], fail: _Mismatch) -> None:
+    """[B, T, d_model] everywhere, the head projection's input splitting into n_heads, patterns [B, H, T, T] under eager."""
+    import torch
+
+    B, T, d, H = 2, 5, layout.d_model, layout.n_heads
     eager = getattr(getattr(root, "config", None), "_attn_implementation", None) == "eager"
     for site, (_, value) in seen.items():
         name = site.split(".")[0]
         if name == "pattern":
-            if fam.returns_weights and eager and (value is None or tuple(value.shape) != (B, H, T, T)):
+            if layout.family.returns_weights and eager and (value is None or tuple(value.shape) != (B, H, T, T)):
                 fail(site, f"expected attention weights [{B}, {H}, {T}, {T}] under eager attention, got {None if value is None else list(value.shape)}")
             continue
         if not isinstance(value, torch.Tensor):
@@ -373,27 +399,35 @@ def validate(model: Any, layout: Layout | None = None) -> Layout:
         elif shape != (B, T, d):
             fail(site, f"expected [{B}, {T}, d_model={d}], got {list(shape)}")
 
+
+def _check_order(n_layers: int, seen: dict[str, tuple[int, Any]], fail: _Mismatch) -> None:
+    """embed, then per layer resid_pre < attn_out < mlp_out < resid_post, then final_norm and logits."""
+
     def before(a: str, b: str) -> None:
         if a in seen and b in seen and not seen[a][0] < seen[b][0]:
             fail(b, f"ran before {a}; expected {a} first")
 
     before("embed", "resid_pre.0")
-    for i in range(layout.n_layers):
+    for i in range(n_layers):
         for a, b in ((f"resid_pre.{i}", f"attn_out.{i}"), (f"attn_out.{i}", f"mlp_out.{i}"), (f"mlp_out.{i}", f"resid_post.{i}")):
             before(a, b)
-        if i + 1 < layout.n_layers:
+        if i + 1 < n_layers:
             before(f"resid_post.{i}", f"resid_pre.{i + 1}")
-    last = f"resid_post.{layout.n_layers - 1}"
+    last = f"resid_post.{n_layers - 1}"
     before(last, "final_norm")
     before("final_norm", "logits")
     before(last, "logits")
 
+
+def _check_residual_chain(n_layers: int, seen: dict[str, tuple[int, Any]], fail: _Mismatch) -> None:
+    """embed is resid_pre.0, and resid_post.L is resid_pre.L+1: nothing runs between the layers."""
+    import torch
+
     if not torch.equal(seen["embed"][1], seen["resid_pre.0"][1]):
         fail("embed", "its output is not the input of layer 0 (resid_pre.0)")
-    for i in range(layout.n_layers - 1):
+    for i in range(n_layers - 1):
         if not torch.equal(seen[f"resid_post.{i}"][1], seen[f"resid_pre.{i + 1}"][1]):
             fail(f"resid_post.{i}", f"it differs from resid_pre.{i + 1}: something runs between the layers")
-    return layout
 
 
 def check_on_load(model: Any) -> str | None:

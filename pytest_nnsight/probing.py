@@ -7,7 +7,6 @@ a majority-class baseline and a control task (the same probe on shuffled labels,
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
@@ -16,8 +15,6 @@ from .errors import ProbeError
 from .findings import record_check, record_probe
 from .results import EffectMap, Measured
 from .stats import wilson_interval
-
-
 
 
 def stratified_split(labels: Sequence[int], test_fraction: float = 0.25, seed: int = 0) -> tuple[list[int], list[int]]:

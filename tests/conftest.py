@@ -14,7 +14,6 @@ from pytest_nnsight.models import import_nnsight
 from pytest_nnsight.testing import tiny_gpt2
 
 
-
 def _warm_up() -> None:
     from pytest_nnsight.models import ModelCache
     from pytest_nnsight.settings import Settings

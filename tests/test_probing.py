@@ -8,7 +8,15 @@ import torch
 
 from pytest_nnsight.activation_cache import ActivationCache
 from pytest_nnsight.errors import ProbeError, SiteNotCachedError
-from pytest_nnsight.probing import ProbeSweep, assert_probe, fit_probe, probe, probe_sites, stratified_split, wilson_interval
+from pytest_nnsight.probing import (
+    ProbeSweep,
+    assert_probe,
+    fit_probe,
+    probe,
+    probe_sites,
+    stratified_split,
+    wilson_interval,
+)
 
 
 def wilson_by_hand(k, n, z=1.959963984540054):

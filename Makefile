@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+# make test spreads the suite over xdist workers, one per core up to 4 (each loads torch once; most of the suite's time
+# is interpreter start-up in tests that run pytest in a fresh process). PYTEST_XDIST= runs it in one process.
+PYTEST_XDIST ?= --numprocesses=auto --maxprocesses=4 --dist=worksteal
 DEMO_REPORT ?= reports/demo
 
 .PHONY: demo test bench bench-gpu docs venv clean
@@ -27,7 +30,7 @@ demo: venv
 	@echo "make demo: findings report in $(DEMO_REPORT)/index.html (findings.json, findings.md, figures/)"
 
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "make test: pytest collected no tests, which counts as a failure" >&2; exit $$rc; }
+	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "make test: pytest collected no tests, which counts as a failure" >&2; exit $$rc; }
 
 # the documentation site, strict: a broken link, a missing page in the nav or a bad docstring reference fails
 docs: venv

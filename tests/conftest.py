@@ -45,6 +45,14 @@ _import_the_package()
 _warm_up()
 
 
+@pytest.fixture(autouse=True)
+def _inner_runs_are_not_xdist_workers(monkeypatch):
+    """Under `pytest -n` (make test), a worker's PYTEST_XDIST_* variables would reach the pytest runs a test starts,
+    inline or in a subprocess, whose plugins (syrupy, the report, device assignment) would then act as a worker's."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_TESTRUNUID", "PYTEST_XDIST_WORKER_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """A seeded random 2-layer GPT-2 (d_model 32) and its word tokenizer."""

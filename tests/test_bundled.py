@@ -50,16 +50,29 @@ def test_every_entity_is_one_token(capitals):
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
 
 
-def test_training_reruns_bit_identically(tmp_path):
-    """Two short runs of the training script give the same weights (the full run's sha is in the manifest)."""
+def test_training_reruns_bit_identically(tmp_path, monkeypatch):
+    """Two short runs of the training script give the same weights (the full run's sha is in the manifest): one in a
+    fresh interpreter, one in this process (another hash seed, torch already used; the torch state it sets is restored)."""
+    import importlib.util
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "scripts" / "train_bundled.py"
-    shas = []
-    for run in ("a", "b"):
-        subprocess.run([sys.executable, str(script), "capitals", "--out", str(tmp_path / run), "--steps", "5"], check=True, capture_output=True)
-        shas.append(bundled.sha256_of(tmp_path / run / "model.safetensors"))
+    args = ["capitals", "--steps", "5", "--out"]
+    subprocess.run([sys.executable, str(script), *args, str(tmp_path / "a")], check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("train_bundled_rerun", script)
+    trainer = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, trainer)  # its dataclasses look their module up there
+    spec.loader.exec_module(trainer)
+    state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.get_rng_state())
+    try:
+        trainer.main([*args, str(tmp_path / "b")])
+    finally:
+        torch.set_num_threads(state[0])
+        torch.use_deterministic_algorithms(state[1], warn_only=state[2])
+        torch.set_rng_state(state[3])
+    shas = [bundled.sha256_of(tmp_path / run / "model.safetensors") for run in ("a", "b")]
     assert shas[0] == shas[1]
     assert shas[0] != bundled.manifest("bundled:capitals")["weights_sha256"]  # 5 steps is not the shipped model

@@ -7,9 +7,9 @@ from __future__ import annotations
 import random
 from typing import Any, Callable
 
+from pytest_nnsight.generation import Ablate, generate
 from pytest_nnsight.models import ModelCache
 from pytest_nnsight.settings import Settings
-from pytest_nnsight.generation import Ablate, generate
 
 
 def _prompts(n: int = 40, seed: int = 0) -> list[str]:

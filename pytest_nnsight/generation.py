@@ -219,8 +219,8 @@ def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]
 def _mean_over_tokens(model: Any, site: Any, texts: Sequence[str]) -> Any:
     import torch
 
-    from .trace import run
     from .metrics import Metric
+    from .trace import run
 
     rows = []
     for t in texts:  # one prompt per trace: no padding to exclude
@@ -482,10 +482,10 @@ def _next_logits(model: Any, ids: Any, mask: Any, edits: Sequence[Any], cache: A
     With a cache, `ids` holds only the new tokens, `mask` covers cache and new tokens."""
     import torch
 
-    from .trace import run
     from . import compat
     from .metrics import Metric, logits_of
     from .sites import module_of
+    from .trace import run
 
     device = next(module_of(model).parameters()).device
     # position ids from the mask, as transformers' generate computes them, so left padding shifts no position on any

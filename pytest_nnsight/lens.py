@@ -106,10 +106,10 @@ def logit_lens(model: Any, prompt: Any, *, answer: str | int, positions: Any = N
     import torch
 
     from .families import layout_of
-    from .prompts import check_context, resolve_position, slots_of, text_of, tokens_of
-    from .trace import run
     from .metrics import Metric, token_id
+    from .prompts import check_context, resolve_position, slots_of, text_of, tokens_of
     from .sites import module_of, site
+    from .trace import run
 
     text = text_of(prompt)
     layout = layout_of(model)

@@ -5,13 +5,23 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from pytest_nnsight.errors import ArgumentError, ArgumentTypeError, InterventionError, MetricError
 from pytest_nnsight.generation import (
-    Ablate, Decoding, Generation, GenerationPopulation, Patch, Steer, assert_generation, contains, exact_continuation, generate,
-    generation_population, text_metric, token_accuracy,
+    Ablate,
+    Decoding,
+    Generation,
+    GenerationPopulation,
+    Patch,
+    Steer,
+    assert_generation,
+    contains,
+    exact_continuation,
+    generate,
+    generation_population,
+    text_metric,
+    token_accuracy,
 )
 
 SEQ = "t3 t9 t20 t41 t7 t12 t30 t5"

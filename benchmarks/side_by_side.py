@@ -227,10 +227,20 @@ from pytest_nnsight.sweeps import sweep
 sweep(c.model, c.clean, c.corrupt, logit_diff(c.answer, c.distractor), sites="resid_pre.0", positions=[c.tokens - 1], check_batching=False)  # warm: one cell
 if device.startswith("cuda"):
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.max_memory_allocated()
-else:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-c.ours()
-peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
+    c.ours()
+    peak = torch.cuda.max_memory_allocated() - before
+else:  # the process's high-water mark was set by loading the model: sample the resident set during the sweep instead
+    import os, threading
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+    before, top, done = rss(), [0], threading.Event()
+    def sample():
+        while not done.is_set():
+            top[0] = max(top[0], rss()); time.sleep(0.001)
+    th = threading.Thread(target=sample); th.start()
+    c.ours()
+    done.set(); th.join()
+    peak = top[0] - before
 ours, raw = [], []
 for _ in range(rounds):
     t = time.perf_counter(); c.ours(); ours.append(time.perf_counter() - t)
@@ -241,7 +251,8 @@ print(json.dumps({"cells": layers * c.tokens, "ours_s": statistics.median(ours),
 
 def scaling(device: str, rounds: int = 3, width: int = 128) -> list[dict[str, Any]]:
     """Time and peak memory of a full resid_pre sweep against positions (16, 32, 64) and layers (12, 24), each in a
-    fresh process; the cost per cell is reported relative to raw lean hooks doing the same cells (flat or falling)."""
+    fresh process (peak: CUDA's peak allocation, or on CPU the resident set sampled every millisecond during the sweep,
+    over its level before); the cost per cell is reported relative to raw lean hooks doing the same cells (flat or falling)."""
     configs = [(12, 16), (12, 32), (12, 64), (24, 16)]
     runs = {}
     for layers, tokens in configs:

@@ -178,12 +178,12 @@ module, tok = tiny_gpt2(n_layer=8, n_embd=128, words=words)
 model = ModelCache(Settings(device=device)).get(module, tok)
 clean = " ".join(words[:40]); corrupt = " ".join(words[1:41])
 metric = lambda out: out.logits[:, -1, 5] - out.logits[:, -1, 6]
-sweep(model, clean, corrupt, metric, sites=sites.blocks(model)[:1], positions=[0], batch_size=1, check_batching=False)
+sweep(model, clean, corrupt, metric=metric, sites=sites.blocks(model)[:1], positions=[0], batch_size=1, check_batching=False)
 if device.startswith("cuda"):
     torch.cuda.reset_peak_memory_stats(); before = torch.cuda.max_memory_allocated()
 else:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-m = sweep(model, clean, corrupt, metric, positions=slice(0, positions), batch_size=batch, check_batching=False)
+m = sweep(model, clean, corrupt, metric=metric, positions=slice(0, positions), batch_size=batch, check_batching=False)
 peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"cells": m.shape[0] * m.shape[1], "peak_mb": (peak - before) / 2**20}))
 """

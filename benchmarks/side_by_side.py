@@ -224,7 +224,7 @@ layers, tokens, width, device, rounds = int(sys.argv[2]), int(sys.argv[3]), int(
 c = Contenders(device, n_layer=layers, n_embd=width, tokens=tokens)
 from pytest_nnsight.metrics import logit_diff
 from pytest_nnsight.sweeps import sweep
-sweep(c.model, c.clean, c.corrupt, logit_diff(c.answer, c.distractor), sites="resid_pre.0", positions=[c.tokens - 1], check_batching=False)  # warm: one cell
+sweep(c.model, c.clean, c.corrupt, metric=logit_diff(c.answer, c.distractor), sites="resid_pre.0", positions=[c.tokens - 1], check_batching=False)  # warm: one cell
 if device.startswith("cuda"):
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.max_memory_allocated()
     c.ours()

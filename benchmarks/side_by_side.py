@@ -79,7 +79,7 @@ class Contenders:
 
         self.hf, self.tok = gpt2s(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64))
         self.hf.to(device=device, dtype=dtype)
-        self.model = ModelCache(Settings(device=device)).get(self.hf, self.tok)
+        self.model = ModelCache(Settings(device=device, dtype=str(dtype).split(".")[-1])).get(self.hf, self.tok)
         self.clean, self.corrupt = prompts(tokens)
         self.device, self.dtype, self.n_layer = device, dtype, n_layer
         self.ids = {k: self.tok(p, return_tensors="pt")["input_ids"].to(device) for k, p in (("clean", self.clean), ("corrupt", self.corrupt))}

@@ -43,21 +43,31 @@ def test_effect_and_attribution(nnsight_model, finding_snapshot):
 '''
 
 
-def _run(cwd) -> tuple[bytes, dict[str, str]]:
-    for p in cwd.rglob("*.json"):
-        p.unlink()
+def _start(cwd) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nnsight-device", "cpu", "--snapshot-update"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nnsight-device", "cpu", "--snapshot-update"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _result(proc: subprocess.Popen, cwd) -> tuple[bytes, dict[str, str]]:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
     snaps = {str(p.relative_to(cwd)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((cwd / "__snapshots__").rglob("*.json"))}
     return (cwd / "maps.json").read_bytes(), snaps
 
 
 def test_two_runs_give_bit_identical_maps_and_snapshots(pytester):
-    pytester.makepyfile(test_suite=SUITE)
-    maps_a, snaps_a = _run(pytester.path)
-    maps_b, snaps_b = _run(pytester.path)
+    # two fresh interpreters, each in its own copy of the suite, run side by side (each pays ~10 s of imports)
+    dirs = [pytester.mkdir(name) for name in ("a", "b")]
+    for d in dirs:
+        (d / "test_suite.py").write_text(SUITE)
+    procs = [_start(d) for d in dirs]
+    try:
+        (maps_a, snaps_a), (maps_b, snaps_b) = [_result(p, d) for p, d in zip(procs, dirs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     assert len(snaps_a) == 2, snaps_a
     assert snaps_a == snaps_b, "the snapshot files differ between two identical runs"
     assert maps_a == maps_b, f"effect maps differ between two identical runs:\n{maps_a.decode()}\n{maps_b.decode()}"

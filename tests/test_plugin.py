@@ -123,7 +123,7 @@ def test_gpu_marker_skips_with_reason(pytester):
 
 def test_ten_tests_load_the_model_once_and_verbose_leaves_nnsight_debug_off(pytester):
     # one fresh interpreter for both checks: nnsight 0.8 reads -v from sys.argv at import (hazard H14), which only a
-    # subprocess gives a real argv; ten tests share the session's cached model, loaded once
+    # subprocess gives a real argv (the last test is the control); ten tests share the session's cached model, loaded once
     body = "\n".join(
         f"""
 def test_{i}(nnsight_model, nnsight_models):
@@ -138,9 +138,20 @@ def test_{i}(nnsight_model, nnsight_models):
 """
         for i in range(10)
     )
-    pytester.makepyfile("import torch\n" + body)
-    result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=10)
+    control = """
+def test_zz_nnsight_alone_would_turn_debug_on_from_this_argv():
+    # the control (H14 is real here): what nnsight 0.8 does at import, without the plugin's reset (import_nnsight)
+    import sys, nnsight
+    assert "-v" in sys.argv
+    nnsight.CONFIG._from_cli()
+    try:
+        assert nnsight.CONFIG.APP.DEBUG is True
+    finally:
+        nnsight.CONFIG.APP.DEBUG = False
+"""
+    pytester.makepyfile("import torch\n" + body + control)
+    result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=11)
     result.stdout.fnmatch_lines(["*pytest-nnsight models*", "bundled:capitals: cpu float32, loaded 1x in *"])
 
 

@@ -96,7 +96,7 @@ def test_population_bad_input(capitals):
 
 PER_EXAMPLE = """
 import pytest
-from hypothesis import given, target
+from hypothesis import given, settings, target
 from pytest_nnsight import logit_diff, patch
 from pytest_nnsight.strategies import counterfactual_pairs
 from pytest_nnsight.wordlists import CAPITAL_TEMPLATES, CAPITALS
@@ -110,10 +110,12 @@ def effect(model, pair, position):
     target(-float(e.normalized), label="weakest effect")
     return e
 
+@settings(max_examples=10)  # the rest from the profile under test (no deadline, health checks that fit models)
 @given(pair=PAIRS)
 def test_holds(nnsight_model, pair):
     assert effect(nnsight_model("bundled:capitals"), pair, "last").normalized >= 0.7
 
+@settings(max_examples=10)
 @given(pair=PAIRS)
 def test_fails(nnsight_model, pair):
     assert effect(nnsight_model("bundled:capitals"), pair, "{country}").normalized >= 0.5

@@ -1,4 +1,4 @@
-"""The activation cache: reuse across runs and tests, keys, corruption, clearing, xdist, unwritable dirs. Run with pytester."""
+"""The activation cache: reuse across runs and tests, keys, corruption, clearing, unwritable dirs (xdist: test_faults). Run with pytester."""
 
 import json
 import os
@@ -119,15 +119,8 @@ def test_unwritable_dir_is_a_clear_error_unless_caching_is_off(suite):
     off.stdout.fnmatch_lines(["*FIRST source=memory forwards=3*", "*SECOND source=memory*"])
 
 
-def test_xdist_workers_share_one_valid_entry(pytester):
-    pytester.makepyfile(**SUITE)
-    pytester.makepyfile(test_other=SUITE["test_acts"])  # the same two tests in a second module: four askers, one key
-    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-p", "no:hypothesispytest")
-    result.assert_outcomes(passed=4)
-    (manifest,) = entries(default_dir(pytester))
-    assert_valid(default_dir(pytester))
-    again = pytester.runpytest("-s", "-p", "no:randomly", "test_acts.py")
-    again.stdout.fnmatch_lines(["*FIRST source=loaded forwards=0*"])
+# xdist: two workers writing entries into the default cache directory (eight askers of four keys, one valid entry
+# each, and a later run loading every one) is tests/robustness/test_faults.py::test_two_xdist_workers_lose_nothing.
 
 
 def test_help_lists_the_cache_options(pytester):

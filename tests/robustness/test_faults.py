@@ -1,11 +1,13 @@
 """Fault injection: a pytest run SIGKILLed while it writes snapshots, the activation cache or the report leaves no
-truncated or half-written file, and the rerun passes; two xdist workers writing concurrently lose nothing."""
+truncated or half-written file, and the rerun passes; two xdist workers writing concurrently lose nothing, and a later run
+loads what they wrote (this is also the activation cache's xdist test: eight askers of four keys, one entry each)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,13 +88,13 @@ def test_effect(nnsight_model, finding_snapshot):
 ARGS = ("-p", "no:cacheprovider", "--nnsight-device", "cpu", "--nnsight-cache-dir", "cache", "--nnsight-report", "report")
 
 
-def _child(cwd: Path, fault: str, *args: str, timeout: float = 120) -> str:
+def _child(cwd: Path, fault: str, *args: str, timeout: float = 120, base: tuple[str, ...] = ARGS) -> str:
     """Run pytest in a subprocess; with a fault, SIGKILL it once the chosen write signals. Returns its output."""
     mark = cwd / "fault.marker"
     mark.unlink(missing_ok=True)
     env = {**os.environ, "FAULT_AT": fault, "FAULT_MARK": str(mark)}
     env.pop("PYTEST_ADDOPTS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *ARGS, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *base, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while fault and not mark.exists():
         if proc.poll() is not None:
@@ -178,6 +180,7 @@ def test_cache(activation_cache, nnsight_model, i):
     prompts = [f"The capital of {c} is" for c in COUNTRIES[: 2 + i % 4]]  # 4 keys, each asked for by two tests
     acts = activation_cache.get(model, prompts, sites="blocks", positions="last")
     assert acts["resid_post.1"].shape[0] == len(prompts)
+    print(f"CACHE key={len(prompts)} source={acts.source}")
 '''
 
 
@@ -185,10 +188,16 @@ def test_two_xdist_workers_lose_nothing(pytester):
     pytest.importorskip("xdist")
     pytester.makepyfile(test_parallel=XDIST_TESTS)
     root = pytester.path
-    out = _child(root, "", "-n", "2", "--snapshot-update")
+    # the activation cache in its default directory (under .pytest_cache, as every worker must resolve it alike)
+    out = _child(root, "", "-n", "2", "--snapshot-update", base=("--nnsight-device", "cpu", "--nnsight-report", "report"))
     assert "16 passed" in out, out
     counts = check_files(root)
     assert counts["snapshots"] == 8 and counts["manifests"] == 4, f"{counts}\n{out}"
+    assert len(list((root / ".pytest_cache" / "d" / "nnsight-activations").glob("ac-*.json"))) == 4, out
     assert leftovers(root) == []
-    rerun = pytester.runpytest_inprocess(*ARGS[:-2])
+    rerun = pytester.runpytest_inprocess("--nnsight-device", "cpu", "-s", "-p", "no:randomly")
     rerun.assert_outcomes(passed=16)
+    # the entries the workers wrote are the ones a later run uses: every asker of the four keys loads, none recomputes
+    sources = re.findall(r"CACHE key=(\d) source=(\w+)", rerun.stdout.str())
+    assert sorted(k for k, _ in sources) == ["2", "2", "3", "3", "4", "4", "5", "5"], sources
+    assert {s for _, s in sources} <= {"loaded", "memory"}, sources

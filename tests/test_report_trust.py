@@ -5,11 +5,12 @@ import json
 EFFECT = """
 import math, pytest
 from pytest_nnsight.assertions import assert_restores
+from pytest_nnsight.findings import recorded
 from pytest_nnsight.results import Effect
 
-def effect(patched, clean=5.0, corrupt=-3.0):
-    return Effect("patch", "resid_post.0", (2,), ("is",), "logit_diff", "a b is", "a c is", clean, corrupt, patched,
-                  (patched - corrupt) / (clean - corrupt))
+def effect(patched, clean=5.0, corrupt=-3.0):  # what patch() returns, numbers given: recorded as the verbs record theirs
+    return recorded(Effect("patch", "resid_post.0", (2,), ("is",), "logit_diff", "a b is", "a c is", clean, corrupt, patched,
+                           (patched - corrupt) / (clean - corrupt)))
 """
 
 

@@ -346,14 +346,38 @@ def finish_fixture(fixturedef: Any, request: Any, rec: Recorder) -> None:
         p.pop("_id", None)
     item = getattr(request, "_pyfuncitem", None) or getattr(request, "node", None)
     if item is not None:
-        pending = getattr(item, "stash_fixture_findings", None)
+        pending = _stashed(item, "fixture_findings")
         if pending is None:
             pending = []
-            try:
-                item.stash_fixture_findings = pending
-            except Exception:
+            if not _stash(item, "fixture_findings", pending):
                 return
         pending.append(record)
+
+
+_KEYS: dict[str, Any] = {}
+
+
+def _key(name: str) -> Any:
+    """A pytest.StashKey per record kind, made on first use (this module imports only the standard library at load)."""
+    if name not in _KEYS:
+        import pytest
+
+        _KEYS[name] = pytest.StashKey[Any]()
+    return _KEYS[name]
+
+
+def _stashed(item: Any, name: str) -> Any:
+    """What finish()/finish_fixture() left in the item's stash for its reports (the one channel), or None."""
+    stash = getattr(item, "stash", None)
+    return stash.get(_key(name), None) if stash is not None else None
+
+
+def _stash(item: Any, name: str, value: Any) -> bool:
+    stash = getattr(item, "stash", None)
+    if stash is None:
+        return False
+    stash[_key(name)] = value
+    return True
 
 
 def _fixturedefs(item: Any, name: str) -> Sequence[Any]:
@@ -369,7 +393,7 @@ def finish(item: Any, rec: Recorder) -> None:
         return
     for p in rec.populations + rec.probes:
         p.pop("_id", None)
-    item.stash_finding = rec.to_dict()  # read by attach() when the call's report is made
+    _stash(item, "finding", rec.to_dict())  # read by attach() when the call's report is made
     try:
         item.user_properties.extend(junit_properties(rec.to_dict()))
     except Exception:
@@ -378,11 +402,11 @@ def finish(item: Any, rec: Recorder) -> None:
 
 def attach(item: Any, report: Any) -> None:
     """Put the item's record on its report (call phase; a marked test skipped or failing at setup gets a bare one)."""
-    fixture_records = getattr(item, "stash_fixture_findings", None)
+    fixture_records = _stashed(item, "fixture_findings")
     if fixture_records:  # measured while fixtures were set up (this phase, or during the call for a fixture it requested)
         setattr(report, FIXTURE_ATTR, list(fixture_records))
         fixture_records.clear()
-    record = getattr(item, "stash_finding", None)
+    record = _stashed(item, "finding")
     if record is None and report.when == "setup" and report.outcome != "passed" and item.get_closest_marker("finding") is not None:
         record = Recorder(item.nodeid, _claim(item), marked=True).to_dict()
     if record is not None and (report.when == "call" or (report.when == "setup" and report.outcome != "passed")):

@@ -86,8 +86,9 @@ def patch(
             ctrl[f"position {other[0]} {ct[other[0]]!r}"] = normalized(float(r[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what)
     target_tokens = xt if direction == "clean->corrupt" else ct
     return recorded(Effect(
-        "patch", str(s), tuple(pos), tuple(target_tokens[p] for p in pos), m.name, text_of(source), text_of(target),
-        float(base[0]), float(base[1]), float(patched[0]), eff, direction, tuple(target_tokens), controls=ctrl,
+        kind="patch", site=str(s), positions=tuple(pos), position_tokens=tuple(target_tokens[p] for p in pos), metric=m.name,
+        source_prompt=text_of(source), target_prompt=text_of(target), source=float(base[0]), target=float(base[1]),
+        intervened=float(patched[0]), normalized=eff, direction=direction, tokens=tuple(target_tokens), controls=ctrl,
     ))
 
 
@@ -163,7 +164,10 @@ def ablate(
     ablated, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference)
     b, a = float(base[0]), float(ablated[0])
     rel = (a - b) / abs(b) if b != 0 else math.copysign(math.inf, a - b) if a != b else 0.0
-    return recorded(Effect(how, str(s), tuple(pos), tuple(tokens[p] for p in pos), m.name, "", text, b, b, a, rel, "ablation", tuple(tokens)))
+    return recorded(Effect(
+        kind=how, site=str(s), positions=tuple(pos), position_tokens=tuple(tokens[p] for p in pos), metric=m.name, source_prompt="",
+        target_prompt=text, source=b, target=b, intervened=a, normalized=rel, direction="ablation", tokens=tuple(tokens),
+    ))
 
 
 def _mean_activation(model: Any, site: Site, prompts: Sequence[Any], position: Any, own: Sequence[int]) -> torch.Tensor:
@@ -219,8 +223,11 @@ def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Te
     steered, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values, op="add")], reference=reference)
     b, a = float(base[0]), float(steered[0])
     rel = (a - b) / abs(b) if b != 0 else (math.inf if a != b else 0.0)
-    return recorded(Effect(f"steering (alpha={alpha:g})", str(s), tuple(pos), tuple(tokens[p] for p in pos), m.name, "", text, b, b, a, rel,
-                           "steering", tuple(tokens)))
+    return recorded(Effect(
+        kind=f"steering (alpha={alpha:g})", site=str(s), positions=tuple(pos), position_tokens=tuple(tokens[p] for p in pos),
+        metric=m.name, source_prompt="", target_prompt=text, source=b, target=b, intervened=a, normalized=rel,
+        direction="steering", tokens=tuple(tokens),
+    ))
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,8 @@ def test_population_results_and_nested_dataclasses_serialize_generically():
 
 
 def test_plain_use_extension_named_snapshots_and_with_tolerance(pytester, monkeypatch):
-    pytester.makepyfile(test_api="""
+    # not test_api.py: this process has imported tests/test_api.py under that module name (import file mismatch)
+    pytester.makepyfile(test_extension_api="""
 import os
 from pytest_nnsight.snapshots import FindingSnapshotExtension
 
@@ -325,7 +326,7 @@ def test_named(finding_snapshot):
     assert [2.0] == finding_snapshot(name="exact")
 """)
     _run(pytester, "--snapshot-update").assert_outcomes(passed=2)
-    assert _snap(pytester, "test_api", "test_named[loose]").exists() and _snap(pytester, "test_api", "test_named[exact]").exists()
+    assert _snap(pytester, "test_extension_api", "test_named[loose]").exists() and _snap(pytester, "test_extension_api", "test_named[exact]").exists()
     monkeypatch.setenv("SHIFT", "0.1")
     result = _run(pytester)
     result.assert_outcomes(passed=1, failed=1)

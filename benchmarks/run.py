@@ -8,6 +8,7 @@ machine affects both sides alike. Runs on CPU here and on CUDA where available (
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -42,6 +43,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int =
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(reps):
         for name, fn in variants.items():
+            gc.collect()  # garbage one contender leaves (nnsight traces make plenty) is not charged to the next
             t = time.perf_counter()
             fn()
             if torch.cuda.is_available():

@@ -14,6 +14,7 @@ tokenizer; the prompts are 16 tokens.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import resource
@@ -62,6 +63,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            gc.collect()  # garbage one contender leaves (nnsight traces make plenty) is not charged to the next
             t = time.perf_counter()
             fn()
             if torch.cuda.is_available():

@@ -29,6 +29,7 @@ from .prompts import (
     text_of,
     tokens_of,
 )
+from .remote import trace_kwargs
 from .results import AblationMethod, Direction, Effect
 from .sites import Site, resolve_site, site
 from .trace import Edit, _apply, _cause_line, _reference, _translate, normalized, reference_logits, run  # noqa: F401  (moved to trace.py)
@@ -96,7 +97,8 @@ def _baselines(model: Any, spec: Any, m: Metric, s: Site, clean: str, source: st
     """The unpatched metric of [source, target], the reference logits and the source activation at `s`; within a test,
     computed once per (model, prompts, metric object, direction) and once per site (see forward.baseline_scope)."""
     cache = _forward.baselines()
-    key = (id(_forward.module_of(model)), source, target, id(spec), direction, _forward.weights_version(model)) if cache is not None else None
+    key = (id(_forward.module_of(model)), source, target, id(spec), direction, _forward.weights_version(model),
+           tuple(sorted(trace_kwargs(model).items()))) if cache is not None else None  # a remote run never reuses local runs
     hit = cache.get(key) if cache is not None else None
     if hit is None:
         reference = reference_logits(model, m, clean)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,8 +219,10 @@ def test_remote_reaches_every_trace_of_patch_and_sweep(capitals, monkeypatch):
     monkeypatch.setitem(remote_module.NDIF_MODELS, id(capitals), capitals)  # as if served by load_for_ndif
     calls.clear()
     remote = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=metric)
+    by_patch = len(calls)  # baselines are not shared with the local runs above: a remote run recomputes them remotely
     sweep(capitals, CLEAN, CORRUPT, metric=metric, sites=["transformer.h.0"], positions=[4, 5])
-    assert len(calls) >= 4 and all(c.get("remote") is True for c in calls), calls
+    assert by_patch >= 2 and len(calls) > by_patch, calls  # the sweep traced too (no local prefix reuse for remote)
+    assert all(c.get("remote") is True for c in calls), calls
     assert remote == local
 
 
@@ -233,7 +236,10 @@ def test_remote_local_simulation_gives_the_same_results(capitals, monkeypatch):
     remote_map = sweep(capitals, CLEAN, CORRUPT, metric=metric, sites=["transformer.h.0", "transformer.h.1"])
     assert remote_effect == local_effect, (remote_effect, local_effect)
     assert remote_map.shape == local_map.shape == (2, 6)
-    assert remote_map == local_map, (remote_map.values, local_map.values)
+    assert (remote_map.sites, remote_map.tokens) == (local_map.sites, local_map.tokens)
+    # the local sweep replays cells from their own block (prefix reuse), the remote one patches inside one trace:
+    # the same numbers to float32 rounding, the product's batched-vs-plain contract (1e-5)
+    assert np.allclose(remote_map.values, local_map.values, atol=1e-5, rtol=0), (remote_map.values, local_map.values)
 
 
 def test_ndif_serves_hub_ids_without_downloading_weights(monkeypatch, capitals):

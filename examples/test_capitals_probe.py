@@ -12,9 +12,9 @@ import json
 import pytest
 
 from pytest_nnsight import logit_diff, sweep
-from pytest_nnsight.sites import blocks, embed
 from pytest_nnsight.bundled import path_of
 from pytest_nnsight.probing import assert_probe, probe_sites
+from pytest_nnsight.sites import blocks, embed
 
 MANIFEST = json.loads((path_of("bundled:capitals") / "manifest.json").read_text())
 COUNTRIES = list(MANIFEST["task"]["capitals"])

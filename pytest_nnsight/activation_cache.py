@@ -306,8 +306,8 @@ class ActivationCache:
         import torch
 
         from .batching import encode, mixed_lengths_ok, runs
-        from .trace import run
         from .metrics import Metric
+        from .trace import run
 
         texts, sites, n, width = plan["texts"], plan["sites"], len(plan["texts"]), plan["width"]
         store = getattr(torch, plan["dtype"])

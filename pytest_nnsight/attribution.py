@@ -22,14 +22,20 @@ from .assertions import _fail
 from .batching import _device, encode
 from .deprecation import UNSET, moved_positionals, required
 from .errors import ArgumentError, ArgumentTypeError, MetricError, SiteError
-from .prompts import pair_positions, text_of
-from .trace import Edit, _translate, normalized, reference_logits, run
 from .forward import forward_kwargs
 from .metrics import Metric, as_metric, per_row
+from .prompts import pair_positions, text_of
 from .results import Direction, EffectMap
 from .sites import (
-    Site, execution_order, module_of, resolve_position, resolve_site, resolve_sites, site_value,
+    Site,
+    execution_order,
+    module_of,
+    resolve_position,
+    resolve_site,
+    resolve_sites,
+    site_value,
 )
+from .trace import Edit, _translate, normalized, reference_logits, run
 
 DIRECTIONS = ("clean->corrupt", "corrupt->clean")
 

@@ -16,8 +16,17 @@ The public home of the circuit API (`paths`, `graph`, `discovery` and `faithfuln
 
 from __future__ import annotations
 
+from .circuit_checks import (
+    CircuitResult,
+    assert_complete,
+    assert_edges,
+    assert_faithful,
+    assert_minimal,
+    completeness,
+    faithfulness,
+    minimality,
+)
 from .discovery import EdgeCheck, check_edges, discover, edge_attribution, edge_scores, spearman
-from .circuit_checks import CircuitResult, assert_complete, assert_edges, assert_faithful, assert_minimal, completeness, faithfulness, minimality
 from .graph import Circuit
 from .paths import ADAPTERS, PathMap, Receiver, Sender, all_edges, all_receivers, all_senders, path_patch, path_sweep
 

@@ -34,7 +34,7 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def installed(name: str) -> tuple[int, ...]:
     """The installed version of `name` as numbers, read without importing it; () when not installed."""
     return parse_version(package_version(name))

@@ -24,7 +24,18 @@ from .findings import record_circuit
 from .graph import Circuit, circuit_of
 from .metrics import Metric, as_metric, logit_diff
 from .paths import (
-    DIRECTIONS, Bound, PathMap, Receiver, Sender, _parse_all, all_receivers, all_senders, bind, parse_receiver, parse_sender, path_sweep,
+    DIRECTIONS,
+    Bound,
+    PathMap,
+    Receiver,
+    Sender,
+    _parse_all,
+    all_receivers,
+    all_senders,
+    bind,
+    parse_receiver,
+    parse_sender,
+    path_sweep,
 )
 from .prompts import pair_positions, text_of
 from .sites import Site, execution_order, site_value

@@ -14,7 +14,6 @@ from typing import Any, Callable
 from .errors import MetricError
 from .metrics import Metric
 
-
 POOLINGS = ("mean", "cls")
 
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # torch is imported lazily (plugin load stays light); annotations only
+    import torch
 
 from .sites import Site, module_of  # stdlib only: the plugin opens baseline scopes without importing torch
 
@@ -28,8 +31,7 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
 # -- version differences live in compat.py (which keywords the installed transformers' forward takes) ----------------
 
-from .compat import lean_forward_kwargs as forward_kwargs  # noqa: E402  (re-exported: trace.py and attribution.py use it)
-
+from .compat import lean_forward_kwargs as forward_kwargs  # noqa: E402, F401  (re-exported: trace.py and attribution.py use it)
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
 
@@ -37,7 +39,6 @@ from .compat import lean_forward_kwargs as forward_kwargs  # noqa: E402  (re-exp
 def encode(model: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Token ids, attention mask and (for left-padded batches) position ids counted from each row's first token,
     on the model's device: the batch nnsight builds for the same prompts (its left-pad position fix included)."""
-    import torch
 
     tok = model.tokenizer
     enc = tok(list(texts), return_tensors="pt", padding=True)
@@ -56,7 +57,6 @@ def encode(model: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
 
 def expand(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
     """One encoded prompt repeated over `rows` rows without copying or re-tokenizing."""
-    import torch
 
     return {k: v.expand(rows, *v.shape[1:]) for k, v in batch.items()}
 
@@ -198,7 +198,6 @@ def capture(
 
 
 def _reader(root: Any, site: Site, saved: dict[Site, torch.Tensor]) -> Any:
-    import torch
 
     module = root.get_submodule(site.path)
 
@@ -337,8 +336,6 @@ def identity_checked(plan: Plan, replayed: float, target: float, tol: float) -> 
 
 def head_logits(plan: Plan, hidden: torch.Tensor, keep_last: bool) -> Any:
     """The model output a metric reads: final norm and LM head on the last position (or all of them)."""
-    import torch
-
     from transformers.modeling_outputs import CausalLMOutput
 
     h = hidden[:, -1:, :] if keep_last else hidden

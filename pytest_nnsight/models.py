@@ -238,9 +238,8 @@ class ModelCache:
         module.eval()
         wrapped = wrap(module, tok)
         info.update(device=key.device, dtype=str(torch_dtype).replace("torch.", ""))
-        from .families import check_on_load
-
         from .batching import EQUAL_LENGTH_NOTE, mixed_lengths_ok
+        from .families import check_on_load
 
         if tok is not None and not mixed_lengths_ok(wrapped):  # said once, in the models section of the run
             info["batching"] = EQUAL_LENGTH_NOTE

@@ -27,11 +27,10 @@ import torch
 from . import settings as _settings
 from .errors import ArgumentError, BatchingMismatchError, CircuitError, SiteError
 from .families import Layout, layout_of
-from .results import fixed
+from .findings import recorded
 from .metrics import Metric, as_metric
 from .prompts import pair_positions, resolve_position, slots_of, text_of
-from .findings import recorded
-from .results import Effect
+from .results import Effect, fixed
 from .sites import Site, _head_index, _layer_index, model_name
 from .sweeps import tolerance_for
 from .trace import Edit, normalized, reference_logits, run

@@ -6,19 +6,28 @@ from pathlib import Path
 
 import pytest
 
-from . import settings as _settings
+from . import (
+    findings as _findings,
+    hints as _hints,
+    report as _report,
+    settings as _settings,
+    structure_lock as _structure_lock,
+)
 from .environment import library_versions
 from .errors import SettingsError
-from .fixtures import model, nnsight_model, nnsight_models  # noqa: F401  (fixtures pytest collects from this module)
-from .fixtures import activation_cache, finding_snapshot  # noqa: F401
-from .fixtures import CACHE_KEY, LOCK_KEY, SETTINGS_KEY
-from .fixtures import ACTIVATION_CACHE_KEY
+from .fixtures import (  # noqa: F401  (fixtures pytest collects from this module)
+    ACTIVATION_CACHE_KEY,
+    CACHE_KEY,
+    LOCK_KEY,
+    SETTINGS_KEY,
+    activation_cache,
+    finding_snapshot,
+    model,
+    nnsight_model,
+    nnsight_models,
+)
 from .snapshots import hooks as _snapshot_hooks
 from .snapshots.structure_fixture import structure_snapshot  # noqa: F401
-from . import hints as _hints
-from . import structure_lock as _structure_lock
-from . import findings as _findings
-from . import report as _report
 
 REPORT_KEY = pytest.StashKey["_report.ReportState"]()
 
@@ -105,7 +114,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     workers = len(config.getoption("tx", None) or []) if config.getoption("dist", "no") != "no" else 0
     device = _device_header(s.device, workers=workers, worker=workerinput["workerid"] if workerinput else None)
     device += f", remote {s.remote}" if s.remote != "off" else ""
-    from .compatibility import header_line as _compat_line  # stdlib only: is this combination in the version matrix's table?
+    from .compatibility import (
+        header_line as _compat_line,  # stdlib only: is this combination in the version matrix's table?
+    )
 
     return [
         f"pytest-nnsight: nnsight {v['nnsight']}, torch {v['torch']}, transformers {v['transformers']}; "

@@ -17,21 +17,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .deprecation import UNSET, moved_positionals, required
+from . import forward as _forward
 from .assertions import _fail
 from .batching import encode, groups, lengths_of, may_mix
+from .deprecation import UNSET, moved_positionals, required
 from .errors import ArgumentError, BatchingMismatchError, BrokenExperimentError, MetricError
 from .findings import record_population
-from .prompts import pair_positions, text_of
-from .trace import Edit, normalized, run
-from . import forward as _forward
 from .metrics import Metric, as_metric, logit_diff, per_row
+from .prompts import pair_positions, text_of
 from .results import Direction, Reuse
 from .sites import resolve_site
-from .strategies import CounterfactualPair, StrategyError
 from .stats import wilson_interval
-
-
+from .strategies import CounterfactualPair, StrategyError
+from .trace import Edit, normalized, run
 
 
 @dataclass(frozen=True)
@@ -173,7 +171,8 @@ def _prefix_rows(model: Any, plan: Any, start: Any, s: Any, cleans: Sequence[Any
         row_metric = _row_metric(metrics)
         keep_last = all(m.last_only for m in metrics)
         row_mask = None if mask is None else mask[torch.tensor([target_rows[r.source] for r in rows], device=mask.device)]
-        out = _forward.replay(plan, cap, rows, lambda h: per_row(row_metric(_forward.head_logits(plan, h, keep_last), None, row_mask), len(rows), row_metric))
+        # the lambda runs inside replay(), within this iteration: the loop variables it reads are the current ones
+        out = _forward.replay(plan, cap, rows, lambda h: per_row(row_metric(_forward.head_logits(plan, h, keep_last), None, row_mask), len(rows), row_metric))  # noqa: B023
         if check:
             if not _forward.identity_checked(plan, float(out[-1]), tgt_vals[idx[0]], 1e-4 if acts[s].dtype == torch.float32 else 5e-2):
                 return None

@@ -87,8 +87,8 @@ class FindingSpec:
         >>> spec.save("findings/block0_last.json")                                                        # doctest: +SKIP
         """
         from .interventions import patch
-        from .prompts import pair_positions, text_of
         from .metrics import MetricSpec, token_id
+        from .prompts import pair_positions, text_of
         from .sites import model_name, module_of, resolve_site
 
         if not isinstance(metric, MetricSpec):

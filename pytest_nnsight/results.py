@@ -11,7 +11,6 @@ from typing import Any, Literal, Sequence
 
 from .errors import NonFiniteMetricError
 
-
 #: which run's activation goes into which: the clean one's into the corrupt run (restoring), or the reverse (breaking)
 Direction = Literal["clean->corrupt", "corrupt->clean"]
 #: how an ablation replaces an activation

@@ -157,7 +157,7 @@ class PairSpace:
     def __getitem__(self, index: int) -> CounterfactualPair:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        for b, size in zip(self.blocks, self._sizes):
+        for b, size in zip(self.blocks, self._sizes):  # noqa: B007  (b is the block the loop stops at)
             if index < size:
                 break
             index -= size

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .specs import _is_tensor, spec_of  # noqa: F401  (spec_of is imported from here too)
 from .errors import ArgumentError, ModelUsageError
+from .specs import _is_tensor, spec_of  # noqa: F401  (spec_of is imported from here too)
 
 DEFAULT_PROBE = "The capital of France is"
 ROOT = "model"  # how the root module's path "" is shown

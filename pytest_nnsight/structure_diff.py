@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .structure import ROOT, expand, generalize, parse_tensor, render
+from .structure import expand, generalize, parse_tensor, render
 
 ORDER_HINT = "inside one trace nnsight (0.5+) requires reading modules in execution order, so code written in the old order raises OutOfOrderError"
 

@@ -14,17 +14,16 @@ from typing import Any, Sequence
 
 import torch
 
-from . import forward as _forward
-from . import settings as _settings
+from . import forward as _forward, settings as _settings
+from .batching import ids_of
 from .deprecation import UNSET, moved_positionals, required
 from .errors import ArgumentError, BatchingMismatchError
 from .findings import record_map
-from .batching import ids_of
-from .prompts import TokenPrompt, pair_positions, slots_of, text_of
-from .trace import Edit, normalized, reference_logits, run
 from .metrics import as_metric, logits_of, per_row
+from .prompts import TokenPrompt, pair_positions, slots_of, text_of
 from .results import Direction, EffectMap, Reuse
 from .sites import Site, module_of, resolve_position, resolve_sites
+from .trace import Edit, normalized, reference_logits, run
 
 
 def sweep(

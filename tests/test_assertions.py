@@ -11,8 +11,15 @@ import re
 import pytest
 
 from pytest_nnsight import Effect, EffectMap
+from pytest_nnsight.assertions import (
+    FindingFailed,
+    assert_beats_controls,
+    assert_drops,
+    assert_peaks_at,
+    assert_restores,
+    assert_top_token,
+)
 from pytest_nnsight.errors import NonFiniteMetricError
-from pytest_nnsight.assertions import FindingFailed, assert_beats_controls, assert_drops, assert_peaks_at, assert_restores, assert_top_token
 from pytest_nnsight.interventions import TopTokens
 
 

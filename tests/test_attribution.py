@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from pytest_nnsight.errors import MetricError, PositionError
 from pytest_nnsight.assertions import FindingFailed
 from pytest_nnsight.attribution import AttributionCheck, attribution_patch, check_attribution, gradients
+from pytest_nnsight.errors import MetricError, PositionError
 from pytest_nnsight.interventions import Edit, run
 from pytest_nnsight.metrics import as_metric, logit_diff
 from pytest_nnsight.sites import blocks, embed, head, resolve_site

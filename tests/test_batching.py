@@ -8,19 +8,18 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from pytest_nnsight import findings
-from pytest_nnsight.models import ModelCache
-from pytest_nnsight.settings import Settings
 from pytest_nnsight.activation_cache import ActivationCache
 from pytest_nnsight.batching import encode, mixed_lengths_ok
+from pytest_nnsight.embeddings import cls_pool, cosine_to, distance_to, mean_pool, pooled_embedding
 from pytest_nnsight.errors import BatchingMismatchError, PositionError
 from pytest_nnsight.interventions import Prompt, _mean_activation, ablate, patch, steer
-from pytest_nnsight.embeddings import cls_pool, cosine_to, distance_to, mean_pool, pooled_embedding
 from pytest_nnsight.metrics import logit_diff, logits_of
+from pytest_nnsight.models import ModelCache
 from pytest_nnsight.populations import population
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.sites import resolve_site
 from pytest_nnsight.strategies import CounterfactualPair, Slots
 from pytest_nnsight.sweeps import sweep

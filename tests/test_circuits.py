@@ -8,7 +8,16 @@ import torch
 
 from pytest_nnsight.assertions import FindingFailed
 from pytest_nnsight.circuits import (
-    Circuit, assert_complete, assert_faithful, assert_minimal, completeness, discover, edge_attribution, faithfulness, minimality, path_sweep,
+    Circuit,
+    assert_complete,
+    assert_faithful,
+    assert_minimal,
+    completeness,
+    discover,
+    edge_attribution,
+    faithfulness,
+    minimality,
+    path_sweep,
     spearman,
 )
 from pytest_nnsight.errors import ArgumentError, CircuitError

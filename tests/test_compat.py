@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from pytest_nnsight import compat, logit_diff, patch
-from pytest_nnsight.trace import Edit, run
 from pytest_nnsight.metrics import Metric, logits_of
 from pytest_nnsight.models import wrap
 from pytest_nnsight.sites import resolve_site
 from pytest_nnsight.structure import model_structure
 from pytest_nnsight.testing import tiny_gpt2
+from pytest_nnsight.trace import Edit, run
 
 SHORT, LONG = "The capital of France is", "Everyone knows that the capital of the country called Spain is"
 

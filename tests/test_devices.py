@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_nnsight import settings as _settings
+from pytest_nnsight import remote as remote_module, settings as _settings
 from pytest_nnsight.devices import assign_device, describe, header, physical_device, worker_assignment, worker_index
 from pytest_nnsight.errors import SettingsError
 from pytest_nnsight.interventions import patch
 from pytest_nnsight.metrics import logit_diff
 from pytest_nnsight.models import ModelCache, resolve_device
-from pytest_nnsight import remote as remote_module
 from pytest_nnsight.remote import check_remote, trace_kwargs
 from pytest_nnsight.settings import Settings, resolve
 from pytest_nnsight.sweeps import sweep

@@ -7,14 +7,11 @@ import warnings
 import pytest
 import torch
 
-from pytest_nnsight.errors import SiteError
-from pytest_nnsight.models import ModelCache
-from pytest_nnsight.settings import Settings
 from pytest_nnsight.assertions import FindingFailed
+from pytest_nnsight.errors import SiteError
 from pytest_nnsight.families import (
     GPT2,
     EagerAttentionWarning,
-    Family,
     FamilyMismatchError,
     UnknownArchitectureError,
     d_model,
@@ -25,7 +22,9 @@ from pytest_nnsight.families import (
     validate,
 )
 from pytest_nnsight.metrics import logit_diff
+from pytest_nnsight.models import ModelCache
 from pytest_nnsight.patterns import assert_attends, assert_previous_token_head, attention_pattern, previous_token_scores
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.sites import Site, block, resolve_site, resolve_sites, site, site_value
 from pytest_nnsight.sweeps import sweep
 from pytest_nnsight.testing import TINY_FAMILIES, tiny_model

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_nnsight.models import ModelCache
-from pytest_nnsight.settings import Settings
 from pytest_nnsight import forward, sweeps
-from pytest_nnsight.metrics import Metric, as_metric, last_position, logit_diff
+from pytest_nnsight.metrics import as_metric, last_position, logit_diff
+from pytest_nnsight.models import ModelCache
 from pytest_nnsight.populations import population
 from pytest_nnsight.prompts import Prompt
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.strategies import CounterfactualPair
 from pytest_nnsight.sweeps import sweep
 from pytest_nnsight.testing import tiny_model

@@ -3,9 +3,9 @@
 import pytest
 import transformers
 
+from pytest_nnsight.errors import ModelUnavailableError
 from pytest_nnsight.models import ModelCache
 from pytest_nnsight.settings import Settings
-from pytest_nnsight.errors import ModelUnavailableError
 
 
 def test_an_unreachable_hub_switches_the_session_offline(monkeypatch):

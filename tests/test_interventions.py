@@ -7,12 +7,12 @@ import re
 import pytest
 import torch
 
-from pytest_nnsight.errors import BrokenExperimentError, InterventionError, MetricError, NonFiniteMetricError
-from pytest_nnsight.models import ModelCache
-from pytest_nnsight.settings import Settings
 from pytest_nnsight.assertions import assert_restores, assert_top_token
+from pytest_nnsight.errors import BrokenExperimentError, InterventionError, MetricError, NonFiniteMetricError
 from pytest_nnsight.interventions import Edit, ablate, patch, patch_layer, run, steer
 from pytest_nnsight.metrics import as_metric, kl_div, logit_diff, logprob, prob, rank
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.sites import block
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"

@@ -5,10 +5,10 @@ import shutil
 import pytest
 import torch
 
-from pytest_nnsight.models import ModelCache
-from pytest_nnsight.settings import Settings
 from pytest_nnsight import bundled
 from pytest_nnsight.errors import ModelLoadError, ModelSpecError, ModelUnavailableError, ModelUsageError, SettingsError
+from pytest_nnsight.models import ModelCache
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.testing import tiny_gpt2, word_tokenizer
 
 

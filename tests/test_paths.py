@@ -197,8 +197,11 @@ def test_a_family_without_split_inputs_is_refused_with_the_reason():
         path_patch(wrapped, CLEAN, CORRUPT, sender="embed", receiver="logits", metric=logit_diff("Mary", "John"))
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import (  # noqa: E402
+    given,
+    settings,
+    strategies as st,  # noqa: E402
+)
 
 
 @settings(max_examples=6, deadline=None)

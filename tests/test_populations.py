@@ -7,7 +7,7 @@ import pytest
 from pytest_nnsight.assertions import FindingFailed
 from pytest_nnsight.interventions import patch
 from pytest_nnsight.metrics import logit_diff
-from pytest_nnsight.populations import PopulationResult, assert_population, population, wilson_interval
+from pytest_nnsight.populations import assert_population, population, wilson_interval
 from pytest_nnsight.strategies import StrategyError, counterfactual_pairs
 from pytest_nnsight.wordlists import CAPITAL_TEMPLATES, CAPITALS, HELD_OUT_TEMPLATES
 

@@ -64,7 +64,7 @@ def test_fails():
     result.assert_outcomes(failed=1)
     message = records["test_fails"]["message"]
     assert "0.5" in message and "0.9" in message and len(message.splitlines()) <= 9
-    assert f"<pre class='message'>" in html and "0.9" in html.split("<pre class='message'>")[1].split("</pre>")[0]
+    assert "<pre class='message'>" in html and "0.9" in html.split("<pre class='message'>")[1].split("</pre>")[0]
     assert "```\n" + message + "\n```" in md
     item = html.split("<ul>")[1].split("</ul>")[0]
     assert item.count(">failed</a>") == 1 and "FAILED" not in item  # the outcome written once (it was 'failed: FAILED block 0 ...')

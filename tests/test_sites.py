@@ -7,7 +7,20 @@ import torch
 from pytest_nnsight.errors import PositionError, SiteError
 from pytest_nnsight.interventions import Prompt, ablate, patch, patch_layer, run, steer
 from pytest_nnsight.metrics import as_metric, logit_diff, prob
-from pytest_nnsight.sites import Site, attn_out, block, blocks, embed, head, mlp_out, resolve_position, resolve_site, resolve_sites, site, tokens_of
+from pytest_nnsight.sites import (
+    Site,
+    attn_out,
+    block,
+    blocks,
+    embed,
+    head,
+    mlp_out,
+    resolve_position,
+    resolve_site,
+    resolve_sites,
+    site,
+    tokens_of,
+)
 from pytest_nnsight.sweeps import sweep
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
@@ -77,9 +90,9 @@ def test_named_helpers_read_what_a_hand_trace_reads(capitals):
             out0 = capitals.transformer.h[0].output.save()
     sites = [embed(capitals), attn_out(capitals, 0), mlp_out(capitals, 0), block(capitals, 0)]
     acts = saved(capitals, sites)
-    for site, hand in zip(sites, [emb, attn, mlp, out0]):
-        assert acts[site].shape == (1, 6, 64), site
-        torch.testing.assert_close(acts[site], hand, atol=1e-6, rtol=0)
+    for s, hand in zip(sites, [emb, attn, mlp, out0]):
+        assert acts[s].shape == (1, 6, 64), s
+        torch.testing.assert_close(acts[s], hand, atol=1e-6, rtol=0)
     # invariant of the residual stream: block output = embeddings + attention + MLP
     torch.testing.assert_close(acts[block(capitals, 0)], emb + attn + mlp, atol=1e-5, rtol=0)
 

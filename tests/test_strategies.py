@@ -1,11 +1,17 @@
 """Strategies: filled templates, counterfactual pairs matched by the tokenizer, fillers; argument errors."""
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from pytest_nnsight.interventions import Prompt
-from pytest_nnsight.strategies import CounterfactualPair, StrategyError, counterfactual_pairs, fillers, perturbed_pairs, prompts
+from pytest_nnsight.strategies import (
+    CounterfactualPair,
+    StrategyError,
+    counterfactual_pairs,
+    fillers,
+    perturbed_pairs,
+    prompts,
+)
 from pytest_nnsight.wordlists import CAPITAL_TEMPLATES, CAPITALS, FIRST_NAMES, HELD_OUT_TEMPLATES
 
 COUNTRIES = ["France", "Germany", "Italy"]

@@ -6,13 +6,11 @@ import math
 import pytest
 import torch
 
-from pytest_nnsight import EffectMap
+from pytest_nnsight import EffectMap, settings as settings_module, sweeps
 from pytest_nnsight.errors import BatchingMismatchError, BrokenExperimentError
-from pytest_nnsight.settings import Settings
-from pytest_nnsight import settings as settings_module
-from pytest_nnsight import sweeps
 from pytest_nnsight.interventions import Prompt
 from pytest_nnsight.metrics import logit_diff
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.sites import attn_out, blocks, embed, head, mlp_out
 from pytest_nnsight.sweeps import sweep
 
@@ -114,7 +112,7 @@ def test_attn_and_mlp_sweeps_equal_hand_patches(capitals, kind):
     assert effects.sites == tuple(str(helper(capitals, i)) for i in range(2))
     ld_clean, ld_corrupt = plain_ld(capitals, CLEAN), plain_ld(capitals, CORRUPT)
     for layer in range(2):
-        module = lambda m: m.transformer.h[layer].attn if kind == "attn" else m.transformer.h[layer].mlp  # noqa: E731
+        module = lambda m: m.transformer.h[layer].attn if kind == "attn" else m.transformer.h[layer].mlp  # noqa: E731, B023  (used within this iteration)
         with torch.inference_mode():
             with capitals.trace(CLEAN):
                 out = module(capitals).output
@@ -146,7 +144,7 @@ def test_positions_select_columns_of_the_full_map(capitals, naive, positions, ex
     assert effects.positions == expected
     assert effects.tokens == tuple(TOKENS[p] for p in expected)
     assert effects.shape == (2, len(expected))
-    for j, p in enumerate(expected):
+    for p in expected:
         assert effects.column(p) == pytest.approx([naive[0][0][p], naive[0][1][p]], abs=TOL)
 
 

@@ -7,7 +7,7 @@ files and `manifest.json` (how it was trained, its accuracy, the sha256 of its w
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ def path_of(model_id: str) -> Path:
     return folder
 
 
-@lru_cache(maxsize=None)
+@cache
 def manifest(model_id: str) -> dict[str, Any]:
     """The training record of a bundled model (task data, command, seeds, accuracy, weights sha256)."""
     return json.loads((path_of(model_id) / "manifest.json").read_text(encoding="utf-8"))

@@ -21,9 +21,17 @@ from ..errors import ArgumentTypeError
 from ..files import atomic_write  # noqa: F401  (also imported from here by tests)
 from ..findings import record_snapshot
 from . import hooks
-from .compare import Comparison, Tolerance, compare_findings, default_tolerance, environment_changes, explain, tolerance_from
-from .syrupy_adapter import after_this_assertion
+from .compare import (
+    Comparison,
+    Tolerance,
+    compare_findings,
+    default_tolerance,
+    environment_changes,
+    explain,
+    tolerance_from,
+)
 from .encode import DECIMALS, dumps, loads, record
+from .syrupy_adapter import after_this_assertion
 
 ACCEPT = "run pytest --snapshot-update to accept the change"
 

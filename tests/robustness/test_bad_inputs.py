@@ -9,16 +9,44 @@ import math
 import pytest
 import torch
 
-from pytest_nnsight import ablate, assert_population, assert_restores, attribution_patch, logit_diff, patch, patch_layer, prob, rank, steer, sweep
-from pytest_nnsight.errors import ArgumentError, ArgumentTypeError, InterventionError, MetricError, ModelSpecError, ModelUnavailableError, ModelUsageError, NonFiniteMetricError, PositionError, SettingsError, SiteError
-from pytest_nnsight.sites import block, head
-from pytest_nnsight.stats import wilson_interval
+from pytest_nnsight import (
+    ablate,
+    assert_population,
+    assert_restores,
+    attribution_patch,
+    logit_diff,
+    patch,
+    patch_layer,
+    prob,
+    rank,
+    steer,
+    sweep,
+)
 from pytest_nnsight.circuits import Circuit, discover, edge_attribution, faithfulness, path_patch, path_sweep
-from pytest_nnsight.errors import BrokenExperimentError, CircuitError, ProbeError, SnapshotFileError, SnapshotValueError
+from pytest_nnsight.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BrokenExperimentError,
+    CircuitError,
+    InterventionError,
+    MetricError,
+    ModelSpecError,
+    ModelUnavailableError,
+    ModelUsageError,
+    NonFiniteMetricError,
+    PositionError,
+    ProbeError,
+    SettingsError,
+    SiteError,
+    SnapshotFileError,
+    SnapshotValueError,
+)
 from pytest_nnsight.generation import Ablate, contains, generate, generation_population
 from pytest_nnsight.lens import assert_emerges_at, logit_lens
 from pytest_nnsight.models import ModelCache
 from pytest_nnsight.settings import Settings
+from pytest_nnsight.sites import block, head
+from pytest_nnsight.stats import wilson_interval
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
 LD = logit_diff("Paris", "Berlin")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pytest_nnsight import logit_diff, patch, prob, rank, sweep
 from pytest_nnsight.errors import NnsightTestError

@@ -173,10 +173,10 @@ class ActivationCache:
         from .metrics import Metric
         from .trace import run
 
-        active = _settings.ACTIVE
-        if not (flag if flag is not None else bool(active is not None and active.check_batching)) or len(plan["texts"]) < 2:
+        active = _settings.settings_of(model)
+        if not (flag if flag is not None else active.check_batching) or len(plan["texts"]) < 2:
             return acts
-        n = active.check_batching_cells if active is not None else 3
+        n = active.check_batching_cells
         tol = {"float16": 2e-2, "bfloat16": 5e-2}.get(plan["dtype"], 1e-4)
         bad = []
         for i in random.Random(0).sample(range(len(plan["texts"])), min(n, len(plan["texts"]))):

@@ -148,4 +148,5 @@ def finding_snapshot(snapshot: Any, request: pytest.FixtureRequest) -> Any:
     """
     from .snapshots.extension import FindingSnapshotAssertion
 
-    return FindingSnapshotAssertion.from_snapshot(snapshot, cache=model_cache(request.config))
+    return FindingSnapshotAssertion.from_snapshot(snapshot, cache=model_cache(request.config),
+                                                  settings=request.config.stash.get(SETTINGS_KEY, Settings()))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from . import bundled
 from .errors import ModelLoadError, ModelSpecError, ModelUnavailableError, ModelUsageError, SettingsError
 from .remote import NDIF_MODELS
-from .settings import Settings
+from .settings import Settings, attach
 
 if TYPE_CHECKING:
     import torch
@@ -142,7 +142,7 @@ class ModelCache:
                 self.load_counts[key] += 1
         if self.on_serve is not None:
             self.on_serve(loaded)
-        return loaded.model
+        return attach(loaded.model, self.settings)  # the core reads its run settings from the model (settings_of)
 
     def key(self, model: Any, *, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> ModelKey:
         """The cache key a request maps to; validates the model id, device and dtype."""

@@ -451,9 +451,9 @@ def path_sweep(
     deltas = {i: pc.delta(S[i]) for i in {i for i, _ in edges}}
     raw = run_edges(model, pc, [(S[i], R[j], deltas[i]) for i, j in edges], m, batch_size)
 
-    active = _settings.ACTIVE
-    if check_batching if check_batching is not None else (active is not None and active.check_batching):
-        n = check_cells or (active.check_batching_cells if active is not None else 3)
+    active = _settings.settings_of(model)
+    if check_batching if check_batching is not None else active.check_batching:
+        n = check_cells or active.check_batching_cells
         verify_edges(model, pc, [(S[i], R[j]) for i, j in edges], raw, m, n)
 
     grid = [[math.nan] * len(R) for _ in S]

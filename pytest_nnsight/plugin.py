@@ -75,7 +75,6 @@ def pytest_configure(config: pytest.Config) -> None:
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = resolved
-    _settings.ACTIVE = resolved
     if resolved.deterministic:  # imports torch only when asked for
         from .determinism import enable
 
@@ -101,8 +100,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         disable()
     if config.stash[SETTINGS_KEY].hypothesis_profile if SETTINGS_KEY in config.stash else False:
         _settings.restore_hypothesis_profile()
-    if config.stash.get(SETTINGS_KEY, None) is _settings.ACTIVE:
-        _settings.ACTIVE = None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

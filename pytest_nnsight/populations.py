@@ -182,11 +182,10 @@ def _prefix_rows(model: Any, plan: Any, start: Any, s: Any, cleans: Sequence[Any
     return src_vals, tgt_vals, patched
 
 
-def _check_batching(flag: bool | None) -> bool:
+def _check_batching(model: Any, flag: bool | None) -> bool:
     from . import settings as _settings
 
-    active = _settings.ACTIVE
-    return flag if flag is not None else bool(active is not None and active.check_batching)
+    return flag if flag is not None else _settings.settings_of(model).check_batching
 
 
 def _verify(model: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], positions: Sequence[list[int]], bound: Sequence[Metric],
@@ -197,8 +196,7 @@ def _verify(model: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], p
     from . import settings as _settings
     from .sweeps import tolerance_for
 
-    active = _settings.ACTIVE
-    n = n or (active.check_batching_cells if active is not None else 3)
+    n = n or _settings.settings_of(model).check_batching_cells
     picks = random.Random(0).sample(range(len(targets)), min(n, len(targets)))
     module = getattr(model, "_module", model)
     tol = tolerance_for(next(module.parameters()).dtype)
@@ -276,7 +274,7 @@ def population(
     start = plan.start_of(s) if plan is not None else None
     done = _prefix_rows(model, plan, start, s, cleans, targets, positions, bound, batch_size, mixed) if start is not None else None
     src_vals, tgt_vals, patched = done if done is not None else _measure(model, s, cleans, targets, positions, bound, batch_size, mixed)
-    if _check_batching(check_batching) and len(variants) > 1:
+    if _check_batching(model, check_batching) and len(variants) > 1:
         _verify(model, s, cleans, targets, positions, bound, (src_vals, tgt_vals, patched), check_pairs)
 
     effects = []

@@ -30,9 +30,9 @@ def check_remote(settings: _settings.Settings, env: Mapping[str, str] | None = N
 
 def trace_kwargs(model: Any = None, settings: _settings.Settings | None = None) -> dict[str, Any]:
     """Keyword arguments for `model.trace(...)`: {'remote': True} for a model served for NDIF under 'ndif',
-    {'remote': 'local'} for any model under 'local', else {} (a local model runs locally under 'ndif')."""
-    s = settings if settings is not None else _settings.ACTIVE
-    mode = s.remote if s is not None else "off"
+    {'remote': 'local'} for any model under 'local', else {} (a local model runs locally under 'ndif').
+    Without `settings`, the ones attached to `model` when it was served (`settings.settings_of`)."""
+    mode = (settings if settings is not None else _settings.settings_of(model)).remote
     if mode == "ndif" and (model is None or id(model) in NDIF_MODELS):
         return {"remote": True}
     if mode == "local":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -203,6 +204,10 @@ class Settings:
         return self.sources.get(noun, "default")
 
 
+#: every option at its default: the settings of a model no fixture served
+DEFAULTS = Settings()
+
+
 #: hypothesis settings profiles for model tests: no deadline (the first forward pass is slow), no
 #: health check about function-scoped fixtures (the model fixtures are cached per session).
 HYPOTHESIS_PROFILES: Mapping[str, Mapping[str, Any]] = {
@@ -246,8 +251,41 @@ def load_hypothesis_profile(name: str, source: str) -> None:
     _PREVIOUS_HYPOTHESIS_PROFILES.append(previous)
 
 
-#: The settings of the running pytest session (set in pytest_configure); library code outside pytest sees None.
-ACTIVE: Settings | None = None
+# No module global holds the session's settings: they live on config.stash (plugin, fixtures), and the core reads them
+# from the model it runs on (`settings_of`) or takes them as arguments (tests/test_layout.py checks).
+
+#: id(model) -> (weak reference to the model, its run settings); filled by `attach` when the fixtures serve a model
+_SERVED: dict[int, tuple[Callable[[], Any], Settings]] = {}
+
+
+def attach(model: Any, settings: Settings) -> Any:
+    """Give `model` (an nnsight wrapper) its run settings, read back by `settings_of`; returns `model`.
+
+    The model fixtures attach the session's settings to every model they serve; a test may attach its own.
+
+    >>> m = type("M", (), {})()
+    >>> settings_of(attach(m, Settings(check_batching=True))).check_batching
+    True
+    """
+    key = id(model)
+    try:
+        ref: Callable[[], Any] = weakref.ref(model, lambda _r, k=key: _SERVED.pop(k, None))
+    except TypeError:  # not weak-referenceable: held for the process (the model cache holds served models anyway)
+        ref = lambda m=model: m  # noqa: E731
+    _SERVED[key] = (ref, settings)
+    return model
+
+
+def settings_of(model: Any) -> Settings:
+    """The run settings attached to `model` (see `attach`); the defaults for a model the user wrapped themselves.
+
+    >>> settings_of(object()).remote
+    'off'
+    """
+    entry = _SERVED.get(id(model))
+    if entry is not None and entry[0]() is model:
+        return entry[1]
+    return DEFAULTS
 
 
 def resolve(

@@ -95,9 +95,9 @@ def sweep(
         raw_grid[i][j] = v
         grid[i][j] = normalized(v, tgt, src, min_gap=min_gap, what=what)
 
-    active = _settings.ACTIVE
-    if check_batching if check_batching is not None else (active is not None and active.check_batching):
-        n = check_cells or (active.check_batching_cells if active is not None else 3)
+    active = _settings.settings_of(model)
+    if check_batching if check_batching is not None else active.check_batching:
+        n = check_cells or active.check_batching_cells
         key = ("prefix" if plan is not None else "plain", tuple(map(str, site_list)), min(rows, len(cells)), len(ct), m.last_only)
         if not _verdict_known(model, key, n):
             reference = reference_logits(model, m, text_of(clean))

@@ -63,3 +63,20 @@ def tiny():
 def capitals(nnsight_models):
     """The bundled trained capitals model on CPU, from the session's model cache (loaded once)."""
     return nnsight_models.get("bundled:capitals", device="cpu")
+
+
+@pytest.fixture
+def attach_settings():
+    """attach_settings(model, Settings(...)): run `model` under these settings (as if the fixtures had served it with
+    them) for this test; the settings it had come back at teardown (session models are shared between tests)."""
+    from pytest_nnsight import settings as _settings
+
+    previous: list = []
+
+    def attach(model, settings):
+        previous.append((model, _settings.settings_of(model)))
+        return _settings.attach(model, settings)
+
+    yield attach
+    for model, settings in reversed(previous):
+        _settings.attach(model, settings)

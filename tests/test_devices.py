@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_nnsight import remote as remote_module, settings as _settings
+from pytest_nnsight import remote as remote_module
 from pytest_nnsight.devices import assign_device, describe, header, physical_device, worker_assignment, worker_index
 from pytest_nnsight.errors import SettingsError
 from pytest_nnsight.interventions import patch
@@ -197,7 +197,7 @@ def test_the_api_key_is_never_printed(monkeypatch, pytester):
     result.stdout.fnmatch_lines(["pytest-nnsight: *remote ndif*"])
 
 
-def test_remote_reaches_every_trace_of_patch_and_sweep(capitals, monkeypatch):
+def test_remote_reaches_every_trace_of_patch_and_sweep(capitals, monkeypatch, attach_settings):
     """With remote on, every trace the interventions open gets remote=True (captured; run locally without it)."""
     calls: list[dict] = []
     original = type(capitals).trace
@@ -211,7 +211,7 @@ def test_remote_reaches_every_trace_of_patch_and_sweep(capitals, monkeypatch):
     metric = logit_diff("Paris", "Berlin")
     local = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=metric)
     assert calls and all("remote" not in c for c in calls), calls
-    monkeypatch.setattr(_settings, "ACTIVE", Settings(device="cpu", remote="ndif"))
+    attach_settings(capitals, Settings(device="cpu", remote="ndif"))
     calls.clear()
     patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=metric)
     assert calls and all("remote" not in c for c in calls), "a model not served for NDIF runs locally under ndif"
@@ -225,12 +225,12 @@ def test_remote_reaches_every_trace_of_patch_and_sweep(capitals, monkeypatch):
     assert remote == local
 
 
-def test_remote_local_simulation_gives_the_same_results(capitals, monkeypatch):
+def test_remote_local_simulation_gives_the_same_results(capitals, attach_settings):
     """nnsight's remote='local' serializes each trace and rebuilds it with local modules hidden, as NDIF would."""
     metric = logit_diff("Paris", "Berlin")
     local_effect = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=metric)
     local_map = sweep(capitals, CLEAN, CORRUPT, metric=metric, sites=["transformer.h.0", "transformer.h.1"])
-    monkeypatch.setattr(_settings, "ACTIVE", Settings(device="cpu", remote="local"))
+    attach_settings(capitals, Settings(device="cpu", remote="local"))
     remote_effect = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=metric)
     remote_map = sweep(capitals, CLEAN, CORRUPT, metric=metric, sites=["transformer.h.0", "transformer.h.1"])
     assert remote_effect == local_effect, (remote_effect, local_effect)

@@ -127,3 +127,39 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
     assert graph["pkg.b"] == {"pkg.sub.c": 2}
     assert "pkg.d" not in graph["pkg.sub.c"]  # TYPE_CHECKING only
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
+
+
+#: the plugin layer: the only modules that see the pytest session's settings (config.stash); the rest is the core
+PLUGIN_LAYER = {"pytest_nnsight.plugin", "pytest_nnsight.fixtures", "pytest_nnsight.settings"}
+
+
+def global_settings_reads(root: Path, allowed: set[str] = frozenset()) -> list[str]:
+    """'module:line' for every use of a session-wide settings global (`ACTIVE`) outside the `allowed` modules."""
+    found = []
+    for file in sorted(root.rglob("*.py")):
+        name = module_name(root, file)
+        if name in allowed:
+            continue
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            hit = (isinstance(node, ast.Attribute) and node.attr == "ACTIVE") or (isinstance(node, ast.Name) and node.id == "ACTIVE") or (
+                isinstance(node, ast.ImportFrom) and any(a.name == "ACTIVE" for a in node.names))
+            if hit:
+                found.append(f"{name}:{node.lineno}")
+    return found
+
+
+def test_the_core_reads_no_global_settings():
+    """Settings reach the core through the served model (settings.settings_of) or as arguments, never a module global:
+    a verb given a served model behaves the same in and out of a pytest session."""
+    found = global_settings_reads(PACKAGE, PLUGIN_LAYER)
+    assert not found, f"core modules read the global settings.ACTIVE (use settings.settings_of(model)): {found}"
+
+
+def test_a_global_settings_read_is_found(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "plugin.py").write_text("from . import settings\nsettings.ACTIVE = 1\n")
+    (pkg / "sweeps.py").write_text("def f():\n    from . import settings as s\n    return s.ACTIVE\n")
+    (pkg / "remote.py").write_text("from .settings import ACTIVE\n")
+    assert global_settings_reads(pkg, {"pkg.plugin"}) == ["pkg.remote:1", "pkg.sweeps:3"]

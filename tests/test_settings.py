@@ -60,3 +60,37 @@ def test_every_option_has_consistent_names():
         assert opt.flag == "--nnsight-" + opt.noun.replace("_", "-")
         assert opt.ini == "nnsight_" + opt.noun and opt.env == "PYTEST_NNSIGHT_" + opt.noun.upper()
         assert hasattr(Settings(), opt.noun)
+
+
+def test_a_model_carries_its_run_settings():
+    from pytest_nnsight.settings import DEFAULTS, attach, settings_of
+
+    class Wrapper:  # stands in for an nnsight wrapper
+        pass
+
+    served, own = Wrapper(), Wrapper()
+    assert attach(served, Settings(check_batching=True, remote="local")) is served
+    assert settings_of(served).check_batching and settings_of(served).remote == "local"
+    assert settings_of(own) is DEFAULTS and not DEFAULTS.check_batching and DEFAULTS.remote == "off"  # wrapped by the user
+    key = id(served)
+    del served  # the registry holds no model alive
+    import gc
+
+    gc.collect()
+    from pytest_nnsight import settings as module
+
+    assert key not in module._SERVED
+
+
+def test_the_fixtures_serve_models_with_the_session_settings(pytester):
+    pytester.makepyfile(
+        """
+        from pytest_nnsight.settings import settings_of
+
+        def test_served(nnsight_model, nnsight_models):
+            model = nnsight_model("bundled:capitals", device="cpu")
+            s = settings_of(model)
+            assert s.check_batching and s.check_batching_cells == 7 and s is nnsight_models.settings
+        """
+    )
+    pytester.runpytest_inprocess("--nnsight-check-batching", "--nnsight-check-batching-cells", "7").assert_outcomes(passed=1)

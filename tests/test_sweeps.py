@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pytest_nnsight import EffectMap, settings as settings_module, sweeps
+from pytest_nnsight import EffectMap, sweeps
 from pytest_nnsight.errors import BatchingMismatchError, BrokenExperimentError
 from pytest_nnsight.interventions import Prompt
 from pytest_nnsight.metrics import logit_diff
@@ -213,13 +213,13 @@ def test_check_batching_catches_a_broken_batch_path(capitals, count_runs):
     assert isinstance(info.value, AssertionError)
 
 
-def test_check_batching_follows_the_setting_and_is_what_catches_the_bug(capitals, count_runs, monkeypatch):
+def test_check_batching_follows_the_setting_and_is_what_catches_the_bug(capitals, count_runs, attach_settings):
     count_runs["broken"] = True
     sweep(capitals, CLEAN, CORRUPT, metric=LD, check_batching=False, reuse="none")  # without the check a broken batch passes silently
-    monkeypatch.setattr(settings_module, "ACTIVE", Settings(check_batching=True, check_batching_cells=2))
+    attach_settings(capitals, Settings(check_batching=True, check_batching_cells=2))  # the model carries its run settings
     with pytest.raises(BatchingMismatchError, match="in 2 of 2 checked cells"):
         sweep(capitals, CLEAN, CORRUPT, metric=LD, reuse="none")
-    monkeypatch.setattr(settings_module, "ACTIVE", Settings(check_batching=False))
+    attach_settings(capitals, Settings(check_batching=False))
     sweep(capitals, CLEAN, CORRUPT, metric=LD, reuse="none")
 
 

@@ -44,15 +44,15 @@ def _first_param(model: Any) -> Any:
     return None
 
 
-def snapshot_environment(model: Any = None, cache: Any = None, data: Any = None) -> dict[str, Any]:
-    """What produced a finding: library versions, device type, dtype, model id and revision, weights fingerprint."""
+def snapshot_environment(model: Any = None, cache: Any = None, data: Any = None, settings: Any = None) -> dict[str, Any]:
+    """What produced a finding: library versions, device type, dtype, model id and revision, weights fingerprint.
+
+    `settings` (the run's, given by the fixture) name the device and dtype of a finding with no model or tensor."""
     state = hooks.active()
     if state.versions is None:
         state.versions = library_versions()
     env: dict[str, Any] = dict(state.versions)
-    from .. import settings as _settings
-
-    s = _settings.ACTIVE
+    s = settings
     device = dtype = model_id = revision = weights = None
     if model is not None:
         p = _first_param(model)
@@ -95,6 +95,7 @@ class Options:
     item: Any = None
     update: bool | None = None
     rank_tolerance: int | None = None  # circuits: ranks an edge may move, or edges near the cut that may come and go
+    settings: Any = None  # the run's Settings, from the fixture (None: every option at its default)
 
 
 @dataclass
@@ -121,7 +122,7 @@ class FindingSnapshotExtension(SingleFileSnapshotExtension):
         self._location: str | None = None
 
     def serialize(self, data: Any, *, exclude: Any = None, include: Any = None, matcher: Any = None) -> str:
-        env = snapshot_environment(self.options.model, self.options.cache, data)
+        env = snapshot_environment(self.options.model, self.options.cache, data, self.options.settings)
         return dumps(record(data, env, self.decimals))
 
     def read_snapshot_data_from_location(self, *, snapshot_location: str, snapshot_name: str, session_id: str) -> Any:
@@ -227,15 +228,17 @@ class FindingSnapshotAssertion(SnapshotAssertion):
     across_weights: bool = False
     cache: Any = None
     rank_tolerance: int | None = None
+    settings: Any = None
 
     _OWN = tuple(f.name for f in fields(Options) if f.name not in ("item", "update"))  # the options a test sets
 
     @classmethod
-    def from_snapshot(cls, snapshot: SnapshotAssertion, *, cache: Any = None) -> "FindingSnapshotAssertion":
+    def from_snapshot(cls, snapshot: SnapshotAssertion, *, cache: Any = None, settings: Any = None) -> "FindingSnapshotAssertion":
         """The equivalent of ``snapshot.use_extension(FindingSnapshotExtension)``, as this class."""
         return cls(session=snapshot.session, extension_class=FindingSnapshotExtension, test_location=snapshot.test_location,
                    update_snapshots=snapshot.update_snapshots, update_new_snapshots_only=snapshot.update_new_snapshots_only,
-                   include=snapshot.include, exclude=snapshot.exclude, matcher=snapshot.matcher, cache=cache)
+                   include=snapshot.include, exclude=snapshot.exclude, matcher=snapshot.matcher, cache=cache,
+                   settings=settings)
 
     def with_defaults(self, **kwargs: Any) -> "FindingSnapshotAssertion":
         new = super().with_defaults(**kwargs)
@@ -281,7 +284,8 @@ class FindingSnapshotAssertion(SnapshotAssertion):
         ext = self.extension
         if isinstance(ext, FindingSnapshotExtension):
             ext.options = Options(self.atol, self.rtol, self.tolerance, self.model, self.across_weights, self.cache,
-                                  getattr(self.test_location, "item", None), self.update_snapshots, rank_tolerance=self.rank_tolerance)
+                                  getattr(self.test_location, "item", None), self.update_snapshots, rank_tolerance=self.rank_tolerance,
+                                  settings=self.settings)
         ok = super()._assert(data)
         record_snapshot(self, data)  # new, matched, re-verified, drifted: for the findings report
         return ok

@@ -16,6 +16,7 @@ and an unpatched row replayed from layer 0 must reproduce the target run before 
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -327,6 +328,8 @@ def needs_identity_check(plan: Plan) -> bool:
 def identity_checked(plan: Plan, replayed: float, target: float, tol: float) -> bool:
     """Trust the replay of this model when an unpatched row from layer 0 gave the target's metric; otherwise this model
     runs on the plain nnsight path from now on (its forward does more than blocks, final norm and LM head)."""
+    if not math.isfinite(target):
+        return False  # inconclusive (a model emitting inf or NaN right now): the plain path runs this call, the next checks again
     if abs(replayed - target) <= tol:
         _TRUSTED.add(plan.root)
         return True

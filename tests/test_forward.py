@@ -223,3 +223,21 @@ def test_the_plugin_opens_a_baseline_scope_per_test(pytester):
     """)
     pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
     assert forward.baselines() is not None  # this test's own scope
+
+
+def test_a_model_emitting_inf_for_a_while_is_not_refused_for_good():
+    """A non-finite target says nothing about the replay: that sweep runs the plain path, and the model is checked again."""
+    module, tok = tiny_model("gpt2", seed=4)
+    model = ModelCache(Settings(device="cpu")).get(module, tok)
+    metric = logit_diff("Mary", "John")
+    handle = module.lm_head.register_forward_hook(lambda mod, args, out: out * float("inf"))
+    try:
+        broken = sweep(model, CLEAN, CORRUPT, metric=metric, sites="resid_post", check_batching=False)
+    finally:
+        handle.remove()
+    assert not torch.isfinite(raw(broken)).any()  # no finite cell while the model emits inf
+    assert forward.plan_for(model) is not None and forward.needs_identity_check(forward.plan_for(model))
+    fast = sweep(model, CLEAN, CORRUPT, metric=metric, sites="resid_post", check_batching=False)
+    assert not forward.needs_identity_check(forward.plan_for(model))  # trusted now: the prefix path ran
+    plain = sweep(model, CLEAN, CORRUPT, metric=metric, sites="resid_post", check_batching=False, reuse="none")
+    torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)

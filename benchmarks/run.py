@@ -8,7 +8,6 @@ machine affects both sides alike. Runs on CPU here and on CUDA where available (
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -37,19 +36,9 @@ CORRUPT = "As everyone knows , the capital city of Germany is"
 
 def interleaved(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each variant, run round-robin so drift hits all alike."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            gc.collect()  # garbage one contender leaves (nnsight traces make plenty) is not charged to the next
-            t = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    from side_by_side import interleaved as times_of  # one timing loop for every benchmark (benchmarks/ is on sys.path)
+
+    return {k: statistics.median(v) for k, v in times_of(variants, reps, warmup).items()}
 
 
 def naive_sweep(model: Any, answer: int, distractor: int) -> torch.Tensor:

@@ -56,10 +56,11 @@ def prompts(tokens: int) -> tuple[str, str]:
 
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, run round-robin (one warm-up round first)."""
-    for fn in variants.values():
-        fn()
+def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each variant, run round-robin after `warmup` rounds (run.py takes their medians)."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, fn in variants.items():

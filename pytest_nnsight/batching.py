@@ -12,10 +12,10 @@ of the output) is padding-blind, so its rows are batched by equal length too.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from . import compat
 from .errors import PositionError
 from .prompts import TokenPrompt, token_prompt  # noqa: F401  (re-exported)
 
@@ -23,10 +23,9 @@ EQUAL_LENGTH_NOTE = "batches only prompts of equal token length (absolute positi
 
 
 def is_text_model(model: Any) -> bool:
-    """Whether nnsight's language wrapper serves `model` (it tokenizes text itself)."""
-    nnsight = sys.modules.get("nnsight")
-    classes = tuple(c for c in (getattr(nnsight, "TransformersModel", None), getattr(nnsight, "LanguageModel", None)) if c is not None)
-    return bool(classes) and isinstance(model, classes)
+    """Whether nnsight's language wrapper serves `model` (it tokenizes text itself); the wrapper class of each
+    nnsight line is known to compat.py."""
+    return compat.is_language_model(model)
 
 
 def mixed_lengths_ok(model: Any) -> bool:
@@ -100,9 +99,8 @@ def encode(model: Any, prompts: Any) -> Batch:
         if any(isinstance(p, TokenPrompt) for p in texts):
             inputs: Any = [list(r) for r in id_rows]  # nnsight pads token-id lists the same way as text
         else:
-            from .compat import trace_inputs  # left-pad position ids where nnsight (<= 0.7) adds none
-
-            inputs = trace_inputs(model, [str(t) for t in texts]) if isinstance(prompts, list) else str(texts[0])
+            # left-pad position ids where nnsight (<= 0.7) adds none
+            inputs = compat.trace_inputs(model, [str(t) for t in texts]) if isinstance(prompts, list) else str(texts[0])
         return Batch((inputs,), {}, mask, tuple(offsets), lengths)
     device = _device(model)
     ids = ids.to(device)
@@ -119,8 +117,6 @@ def _as_given(model: Any, inputs: Any) -> Batch:
     """A batch the caller built itself: its attention mask (all ones when it has none) gives the offsets."""
     import torch
 
-    from .compat import trace_inputs
-
     ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if mask is None:
@@ -129,7 +125,7 @@ def _as_given(model: Any, inputs: Any) -> Batch:
     mask = mask.detach().cpu().long()
     offsets = tuple(int(row.argmax()) if bool(row.any()) else 0 for row in mask)
     lengths = tuple(int(row.sum()) for row in mask)
-    return Batch((trace_inputs(model, inputs),), {}, mask, offsets, lengths)
+    return Batch((compat.trace_inputs(model, inputs),), {}, mask, offsets, lengths)
 
 
 def _forward_params(model: Any) -> set[str] | None:

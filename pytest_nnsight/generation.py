@@ -272,8 +272,9 @@ def _context(model: Any) -> int | None:
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
-def _config(max_new_tokens: Any, do_sample: bool, temperature: Any, top_k: Any, seed: Any, min_new_tokens: Any, stop_at_eos: bool,
-            use_cache: bool = False) -> Decoding:
+def _config(max_new_tokens: Any, do_sample: bool = False, temperature: Any = 1.0, top_k: Any = None, seed: Any = None,
+            min_new_tokens: Any = 0, stop_at_eos: bool = True, use_cache: bool = False) -> Decoding:
+    """Check the decoding arguments of `generate` (same defaults) and freeze them into a `Decoding`."""
     _positive_int("max_new_tokens", max_new_tokens)
     _positive_int("min_new_tokens", min_new_tokens, 0)
     if min_new_tokens > max_new_tokens:
@@ -328,29 +329,16 @@ def generate(
     >>> generate(model, "t1 t2 t3 t1", max_new_tokens=2).texts                  # doctest: +SKIP
     ('t2 t3',)
     """
-    gen = _generate(model, prompts, max_new_tokens=max_new_tokens, intervention=intervention, do_sample=do_sample,
-                    temperature=temperature, top_k=top_k, seed=seed, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
-                    batch_size=batch_size, use_cache=use_cache)
+    config = _config(max_new_tokens, do_sample, temperature, top_k, seed, min_new_tokens, stop_at_eos, use_cache)
+    gen = _generate(model, prompts, config, intervention, batch_size)
     record_generation(gen)
     return gen
 
 
-def _generate(
-    model: Any,
-    prompts: Any,
-    *,
-    max_new_tokens: int,
-    intervention: Any = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int | None = None,
-    min_new_tokens: int = 0,
-    stop_at_eos: bool = True,
-    batch_size: int = 32,
-    use_cache: bool = False,
-) -> Generation:
-    config = _config(max_new_tokens, do_sample, temperature, top_k, seed, min_new_tokens, stop_at_eos, use_cache)
+def _generate(model: Any, prompts: Any, config: Decoding, intervention: Any, batch_size: int) -> Generation:
+    """`generate` with its decoding arguments already checked (`_config`), recording nothing: `generate` records one
+    generation, `generation_population` records the baseline and intervened runs together."""
+    max_new_tokens = config.max_new_tokens
     _positive_int("batch_size", batch_size)
     texts = _prompt_texts(prompts)
     tok = getattr(model, "tokenizer", None)
@@ -682,11 +670,13 @@ def generation_population(
         if n > len(texts):
             raise ArgumentError(f"n={n} is larger than the {len(texts)} prompts given: lower n or pass more prompts")
         texts = texts[:n]
-    base = _generate(model, texts, max_new_tokens=max_new_tokens, **decoding)
+    batch_size = decoding.pop("batch_size", 32)
+    config = _config(max_new_tokens, **decoding)
+    base = _generate(model, texts, config, None, batch_size)
     base_scores = metric(model, base)
     inter, inter_scores = None, ()
     if intervention is not None:
-        inter = _generate(model, texts, max_new_tokens=max_new_tokens, intervention=intervention, **decoding)
+        inter = _generate(model, texts, config, intervention, batch_size)
         inter_scores = metric(model, inter)
     scores = {f"baseline {metric.name}": base_scores}
     if inter is not None:

@@ -141,35 +141,63 @@ def ablate(
     """
     if method not in ("zero", "mean", "resample"):
         raise ArgumentError(f"ablation method {method!r}: expected 'zero', 'mean' or 'resample'")
-    m = as_metric(model, metric)
-    s = resolve_site(model, site)
-    text = text_of(prompt)
-    tokens = tokens_of(model, text)
-    check_context(model, tokens, text)
-    pos = resolve_position(tokens, position, prompt=text, slots=slots_of(prompt))
-    reference = reference_logits(model, m, text)
-    base, acts = run(model, text, m, save=[s], reference=reference)
-    width = acts[s].shape[-1]
+    one = _Unedited.measure(model, prompt, site, position, metric)
+    pos = one.positions
     if method == "zero":
-        values = torch.zeros(len(pos), width, device=acts[s].device, dtype=acts[s].dtype)
+        values = torch.zeros(len(pos), one.act.shape[-1], device=one.act.device, dtype=one.act.dtype)
         how = "zero ablation"
     elif method == "mean":
         if not reference_prompts:
             raise ArgumentError("mean ablation needs reference_prompts: the prompts whose mean activation replaces this one")
-        values = _mean_activation(model, s, reference_prompts, position, pos)
+        values = _mean_activation(model, one.site, reference_prompts, position, pos)
         how = f"mean ablation ({len(reference_prompts)} prompts)"
     else:
         if donor is None:
             raise ArgumentError("resample ablation needs donor=: the prompt whose activation replaces this one")
-        values = _mean_activation(model, s, [donor], position, pos)
+        values = _mean_activation(model, one.site, [donor], position, pos)
         how = f"resample ablation (from {text_of(donor)!r})"
-    ablated, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference)
-    b, a = float(base[0]), float(ablated[0])
-    rel = (a - b) / abs(b) if b != 0 else math.copysign(math.inf, a - b) if a != b else 0.0
-    return recorded(Effect(
-        kind=how, site=str(s), positions=tuple(pos), position_tokens=tuple(tokens[p] for p in pos), metric=m.name, source_prompt="",
-        target_prompt=text, source=b, target=b, intervened=a, normalized=rel, direction="ablation", tokens=tuple(tokens),
-    ))
+    return one.effect(model, values, "set", kind=how, direction="ablation")
+
+
+@dataclass(frozen=True)
+class _Unedited:
+    """One prompt's unedited run, measured at one site: what `ablate` and `steer` share before and after their edit."""
+
+    metric: Metric
+    site: Site
+    text: str
+    tokens: list[str]
+    positions: list[int]
+    reference: Any
+    value: float  # the metric without the edit
+    act: torch.Tensor  # the activation at `site`, [1, seq, d]
+
+    @classmethod
+    def measure(cls, model: Any, prompt: Any, site: Any, position: Any, metric: Any) -> _Unedited:
+        m = as_metric(model, metric)
+        s = resolve_site(model, site)
+        text = text_of(prompt)
+        tokens = tokens_of(model, text)
+        check_context(model, tokens, text)
+        pos = resolve_position(tokens, position, prompt=text, slots=slots_of(prompt))
+        reference = reference_logits(model, m, text)
+        base, acts = run(model, text, m, save=[s], reference=reference)
+        return cls(m, s, text, tokens, pos, reference, float(base[0]), acts[s])
+
+    def effect(self, model: Any, values: torch.Tensor, op: str, *, kind: str, direction: str) -> Effect:
+        """Run the prompt again with `values` set or added (`op`) at the positions; the change as a recorded Effect.
+
+        `normalized` is (edited - unedited) / |unedited|, a signed infinity when the unedited metric is 0.
+        """
+        pos = self.positions
+        edited, _ = run(model, self.text, self.metric, edits=[Edit(self.site, (0,) * len(pos), tuple(pos), values, op=op)], reference=self.reference)
+        b, a = self.value, float(edited[0])
+        rel = (a - b) / abs(b) if b != 0 else math.copysign(math.inf, a - b) if a != b else 0.0
+        return recorded(Effect(
+            kind=kind, site=str(self.site), positions=tuple(pos), position_tokens=tuple(self.tokens[p] for p in pos), metric=self.metric.name,
+            source_prompt="", target_prompt=self.text, source=b, target=b, intervened=a, normalized=rel, direction=direction,
+            tokens=tuple(self.tokens),
+        ))
 
 
 def _mean_activation(model: Any, site: Site, prompts: Sequence[Any], position: Any, own: Sequence[int]) -> torch.Tensor:
@@ -205,31 +233,18 @@ def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Te
         raise ArgumentTypeError(f"alpha={alpha!r} ({type(alpha).__name__}): expected a finite number")
     if not math.isfinite(alpha):
         raise ArgumentError(f"alpha={alpha!r}: expected a finite number")
-    m = as_metric(model, metric)
-    s = resolve_site(model, site)
-    text = text_of(prompt)
-    tokens = tokens_of(model, text)
-    check_context(model, tokens, text)
-    pos = resolve_position(tokens, position, prompt=text, slots=slots_of(prompt))
-    reference = reference_logits(model, m, text)
-    base, acts = run(model, text, m, save=[s], reference=reference)
-    width = acts[s].shape[-1]
+    one = _Unedited.measure(model, prompt, site, position, metric)
+    s, act = one.site, one.act
+    width = act.shape[-1]
     if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != (width,):
         shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
         raise InterventionError(f"steering vector of shape {shape} does not fit {s}: expected a tensor of shape ({width},); a broadcastable shape would silently change every position")
-    if vector.device != acts[s].device:
-        raise InterventionError(f"steering vector is on {vector.device} but the model runs on {acts[s].device}: move it with .to({str(acts[s].device)!r})")
+    if vector.device != act.device:
+        raise InterventionError(f"steering vector is on {vector.device} but the model runs on {act.device}: move it with .to({str(act.device)!r})")
     if not torch.isfinite(vector).all():
         raise InterventionError(f"steering vector for {s} contains NaN or inf: expected finite values")
-    values = (alpha * vector.to(acts[s].dtype)).expand(len(pos), width)
-    steered, _ = run(model, text, m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values, op="add")], reference=reference)
-    b, a = float(base[0]), float(steered[0])
-    rel = (a - b) / abs(b) if b != 0 else (math.inf if a != b else 0.0)
-    return recorded(Effect(
-        kind=f"steering (alpha={alpha:g})", site=str(s), positions=tuple(pos), position_tokens=tuple(tokens[p] for p in pos),
-        metric=m.name, source_prompt="", target_prompt=text, source=b, target=b, intervened=a, normalized=rel,
-        direction="steering", tokens=tuple(tokens),
-    ))
+    values = (alpha * vector.to(act.dtype)).expand(len(one.positions), width)
+    return one.effect(model, values, "add", kind=f"steering (alpha={alpha:g})", direction="steering")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 experiment written by hand as plain nnsight traces (one prompt per trace, no batching, no library code)."""
 
 import copy
+import math
 import re
 
 import pytest
@@ -433,6 +434,24 @@ def test_steering_equals_adding_the_vector_by_hand(capitals):
     assert float(effect.intervened) == pytest.approx(expected, abs=TOL)
     zero = steer(capitals, CLEAN, site="transformer.h.0", position="last", vector=torch.zeros(64), metric=LD)
     assert float(zero.delta) == pytest.approx(0.0, abs=TOL)
+
+
+def test_steering_from_a_zero_metric_is_an_infinity_of_the_change_sign(capitals):
+    """A metric exactly 0 without the edit: `normalized` is an infinity with the sign of the change (as in ablate)."""
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    before = hand_ld(capitals, hand_logits(capitals, CLEAN))
+    after = hand_ld(capitals, hand_logits(capitals, CLEAN, H0, [4, 5], 3.0 * v.expand(2, 64), add=True))
+    assert abs(after - before) > 0.1
+    cut, up = (before + after) / 2, after > before
+    paris, berlin = ids(capitals, "Paris", "Berlin")
+
+    def falls_past_cut(output):  # 0 on the unedited run, negative on the steered one
+        ld = output.logits[:, -1, paris] - output.logits[:, -1, berlin]
+        return -((ld - cut) if up else (cut - ld)).clamp(min=0)
+
+    effect = steer(capitals, CLEAN, site="transformer.h.0", position=slice(4, None), vector=v, alpha=3.0, metric=falls_past_cut)
+    assert float(effect.target) == 0.0 and float(effect.intervened) < 0
+    assert float(effect.normalized) == -math.inf
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (65,), (64, 1), (32,)])

@@ -21,11 +21,11 @@ from . import compat
 from .assertions import _fail
 from .batching import _device, encode
 from .deprecation import UNSET, moved_positionals, required
-from .errors import ArgumentError, ArgumentTypeError, MetricError, SiteError
+from .errors import ArgumentError, ArgumentTypeError, MetricError, SiteError, check_positive_int
 from .forward import forward_kwargs
 from .metrics import Metric, as_metric, per_row
 from .prompts import pair_positions, text_of
-from .results import Direction, EffectMap
+from .results import Direction, EffectMap, check_direction
 from .sites import (
     Site,
     execution_order,
@@ -36,8 +36,6 @@ from .sites import (
     site_value,
 )
 from .trace import Edit, _translate, normalized, reference_logits, run
-
-DIRECTIONS = ("clean->corrupt", "corrupt->clean")
 
 
 def attribution_patch(
@@ -64,8 +62,7 @@ def attribution_patch(
     args = moved_positionals("attribution_patch", "model, clean, corrupt", old, ("metric",), {"metric": metric})
     required("attribution_patch", args)
     metric = args["metric"]
-    if direction not in DIRECTIONS:
-        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+    check_direction(direction)
     m = as_metric(model, metric)
     site_list = resolve_sites(model, sites)
     ct, _, _ = pair_positions(model, clean, corrupt, "last")
@@ -260,12 +257,10 @@ def check_attribution(
     args = moved_positionals("check_attribution", "model, clean, corrupt", old, ("metric", "approx"), {"metric": metric, "approx": approx})
     required("check_attribution", args)
     metric, approx = args["metric"], args["approx"]
-    if direction not in DIRECTIONS:
-        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+    check_direction(direction)
     if not isinstance(approx, EffectMap):
         raise ArgumentTypeError(f"approx is a {type(approx).__name__}: expected the EffectMap returned by attribution_patch")
-    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
-        raise ArgumentError(f"top {top!r}: expected a positive int")
+    check_positive_int("top", top)
     if not (isinstance(atol, (int, float)) and atol >= 0):
         raise ArgumentError(f"atol {atol!r}: expected a non-negative number")
     if (approx.clean_prompt, approx.corrupt_prompt) != (text_of(clean), text_of(corrupt)):

@@ -19,12 +19,11 @@ from typing import Any, Sequence
 import torch
 
 from .attribution import _differentiable
-from .errors import ArgumentError, CircuitError, MetricError
+from .errors import ArgumentError, CircuitError, MetricError, check_positive_int
 from .findings import record_circuit
 from .graph import Circuit, circuit_of
 from .metrics import Metric, as_metric, logit_diff
 from .paths import (
-    DIRECTIONS,
     Bound,
     PathMap,
     Receiver,
@@ -38,6 +37,7 @@ from .paths import (
     path_sweep,
 )
 from .prompts import pair_positions, text_of
+from .results import check_direction
 from .sites import Site, execution_order, site_value
 from .trace import _translate, normalized, run
 
@@ -181,8 +181,7 @@ def _edges(model: Any, senders: Any, receivers: Any) -> list[tuple[Sender, Recei
 def _check_method(method: str, steps: int) -> None:
     if method not in METHODS:
         raise ArgumentError(f"method {method!r}: expected 'eap' (one gradient at the target run) or 'eap-ig' (integrated gradients)")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ArgumentError(f"steps {steps!r}: expected a positive int (the integrated-gradients steps)")
+    check_positive_int("steps", steps, "a positive int (the integrated-gradients steps)")
 
 
 def edge_attribution(
@@ -195,8 +194,7 @@ def edge_attribution(
     >>> check_edges(model, clean, corrupt, approx, metric=logit_diff("t5", "t8")).rank_correlation   # doctest: +SKIP
     """
     _check_method(method, steps)
-    if direction not in DIRECTIONS:
-        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+    check_direction(direction)
     m = as_metric(model, metric)
     if m.needs_reference:
         raise MetricError(f"metric {m.name} compares with a reference run, which edge attribution does not make: use logit_diff, logprob or prob")
@@ -348,8 +346,8 @@ def discover(
     """
     if (top_k is None) == (threshold is None):
         raise ArgumentError(f"top_k={top_k!r}, threshold={threshold!r}: give exactly one of them")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ArgumentError(f"top_k {top_k!r}: expected a positive int")
+    if top_k is not None:
+        check_positive_int("top_k", top_k)
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0):
         raise ArgumentError(f"threshold {threshold!r}: expected a number >= 0 (compared with |score|)")
     edges, scores = edge_scores(model, pairs, metric=metric, senders=senders, receivers=receivers, method=method, steps=steps, batch_size=batch_size)

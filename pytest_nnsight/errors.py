@@ -1,4 +1,7 @@
-"""The exceptions pytest-nnsight raises: one base class, misuse errors also subclass the builtin that fits."""
+"""The exceptions pytest-nnsight raises: one base class, misuse errors also subclass the builtin that fits.
+
+`check_positive_int` is the one count check the verbs share (batch sizes, top-k), so its message reads the same everywhere.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,12 @@ class ArgumentError(NnsightTestError, ValueError):
 
 class ArgumentTypeError(ArgumentError, TypeError):
     """An argument of a public function has a type it does not accept."""
+
+
+def check_positive_int(name: str, value: object, expected: str = "a positive int") -> None:
+    """ArgumentError naming `name` unless `value` is an int >= 1 (a bool is not a count): batch sizes, top-k, steps."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ArgumentError(f"{name} {value!r}: expected {expected}")
 
 
 class SettingsError(NnsightTestError, ValueError):

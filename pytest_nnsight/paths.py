@@ -25,17 +25,16 @@ from typing import Any, Sequence
 import torch
 
 from . import settings as _settings
-from .errors import ArgumentError, BatchingMismatchError, CircuitError, SiteError
+from .errors import BatchingMismatchError, CircuitError, SiteError, check_positive_int
 from .families import Layout, layout_of
 from .findings import recorded
 from .metrics import Metric, as_metric
 from .prompts import pair_positions, resolve_position, slots_of, text_of
-from .results import Effect, fixed
+from .results import Effect, check_direction, fixed
 from .sites import Site, _head_index, _layer_index, model_name
 from .sweeps import tolerance_for
 from .trace import Edit, normalized, reference_logits, run
 
-DIRECTIONS = ("clean->corrupt", "corrupt->clean")
 SENDER_FORMS = "embed, attn_out.L, mlp_out.L or head_out.L.H"
 RECEIVER_FORMS = "q_in.L.H, k_in.L.H, v_in.L.H (one head's query, key or value input), mlp_in.L or logits"
 _SENDER = re.compile(r"^(?:head_out\.(-?\d+)\.(-?\d+)|(attn_out|mlp_out)\.(-?\d+)|(embed))$")
@@ -273,11 +272,6 @@ def bind(model: Any) -> Bound:
 # -- one pair: cache, receiver values, patched runs -----------------------------------------------------
 
 
-def _check_direction(direction: str) -> None:
-    if direction not in DIRECTIONS:
-        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
-
-
 @dataclass
 class PairCache:
     """One clean/corrupt pair's cached run: metrics, tokens, sender outputs and receiver residuals (row 0 source, 1 target)."""
@@ -344,7 +338,7 @@ def path_patch(
     >>> effect = path_patch(model, clean, corrupt, sender="head_out.0.0", receiver="k_in.1.2",   # doctest: +SKIP
     ...                     metric=logit_diff("t5", "t60"))
     """
-    _check_direction(direction)
+    check_direction(direction)
     m = as_metric(model, metric)
     bound = bind(model)
     s = parse_sender(model, sender)
@@ -434,9 +428,8 @@ def path_sweep(
     >>> paths = path_sweep(model, clean, corrupt, metric=logit_diff("t5", "t60"), receivers=["k_in.1.0", "logits"])   # doctest: +SKIP
     >>> paths.top(3)                                                                                                  # doctest: +SKIP
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
-    _check_direction(direction)
+    check_positive_int("batch_size", batch_size)
+    check_direction(direction)
     m = as_metric(model, metric)
     bound = bind(model)
     S = _parse_all(model, senders, parse_sender, all_senders, "senders")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
-from .errors import NonFiniteMetricError
+from .errors import ArgumentError, NonFiniteMetricError
 
 #: which run's activation goes into which: the clean one's into the corrupt run (restoring), or the reverse (breaking)
 Direction = Literal["clean->corrupt", "corrupt->clean"]
@@ -19,6 +19,18 @@ AblationMethod = Literal["zero", "mean", "resample"]
 Reuse = Literal["prefix", "none"]
 #: an Effect's direction: a patch's, or the kind of single-prompt intervention
 EffectDirection = Literal["clean->corrupt", "corrupt->clean", "ablation", "steering"]
+
+
+def check_direction(direction: Any) -> None:
+    """ArgumentError unless `direction` is a Direction: every verb that patches one run into another checks it first."""
+    if direction not in get_args(Direction):
+        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+
+
+def check_reuse(reuse: Any) -> None:
+    """ArgumentError unless `reuse` is a Reuse: sweeps and populations check it before any run."""
+    if reuse not in get_args(Reuse):
+        raise ArgumentError(f"reuse {reuse!r}: expected 'prefix' or 'none'")
 
 class Measured(float):
     """A float measured by an intervention; `assert effect.normalized >= 0.8` shows where it came from.

@@ -21,11 +21,11 @@ from . import forward as _forward
 from .assertions import _fail
 from .batching import encode, groups, lengths_of, may_mix
 from .deprecation import UNSET, moved_positionals, required
-from .errors import ArgumentError, BatchingMismatchError, BrokenExperimentError, MetricError
+from .errors import ArgumentError, BatchingMismatchError, BrokenExperimentError, MetricError, check_positive_int
 from .findings import record_population
 from .metrics import Metric, as_metric, logit_diff, per_row
 from .prompts import pair_positions, text_of
-from .results import Direction, Reuse
+from .results import Direction, Reuse, check_direction, check_reuse
 from .sites import resolve_site
 from .stats import wilson_interval
 from .strategies import CounterfactualPair, StrategyError
@@ -107,18 +107,34 @@ def _row_metric(metrics: Sequence[Metric]) -> Metric:
                   last_only=all(m.last_only for m in metrics))
 
 
-def _measure(
-    model: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], positions: Sequence[list[int]], bound: Sequence[Metric],
-    batch_size: int, mixed: bool,
-) -> tuple[list[float], list[float], list[float]]:
-    """Clean, corrupt and patched metric values per pair, batched (mixed lengths only when `mixed`)."""
+@dataclass(frozen=True)
+class _Pairs:
+    """A population request, resolved: the site, and per pair its source and target prompts, positions and metric."""
+
+    model: Any
+    site: Any
+    sources: list[Any]  # the prompts whose activation is patched in (the clean ones for 'clean->corrupt')
+    targets: list[Any]  # the prompts patched into
+    positions: list[list[int]]  # each pair's patched token positions
+    metrics: list[Metric]  # each pair's bound metric
+    batch_size: int
+    mixed: bool  # prompts of different token lengths may share a left-padded trace
+
+    def one(self, i: int) -> _Pairs:
+        """Pair i alone in a trace of its own: what the batching check compares the batched values with."""
+        return _Pairs(self.model, self.site, [self.sources[i]], [self.targets[i]], [self.positions[i]], [self.metrics[i]], 2, False)
+
+
+def _measure(req: _Pairs) -> tuple[list[float], list[float], list[float]]:
+    """Clean, corrupt and patched metric values per pair, batched (mixed lengths only when `req.mixed`)."""
+    model, s, bound, positions = req.model, req.site, req.metrics, req.positions
     # 1) clean and corrupt runs, two rows per pair, saving the site's activation at each pair's positions
-    lengths = lengths_of(model, [text_of(t) for t in targets])
-    half = max(1, batch_size // 2)
-    count = len(targets)
+    lengths = lengths_of(model, [text_of(t) for t in req.targets])
+    half = max(1, req.batch_size // 2)
+    count = len(req.targets)
     src_vals, tgt_vals, donors = [0.0] * count, [0.0] * count, [None] * count
-    for idx in groups(lengths, half, mixed=mixed):
-        texts = [t for i in idx for t in (text_of(cleans[i]), text_of(targets[i]))]
+    for idx in groups(lengths, half, mixed=req.mixed):
+        texts = [t for i in idx for t in (text_of(req.sources[i]), text_of(req.targets[i]))]
         batch = encode(model, texts)
         values, acts = run(model, texts, _row_metric([bound[i] for i in idx for _ in (0, 1)]), save=[s], lean=True)
         for k, i in enumerate(idx):
@@ -127,8 +143,8 @@ def _measure(
 
     # 2) patched runs: the target prompts, each with its donor written at its positions inside the padded batch
     patched = [0.0] * count
-    for idx in groups(lengths, batch_size, mixed=mixed):
-        texts = [text_of(targets[i]) for i in idx]
+    for idx in groups(lengths, req.batch_size, mixed=req.mixed):
+        texts = [text_of(req.targets[i]) for i in idx]
         batch = encode(model, texts)
         rows, pos = [], []
         for r, i in enumerate(idx):
@@ -141,16 +157,16 @@ def _measure(
     return src_vals, tgt_vals, patched
 
 
-def _prefix_rows(model: Any, plan: Any, start: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], positions: Sequence[list[int]],
-                 bound: Sequence[Metric], batch_size: int, mixed: bool) -> tuple[list[float], list[float], list[float]] | None:
+def _prefix_rows(req: _Pairs, plan: Any, start: Any) -> tuple[list[float], list[float], list[float]] | None:
     """`_measure`'s numbers by prefix reuse: per chunk one forward of [clean, corrupt] rows records the donors and the corrupt
     rows' residuals; the patched rows then start at the patched block (padding shifts each row's positions)."""
-    n = len(cleans)
+    model, s, bound, positions = req.model, req.site, req.metrics, req.positions
+    n = len(req.sources)
     src_vals, tgt_vals, patched = [0.0] * n, [0.0] * n, [0.0] * n
     check = _forward.needs_identity_check(plan)
-    lengths = lengths_of(model, [text_of(t) for t in targets])
-    for idx in groups(lengths, max(1, batch_size // 2), mixed=mixed):
-        texts = [t for i in idx for t in (text_of(cleans[i]), text_of(targets[i]))]
+    lengths = lengths_of(model, [text_of(t) for t in req.targets])
+    for idx in groups(lengths, max(1, req.batch_size // 2), mixed=req.mixed):
+        texts = [t for i in idx for t in (text_of(req.sources[i]), text_of(req.targets[i]))]
         metric = _row_metric([bound[i] for i in idx for _ in (0, 1)])
         batch = _forward.encode(model, texts)
         mask = batch.get("attention_mask")
@@ -188,25 +204,24 @@ def _check_batching(model: Any, flag: bool | None) -> bool:
     return flag if flag is not None else _settings.settings_of(model).check_batching
 
 
-def _verify(model: Any, s: Any, cleans: Sequence[Any], targets: Sequence[Any], positions: Sequence[list[int]], bound: Sequence[Metric],
-            batched: tuple[list[float], list[float], list[float]], n: int | None) -> None:
+def _verify(req: _Pairs, batched: tuple[list[float], list[float], list[float]], n: int | None) -> None:
     """Re-run a sample of pairs one at a time; BatchingMismatchError when a batched value differs beyond the dtype's tolerance."""
     import random
 
     from . import settings as _settings
     from .sweeps import tolerance_for
 
-    n = n or _settings.settings_of(model).check_batching_cells
-    picks = random.Random(0).sample(range(len(targets)), min(n, len(targets)))
-    module = getattr(model, "_module", model)
+    n = n or _settings.settings_of(req.model).check_batching_cells
+    picks = random.Random(0).sample(range(len(req.targets)), min(n, len(req.targets)))
+    module = getattr(req.model, "_module", req.model)
     tol = tolerance_for(next(module.parameters()).dtype)
     bad = []
     for i in picks:
-        single = _measure(model, s, [cleans[i]], [targets[i]], [positions[i]], [bound[i]], 2, False)
+        single = _measure(req.one(i))
         for name, values, one in zip(("clean", "corrupt", "patched"), batched, single):
             diff = abs(values[i] - one[0])
             if not diff <= tol and not (math.isnan(values[i]) and math.isnan(one[0])):
-                bad.append(f"  pair {i} {name}: batched {values[i]:.6g}, single {one[0]:.6g}, |diff| {diff:.3g}: {text_of(targets[i])!r}")
+                bad.append(f"  pair {i} {name}: batched {values[i]:.6g}, single {one[0]:.6g}, |diff| {diff:.3g}: {text_of(req.targets[i])!r}")
     if bad:
         raise BatchingMismatchError(
             f"batched population disagrees with single-pair runs beyond {tol:g} in {len(bad)} values of {len(picks)} checked pairs:\n"
@@ -253,30 +268,52 @@ def population(
     metric = None if args["metric"] is UNSET else args["metric"]
     required("population", {k: args[k] for k in ("site", "position", "threshold")})
     site, position, threshold = args["site"], args["position"], args["threshold"]
-    if reuse not in ("prefix", "none"):
-        raise ArgumentError(f"reuse {reuse!r}: expected 'prefix' or 'none'")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
-    if direction not in ("clean->corrupt", "corrupt->clean"):
-        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
+    _check_arguments(reuse, batch_size, direction, threshold)
+    variants = _pairs(pairs, n, seed)
+    req = _resolve(model, variants, site, position, metric, direction, batch_size, same_length)
+    batched = _measure_pairs(req, reuse)
+    if _check_batching(model, check_batching) and len(variants) > 1:
+        _verify(req, batched, check_pairs)
+    name = "logit_diff(answer, distractor)" if metric is None else getattr(metric, "__name__", "metric(pair)")
+    result = _summarize(variants, batched, str(req.site), position, name, threshold, min_gap)
+    record_population(result)
+    return result
+
+
+def _check_arguments(reuse: Any, batch_size: Any, direction: Any, threshold: Any) -> None:
+    """Refuse a bad reuse, batch size, direction or threshold before any pair is drawn or run."""
+    check_reuse(reuse)
+    check_positive_int("batch_size", batch_size)
+    check_direction(direction)
     if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ArgumentError(f"threshold={threshold!r}: expected a finite number")
-    variants = _pairs(pairs, n, seed)
+
+
+def _resolve(model: Any, variants: Sequence[CounterfactualPair], site: Any, position: Any, metric: Callable[[CounterfactualPair], Any] | None,
+             direction: Direction, batch_size: int, same_length: bool) -> _Pairs:
+    """Resolve the site, each pair's metric, prompts and positions (errors name the bad value) into one request."""
     s = resolve_site(model, site)
     make = metric if metric is not None else (lambda p: logit_diff(p.answer, p.distractor))
     bound = [as_metric(model, make(p)) for p in variants]
-    cleans = [p.clean if direction == "clean->corrupt" else p.corrupt for p in variants]
-    targets = [p.corrupt if direction == "clean->corrupt" else p.clean for p in variants]
+    restoring = direction == "clean->corrupt"
+    sources = [p.clean if restoring else p.corrupt for p in variants]
+    targets = [p.corrupt if restoring else p.clean for p in variants]
     positions = [pair_positions(model, p.clean, p.corrupt, position)[2] for p in variants]
+    return _Pairs(model, s, sources, targets, positions, bound, batch_size, mixed=not same_length and may_mix(model, bound))
 
-    mixed = not same_length and may_mix(model, bound)
-    plan = _forward.plan_for(model) if reuse == "prefix" else None
-    start = plan.start_of(s) if plan is not None else None
-    done = _prefix_rows(model, plan, start, s, cleans, targets, positions, bound, batch_size, mixed) if start is not None else None
-    src_vals, tgt_vals, patched = done if done is not None else _measure(model, s, cleans, targets, positions, bound, batch_size, mixed)
-    if _check_batching(model, check_batching) and len(variants) > 1:
-        _verify(model, s, cleans, targets, positions, bound, (src_vals, tgt_vals, patched), check_pairs)
 
+def _measure_pairs(req: _Pairs, reuse: Reuse) -> tuple[list[float], list[float], list[float]]:
+    """Clean, corrupt and patched values per pair: by prefix reuse where the site starts a block and the replay holds, else plain traces."""
+    plan = _forward.plan_for(req.model) if reuse == "prefix" else None
+    start = plan.start_of(req.site) if plan is not None else None
+    done = _prefix_rows(req, plan, start) if start is not None else None
+    return done if done is not None else _measure(req)
+
+
+def _summarize(variants: Sequence[CounterfactualPair], batched: tuple[list[float], list[float], list[float]], site: str, position: Any,
+               metric: str, threshold: float, min_gap: float) -> PopulationResult:
+    """Each pair's normalized effect (NaN where its runs barely differ), then the pass rate, Wilson bound, mean and spread."""
+    src_vals, tgt_vals, patched = batched
     effects = []
     for i, p in enumerate(variants):
         try:
@@ -288,13 +325,10 @@ def population(
     mean = sum(finite) / len(finite) if finite else math.nan
     std = math.sqrt(sum((e - mean) ** 2 for e in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
     count = len(variants)
-    result = PopulationResult(
+    return PopulationResult(
         count, tuple(effects), passed, passed / count, wilson_interval(passed, count)[0], mean, std, float(threshold),
-        str(s), position, "logit_diff(answer, distractor)" if metric is None else getattr(metric, "__name__", "metric(pair)"),
-        tuple(variants), tuple(src_vals), tuple(tgt_vals), tuple(patched),
+        site, position, metric, tuple(variants), tuple(src_vals), tuple(tgt_vals), tuple(patched),
     )
-    record_population(result)
-    return result
 
 
 def assert_population(result: PopulationResult, min_rate: float = 0.9, *, on: str = "lower_bound", show: int = 5) -> None:

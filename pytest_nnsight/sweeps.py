@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import weakref
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -17,11 +18,11 @@ import torch
 from . import forward as _forward, settings as _settings
 from .batching import ids_of
 from .deprecation import UNSET, moved_positionals, required
-from .errors import ArgumentError, BatchingMismatchError
+from .errors import BatchingMismatchError, check_positive_int
 from .findings import record_map
-from .metrics import as_metric, logits_of, per_row
+from .metrics import Metric, as_metric, logits_of, per_row
 from .prompts import TokenPrompt, pair_positions, slots_of, text_of
-from .results import Direction, EffectMap, Reuse
+from .results import Direction, EffectMap, Reuse, check_direction, check_reuse
 from .sites import Site, module_of, resolve_position, resolve_sites
 from .trace import Edit, normalized, reference_logits, run
 
@@ -57,60 +58,114 @@ def sweep(
     """
     args = moved_positionals("sweep", "model, clean, corrupt", old, ("metric",), {"metric": metric})  # the old sweep(m, c, x, metric)
     required("sweep", args)
-    metric = args["metric"]
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int (or None to size chunks by memory_budget)")
-    if memory_budget is not None and (not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 1):
-        raise ArgumentError(f"memory_budget {memory_budget!r}: expected a positive number of bytes")
-    if direction not in ("clean->corrupt", "corrupt->clean"):
-        raise ArgumentError(f"direction {direction!r}: expected 'clean->corrupt' or 'corrupt->clean'")
-    if reuse not in ("prefix", "none"):
-        raise ArgumentError(f"reuse {reuse!r}: expected 'prefix' or 'none'")
-    m = as_metric(model, metric)
-    site_list = resolve_sites(model, sites)
-    ct, xt, _ = pair_positions(model, clean, corrupt, "last")
-    cols = list(range(len(ct))) if positions is None else resolve_position(ct, positions, prompt=text_of(clean), slots=slots_of(clean))
-    source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
-    what = f"sweeping {len(site_list)} sites x {len(cols)} positions"
-    cells = [(i, p) for i in range(len(site_list)) for p in cols]
-    plan = _forward.plan_for(model) if reuse == "prefix" else None
-    starts = [plan.start_of(s) for s in site_list] if plan is not None else []
-    if plan is None or any(s is None for s in starts):
-        plan = None
-    rows = batch_size or _forward.rows_per_chunk(plan, model, len(ct), m.last_only, memory_budget or _forward.DEFAULT_MEMORY_BUDGET)
-    done = None
-    if plan is not None:
-        done = prefix_cells(model, plan, starts, text_of(source), text_of(target), m, site_list, cells, rows,
-                            clean_first=direction == "clean->corrupt", min_gap=min_gap, what=what)
-        plan = plan if done is not None else None
-    if done is not None:
-        src, tgt, acts, raw = done
-    else:
-        src, tgt, acts, raw = plain_cells(model, text_of(source), text_of(target), text_of(clean), m, site_list, cells, rows, min_gap=min_gap, what=what)
-
-    grid = [[0.0] * len(cols) for _ in site_list]
-    raw_grid = [[0.0] * len(cols) for _ in site_list]
-    for (i, p), v in zip(cells, raw.tolist()):
-        j = cols.index(p)
-        raw_grid[i][j] = v
-        grid[i][j] = normalized(v, tgt, src, min_gap=min_gap, what=what)
-
-    active = _settings.settings_of(model)
-    if check_batching if check_batching is not None else active.check_batching:
-        n = check_cells or active.check_batching_cells
-        key = ("prefix" if plan is not None else "plain", tuple(map(str, site_list)), min(rows, len(cells)), len(ct), m.last_only)
-        if not _verdict_known(model, key, n):
-            reference = reference_logits(model, m, text_of(clean))
-            verify_cells(model, target, m, site_list, acts, cells, raw, reference, n, dtype=acts[site_list[0]].dtype)
-            _remember_verdict(model, key, n)
-
-    effects = EffectMap(
-        tuple(tuple(r) for r in grid), tuple(str(s) for s in site_list), tuple(ct[p] for p in cols), m.name,
-        text_of(clean), text_of(corrupt), src if direction == "clean->corrupt" else tgt, tgt if direction == "clean->corrupt" else src,
-        raw=tuple(tuple(r) for r in raw_grid), positions=tuple(cols),
-    )
+    _check_arguments(batch_size, memory_budget, direction, reuse)
+    req = _resolve(model, clean, corrupt, args["metric"], sites, positions, direction, min_gap)
+    plan, starts = _prefix_plan(req, reuse)
+    rows = batch_size or _forward.rows_per_chunk(plan, model, len(req.tokens), req.metric.last_only, memory_budget or _forward.DEFAULT_MEMORY_BUDGET)
+    measured, plan = _measure_cells(req, plan, starts, rows)
+    effects = _assemble(req, measured)
+    _verify_batching(req, measured, plan, rows, check_batching, check_cells)
     record_map(effects)  # for the findings report (a no-op outside a test)
     return effects
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """One sweep request, resolved: the metric, sites, token columns, cells, and which prompt is patched into which."""
+
+    model: Any
+    clean: Any
+    corrupt: Any
+    metric: Metric
+    sites: list[Site]
+    tokens: list[str]  # the clean prompt's tokens
+    cols: list[int]  # the swept token positions
+    cells: list[tuple[int, int]]  # (index into sites, position), site-major
+    restoring: bool  # direction 'clean->corrupt': the clean run's activations go into the corrupt run
+    min_gap: float
+    what: str  # how refusals name this sweep
+
+    @property
+    def source(self) -> Any:
+        return self.clean if self.restoring else self.corrupt
+
+    @property
+    def target(self) -> Any:
+        return self.corrupt if self.restoring else self.clean
+
+
+def _check_arguments(batch_size: Any, memory_budget: Any, direction: Any, reuse: Any) -> None:
+    """Refuse a bad batch size, memory budget, direction or reuse before any model runs."""
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size, "a positive int (or None to size chunks by memory_budget)")
+    if memory_budget is not None:
+        check_positive_int("memory_budget", memory_budget, "a positive number of bytes")
+    check_direction(direction)
+    check_reuse(reuse)
+
+
+def _resolve(model: Any, clean: Any, corrupt: Any, metric: Any, sites: Any, positions: Any, direction: Direction, min_gap: float) -> _Sweep:
+    """Resolve the metric, sites and swept positions (errors name the bad value) into one request the phases share."""
+    m = as_metric(model, metric)
+    site_list = resolve_sites(model, sites)
+    ct, _, _ = pair_positions(model, clean, corrupt, "last")
+    cols = list(range(len(ct))) if positions is None else resolve_position(ct, positions, prompt=text_of(clean), slots=slots_of(clean))
+    cells = [(i, p) for i in range(len(site_list)) for p in cols]
+    what = f"sweeping {len(site_list)} sites x {len(cols)} positions"
+    return _Sweep(model, clean, corrupt, m, site_list, ct, cols, cells, direction == "clean->corrupt", min_gap, what)
+
+
+def _prefix_plan(req: _Sweep, reuse: Reuse) -> tuple[Any, list[Any]]:
+    """The prefix-reuse plan and each site's start, or (None, []) with reuse='none' or a site no block boundary precedes."""
+    plan = _forward.plan_for(req.model) if reuse == "prefix" else None
+    starts = [plan.start_of(s) for s in req.sites] if plan is not None else []
+    if plan is None or any(s is None for s in starts):
+        return None, []
+    return plan, starts
+
+
+def _measure_cells(req: _Sweep, plan: Any, starts: Sequence[Any], rows: int) -> tuple[tuple[float, float, dict, torch.Tensor], Any]:
+    """(src, tgt, source activations, raw metric per cell) and the plan used: prefix reuse where it holds, else plain traces."""
+    if plan is not None:
+        done = prefix_cells(req.model, plan, starts, text_of(req.source), text_of(req.target), req.metric, req.sites, req.cells, rows,
+                            clean_first=req.restoring, min_gap=req.min_gap, what=req.what)
+        if done is not None:
+            return done, plan
+    plain = plain_cells(req.model, text_of(req.source), text_of(req.target), text_of(req.clean), req.metric, req.sites, req.cells, rows,
+                        min_gap=req.min_gap, what=req.what)
+    return plain, None
+
+
+def _assemble(req: _Sweep, measured: tuple[float, float, dict, torch.Tensor]) -> EffectMap:
+    """The EffectMap: each cell's raw metric and its effect normalized between the target run (0) and the source run (1)."""
+    src, tgt, _, raw = measured
+    grid = [[0.0] * len(req.cols) for _ in req.sites]
+    raw_grid = [[0.0] * len(req.cols) for _ in req.sites]
+    for (i, p), v in zip(req.cells, raw.tolist()):
+        j = req.cols.index(p)
+        raw_grid[i][j] = v
+        grid[i][j] = normalized(v, tgt, src, min_gap=req.min_gap, what=req.what)
+    return EffectMap(
+        tuple(tuple(r) for r in grid), tuple(str(s) for s in req.sites), tuple(req.tokens[p] for p in req.cols), req.metric.name,
+        text_of(req.clean), text_of(req.corrupt), src if req.restoring else tgt, tgt if req.restoring else src,
+        raw=tuple(tuple(r) for r in raw_grid), positions=tuple(req.cols),
+    )
+
+
+def _verify_batching(req: _Sweep, measured: tuple[float, float, dict, torch.Tensor], plan: Any, rows: int, flag: bool | None,
+                     check_cells: int | None) -> None:
+    """Under check_batching, re-run a sample of cells one trace each, once per model, path, sites and chunk shape."""
+    active = _settings.settings_of(req.model)
+    if not (flag if flag is not None else active.check_batching):
+        return
+    n = check_cells or active.check_batching_cells
+    key = ("prefix" if plan is not None else "plain", tuple(map(str, req.sites)), min(rows, len(req.cells)), len(req.tokens), req.metric.last_only)
+    if _verdict_known(req.model, key, n):
+        return
+    _, _, acts, raw = measured
+    reference = reference_logits(req.model, req.metric, text_of(req.clean))
+    verify_cells(req.model, req.target, req.metric, req.sites, acts, req.cells, raw, reference, n, dtype=acts[req.sites[0]].dtype)
+    _remember_verdict(req.model, key, n)
 
 
 def prefix_cells(

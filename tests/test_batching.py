@@ -268,9 +268,9 @@ def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
 
     real = pops._measure
 
-    def skewed(model, s, cleans, targets, *args):
-        src, tgt, patched = real(model, s, cleans, targets, *args)
-        return src, tgt, [v + (1e-3 if len(targets) == 1 else 0.0) for v in patched]  # single runs that disagree with the batch
+    def skewed(req):
+        src, tgt, patched = real(req)
+        return src, tgt, [v + (1e-3 if len(req.targets) == 1 else 0.0) for v in patched]  # single runs that disagree with the batch
 
     monkeypatch.setattr(pops, "_measure", skewed)
     with pytest.raises(BatchingMismatchError, match="batched population disagrees with single-pair runs"):

@@ -17,6 +17,7 @@ from pytest_nnsight import (
     logit_diff,
     patch,
     patch_layer,
+    population,
     prob,
     rank,
     steer,
@@ -47,6 +48,8 @@ from pytest_nnsight.models import ModelCache
 from pytest_nnsight.settings import Settings
 from pytest_nnsight.sites import block, head
 from pytest_nnsight.stats import wilson_interval
+from pytest_nnsight.strategies import counterfactual_pairs
+from pytest_nnsight.wordlists import CAPITALS
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
 LD = logit_diff("Paris", "Berlin")
@@ -58,6 +61,12 @@ def _patch(m, **kw):
     args.update(kw)
     clean, corrupt = args.pop("clean", CLEAN), args.pop("corrupt", CORRUPT)
     return patch(m, clean, corrupt, **args)
+
+
+def _population(m, **kw):
+    args = dict(site="transformer.h.0", position="last", threshold=0.5, n=2)
+    args.update(kw)
+    return population(m, counterfactual_pairs(m, ["The capital of {country} is"], {"country": CAPITALS}), **args)
 
 
 def _steer(m, vector, **kw):
@@ -119,6 +128,12 @@ CASES = {
     "sweep direction": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, direction="sideways"), ArgumentError, r"'sideways'", r"'clean->corrupt' or 'corrupt->clean'"),
     "sweep batch size zero": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, batch_size=0), ArgumentError, r"batch_size 0", r"positive int"),
     "sweep batch size a float": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, batch_size=2.0), ArgumentError, r"batch_size 2\.0", r"positive int"),
+    "sweep memory budget zero": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, memory_budget=0), ArgumentError, r"memory_budget 0", r"positive number of bytes"),
+    "sweep reuse": (lambda m: sweep(m, CLEAN, CORRUPT, metric=LD, reuse="all"), ArgumentError, r"'all'", r"'prefix' or 'none'"),
+    "population reuse": (lambda m: _population(m, reuse="cache"), ArgumentError, r"'cache'", r"'prefix' or 'none'"),
+    "population batch size a bool": (lambda m: _population(m, batch_size=True), ArgumentError, r"batch_size True", r"positive int"),
+    "population direction": (lambda m: _population(m, direction="both"), ArgumentError, r"'both'", r"'clean->corrupt' or 'corrupt->clean'"),
+    "population NaN threshold": (lambda m: _population(m, threshold=float("nan")), ArgumentError, r"threshold=nan", r"finite number"),
     "sweep of identical prompts": (lambda m: sweep(m, CLEAN, CLEAN, metric=LD), BrokenExperimentError, r"gap 0", r"pick one that flips the answer"),
     "ablate method": (lambda m: ablate(m, CLEAN, site="transformer.h.0", position="last", metric=LD, method="gaussian"), ArgumentError, r"'gaussian'", r"'zero', 'mean' or 'resample'"),
     "mean ablation without references": (lambda m: ablate(m, CLEAN, site="transformer.h.0", position="last", metric=LD, method="mean"), ArgumentError, r"mean ablation", r"needs reference_prompts"),

@@ -69,6 +69,7 @@ class PopulationResult:
 
 
 def _pairs(pairs: Any, n: int | None, seed: int) -> list[CounterfactualPair]:
+    """The variants to evaluate: n drawn from a strategy (the same for the same seed), or the first n distinct given."""
     space = getattr(pairs, "space", None)
     if space is not None:
         if n is None:
@@ -199,6 +200,7 @@ def _prefix_rows(req: _Pairs, plan: Any, start: Any) -> tuple[list[float], list[
 
 
 def _check_batching(model: Any, flag: bool | None) -> bool:
+    """Whether to re-run pairs alone: `check_batching=`, else the served model's --nnsight-check-batching."""
     from . import settings as _settings
 
     return flag if flag is not None else _settings.settings_of(model).check_batching

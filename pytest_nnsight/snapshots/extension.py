@@ -82,9 +82,10 @@ def snapshot_environment(model: Any = None, cache: Any = None, data: Any = None,
     return env
 
 
-@dataclass
-class Options:
-    """The options of one comparison, set by the assertion just before it runs."""
+@dataclass(kw_only=True)
+class _TestOptions:
+    """The options a test sets on `finding_snapshot`: fields of the assertion (keyword-only, so they can follow
+    syrupy's required ones), handed to the extension in `Options`."""
 
     atol: float | None = None
     rtol: float | None = None
@@ -92,10 +93,16 @@ class Options:
     model: Any = None
     across_weights: bool = False
     cache: Any = None
-    item: Any = None
-    update: bool | None = None
     rank_tolerance: int | None = None  # circuits: ranks an edge may move, or edges near the cut that may come and go
     settings: Any = None  # the run's Settings, from the fixture (None: every option at its default)
+
+
+@dataclass
+class Options(_TestOptions):
+    """The options of one comparison, set by the assertion just before it runs."""
+
+    item: Any = None
+    update: bool | None = None
 
 
 @dataclass
@@ -215,22 +222,13 @@ def _structure_change_line(item: Any) -> str | None:
 
 
 @dataclass(eq=False, order=False, repr=False)
-class FindingSnapshotAssertion(SnapshotAssertion):
+class FindingSnapshotAssertion(SnapshotAssertion, _TestOptions):
     """syrupy's snapshot assertion using FindingSnapshotExtension, with tolerance, model and weights options.
 
     >>> assert effects == finding_snapshot(model=model, atol=1e-3, rtol=0)   # doctest: +SKIP
     """
 
-    atol: float | None = None
-    rtol: float | None = None
-    tolerance: Tolerance | None = None
-    model: Any = None
-    across_weights: bool = False
-    cache: Any = None
-    rank_tolerance: int | None = None
-    settings: Any = None
-
-    _OWN = tuple(f.name for f in fields(Options) if f.name not in ("item", "update"))  # the options a test sets
+    _OWN = tuple(f.name for f in fields(_TestOptions))  # the options a test sets
 
     @classmethod
     def from_snapshot(cls, snapshot: SnapshotAssertion, *, cache: Any = None, settings: Any = None) -> "FindingSnapshotAssertion":
@@ -283,9 +281,8 @@ class FindingSnapshotAssertion(SnapshotAssertion):
     def _assert(self, data: Any) -> bool:
         ext = self.extension
         if isinstance(ext, FindingSnapshotExtension):
-            ext.options = Options(self.atol, self.rtol, self.tolerance, self.model, self.across_weights, self.cache,
-                                  getattr(self.test_location, "item", None), self.update_snapshots, rank_tolerance=self.rank_tolerance,
-                                  settings=self.settings)
+            ext.options = Options(**{n: getattr(self, n) for n in self._OWN}, item=getattr(self.test_location, "item", None),
+                                  update=self.update_snapshots)
         ok = super()._assert(data)
         record_snapshot(self, data)  # new, matched, re-verified, drifted: for the findings report
         return ok

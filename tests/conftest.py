@@ -10,7 +10,8 @@ import pytest
 import torch  # noqa: F401
 import transformers  # noqa: F401
 
-from pytest_nnsight.models import import_nnsight
+from pytest_nnsight.metrics import logit_diff
+from pytest_nnsight.models import import_nnsight, wrap
 from pytest_nnsight.testing import tiny_gpt2
 
 
@@ -57,6 +58,20 @@ def _inner_runs_are_not_xdist_workers(monkeypatch):
 def tiny():
     """A seeded random 2-layer GPT-2 (d_model 32) and its word tokenizer."""
     return tiny_gpt2()
+
+
+@pytest.fixture(scope="module")
+def tiny_ioi():
+    """A seeded random 2-layer GPT-2 (seed 3, 4 heads, d_model 32) wrapped for nnsight, whose word tokenizer knows the
+    IOI prompts' words: the model of the path-patching and circuit tests (one per module)."""
+    hf, tok = tiny_gpt2(seed=3)
+    return wrap(hf, tok)
+
+
+@pytest.fixture(scope="module")
+def mary_john():
+    """logit_diff("Mary", "John"), the metric of the IOI prompts in the path-patching and circuit tests."""
+    return logit_diff("Mary", "John")
 
 
 @pytest.fixture(scope="session")

@@ -34,17 +34,6 @@ PAIRS = [
 NODES = ("head_out.0.1", "head_out.1.2", "mlp_out.0")
 
 
-@pytest.fixture(scope="module")
-def model():
-    hf, tok = tiny_gpt2(seed=3)
-    return wrap(hf, tok)
-
-
-@pytest.fixture(scope="module")
-def metric():
-    return logit_diff("Mary", "John")
-
-
 def hand_ablated(model, prompt, donor, keep, how):
     """logit(Mary) - logit(John) on `prompt` with every head and MLP not in `keep` zeroed or taken from `donor`, by hand."""
     tok = model.tokenizer
@@ -71,31 +60,31 @@ def hand_ablated(model, prompt, donor, keep, how):
 
 
 @pytest.mark.parametrize("how", ["zero", "resample"])
-def test_faithfulness_equals_hand_written_ablation(model, metric, how):
-    result = faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation=how)
+def test_faithfulness_equals_hand_written_ablation(tiny_ioi, mary_john, how):
+    result = faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation=how)
     everything = {f"head_out.{l}.{h}" for l in range(2) for h in range(4)} | {"mlp_out.0", "mlp_out.1"}
     for i, (clean, corrupt) in enumerate(PAIRS):
-        kept = hand_ablated(model, clean, corrupt, set(NODES), how)
-        empty = hand_ablated(model, clean, corrupt, set(), how)
-        full = hand_ablated(model, clean, corrupt, everything, how)
+        kept = hand_ablated(tiny_ioi, clean, corrupt, set(NODES), how)
+        empty = hand_ablated(tiny_ioi, clean, corrupt, set(), how)
+        full = hand_ablated(tiny_ioi, clean, corrupt, everything, how)
         assert abs(result.ablated[i] - kept) <= 1e-4 and abs(result.empty[i] - empty) <= 1e-4 and abs(result.full[i] - full) <= 1e-4
         assert abs(result.values[i] - (kept - empty) / (full - empty)) <= 1e-4
     assert len({round(v, 3) for v in result.values}) > 1  # three different pairs, three different numbers
 
 
-def test_mean_ablation_uses_the_mean_over_the_corrupt_prompts(model, metric):
+def test_mean_ablation_uses_the_mean_over_the_corrupt_prompts(tiny_ioi, mary_john):
     """All three corrupt prompts have one length: each node takes its per-position mean over them."""
-    hf = model._module
+    hf = tiny_ioi._module
     corrupt = [x for _, x in PAIRS]
-    result = faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="mean")
-    h = model.transformer.h
+    result = faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation="mean")
+    h = tiny_ioi.transformer.h
     with torch.inference_mode():
         zs, ms = [], []
-        with model.trace(corrupt):
+        with tiny_ioi.trace(corrupt):
             for layer in range(2):
                 zs.append(h[layer].attn.c_proj.input.detach().clone().mean(0, keepdim=True).save())
                 ms.append(h[layer].mlp.output.detach().clone().mean(0, keepdim=True).save())
-        with model.trace(PAIRS[0][0]):
+        with tiny_ioi.trace(PAIRS[0][0]):
             for layer in range(2):
                 new = h[layer].attn.c_proj.input.clone()
                 for head in range(4):
@@ -104,42 +93,42 @@ def test_mean_ablation_uses_the_mean_over_the_corrupt_prompts(model, metric):
                 h[layer].attn.c_proj.input[:] = new
                 if f"mlp_out.{layer}" not in NODES:
                     h[layer].mlp.output[:] = ms[layer]
-            logits = model.lm_head.output.detach().clone().save()
-    tok = model.tokenizer
+            logits = tiny_ioi.lm_head.output.detach().clone().save()
+    tok = tiny_ioi.tokenizer
     expected = float(logits[0, -1, tok.convert_tokens_to_ids("Mary")] - logits[0, -1, tok.convert_tokens_to_ids("John")])
     assert abs(result.ablated[0] - expected) <= 1e-4
-    assert hf is model._module
+    assert hf is tiny_ioi._module
 
 
-def test_batched_equals_one_row_per_forward(model, metric):
-    a = minimality(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample")
-    b = minimality(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample", batch_size=1)
+def test_batched_equals_one_row_per_forward(tiny_ioi, mary_john):
+    a = minimality(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation="resample")
+    b = minimality(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation="resample", batch_size=1)
     assert max(abs(x - y) for x, y in zip(a.ablated + a.empty + a.full, b.ablated + b.empty + b.full)) <= 1e-5
     assert max(abs(x - y) for xs, ys in zip(a.node_values, b.node_values) for x, y in zip(xs, ys)) <= 1e-5
 
 
-def test_completeness_and_minimality_are_tied_to_faithfulness(model, metric):
+def test_completeness_and_minimality_are_tied_to_faithfulness(tiny_ioi, mary_john):
     c = Circuit(nodes=NODES)
     rest = [f"head_out.{l}.{h}" for l in range(2) for h in range(4) if f"head_out.{l}.{h}" not in NODES] + ["mlp_out.1"]
-    comp = completeness(model, c, PAIRS, metric=metric, ablation="resample")
-    other = faithfulness(model, rest, PAIRS, metric=metric, ablation="resample")
+    comp = completeness(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
+    other = faithfulness(tiny_ioi, rest, PAIRS, metric=mary_john, ablation="resample")
     assert max(abs(x - (1 - y)) for x, y in zip(comp.values, other.values)) <= 1e-4  # removing C == keeping only the rest
-    mini = minimality(model, c, PAIRS, metric=metric, ablation="resample")
-    whole = faithfulness(model, c, PAIRS, metric=metric, ablation="resample")
+    mini = minimality(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
+    whole = faithfulness(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
     for node, values in zip(mini.nodes, mini.node_values):
-        without = faithfulness(model, [n for n in NODES if n != node], PAIRS, metric=metric, ablation="resample")
+        without = faithfulness(tiny_ioi, [n for n in NODES if n != node], PAIRS, metric=mary_john, ablation="resample")
         assert max(abs(v - (w - wo)) for v, w, wo in zip(values, whole.values, without.values)) <= 1e-4, node
 
 
-def test_edge_circuit_nodes_are_its_endpoints_and_attn_out_means_every_head(model):
+def test_edge_circuit_nodes_are_its_endpoints_and_attn_out_means_every_head(tiny_ioi):
     c = Circuit(edges=(("head_out.0.1", "k_in.1.2"), ("head_out.1.2", "logits"), ("embed", "mlp_in.0")))
     assert c.nodes == ("head_out.0.1", "head_out.1.2", "logits", "embed", "mlp_out.0")
-    assert [s.label for s in c.components(model)] == ["head_out.0.1", "mlp_out.0", "head_out.1.2"]
-    assert [s.label for s in Circuit(nodes=("attn_out.1",)).components(model)] == [f"head_out.1.{h}" for h in range(4)]
+    assert [s.label for s in c.components(tiny_ioi)] == ["head_out.0.1", "mlp_out.0", "head_out.1.2"]
+    assert [s.label for s in Circuit(nodes=("attn_out.1",)).components(tiny_ioi)] == [f"head_out.1.{h}" for h in range(4)]
 
 
-def test_assert_faithful_names_the_weakest_pairs_and_the_nodes(model, metric):
-    result = faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample")
+def test_assert_faithful_names_the_weakest_pairs_and_the_nodes(tiny_ioi, mary_john):
+    result = faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation="resample")
     worst = min(result.values)
     with pytest.raises(FindingFailed) as info:
         assert_faithful(result, at_least=worst + 10)
@@ -152,12 +141,12 @@ def test_assert_faithful_names_the_weakest_pairs_and_the_nodes(model, metric):
     assert_faithful(result, at_least=result.mean - 1e-9)
 
 
-def test_assert_minimal_and_complete_name_the_failing_nodes(model, metric):
-    mini = minimality(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample")
+def test_assert_minimal_and_complete_name_the_failing_nodes(tiny_ioi, mary_john):
+    mini = minimality(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation="resample")
     weakest = min(mini.node_means(), key=mini.node_means().get)
     with pytest.raises(FindingFailed, match=rf"nodes: +{weakest} "):
         assert_minimal(mini, at_least=max(mini.node_means().values()) + 1)
-    comp = completeness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation="resample")
+    comp = completeness(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation="resample")
     with pytest.raises(FindingFailed, match="claim: the circuit's mean completeness"):
         assert_complete(comp, at_least=comp.mean + 1)
     with pytest.raises(ArgumentError, match="expected the CircuitResult of minimality"):
@@ -187,31 +176,31 @@ def test_edge_attribution_is_the_derivative_of_path_patching():
     assert sum(abs(x) > 0.1 for x in estimate) >= 10  # not a comparison of zeros
 
 
-def test_edge_attribution_ranks_edges_like_true_path_patching(model, metric):
+def test_edge_attribution_ranks_edges_like_true_path_patching(tiny_ioi, mary_john):
     """Measured on this model and pair (all 110 edges): Spearman vs true path patching 0.876 for EAP, 0.906 for EAP-IG
     (4-64 steps); on the top 10 edges EAP-IG's rank correlation is 1.0 and its max error 0.088, EAP's 0.818 and 0.68
     (the linearization misses saturation: embed -> v_in.0.0 is 0.11 by EAP, 0.77 truly). Bounds with margin:"""
     from pytest_nnsight.circuits import check_edges
 
     clean, corrupt = PAIRS[0]
-    true = path_sweep(model, clean, corrupt, metric=metric, check_batching=False)
-    eap = edge_attribution(model, clean, corrupt, metric=metric)
-    ig = edge_attribution(model, clean, corrupt, metric=metric, method="eap-ig", steps=8)
+    true = path_sweep(tiny_ioi, clean, corrupt, metric=mary_john, check_batching=False)
+    eap = edge_attribution(tiny_ioi, clean, corrupt, metric=mary_john)
+    ig = edge_attribution(tiny_ioi, clean, corrupt, metric=mary_john, method="eap-ig", steps=8)
     t = [v for _, _, v in true.edges()]
     assert spearman([v for _, _, v in eap.edges()], t) >= 0.8
     assert spearman([v for _, _, v in ig.edges()], t) >= 0.85
-    checked = check_edges(model, clean, corrupt, ig, metric=metric, top=10)
+    checked = check_edges(tiny_ioi, clean, corrupt, ig, metric=mary_john, top=10)
     assert checked.rank_correlation >= 0.9 and checked.max_error <= 0.2
-    assert checked.max_error < check_edges(model, clean, corrupt, eap, metric=metric, top=10).max_error
+    assert checked.max_error < check_edges(tiny_ioi, clean, corrupt, eap, metric=mary_john, top=10).max_error
     assert checked.true == tuple(true[s, r] for s, r in checked.edges)
-    assert ig.kind == "edge attribution (eap-ig, 8 steps)" and len(ig.edges()) == len(all_edges(model))
+    assert ig.kind == "edge attribution (eap-ig, 8 steps)" and len(ig.edges()) == len(all_edges(tiny_ioi))
 
 
-def test_discover_keeps_the_top_edges_by_score(model, metric):
-    top = discover(model, PAIRS, metric=metric, top_k=5)
+def test_discover_keeps_the_top_edges_by_score(tiny_ioi, mary_john):
+    top = discover(tiny_ioi, PAIRS, metric=mary_john, top_k=5)
     assert len(top.edges) == 5 and [abs(v) for v in top.scores] == sorted((abs(v) for v in top.scores), reverse=True)
     cut = abs(top.scores[-1])
-    by_threshold = discover(model, PAIRS, metric=metric, threshold=cut)
+    by_threshold = discover(tiny_ioi, PAIRS, metric=mary_john, threshold=cut)
     assert by_threshold.edges[:5] == top.edges and all(abs(v) >= cut for v in by_threshold.scores)
 
 
@@ -224,35 +213,35 @@ def test_discover_keeps_the_top_edges_by_score(model, metric):
     (Circuit(edges=(("head_out.0.0", "k_in.3.2"),)), r"receiver 'k_in.3.2': layer 3 is out of range"),
     ([], r"expected a Circuit, a non-empty list"),
 ])
-def test_bad_circuits_are_refused_naming_the_value(model, metric, circuit, match):
+def test_bad_circuits_are_refused_naming_the_value(tiny_ioi, mary_john, circuit, match):
     with pytest.raises(CircuitError, match=match):
-        faithfulness(model, circuit, PAIRS, metric=metric)
+        faithfulness(tiny_ioi, circuit, PAIRS, metric=mary_john)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"ablation": "median"}, r"ablation 'median': expected 'mean', 'resample' or 'zero'"),
     ({"metric": None}, r"carries no answer: pass metric="),
 ])
-def test_bad_arguments_are_refused(model, metric, kwargs, match):
+def test_bad_arguments_are_refused(tiny_ioi, mary_john, kwargs, match):
     with pytest.raises(ArgumentError, match=match):
-        faithfulness(model, Circuit(nodes=NODES), PAIRS, **{"metric": metric, **kwargs})
+        faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, **{"metric": mary_john, **kwargs})
 
 
-def test_discover_needs_exactly_one_cut(model, metric):
+def test_discover_needs_exactly_one_cut(tiny_ioi, mary_john):
     with pytest.raises(ArgumentError, match="give exactly one of them"):
-        discover(model, PAIRS, metric=metric, top_k=3, threshold=0.1)
+        discover(tiny_ioi, PAIRS, metric=mary_john, top_k=3, threshold=0.1)
     with pytest.raises(ArgumentError, match="method 'acdc'"):
-        discover(model, PAIRS, metric=metric, top_k=3, method="acdc")
+        discover(tiny_ioi, PAIRS, metric=mary_john, top_k=3, method="acdc")
     with pytest.raises(CircuitError, match=r"no edge has \|score\| >= 1000"):
-        discover(model, PAIRS, metric=metric, threshold=1000)
+        discover(tiny_ioi, PAIRS, metric=mary_john, threshold=1000)
 
 
-def test_a_circuit_reads_and_prints(model):
+def test_a_circuit_reads_and_prints(tiny_ioi):
     c = Circuit(edges=(("embed", "v_in.0.0"), ("head_out.0.0", "k_in.1.2")), scores=(0.2, -0.9))
     assert c.ranked()[0] == ("head_out.0.0", "k_in.1.2", -0.9)
     assert "1. head_out.0.0 -> k_in.1.2  -0.9000" in c.to_text()
-    assert c.check(model) == c
-    assert Circuit(nodes=("head_out.-1.-1",)).check(model).nodes == ("head_out.1.3",)
+    assert c.check(tiny_ioi) == c
+    assert Circuit(nodes=("head_out.-1.-1",)).check(tiny_ioi).nodes == ("head_out.1.3",)
     with pytest.raises(CircuitError, match="2 scores for 1 edges"):
         Circuit(edges=(("embed", "logits"),), scores=(1.0, 2.0))
     assert math.isnan(Circuit(edges=(("embed", "logits"),)).ranked()[0][2])
@@ -305,22 +294,22 @@ def _complete_edges(model, nodes):
 
 
 @pytest.mark.parametrize("how", ["zero", "mean"])
-def test_edge_level_with_every_edge_between_the_nodes_equals_node_level(model, metric, how):
-    nodes = faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, ablation=how)
-    edges = faithfulness(model, Circuit(edges=_complete_edges(model, NODES)), PAIRS, metric=metric, ablation=how, level="edges")
+def test_edge_level_with_every_edge_between_the_nodes_equals_node_level(tiny_ioi, mary_john, how):
+    nodes = faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation=how)
+    edges = faithfulness(tiny_ioi, Circuit(edges=_complete_edges(tiny_ioi, NODES)), PAIRS, metric=mary_john, ablation=how, level="edges")
     assert max(abs(a - b) for a, b in zip(nodes.ablated, edges.ablated)) <= 1e-5
     assert edges.ablation == f"{how}, edges"
 
 
-def test_edge_level_ablates_a_missing_edge_at_its_receiver_only(model, metric):
+def test_edge_level_ablates_a_missing_edge_at_its_receiver_only(tiny_ioi, mary_john):
     """Drop head 0.1 -> k_in.1.2 and mlp_out.0 -> logits from the complete circuit: by hand, head 1.2's key input then
     reads the residual stream without head 0.1's contribution, the final norm without the MLP's (zero ablation), and
     nothing else changes. Three traces: the key needs layer 0's run, the logits need the run with the key written."""
     dropped = {("head_out.0.1", "k_in.1.2"), ("mlp_out.0", "logits")}
-    circuit = Circuit(edges=[e for e in _complete_edges(model, NODES) if e not in dropped])
-    result = faithfulness(model, circuit, PAIRS[:1], metric=metric, ablation="zero", level="edges")
-    hf, h = model._module, model.transformer.h
-    tok = model.tokenizer
+    circuit = Circuit(edges=[e for e in _complete_edges(tiny_ioi, NODES) if e not in dropped])
+    result = faithfulness(tiny_ioi, circuit, PAIRS[:1], metric=mary_john, ablation="zero", level="edges")
+    hf, h = tiny_ioi._module, tiny_ioi.transformer.h
+    tok = tiny_ioi.tokenizer
     mary, john = tok.convert_tokens_to_ids("Mary"), tok.convert_tokens_to_ids("John")
 
     def ablate(layer):
@@ -333,7 +322,7 @@ def test_edge_level_ablates_a_missing_edge_at_its_receiver_only(model, metric):
             h[layer].mlp.output[:] = 0
 
     with torch.inference_mode():
-        with model.trace(PAIRS[0][0]):
+        with tiny_ioi.trace(PAIRS[0][0]):
             ablate(0)
             z0 = h[0].attn.c_proj.input.detach().clone().save()
             mlp0 = h[0].mlp.output.detach().clone().save()
@@ -343,26 +332,26 @@ def test_edge_level_ablates_a_missing_edge_at_its_receiver_only(model, metric):
         proj = hf.transformer.h[0].attn.c_proj
         contribution = proj(only) - proj(torch.zeros_like(only))
         key = hf.transformer.h[1].attn.c_attn(hf.transformer.h[1].ln_1(resid1 - contribution))[:, :, 32 + 16 : 32 + 24]
-        with model.trace(PAIRS[0][0]):
+        with tiny_ioi.trace(PAIRS[0][0]):
             ablate(0)
             h[1].attn.c_attn.output[:, :, 32 + 16 : 32 + 24] = key
             ablate(1)
-            final = model.transformer.ln_f.input.detach().clone().save()
+            final = tiny_ioi.transformer.ln_f.input.detach().clone().save()
         normed = hf.transformer.ln_f(final - mlp0)
-        with model.trace(PAIRS[0][0]):
+        with tiny_ioi.trace(PAIRS[0][0]):
             ablate(0)
             h[1].attn.c_attn.output[:, :, 32 + 16 : 32 + 24] = key
             ablate(1)
-            model.transformer.ln_f.output[:] = normed
-            logits = model.lm_head.output.detach().clone().save()
+            tiny_ioi.transformer.ln_f.output[:] = normed
+            logits = tiny_ioi.lm_head.output.detach().clone().save()
     expected = float(logits[0, -1, mary] - logits[0, -1, john])
     assert abs(result.ablated[0] - expected) <= 1e-4
-    node_level = faithfulness(model, Circuit(nodes=NODES), PAIRS[:1], metric=metric, ablation="zero")
+    node_level = faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS[:1], metric=mary_john, ablation="zero")
     assert abs(node_level.ablated[0] - expected) > 1e-2  # the dropped edges made a difference
 
 
-def test_edge_level_needs_edges(model, metric):
+def test_edge_level_needs_edges(tiny_ioi, mary_john):
     with pytest.raises(CircuitError, match="level='edges' needs a circuit of edges"):
-        faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, level="edges")
+        faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, level="edges")
     with pytest.raises(ArgumentError, match="level 'paths'"):
-        faithfulness(model, Circuit(nodes=NODES), PAIRS, metric=metric, level="paths")
+        faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, level="paths")

@@ -10,22 +10,10 @@ from pytest_nnsight.errors import BatchingMismatchError, CircuitError
 from pytest_nnsight.metrics import logit_diff
 from pytest_nnsight.models import wrap
 from pytest_nnsight.paths import all_edges, path_patch, path_sweep
-from pytest_nnsight.testing import tiny_gpt2
 
 CLEAN = "When Mary and John went to the store John gave a drink to"
 CORRUPT = "When John and Mary went to the store Mary gave a drink to"
 N_LAYERS, N_HEADS, D = 2, 4, 32
-
-
-@pytest.fixture(scope="module")
-def model():
-    hf, tok = tiny_gpt2(seed=3)
-    return wrap(hf, tok)
-
-
-@pytest.fixture(scope="module")
-def metric():
-    return logit_diff("Mary", "John")
 
 
 def reference(model, sender, receiver, positions=None):
@@ -116,36 +104,36 @@ EDGES = [
 
 
 @pytest.mark.parametrize("sender,receiver,positions", EDGES)
-def test_path_patch_equals_hand_written_three_run_path_patching(model, metric, sender, receiver, positions):
-    expected = reference(model, sender, receiver, positions)
-    effect = path_patch(model, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=metric, position=positions)
+def test_path_patch_equals_hand_written_three_run_path_patching(tiny_ioi, mary_john, sender, receiver, positions):
+    expected = reference(tiny_ioi, sender, receiver, positions)
+    effect = path_patch(tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john, position=positions)
     assert math.isfinite(expected)
     assert abs(float(effect.normalized) - expected) <= 1e-4, (sender, receiver, float(effect.normalized), expected)
     assert effect.site == f"{sender} -> {'+'.join(receiver) if isinstance(receiver, list) else receiver}"
 
 
-def test_some_edge_of_the_tiny_model_matters(model, metric):
+def test_some_edge_of_the_tiny_model_matters(tiny_ioi, mary_john):
     """Guards the comparison above against comparing zeros: the random model has edges with a visible effect."""
-    effects = [abs(reference(model, s, r, p)) for s, r, p in EDGES]
+    effects = [abs(reference(tiny_ioi, s, r, p)) for s, r, p in EDGES]
     assert sum(e > 0.01 for e in effects) >= 5, effects
-    several = path_patch(model, CLEAN, CORRUPT, sender="embed", receiver=["v_in.1.0", "v_in.1.1", "v_in.1.2", "v_in.1.3"], metric=metric)
-    alone = [path_patch(model, CLEAN, CORRUPT, sender="embed", receiver=f"v_in.1.{h}", metric=metric).normalized for h in range(4)]
+    several = path_patch(tiny_ioi, CLEAN, CORRUPT, sender="embed", receiver=["v_in.1.0", "v_in.1.1", "v_in.1.2", "v_in.1.3"], metric=mary_john)
+    alone = [path_patch(tiny_ioi, CLEAN, CORRUPT, sender="embed", receiver=f"v_in.1.{h}", metric=mary_john).normalized for h in range(4)]
     assert abs(float(several.normalized) - sum(alone)) > 1e-3  # the joint path is measured, not the sum of the single ones
 
 
-def test_batched_sweep_equals_single_edges(model, metric):
-    paths = path_sweep(model, CLEAN, CORRUPT, metric=metric, batch_size=17, check_batching=False)
+def test_batched_sweep_equals_single_edges(tiny_ioi, mary_john):
+    paths = path_sweep(tiny_ioi, CLEAN, CORRUPT, metric=mary_john, batch_size=17, check_batching=False)
     edges = paths.edges()
-    assert len(edges) == len(all_edges(model)) == 110  # embed 27 + 4 heads x 15 + mlp0 14 + 4 heads x 2 + mlp1 1
-    one = path_sweep(model, CLEAN, CORRUPT, metric=metric, batch_size=1, check_batching=False)
+    assert len(edges) == len(all_edges(tiny_ioi)) == 110  # embed 27 + 4 heads x 15 + mlp0 14 + 4 heads x 2 + mlp1 1
+    one = path_sweep(tiny_ioi, CLEAN, CORRUPT, metric=mary_john, batch_size=1, check_batching=False)
     assert max(abs(a[2] - b[2]) for a, b in zip(edges, one.edges())) <= 1e-5
     for sender, receiver, value in edges[::11]:
-        single = path_patch(model, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=metric)
+        single = path_patch(tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john)
         assert abs(float(single.normalized) - value) <= 1e-5, (sender, receiver)
     assert math.isnan(paths["head_out.1.0", "k_in.0.1"])  # no edge backwards: NaN in the grid, absent from edges()
 
 
-def test_sweep_batching_check_catches_a_wrong_batched_value(model, metric, monkeypatch):
+def test_sweep_batching_check_catches_a_wrong_batched_value(tiny_ioi, mary_john, monkeypatch):
     from pytest_nnsight import paths
 
     real = paths.run_edges
@@ -155,13 +143,13 @@ def test_sweep_batching_check_catches_a_wrong_batched_value(model, metric, monke
 
     monkeypatch.setattr(paths, "run_edges", off_by_one)
     with pytest.raises(BatchingMismatchError, match="single-edge runs"):
-        path_sweep(model, CLEAN, CORRUPT, metric=metric, senders=["embed"], receivers=["logits", "mlp_in.0"], check_batching=True)
+        path_sweep(tiny_ioi, CLEAN, CORRUPT, metric=mary_john, senders=["embed"], receivers=["logits", "mlp_in.0"], check_batching=True)
 
 
-def test_corrupt_to_clean_direction_is_the_mirror(model, metric):
-    fwd = path_patch(model, CLEAN, CORRUPT, sender="head_out.0.1", receiver="logits", metric=metric)
-    back = path_patch(model, CLEAN, CORRUPT, sender="head_out.0.1", receiver="logits", metric=metric, direction="corrupt->clean")
-    mirrored = path_patch(model, CORRUPT, CLEAN, sender="head_out.0.1", receiver="logits", metric=logit_diff("John", "Mary"))
+def test_corrupt_to_clean_direction_is_the_mirror(tiny_ioi, mary_john):
+    fwd = path_patch(tiny_ioi, CLEAN, CORRUPT, sender="head_out.0.1", receiver="logits", metric=mary_john)
+    back = path_patch(tiny_ioi, CLEAN, CORRUPT, sender="head_out.0.1", receiver="logits", metric=mary_john, direction="corrupt->clean")
+    mirrored = path_patch(tiny_ioi, CORRUPT, CLEAN, sender="head_out.0.1", receiver="logits", metric=logit_diff("John", "Mary"))
     assert abs(float(back.intervened) - (-float(mirrored.intervened))) <= 1e-5
     assert fwd.clean == back.clean and fwd.corrupt == back.corrupt
 
@@ -178,9 +166,9 @@ def test_corrupt_to_clean_direction_is_the_mirror(model, metric):
     ("k_in.1.0", "logits", r"'k_in.1.0' is a receiver .* not a sender"),
     (3, "logits", r"sender 3 \(int\) is not a name"),
 ])
-def test_bad_edges_name_the_value_and_what_is_accepted(model, metric, sender, receiver, match):
+def test_bad_edges_name_the_value_and_what_is_accepted(tiny_ioi, mary_john, sender, receiver, match):
     with pytest.raises(CircuitError, match=match):
-        path_patch(model, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=metric)
+        path_patch(tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john)
 
 
 def test_a_family_without_split_inputs_is_refused_with_the_reason():
@@ -206,31 +194,31 @@ from hypothesis import (  # noqa: E402
 
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
-def test_any_batch_of_edges_equals_each_edge_alone(model, metric, data):
+def test_any_batch_of_edges_equals_each_edge_alone(tiny_ioi, mary_john, data):
     """Property: whatever edges, sender positions and batch size, a batched sweep gives each edge's path_patch."""
     from pytest_nnsight.paths import all_receivers, all_senders
 
-    senders = data.draw(st.lists(st.sampled_from([s.label for s in all_senders(model)]), min_size=1, max_size=4, unique=True))
-    receivers = data.draw(st.lists(st.sampled_from([r.label for r in all_receivers(model)]), min_size=1, max_size=4, unique=True))
+    senders = data.draw(st.lists(st.sampled_from([s.label for s in all_senders(tiny_ioi)]), min_size=1, max_size=4, unique=True))
+    receivers = data.draw(st.lists(st.sampled_from([r.label for r in all_receivers(tiny_ioi)]), min_size=1, max_size=4, unique=True))
     positions = data.draw(st.none() | st.lists(st.integers(0, 13), min_size=1, max_size=3, unique=True))
     batch = data.draw(st.integers(1, 7))
     try:
-        paths = path_sweep(model, CLEAN, CORRUPT, metric=metric, senders=senders, receivers=receivers, position=positions,
+        paths = path_sweep(tiny_ioi, CLEAN, CORRUPT, metric=mary_john, senders=senders, receivers=receivers, position=positions,
                            batch_size=batch, check_batching=False)
     except CircuitError as exc:  # every receiver reads before every sender writes
         assert "no edge among" in str(exc)
         return
     for sender, receiver, value in paths.edges():
-        alone = path_patch(model, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=metric, position=positions)
+        alone = path_patch(tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john, position=positions)
         assert abs(float(alone.normalized) - value) <= 1e-5, (sender, receiver, positions, batch)
 
 
-def test_edge_scores_of_pairs_of_several_lengths_batched_equal_each_pair_alone(model, metric):
+def test_edge_scores_of_pairs_of_several_lengths_batched_equal_each_pair_alone(tiny_ioi, mary_john):
     from pytest_nnsight.discovery import edge_scores
 
     pairs = [("When Mary and John went to the store John gave a drink to", "When John and Mary went to the store Mary gave a drink to"),
              ("When Mary and John went to the city John gave a drink to", "When John and Mary went to the city Mary gave a drink to"),
              ("Mary and John went to the store John gave a drink to", "John and Mary went to the store Mary gave a drink to")]
-    edges, together = edge_scores(model, pairs, metric=metric, method="eap-ig", steps=3, batch_size=2)
-    alone = [edge_scores(model, [p], metric=metric, method="eap-ig", steps=3)[1] for p in pairs]
+    edges, together = edge_scores(tiny_ioi, pairs, metric=mary_john, method="eap-ig", steps=3, batch_size=2)
+    alone = [edge_scores(tiny_ioi, [p], metric=mary_john, method="eap-ig", steps=3)[1] for p in pairs]
     assert max(abs(t - sum(a[k] for a in alone) / 3) for k, t in enumerate(together)) <= 1e-5

@@ -237,7 +237,25 @@ def test_one_report_under_xdist(pytester):
     assert len(list((pytester.path / "out").glob("findings*.json"))) == 1
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium (Debian: apt-get install -y chromium; .ci/run installs it)")
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
+                                    reason="needs headless Chromium (Debian: apt-get install -y chromium; .ci/run installs it)")
+
+
+def chromium_screenshot(page: Path, tmp_path: Path, name: str, width: int, height: int):
+    """`page` rendered by headless Chromium in a width x height window: the screenshot's path and RGB pixels."""
+    shot = tmp_path / name
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+           f"--window-size={width},{height}", page.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.exists(), f"no screenshot; chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
+    plt = pytest.importorskip("matplotlib.pyplot")
+    pixels = plt.imread(str(shot))[..., :3]
+    assert pixels.shape[:2] == (height, width)
+    return shot, pixels
+
+
+@needs_chromium
 def test_html_report_renders_in_headless_chromium(pytester, tmp_path):
     pytester.makepyfile(test_map=DUMP + """
 import pytest
@@ -250,16 +268,8 @@ def test_peak():
     assert_peaks_at(m, [("resid_post.1", 2)], at_least=0.9, elsewhere_at_most=0.2)
 """)
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
-    shot = tmp_path / "report.png"
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-           "--window-size=1200,1600", (pytester.path / "out" / "index.html").as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert shot.exists(), f"no screenshot; chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
-    plt = pytest.importorskip("matplotlib.pyplot")
-    pixels = plt.imread(str(shot))
-    assert pixels.shape[:2] == (1600, 1200)
-    gray = pixels[..., :3].mean(axis=2)
+    shot, pixels = chromium_screenshot(pytester.path / "out" / "index.html", tmp_path, "report.png", 1200, 1600)
+    gray = pixels.mean(axis=2)
     dark = float((gray < 0.5).mean())
     assert float(gray.std()) > 0.05 and 0.001 < dark < 0.5, f"a blank page? std {gray.std():.4f}, dark share {dark:.4f} ({shot})"
     red = (pixels[..., 0] > 0.35) & (pixels[..., 1] < 0.25) & (pixels[..., 2] < 0.3)
@@ -361,19 +371,11 @@ def test_without_matplotlib_a_drift_is_three_html_tables(pytester):
     assert drift.count("class=\"fail") == 3  # the moved cell, marked in each table
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium (Debian: apt-get install -y chromium; .ci/run installs it)")
+@needs_chromium
 def test_drift_view_renders_in_headless_chromium(pytester, tmp_path):
     _record_then_change(pytester, SNAPSHOT_TEST, _drift_map_change)
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
-    shot = tmp_path / "drift.png"
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-           "--window-size=1200,900", (pytester.path / "out" / "index.html").as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert shot.exists(), f"no screenshot; chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
-    plt = pytest.importorskip("matplotlib.pyplot")
-    pixels = plt.imread(str(shot))[..., :3]
-    assert pixels.shape[:2] == (900, 1200)
+    shot, pixels = chromium_screenshot(pytester.path / "out" / "index.html", tmp_path, "drift.png", 1200, 900)
     magenta = (pixels[..., 0] > 0.85) & (pixels[..., 1] < 0.25) & (pixels[..., 2] > 0.85)
     rows = magenta.any(axis=1).nonzero()[0]
     assert magenta.sum() > 100, f"the moved cell's mark did not render: {int(magenta.sum())} magenta pixels in {shot}"

@@ -86,6 +86,19 @@ def _binding_in_trace(frame: Any, name: str) -> str | None:
     return None
 
 
+# What an unbound name's binding in the trace (`_binding_in_trace`) means; `{name}` is the name.
+_UNBOUND_HINTS = {
+    "comprehension": ("'{name}' was saved inside a comprehension in the trace, which does not escape it (nnsight 0.5+ re-executes the "
+                      "block; only names assigned directly in it leave): create the list before the `with` and append saved values"),
+    "inner": ("'{name}' was saved inside an inner function of the trace, which does not escape it (nnsight 0.5+): "
+              "assign the saved value directly in the trace body, or append it to a list created before the `with`"),
+    "unsaved": ("'{name}' was assigned in the trace without .save(); since nnsight 0.5 only saved values survive the block "
+                "(0.4 kept every proxy): add .save()"),
+    "saved": ("'{name}' is assigned in the trace but that line never ran: on nnsight 0.8 the statements after a "
+              "`for ... in tracer.iter[...]` loop or an early stop do not run (H9)"),
+}
+
+
 def _unbound_hint(exc: BaseException, tb: TracebackType | None) -> str | None:
     m = _NAME_RE.search(str(exc))
     if m is None:
@@ -93,18 +106,8 @@ def _unbound_hint(exc: BaseException, tb: TracebackType | None) -> str | None:
     name = m.group("name")
     for frame in _frames(tb or exc.__traceback__):
         how = _binding_in_trace(frame, name)
-        if how == "comprehension":
-            return (f"'{name}' was saved inside a comprehension in the trace, which does not escape it (nnsight 0.5+ re-executes the "
-                    "block; only names assigned directly in it leave): create the list before the `with` and append saved values")
-        if how == "inner":
-            return (f"'{name}' was saved inside an inner function of the trace, which does not escape it (nnsight 0.5+): "
-                    "assign the saved value directly in the trace body, or append it to a list created before the `with`")
-        if how == "unsaved":
-            return (f"'{name}' was assigned in the trace without .save(); since nnsight 0.5 only saved values survive the block "
-                    "(0.4 kept every proxy): add .save()")
-        if how == "saved":
-            return (f"'{name}' is assigned in the trace but that line never ran: on nnsight 0.8 the statements after a "
-                    "`for ... in tracer.iter[...]` loop or an early stop do not run (H9)")
+        if how is not None:
+            return _UNBOUND_HINTS[how].format(name=name)
     return None
 
 

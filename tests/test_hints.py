@@ -25,6 +25,13 @@ def caught(fn):
     raise AssertionError("expected the nnsight code to fail")
 
 
+def unbound_hint(fn):
+    """The hint for the NameError that `fn` must raise (a name the trace did not let out)."""
+    exc = caught(fn)
+    assert isinstance(exc, NameError), exc
+    return hint_for(exc, exc.__traceback__)
+
+
 def test_out_of_order_access_gets_the_execution_order_hint(model):
     def run():
         with model.trace(PROMPT):
@@ -64,9 +71,7 @@ def test_saving_in_a_comprehension_does_not_escape_the_trace(model):
             outs = [model.transformer.h[i].output.save() for i in range(2)]
         return len(outs)
 
-    exc = caught(run)
-    assert isinstance(exc, NameError), exc
-    assert "'outs' was saved inside a comprehension" in hint_for(exc, exc.__traceback__)
+    assert "'outs' was saved inside a comprehension" in unbound_hint(run)
 
 
 def test_saving_in_an_inner_function_does_not_escape_the_trace(model):
@@ -78,9 +83,7 @@ def test_saving_in_an_inner_function_does_not_escape_the_trace(model):
             grab()
         return inner  # noqa: F821 - the point: it is not bound here
 
-    exc = caught(run)
-    assert isinstance(exc, NameError), exc
-    assert "'inner' was saved inside an inner function" in hint_for(exc, exc.__traceback__)
+    assert "'inner' was saved inside an inner function" in unbound_hint(run)
 
 
 def test_unsaved_value_does_not_survive_the_trace(model):
@@ -116,9 +119,7 @@ def test_h9_result_after_a_generate_loop_never_assigned(model):
                 result = tracer.result.save()
         return result
 
-    exc = caught(run)
-    assert isinstance(exc, NameError), exc
-    assert "'result' is assigned in the trace but that line never ran" in hint_for(exc, exc.__traceback__)
+    assert "'result' is assigned in the trace but that line never ran" in unbound_hint(run)
 
 
 def test_unrelated_errors_get_no_hint():

@@ -6,7 +6,6 @@ Without CUDA it writes nothing and exits 2 with one line saying so.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ def main() -> int:
         print("make bench-gpu: no CUDA device visible to torch (torch.cuda.is_available() is False): nothing run, "
               "benchmarks/results-gpu.json left as it is. Run it on a GPU machine with a CUDA build of torch.", file=sys.stderr)
         return 2
-    from side_by_side import scaling, side_by_side
+    from side_by_side import scaling, side_by_side, write_entries
 
     start = time.perf_counter()
     entries = side_by_side("cuda", 5, torch.float32, suffix="_cuda_fp32")
@@ -37,14 +36,10 @@ def main() -> int:
                         cwd=HERE.parent).returncode
     entries.append({"name": "examples_on_cuda", "value": rc, "unit": "exit code", "target": "== 0", "passed": rc == 0,
                     "detail": f"pytest examples/ --nnsight-device cuda in {time.perf_counter() - t:.1f} s ({torch.cuda.get_device_name(0)})"})
-    for e in entries:
-        print(f"{e['name']:<44} {e['value']!s:>8} {e['unit']:<9} target {e['target']:<12} {'PASS' if e['passed'] else 'FAIL'}  {e.get('detail', '')}")
     path = HERE / "results-gpu.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(entries, indent=2) + "\n")
-    os.replace(tmp, path)
+    rc = write_entries(entries, path)
     print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
-    return 0 if all(e["passed"] for e in entries) else 1
+    return rc
 
 
 if __name__ == "__main__":

@@ -307,15 +307,11 @@ def main() -> int:
 
         entries += side_by_side(args.device, args.rounds_gpt2s)
         entries += scaling(args.device)
-    width = max(len(e["name"]) for e in entries)
-    for e in entries:
-        print(f"{e['name']:<{width}}  {e['value']!s:>8} {e['unit']:<5} target {e['target']:<34} {'PASS' if e['passed'] else 'FAIL'}  {e.get('detail', '')}")
-    path = Path(args.out)  # one run's figures only: an entry a benchmark no longer produces does not linger
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(entries, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
-    return 0 if all(e["passed"] for e in entries) else 1
+    from side_by_side import write_entries
+
+    rc = write_entries(entries, Path(args.out))
+    print(f"wrote {args.out}")
+    return rc
 
 
 if __name__ == "__main__":

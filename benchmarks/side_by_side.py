@@ -273,6 +273,19 @@ def scaling(device: str, rounds: int = 3, width: int = 128) -> list[dict[str, An
     return entries
 
 
+def write_entries(entries: list[dict[str, Any]], path: Path) -> int:
+    """Print `entries` as an aligned table (PASS / FAIL against each target) and write them to `path` as JSON, atomically
+    (one run's figures only: an entry a benchmark no longer produces does not linger); 0 when every entry passed, else 1."""
+    from pytest_nnsight.files import atomic_write
+
+    width = {k: max(len(str(e[k])) for e in entries) for k in ("name", "unit", "target")}
+    for e in entries:
+        print(f"{e['name']:<{width['name']}}  {e['value']!s:>8} {e['unit']:<{width['unit']}} target {e['target']:<{width['target']}} "
+              f"{'PASS' if e['passed'] else 'FAIL'}  {e.get('detail', '')}")
+    atomic_write(path, json.dumps(entries, indent=2) + "\n")
+    return 0 if all(e["passed"] for e in entries) else 1
+
+
 def main() -> int:
     import argparse
 

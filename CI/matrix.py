@@ -82,13 +82,17 @@ def _strings(value: Any, where: str) -> list[str]:
     return list(value)
 
 
+def _known_keys(table: dict[str, Any], accepted: set[str], where: str) -> None:
+    unknown = sorted(set(table) - accepted)
+    if unknown:
+        raise MatrixConfigError(f"{where}: unknown key(s) {', '.join(unknown)}: accepted keys are {', '.join(sorted(accepted))}")
+
+
 def parse_config(data: Any, source: str = "config") -> MatrixConfig:
     """A MatrixConfig from parsed TOML/JSON; MatrixConfigError naming the key and what is accepted."""
     if not isinstance(data, dict):
         raise MatrixConfigError(f"{source}: expected a table of settings, got {type(data).__name__}")
-    unknown = sorted(set(data) - TOP_KEYS)
-    if unknown:
-        raise MatrixConfigError(f"{source}: unknown key(s) {', '.join(unknown)}: accepted keys are {', '.join(sorted(TOP_KEYS))}")
+    _known_keys(data, TOP_KEYS, source)
     envs_raw = data.get("env")
     if not isinstance(envs_raw, list) or not envs_raw:
         raise MatrixConfigError(f"{source}: no environments: add at least one [[env]] table with name and requirements")
@@ -101,9 +105,7 @@ def parse_config(data: Any, source: str = "config") -> MatrixConfig:
         where = f"{source}: env #{i + 1}"
         if not isinstance(raw, dict):
             raise MatrixConfigError(f"{where}: expected a table with name and requirements, got {raw!r}")
-        bad = sorted(set(raw) - ENV_KEYS)
-        if bad:
-            raise MatrixConfigError(f"{where}: unknown key(s) {', '.join(bad)}: accepted keys are {', '.join(sorted(ENV_KEYS))}")
+        _known_keys(raw, ENV_KEYS, where)
         name = raw.get("name")
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise MatrixConfigError(f"{where}: name = {name!r}: expected letters, digits, '.', '_' or '-' (it names the venv folder)")

@@ -1,55 +1,58 @@
-"""What each finding test measured, recorded while it runs, for the terminal summary, the report and JUnit XML.
+"""Recording what a finding test measures while it runs: the sink the verbs, assertions and snapshots write into.
 
-The assertion helpers, populations, sweeps and the snapshot fixture call the `record_*` functions;
-they write into the recorder of the test now running (set by the plugin's `pytest_runtest_call`
-wrapper) and do nothing, at the cost of one global read, when no test is running. Recording never
-changes a test's outcome: every recorder swallows its own errors. The record travels on the test's
-report as a plain dict (`report.nnsight_finding`), which pytest-xdist serializes back to the
-controller with the rest of the report. Imports only the standard library.
+The assertion helpers, verbs, sweeps and the snapshot fixture call the `record_*` functions; they
+write into the `Finding` (pytest_nnsight.records) of the test now running (opened by
+`run_records.start` from the plugin's `pytest_runtest_call` wrapper) and do nothing, at the cost of
+one global read, when no test is running. Recording never changes a test's outcome: every recorder
+swallows its own errors. Imports only the standard library.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
-REPORT_ATTR = "nnsight_finding"  # the record's attribute on a TestReport
-FIXTURE_ATTR = "nnsight_fixture_findings"  # records of fixtures set up for that test, on its report
-MARKER = "finding(claim): the claim this test checks, in words; the findings summary and report show it (default: the test name)."
+from .records import (
+    PCA,
+    Check,
+    CircuitRecord,
+    Drift,
+    EffectRecord,
+    Finding,
+    GenerationRecord,
+    LensRecord,
+    MapDrift,
+    MapRecord,
+    PopulationDrift,
+    PopulationRecord,
+    ProbeRecord,
+    SnapshotRecord,
+    number,
+)
+
 MAX_ITEMS = 500  # per list: a hypothesis test recording each example stays bounded
 MAX_VALUES = 4096  # per population: effects kept for the histogram
+MAX_PROBES = 24  # per test: a probe sweep over every layer of a deep model stays bounded
 
 
 @dataclass
 class Recorder:
-    """What one test measured: checks (value vs threshold), effect maps, effects, populations, snapshot statuses."""
+    """The Finding of the test (or fixture) now running, and the result objects already recorded into it.
 
-    nodeid: str
-    claim: str
-    marked: bool = False
-    checks: list[dict[str, Any]] = field(default_factory=list)
-    maps: list[dict[str, Any]] = field(default_factory=list)
-    effects: list[dict[str, Any]] = field(default_factory=list)
-    populations: list[dict[str, Any]] = field(default_factory=list)
-    snapshots: list[dict[str, Any]] = field(default_factory=list)
-    lenses: list[dict[str, Any]] = field(default_factory=list)
-    generations: list[dict[str, Any]] = field(default_factory=list)
-    circuits: list[dict[str, Any]] = field(default_factory=list)
-    probes: list[dict[str, Any]] = field(default_factory=list)
-    _map_ids: dict[int, int] = field(default_factory=dict, repr=False)
-    _effects_seen: list[Any] = field(default_factory=list, repr=False)  # the Effect objects recorded (identity, not equality)
+    Results are matched by identity (the object itself is kept, so its id cannot be reused): a map asserted after
+    the sweep that made it only adds its claimed cells; a population asserted after it was measured only adds `min_rate`.
+    """
 
-    def empty(self) -> bool:
-        return not (self.checks or self.maps or self.effects or self.populations or self.snapshots or self.lenses or self.generations
-                    or self.circuits or self.probes)
+    finding: Finding
+    _seen: list[tuple[Any, Any]] = field(default_factory=list, repr=False)  # (result object, its record)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("_map_ids")
-        d.pop("_effects_seen")
-        return d
+    def seen(self, obj: Any) -> Any:
+        """The record already made from `obj`, or None."""
+        return next((rec for o, rec in self._seen if o is obj), None)
+
+    def remember(self, obj: Any, record: Any) -> None:
+        self._seen.append((obj, record))
 
 
 _STACK: list[Recorder] = []  # a stack: pytest run inside a test (pytester) records into the inner test
@@ -58,6 +61,20 @@ _STACK: list[Recorder] = []  # a stack: pytest run inside a test (pytester) reco
 def current() -> Recorder | None:
     """The running test's recorder, or None outside a test."""
     return _STACK[-1] if _STACK else None
+
+
+def open_recorder(finding: Finding) -> Recorder:
+    """Record into `finding` until `close_recorder` (the plugin opens one per test call and per fixture set-up)."""
+    rec = Recorder(finding)
+    _STACK.append(rec)
+    return rec
+
+
+def close_recorder(rec: Recorder) -> Finding:
+    """Stop recording into `rec`; returns its finding."""
+    if rec in _STACK:
+        _STACK.remove(rec)
+    return rec.finding
 
 
 def _safe(fn: Callable[..., None]) -> Callable[..., None]:
@@ -75,15 +92,6 @@ def _safe(fn: Callable[..., None]) -> Callable[..., None]:
     return wrapped
 
 
-def _num(x: Any) -> float | None:
-    """A JSON-safe float: None for NaN and infinities (JSON has neither)."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def _text(x: Any) -> str | None:
     """A plain str (None stays None): a str subclass (TokenPrompt) in a record would stop xdist sending the report."""
     return None if x is None else str(x)
@@ -96,32 +104,33 @@ def _is_nan(x: Any) -> bool:
         return False
 
 
-def _append(items: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+def _append(items: list[Any], entry: Any) -> bool:
     if len(items) < MAX_ITEMS:
         items.append(entry)
+        return True
+    return False
 
 
 @_safe
 def record_check(rec: Recorder, what: str, measured: Any, op: str, threshold: Any, *, site: str = "", detail: str = "",
                  passed: bool | None = None) -> None:
     """A claim `measured op threshold` (op: >=, <=) checked by an assertion helper, and whether it held."""
-    m, t = _num(measured), _num(threshold)
+    m, t = number(measured), number(threshold)
     if passed is None:
         passed = m is not None and t is not None and (m >= t if op == ">=" else m <= t)
-    _append(rec.checks, {"what": what, "measured": m, "op": op, "threshold": t, "passed": passed, "site": site, "detail": detail})
+    _append(rec.finding.checks, Check(what, m, op, t, bool(passed), site, detail))
 
 
 @_safe
 def record_effect(rec: Recorder, effect: Any) -> None:
     """One intervention's Effect (patch, ablation, steering): its normalized value and raw numbers; once per object."""
-    if any(seen is effect for seen in rec._effects_seen):
+    if rec.seen(effect) is not None:
         return
-    rec._effects_seen.append(effect)
-    _append(rec.effects, {"kind": effect.kind, "site": effect.site, "positions": list(effect.positions),
-                          "tokens": list(effect.position_tokens), "metric": effect.metric, "prompt": _text(effect.target_prompt),
-                          "source": _num(effect.source), "target": _num(effect.target), "intervened": _num(effect.intervened),
-                          "normalized": _num(effect.normalized), "controls": {k: _num(v) for k, v in effect.controls.items()},
-                          "nan": _is_nan(effect.normalized)})
+    entry = EffectRecord(effect.kind, effect.site, list(effect.positions), list(effect.position_tokens), effect.metric,
+                         _text(effect.target_prompt), number(effect.source), number(effect.target), number(effect.intervened),
+                         number(effect.normalized), {k: number(v) for k, v in effect.controls.items()}, _is_nan(effect.normalized))
+    if _append(rec.finding.effects, entry):
+        rec.remember(effect, entry)
 
 
 def recorded(effect: Any) -> Any:
@@ -133,23 +142,16 @@ def recorded(effect: Any) -> Any:
 @_safe
 def record_map(rec: Recorder, effects: Any, failing: Sequence[tuple[int, int]] = (), claimed: Sequence[tuple[int, int]] = ()) -> None:
     """An EffectMap (sites x positions, with token strings); the same map again only adds failing and claimed cells."""
-    key = id(effects)
-    if key in rec._map_ids:
-        entry = rec.maps[rec._map_ids[key]]
-    else:
-        if len(rec.maps) >= MAX_ITEMS:
+    entry = rec.seen(effects)
+    if entry is None:
+        entry = MapRecord(list(effects.sites), list(effects.positions), list(effects.tokens),
+                          [[number(v) for v in row] for row in effects.values], effects.metric, effects.kind,
+                          _text(effects.clean_prompt), _text(effects.corrupt_prompt), number(effects.clean), number(effects.corrupt),
+                          nan_cells=sum(1 for row in effects.values for v in row if _is_nan(v)))
+        if not _append(rec.finding.maps, entry):
             return
-        entry = {"sites": list(effects.sites), "positions": list(effects.positions), "tokens": list(effects.tokens),
-                 "values": [[_num(v) for v in row] for row in effects.values], "metric": effects.metric, "kind": effects.kind,
-                 "clean_prompt": _text(effects.clean_prompt), "corrupt_prompt": _text(effects.corrupt_prompt),
-                 "clean": _num(effects.clean), "corrupt": _num(effects.corrupt), "failing": [], "claimed": [],
-                 "nan_cells": sum(1 for row in effects.values for v in row if _is_nan(v))}
-        rec._map_ids[key] = len(rec.maps)
-        rec.maps.append(entry)
-    entry["failing"] = sorted({*map(tuple, entry["failing"]), *((int(i), int(j)) for i, j in failing)})
-    entry["claimed"] = sorted({*map(tuple, entry["claimed"]), *((int(i), int(j)) for i, j in claimed)})
-    entry["failing"] = [list(c) for c in entry["failing"]]
-    entry["claimed"] = [list(c) for c in entry["claimed"]]
+        rec.remember(effects, entry)
+    entry.mark(failing, claimed)
 
 
 @_safe
@@ -169,55 +171,56 @@ def record_peaks(rec: Recorder, effects: Any, claimed: Sequence[tuple[int, int]]
 @_safe
 def record_population(rec: Recorder, result: Any, min_rate: float | None = None, on: str | None = None) -> None:
     """A PopulationResult: effect per variant, pass rate, Wilson bound; `min_rate`/`on` once asserted."""
-    for entry in rec.populations:
-        if entry["_id"] == id(result):
-            entry.update({k: v for k, v in (("min_rate", _num(min_rate)), ("on", on)) if v is not None})
+    entry = rec.seen(result)
+    if entry is None:
+        entry = PopulationRecord(
+            result.site, repr(result.position), result.metric, result.n, result.passed, number(result.rate), number(result.lower_bound),
+            number(result.mean), number(result.std), number(result.threshold), [number(e) for e in result.effects[:MAX_VALUES]],
+            nan=sum(1 for e in result.effects if _is_nan(e)))
+        if not _append(rec.finding.populations, entry):
             return
-    _append(rec.populations, {
-        "_id": id(result), "site": result.site, "position": repr(result.position), "metric": result.metric, "n": result.n,
-        "passed": result.passed, "rate": _num(result.rate), "lower_bound": _num(result.lower_bound), "mean": _num(result.mean),
-        "std": _num(result.std), "threshold": _num(result.threshold), "effects": [_num(e) for e in result.effects[:MAX_VALUES]],
-        "min_rate": _num(min_rate), "on": on, "nan": sum(1 for e in result.effects if _is_nan(e)),
-    })
+        rec.remember(result, entry)
+    if min_rate is not None:
+        entry.min_rate = number(min_rate)
+    if on is not None:
+        entry.on = on
 
 
 @_safe
 def record_circuit(rec: Recorder, circuit: Any, claimed: Sequence[tuple[str, str]] = (), missing: Sequence[tuple[str, str]] = ()) -> None:
     """A Circuit (edges with scores, or nodes), with the edges a test claims and those it found missing, for the drawing."""
-    entry = {"metric": circuit.metric, "method": circuit.method, "nodes": list(circuit.nodes),
-             "edges": [[s, r, _num(v)] for s, r, v in circuit.ranked()], "claimed": [list(e) for e in claimed],
-             "missing": [list(e) for e in missing]}
-    for old in rec.circuits:  # the same circuit recorded again (discover, then a claim on it): keep the one with claims
-        if old["edges"] == entry["edges"] and old["nodes"] == entry["nodes"]:
-            old["claimed"] = sorted({tuple(e) for e in old["claimed"] + entry["claimed"]})
-            old["missing"] = sorted({tuple(e) for e in old["missing"] + entry["missing"]})
+    entry = CircuitRecord(circuit.metric, circuit.method, list(circuit.nodes), [[s, r, number(v)] for s, r, v in circuit.ranked()],
+                          [list(e) for e in claimed], [list(e) for e in missing])
+    for old in rec.finding.circuits:  # the same circuit recorded again (discover, then a claim on it): keep the one with claims
+        if old.edges == entry.edges and old.nodes == entry.nodes:
+            old.claimed = [list(e) for e in sorted({tuple(e) for e in old.claimed + entry.claimed})]
+            old.missing = [list(e) for e in sorted({tuple(e) for e in old.missing + entry.missing})]
             return
-    _append(rec.circuits, entry)
-
-
-MAX_PROBES = 24  # per test: a probe sweep over every layer of a deep model stays bounded
+    _append(rec.finding.circuits, entry)
 
 
 @_safe
 def record_probe(rec: Recorder, result: Any) -> None:
     """A ProbeResult: accuracy, interval, baselines, and the 2-D PCA of the probed activations coloured by label."""
-    if len(rec.probes) >= MAX_PROBES or any(p["_id"] == id(result) for p in rec.probes):  # fitted here, then asserted
+    if len(rec.finding.probes) >= MAX_PROBES or rec.seen(result) is not None:  # fitted here, then asserted
         return
     extra = getattr(result, "extra", None) or {}
     pca = extra.get("pca") or {}
-    labels = [str(x) for x in extra.get("labels", [])][: len(pca.get("points", []))]
-    rec.probes.append({"_id": id(result), "site": str(result.site), "position": str(result.position), "accuracy": _num(result.accuracy),
-                       "ci": [_num(result.ci[0]), _num(result.ci[1])], "majority": _num(result.majority), "control": _num(result.control),
-                       "n_test": int(result.n_test), "classes": len(result.classes),
-                       "pca": {"points": pca.get("points", []), "explained": pca.get("explained", []), "labels": labels}})
+    points = [list(p) for p in pca.get("points", [])]
+    labels = [str(x) for x in extra.get("labels", [])][: len(points)]
+    entry = ProbeRecord(str(result.site), str(result.position), number(result.accuracy), [number(result.ci[0]), number(result.ci[1])],
+                        number(result.majority), number(result.control), int(result.n_test), len(result.classes),
+                        PCA(points, list(pca.get("explained", [])), labels))
+    rec.finding.probes.append(entry)
+    rec.remember(result, entry)
 
 
 @_safe
 def record_lens(rec: Recorder, lens: Any) -> None:
     """A LogitLens: the answer's rank and probability per site x position, for the report's heatmap."""
-    _append(rec.lenses, {"prompt": _text(lens.prompt), "answer": lens.answer, "sites": list(lens.sites), "positions": list(lens.positions),
-                         "tokens": [lens.tokens[p] for p in lens.positions], "ranks": [list(r) for r in lens.ranks],
-                         "probs": [[_num(v) for v in row] for row in lens.probs]})
+    _append(rec.finding.lenses, LensRecord(_text(lens.prompt), lens.answer, list(lens.sites), list(lens.positions),
+                                           [lens.tokens[p] for p in lens.positions], [list(r) for r in lens.ranks],
+                                           [[number(v) for v in row] for row in lens.probs]))
 
 
 @_safe
@@ -233,17 +236,24 @@ def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scor
     first = baseline if baseline is not None else intervened
     rows = []
     for k, prompt in enumerate(first.prompts[:MAX_ITEMS]):
-        row = {"prompt": _text(prompt)}
+        row: dict[str, Any] = {"prompt": _text(prompt)}
         if expected:
             row["expected"] = expected[k]
         for name, gen in zip(("baseline", "intervened"), (baseline, intervened)):
             if name in columns:
                 row[name] = gen.texts[k]
         for name, values in (scores or {}).items():
-            row[name] = _num(values[k])
+            row[name] = number(values[k])
         rows.append(row)
-    _append(rec.generations, {"config": first.config.describe(), "intervention": intervened.intervention if intervened is not None else "",
-                              "rows": rows})
+    _append(rec.finding.generations, GenerationRecord(first.config.describe(),
+                                                      intervened.intervention if intervened is not None else "", rows))
+
+
+@_safe
+def record_note(rec: Recorder, line: str) -> None:
+    """A line for the terminal's snapshots section ('re-verified under a new environment: ...'), sent with the record."""
+    if line not in rec.finding.notes:
+        rec.finding.notes.append(line)
 
 
 @_safe
@@ -270,21 +280,21 @@ def record_snapshot(rec: Recorder, assertion: Any, data: Any) -> None:
         status, detail = ("re-verified" if res.success and not res.updated else "updated"), ", ".join(out.changes) or "weights changed"
     else:
         status, detail = "matched", ""
-    entry = {"name": res.snapshot_name, "status": status, "detail": detail, "path": str(res.snapshot_location)}
-    if status in ("new", "drifted"):  # what --nnsight-review writes when the finding is accepted
-        entry["received"] = res.asserted_data if isinstance(res.asserted_data, str) else None
+    entry = SnapshotRecord(res.snapshot_name, status, detail, str(res.snapshot_location))
+    if status in ("new", "drifted") and isinstance(res.asserted_data, str):  # what --nnsight-review writes when accepted
+        entry.received = res.asserted_data
     if compared and (status in ("drifted", "updated") or (status == "re-verified" and any(c.abs_err > 0 for c in out.comparison.cells))):
-        entry["drift"] = drift_of(out.comparison, out.changes, out.weights)
-    _append(rec.snapshots, entry)
+        entry.drift = drift_of(out.comparison, out.changes, out.weights)
+    _append(rec.finding.snapshots, entry)
     if hasattr(data, "sites") and hasattr(data, "values") and hasattr(data, "tokens"):
         record_map(data)
 
 
 def _grid(values: Any) -> list[list[float | None]]:
-    return [[_num(v) for v in row] if isinstance(row, list) else [] for row in values] if isinstance(values, list) else []
+    return [[number(v) for v in row] if isinstance(row, list) else [] for row in values] if isinstance(values, list) else []
 
 
-def drift_of(cmp: Any, changes: Sequence[str], weights: Any = None) -> dict[str, Any]:
+def drift_of(cmp: Any, changes: Sequence[str], weights: Any = None) -> Drift:
     """The recorded and the new finding side by side, for the report's drift figure and the review.
 
     `moved`: cells beyond tolerance; `changed`: cells whose value differs at all (a re-verified finding
@@ -292,295 +302,18 @@ def drift_of(cmp: Any, changes: Sequence[str], weights: Any = None) -> dict[str,
     """
     moved = {c.path for c in cmp.moved}
     abs_errs = [c.abs_err for c in cmp.cells]
-    out: dict[str, Any] = {
-        "changes": list(changes) + ([f"weights {weights[0]} -> {weights[1]}"] if weights else []),
-        "tolerance": str(cmp.tolerance), "cells": len(cmp.cells), "moved": len(moved),
-        "changed": sum(1 for e in abs_errs if e > 0), "max_abs": _num(max(abs_errs, default=0.0)),
-        "structural": list(cmp.structural[:10]),
-    }
+    out = Drift(list(changes) + ([f"weights {weights[0]} -> {weights[1]}"] if weights else []), str(cmp.tolerance), len(cmp.cells),
+                len(moved), sum(1 for e in abs_errs if e > 0), number(max(abs_errs, default=0.0)), list(cmp.structural[:10]))
     old, new = cmp.old_finding, cmp.new_finding
     if all(isinstance(f, dict) and isinstance(f.get("values"), list) and isinstance(f.get("sites"), list) for f in (old, new)):
         cells = [(c.path[1], c.path[2], c.path in moved, c.abs_err > 0) for c in cmp.cells
                  if len(c.path) == 3 and c.path[0] == "values" and isinstance(c.path[1], int)]
-        out["map"] = {"sites": list(new["sites"]), "tokens": list(new.get("tokens") or []),
-                      "positions": list(new.get("positions") or range(len(new.get("tokens") or []))),
-                      "old_sites": list(old["sites"]), "old_tokens": list(old.get("tokens") or []),
-                      "old": _grid(old["values"]), "new": _grid(new["values"]), "metric": str(new.get("metric", "")),
-                      "moved": [[i, j] for i, j, m, _ in cells if m], "changed": [[i, j] for i, j, _, ch in cells if ch]}
+        out.map = MapDrift(list(new["sites"]), list(new.get("tokens") or []),
+                           list(new.get("positions") or range(len(new.get("tokens") or []))), list(old["sites"]),
+                           list(old.get("tokens") or []), _grid(old["values"]), _grid(new["values"]), str(new.get("metric", "")),
+                           [[i, j] for i, j, m, _ in cells if m], [[i, j] for i, j, _, ch in cells if ch])
     elif all(isinstance(f, dict) and isinstance(f.get("effects"), list) for f in (old, new)):
-        out["population"] = {"old": [_num(v) for v in old["effects"][:MAX_VALUES]], "new": [_num(v) for v in new["effects"][:MAX_VALUES]],
-                             "threshold": _num(new.get("threshold")), "site": str(new.get("site", "")),
-                             "moved": sum(1 for c in cmp.cells if c.path in moved and c.path[:1] == ("effects",))}
+        out.population = PopulationDrift([number(v) for v in old["effects"][:MAX_VALUES]], [number(v) for v in new["effects"][:MAX_VALUES]],
+                                         number(new.get("threshold")), str(new.get("site", "")),
+                                         sum(1 for c in cmp.cells if c.path in moved and c.path[:1] == ("effects",)))
     return out
-
-
-# --- the run's side: start and finish a test, collect the records of a run --------------------------------
-
-
-def start(item: Any) -> Recorder:
-    """Open the recorder of `item` (the plugin's pytest_runtest_call wrapper)."""
-    rec = Recorder(item.nodeid, _claim(item), marked=item.get_closest_marker("finding") is not None)
-    _STACK.append(rec)
-    return rec
-
-
-def start_fixture(fixturedef: Any, request: Any) -> Recorder:
-    """Open a recorder for a fixture being set up: sweeps and populations computed in (module- or session-scoped)
-    fixtures are recorded as a finding of their own, naming the tests that use the fixture."""
-    name, scope = fixturedef.argname, fixturedef.scope
-    rec = Recorder(f"{fixturedef.baseid or '<conftest>'}::<fixture {name}>", f"measured in fixture {name!r} ({scope}-scoped)")
-    _STACK.append(rec)
-    return rec
-
-
-def finish_fixture(fixturedef: Any, request: Any, rec: Recorder) -> None:
-    """Close a fixture's recorder; a non-empty record rides on the setup report of the test that set the fixture up."""
-    if rec in _STACK:
-        _STACK.remove(rec)
-    if rec.empty():
-        return
-    session = getattr(request, "session", None)
-    users = [i.nodeid for i in getattr(session, "items", []) if fixturedef in _fixturedefs(i, fixturedef.argname)]
-    record = dict(rec.to_dict(), fixture=fixturedef.argname, scope=fixturedef.scope, used_by=users[:MAX_ITEMS])
-    for p in record["populations"]:
-        p.pop("_id", None)
-    item = getattr(request, "_pyfuncitem", None) or getattr(request, "node", None)
-    if item is not None:
-        pending = _stashed(item, "fixture_findings")
-        if pending is None:
-            pending = []
-            if not _stash(item, "fixture_findings", pending):
-                return
-        pending.append(record)
-
-
-_KEYS: dict[str, Any] = {}
-
-
-def _key(name: str) -> Any:
-    """A pytest.StashKey per record kind, made on first use (this module imports only the standard library at load)."""
-    if name not in _KEYS:
-        import pytest
-
-        _KEYS[name] = pytest.StashKey[Any]()
-    return _KEYS[name]
-
-
-def _stashed(item: Any, name: str) -> Any:
-    """What finish()/finish_fixture() left in the item's stash for its reports (the one channel), or None."""
-    stash = getattr(item, "stash", None)
-    return stash.get(_key(name), None) if stash is not None else None
-
-
-def _stash(item: Any, name: str, value: Any) -> bool:
-    stash = getattr(item, "stash", None)
-    if stash is None:
-        return False
-    stash[_key(name)] = value
-    return True
-
-
-def _fixturedefs(item: Any, name: str) -> Sequence[Any]:
-    info = getattr(item, "_fixtureinfo", None)
-    return tuple(getattr(info, "name2fixturedefs", {}).get(name, ())) if info is not None else ()
-
-
-def finish(item: Any, rec: Recorder) -> None:
-    """Close the recorder, keep its record on the item, add its key numbers to the JUnit XML properties."""
-    if rec in _STACK:
-        _STACK.remove(rec)
-    if rec.empty() and not rec.marked:
-        return
-    for p in rec.populations + rec.probes:
-        p.pop("_id", None)
-    _stash(item, "finding", rec.to_dict())  # read by attach() when the call's report is made
-    try:
-        item.user_properties.extend(junit_properties(rec.to_dict()))
-    except Exception:
-        pass
-
-
-def attach(item: Any, report: Any) -> None:
-    """Put the item's record on its report (call phase; a marked test skipped or failing at setup gets a bare one)."""
-    fixture_records = _stashed(item, "fixture_findings")
-    if fixture_records:  # measured while fixtures were set up (this phase, or during the call for a fixture it requested)
-        setattr(report, FIXTURE_ATTR, list(fixture_records))
-        fixture_records.clear()
-    record = _stashed(item, "finding")
-    if record is None and report.when == "setup" and report.outcome != "passed" and item.get_closest_marker("finding") is not None:
-        record = Recorder(item.nodeid, _claim(item), marked=True).to_dict()
-    if record is not None and (report.when == "call" or (report.when == "setup" and report.outcome != "passed")):
-        setattr(report, REPORT_ATTR, record)
-
-
-def _claim(item: Any) -> str:
-    """The finding marker's claim (`finding("...")` or `finding(claim="...")`), else the test's name."""
-    marker = item.get_closest_marker("finding")
-    claim = (marker.args[0] if marker.args else marker.kwargs.get("claim")) if marker is not None else None
-    return str(claim) if claim else str(item.name)
-
-
-def primary_check(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The check to show first: the first one that failed, else the one with the smallest margin."""
-    checks = record.get("checks") or []
-    failed = [c for c in checks if not c["passed"]]
-    if failed:
-        return failed[0]
-    def margin(c: dict[str, Any]) -> float:
-        if c["measured"] is None or c["threshold"] is None:
-            return math.inf
-        return c["measured"] - c["threshold"] if c["op"] == ">=" else c["threshold"] - c["measured"]
-    return min(checks, key=margin) if checks else None
-
-
-def variant_effects(record: dict[str, Any]) -> list[float]:
-    """Normalized effects of one intervention repeated over prompts (a hypothesis test's examples): >= 3 at one kind and site."""
-    effects = record.get("effects") or []
-    if len(effects) < 3 or len({(e["kind"], e["site"]) for e in effects}) != 1:
-        return []
-    return [e["normalized"] for e in effects if e["normalized"] is not None]
-
-
-def junit_properties(record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """Key numbers of a record as (name, value) pairs for `item.user_properties` (JUnit XML <property>)."""
-    yield "nnsight_claim", record["claim"]
-    check = primary_check(record)
-    if check is not None:
-        yield "nnsight_measured", check["measured"]
-        yield "nnsight_threshold", f"{check['op']} {check['threshold']}"
-        yield "nnsight_checks_passed", f"{sum(c['passed'] for c in record['checks'])}/{len(record['checks'])}"
-    elif record.get("effects"):
-        yield "nnsight_measured", record["effects"][-1]["normalized"]
-    for p in record.get("populations", [])[:1]:
-        yield "nnsight_pass_rate", p["rate"]
-        yield "nnsight_variants", f"{p['passed']}/{p['n']}"
-        yield "nnsight_wilson_lower", p["lower_bound"]
-    for m in record.get("maps", [])[:1]:
-        peak = max(((v, i, j) for i, row in enumerate(m["values"]) for j, v in enumerate(row) if v is not None), default=None)
-        if peak is not None:
-            yield "nnsight_map_peak", f"{peak[0]:.6g} at {m['sites'][peak[1]]} / {m['positions'][peak[2]]} {m['tokens'][peak[2]]!r}"
-    for s in record.get("snapshots", [])[:1]:
-        yield "nnsight_snapshot_status", s["status"]
-
-
-@dataclass
-class RunRecords:
-    """The finding records of one run, in report order (the controller's, under xdist)."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    band: float = 1.5  # |normalized effect| above this is suspicious (--nnsight-suspicious-effect)
-
-    def add(self, report: Any) -> None:
-        for fixture in getattr(report, FIXTURE_ATTR, None) or ():
-            if isinstance(fixture, dict):
-                fixture = dict(fixture, outcome="fixture", duration=None, when="setup")
-                fixture["suspicious"] = suspicious(fixture, self.band)
-                self.records.append(fixture)
-        record = getattr(report, REPORT_ATTR, None)
-        if not isinstance(record, dict):
-            return
-        record = dict(record, outcome=report.outcome, duration=_num(getattr(report, "duration", None)), when=report.when)
-        if hasattr(report, "wasxfail"):
-            record["outcome"] = "xfailed" if report.skipped else "xpassed"
-        elif report.when == "setup" and report.failed:
-            record["outcome"] = "error"
-        if report.failed:
-            record["message"] = failure_message(report)
-        record["suspicious"] = suspicious(record, self.band)
-        self.records.append(record)
-
-
-MESSAGE_LINES = 8
-
-
-def failure_message(report: Any) -> str:
-    """The first lines of a failed test's assertion text (pytest's `E` lines), else its crash line."""
-    text = getattr(report, "longreprtext", "") or ""
-    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
-    lines = [line for line in lines if line]
-    if lines:
-        lines[0] = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[0])  # 'pytest_nnsight.errors.FindingFailed: ' -> 'FindingFailed: '
-    if not lines:
-        crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
-        tail = text.strip().splitlines()
-        msg = str(getattr(crash, "message", "") or "") or (tail[-1] if tail else "")
-        lines = msg.splitlines()[:MESSAGE_LINES] if msg else []
-    more = f"\n... ({len(lines) - MESSAGE_LINES} more lines)" if len(lines) > MESSAGE_LINES else ""
-    return "\n".join(lines[:MESSAGE_LINES]) + more
-
-
-def suspicious(record: dict[str, Any], band: float) -> list[str]:
-    """Implausible values of a record: normalized patch effects with |effect| > band, and NaN anywhere."""
-    out: list[str] = []
-
-    def big(v: Any) -> bool:
-        return v is not None and abs(v) > band
-
-    for e in record.get("effects") or []:
-        if e.get("nan"):
-            out.append(f"NaN effect of the {e['kind']} at {e['site']}")
-        elif e["kind"] == "patch" and big(e["normalized"]):
-            out.append(f"normalized effect {e['normalized']:.4g} of the patch at {e['site']} (|effect| > {band:g})")
-    for m in record.get("maps") or []:
-        if m.get("nan_cells"):
-            out.append(f"{m['nan_cells']} NaN cells in the {m['kind']} map of {m['metric']}")
-        if m["kind"] in ("patch", "attribution"):
-            cells = [(abs(v), m["sites"][i], m["positions"][j]) for i, row in enumerate(m["values"]) for j, v in enumerate(row) if big(v)]
-            if cells:
-                worst = max(cells)
-                out.append(f"{len(cells)} cells of the {m['kind']} map with |effect| > {band:g} (largest {worst[0]:.4g} at {worst[1]} / {worst[2]})")
-    for p in record.get("populations") or []:
-        if p.get("nan"):
-            out.append(f"{p['nan']} of {p['n']} variants with a NaN effect at {p['site']} (clean and corrupt barely differ)")
-        over = [v for v in p.get("effects") or [] if big(v)]
-        if over:
-            out.append(f"{len(over)} of {p['n']} variants with |effect| > {band:g} at {p['site']} (largest {max(map(abs, over)):.4g})")
-    return out[:20]
-
-
-def fmt(x: Any) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
-
-
-def summary_line(record: dict[str, Any], *, outcome: bool = True) -> str:
-    """One finding in one line: outcome, claim, measured vs threshold, variants, snapshot status, suspicious values."""
-    parts = [f"{record['outcome'].upper()} {record['claim']}" if outcome else record["claim"]]
-    check = primary_check(record)
-    if check is not None:
-        shown = [check] + [c for c in record["checks"] if c is not check][: 1 if len(record["checks"]) == 2 else 0]
-        more = f" (+{len(record['checks']) - len(shown)} more checks)" if len(record["checks"]) > len(shown) else ""
-        for c in shown:
-            versus = f"{c['op']} {fmt(c['threshold'])}" if c["threshold"] is not None else ("(holds)" if c["passed"] else "(fails)")
-            parts.append(f"{c['what']}: {fmt(c['measured'])} {versus}")
-        parts[-1] += more
-    elif record.get("effects"):
-        e = record["effects"][-1]
-        parts.append(f"normalized effect of the {e['kind']} at {e['site']}: {fmt(e['normalized'])} (no threshold recorded)")
-    for p in record.get("populations", []):
-        parts.append(f"variants {p['passed']}/{p['n']} >= {fmt(p['threshold'])} ({p['rate']:.1%}, Wilson lower {fmt(p['lower_bound'])})")
-    vals = variant_effects(record)
-    if vals and not record.get("populations"):
-        parts.append(f"{len(vals)} variants: effect {min(vals):.3g}..{max(vals):.3g}")
-    for s in record.get("snapshots", []):
-        parts.append(f"snapshot {s['status']}" + (f" ({s['detail']})" if s["detail"] else ""))
-    if record.get("suspicious"):
-        parts.append("SUSPICIOUS: " + "; ".join(record["suspicious"][:3]))
-    if record.get("message"):
-        parts.append("failed: " + record["message"].splitlines()[0][:160])
-    return " | ".join(parts) + f"  [{record['nodeid']}]"
-
-
-def terminal_summary(terminalreporter: Any, records: RunRecords, show: bool) -> None:
-    """The 'pytest-nnsight findings' section: shown with -v or --nnsight-summary, quiet otherwise."""
-    odd = [r for r in records.records if r.get("suspicious")]
-    if odd:  # shown whatever the verbosity: an implausible number that passed is the worst kind of pass
-        terminalreporter.section("pytest-nnsight suspicious values")
-        for record in odd:
-            terminalreporter.write_line(f"{record['outcome'].upper()} {record['claim']}  [{record['nodeid']}]", yellow=True)
-            for line in record["suspicious"]:
-                terminalreporter.write_line(f"  {line}")
-    if not show or not records.records:
-        return
-    terminalreporter.section("pytest-nnsight findings")
-    for record in records.records:
-        terminalreporter.write_line(summary_line(record))

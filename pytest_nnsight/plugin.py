@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from . import (
-    findings as _findings,
     hints as _hints,
     report as _report,
+    run_records as _run_records,
     settings as _settings,
     structure_lock as _structure_lock,
 )
@@ -35,7 +35,7 @@ MARKERS = (
     "nnsight_models(*model_ids): run the test once per model, served through the `model` fixture "
     "(ids: hub ids, local checkpoint dirs, or bundled:NAME).",
     "gpu: the test needs a CUDA device; skipped with a reason where there is none.",
-    _findings.MARKER,
+    _run_records.MARKER,
 )
 
 
@@ -169,30 +169,30 @@ def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, righ
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
     """Open the test's findings recorder while it runs: assertions, sweeps and snapshots record into it."""
-    rec = _findings.start(item)
+    rec = _run_records.start(item)
     from .forward import baseline_scope  # torch loads with the first test, not at plugin import
 
     try:
         with baseline_scope():  # repeated patch() calls on one pair share their unpatched runs within this test
             yield
     finally:
-        _findings.finish(item, rec)
+        _run_records.finish(item, rec)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """Measurements made while a fixture is set up (a module-scoped sweep, a session population) are recorded too."""
-    rec = _findings.start_fixture(fixturedef, request)
+    rec = _run_records.start_fixture(fixturedef, request)
     try:
         yield
     finally:
-        _findings.finish_fixture(fixturedef, request, rec)
+        _run_records.finish_fixture(fixturedef, request, rec)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     outcome = yield
-    _findings.attach(item, outcome.get_result())  # the record travels on the report (and through xdist)
+    _run_records.attach(item, outcome.get_result())  # the record travels on the report (and through xdist)
     _hints.attach(outcome.get_result(), call, item)  # one line naming the nnsight API change behind a known error
 
 
@@ -210,7 +210,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    _snapshot_hooks.terminal_summary(terminalreporter)
+    report_state = config.stash.get(REPORT_KEY, None)
+    _snapshot_hooks.terminal_summary(terminalreporter, report_state.records.notes if report_state is not None else ())
     lines = _structure_lock.summary_lines()
     if lines and config.get_verbosity() >= 0:
         terminalreporter.section("pytest-nnsight structure lock")
@@ -243,7 +244,7 @@ def _findings_summary(terminalreporter: pytest.TerminalReporter, config: pytest.
     state = config.stash.get(REPORT_KEY, None)
     if state is None:
         return
-    _findings.terminal_summary(terminalreporter, state.records, config.stash[SETTINGS_KEY].summary or config.get_verbosity() > 0)
+    _run_records.terminal_summary(terminalreporter, state.records, config.stash[SETTINGS_KEY].summary or config.get_verbosity() > 0)
     for line in _report.terminal_lines(state):
         terminalreporter.write_line(line, red=line.startswith("could not"), bold=True)
 

@@ -24,10 +24,11 @@ from typing import Any, Sequence
 
 from .environment import library_versions, package_version
 from .files import atomic_write
-from .findings import fmt, primary_check, summary_line, variant_effects
+from .records import Drift, Finding, MapRecord, SnapshotRecord, fmt, percent
 from .report_circuits import circuit_figures, circuit_html, circuit_md
 from .report_probes import probe_figures, probe_html, probe_md
 from .report_sections import html_sections, lens_figures, md_sections
+from .run_records import RunRecords, summary_line
 
 FORMAT = 1
 INSTALL_HINT = "pip install pytest-nnsight[report]"
@@ -81,24 +82,24 @@ def _slug(text: str, used: set[str]) -> str:
     return slug
 
 
-def _variant_values(rec: dict[str, Any]) -> tuple[list[float], float | None, str]:
+def _variant_values(rec: Finding) -> tuple[list[float], float | None, str]:
     """The effects across variants to plot: a population's, else those of repeated interventions (hypothesis examples)."""
-    if rec.get("populations"):
-        p = rec["populations"][0]
-        return [v for v in p["effects"] if v is not None], p["threshold"], f"{p['site']} @ {p['position']}: {p['passed']}/{p['n']} variants pass"
-    effects = variant_effects(rec)
+    if rec.populations:
+        p = rec.populations[0]
+        return [v for v in p.effects if v is not None], p.threshold, f"{p.site} @ {p.position}: {p.passed}/{p.n} variants pass"
+    effects = rec.variant_effects()
     if effects:
-        thresholds = {c["threshold"] for c in rec.get("checks", []) if c["what"].startswith("normalized effect")}
-        e = rec["effects"][0]
-        return effects, thresholds.pop() if len(thresholds) == 1 else None, f"{e['kind']} at {e['site']}: {len(effects)} variants in this test"
+        thresholds = {c.threshold for c in rec.checks if c.what.startswith("normalized effect")}
+        e = rec.effects[0]
+        return effects, thresholds.pop() if len(thresholds) == 1 else None, f"{e.kind} at {e.site}: {len(effects)} variants in this test"
     return [], None, ""
 
 
-def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
+def _figures(rec: Finding, slug: str, plt: Any) -> dict[str, bytes]:
     """PNG bytes per figure of one finding: one heatmap per effect map, one histogram of the effect across variants."""
     out: dict[str, bytes] = {}
-    for k, m in enumerate(rec.get("maps", [])[:8]):
-        values = [[math.nan if v is None else v for v in row] for row in m["values"]]
+    for k, m in enumerate(rec.maps[:8]):
+        values = [[math.nan if v is None else v for v in row] for row in m.values]
         n_rows, n_cols = len(values), len(values[0]) if values else 0
         if not n_rows or not n_cols:
             continue
@@ -106,8 +107,8 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
         finite = [v for row in values for v in row if math.isfinite(v)]
         lim = max([1.0] + [abs(v) for v in finite])
         im = ax.imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_xticks(range(n_cols), [f"{p}:{t}" for p, t in zip(m["positions"], m["tokens"])], rotation=45, ha="right")
-        ax.set_yticks(range(n_rows), m["sites"])
+        ax.set_xticks(range(n_cols), [f"{p}:{t}" for p, t in zip(m.positions, m.tokens)], rotation=45, ha="right")
+        ax.set_yticks(range(n_rows), m.sites)
         ax.set_xlabel("position: token")
         ax.set_ylabel("site (layer)")
         for i in range(n_rows):
@@ -115,20 +116,19 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
                 v = values[i][j]
                 ax.text(j, i, "nan" if not math.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black")
-        for i, j in m.get("claimed", []):
+        for i, j in m.claimed:
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5, linestyle="--"))
-        for i, j in m.get("failing", []):
+        for i, j in m.failing:
             ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="#ff00ff", linewidth=3))
             ax.text(j + 0.4, i - 0.3, "x", color="#ff00ff", fontsize=11, fontweight="bold", ha="right", va="top")
-        fig.colorbar(im, ax=ax, label=f"normalized {m['kind']} effect")
-        marks = "; magenta x: failing cells, dashed: claimed cells" if m.get("failing") else ("; dashed: claimed cells" if m.get("claimed") else "")
-        ax.set_title(f"{m['corrupt_prompt']!r} <- {m['clean_prompt']!r}"[:90] + f"\n{m['metric']}{marks}"[:100], fontsize=9)
+        fig.colorbar(im, ax=ax, label=f"normalized {m.kind} effect")
+        marks = "; magenta x: failing cells, dashed: claimed cells" if m.failing else ("; dashed: claimed cells" if m.claimed else "")
+        ax.set_title(f"{m.corrupt_prompt!r} <- {m.clean_prompt!r}"[:90] + f"\n{m.metric}{marks}"[:100], fontsize=9)
         fig.tight_layout()
         out[f"figures/{slug}-map{k}.png"] = _png(fig, plt)
-    for n, snap in enumerate(rec.get("snapshots", [])[:8]):
-        drift = snap.get("drift") or {}
-        if drift.get("map") or drift.get("population"):
-            out[f"figures/{slug}-drift{n}.png"] = _drift_figure(drift, snap, plt)
+    for n, snap in enumerate(rec.snapshots[:8]):
+        if snap.drift is not None and (snap.drift.map or snap.drift.population):
+            out[f"figures/{slug}-drift{n}.png"] = _drift_figure(snap.drift, snap, plt)
     out.update(probe_figures(rec, slug, plt))
     values, threshold, title = _variant_values(rec)
     if values:
@@ -139,7 +139,7 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
             ax.legend(fontsize=8)
         ax.set_xlabel("normalized effect")
         ax.set_ylabel("variants")
-        odd = [x for x in rec.get("suspicious") or [] if "variants" in x or "effect" in x]
+        odd = [x for x in rec.suspicious if "variants" in x or "effect" in x]
         if odd:  # an implausible value is remarked on the figure itself, not only in the text
             ax.set_title(title[:100] + "\nSUSPICIOUS: " + odd[0][:90], fontsize=9, color="#a60")
         else:
@@ -151,31 +151,18 @@ def _figures(rec: dict[str, Any], slug: str, plt: Any) -> dict[str, bytes]:
     return out
 
 
-def drift_headline(drift: dict[str, Any]) -> str:
-    """One line: how many cells moved beyond tolerance, and the largest change."""
-    n, k, changed = drift.get("cells", 0), drift.get("moved", 0), drift.get("changed", 0)
-    if not n:
-        return "; ".join(drift.get("structural", [])[:2]) or "the finding's shape changed"
-    within = f", {changed} changed within tolerance" if changed and not k else ""
-    return f"{k} / {n} cells moved beyond tolerance ({drift.get('tolerance', '')}){within}; largest change {fmt(drift.get('max_abs'))}"
-
-
-def environment_line(drift: dict[str, Any]) -> str:
-    return "environment: " + (", ".join(drift.get("changes") or []) or "unchanged (same versions, device, dtype and weights)")
-
-
 def _diff_grid(old: list[list[Any]], new: list[list[Any]]) -> list[list[float | None]] | None:
     if len(old) != len(new) or any(len(a) != len(b) for a, b in zip(old, new)):
         return None
     return [[None if a is None or b is None else b - a for a, b in zip(ra, rb)] for ra, rb in zip(old, new)]
 
 
-def _drift_figure(drift: dict[str, Any], snap: dict[str, Any], plt: Any) -> bytes:
+def _drift_figure(drift: Drift, snap: SnapshotRecord, plt: Any) -> bytes:
     """The recorded finding, the new one and their difference side by side on one colour scale, moved cells marked."""
-    head = f"{snap.get('name', '')}: {snap.get('status', '')}\n{environment_line(drift)}\n{drift_headline(drift)}"
-    if drift.get("population"):
-        p = drift["population"]
-        old, new = [v for v in p["old"] if v is not None], [v for v in p["new"] if v is not None]
+    head = f"{snap.name}: {snap.status}\n{drift.environment_line()}\n{drift.headline()}"
+    if drift.population is not None:
+        p = drift.population
+        old, new = [v for v in p.old if v is not None], [v for v in p.new if v is not None]
         fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
         both = old + new
         lo, hi = (min(both), max(both)) if both else (0.0, 1.0)
@@ -183,29 +170,30 @@ def _drift_figure(drift: dict[str, Any], snap: dict[str, Any], plt: Any) -> byte
         bins = [lo + (hi - lo) * i / nb for i in range(nb + 1)] if hi > lo else 10
         ax.hist(old, bins=bins, color="#888888", alpha=0.55, label=f"recorded ({len(old)} variants)", edgecolor="white")
         ax.hist(new, bins=bins, color="#4477aa", alpha=0.55, label=f"this run ({len(new)} variants)", edgecolor="white")
-        if p.get("threshold") is not None:
-            ax.axvline(p["threshold"], color="red", linestyle="--", label=f"threshold {p['threshold']:g}")
+        if p.threshold is not None:
+            ax.axvline(p.threshold, color="red", linestyle="--", label=f"threshold {p.threshold:g}")
         ax.set_xlabel("normalized effect")
         ax.set_ylabel("variants")
         ax.legend(fontsize=8)
         ax.set_title(head, fontsize=8, loc="left")
         fig.tight_layout()
         return _png(fig, plt)
-    m = drift["map"]
-    old = [[math.nan if v is None else v for v in row] for row in m["old"]]
-    new = [[math.nan if v is None else v for v in row] for row in m["new"]]
-    diff = _diff_grid(m["old"], m["new"])
-    panels = [("recorded", old, m.get("old_sites") or m["sites"], m.get("old_tokens") or m["tokens"]),
-              ("this run", new, m["sites"], m["tokens"])]
+    m = drift.map
+    assert m is not None  # _figures draws a drift only with a map or a population
+    old = [[math.nan if v is None else v for v in row] for row in m.old]
+    new = [[math.nan if v is None else v for v in row] for row in m.new]
+    diff = _diff_grid(m.old, m.new)
+    panels = [("recorded", old, m.old_sites or m.sites, m.old_tokens or m.tokens),
+              ("this run", new, m.sites, m.tokens)]
     if diff is not None:
-        panels.append(("difference (this run - recorded)", [[math.nan if v is None else v for v in row] for row in diff], m["sites"], m["tokens"]))
+        panels.append(("difference (this run - recorded)", [[math.nan if v is None else v for v in row] for row in diff], m.sites, m.tokens))
     finite = [abs(v) for _, grid, _, _ in panels for row in grid for v in row if math.isfinite(v)]
     lim = max([1e-9] + finite)
     n_cols = max(len(grid[0]) if grid else 0 for _, grid, _, _ in panels)
     n_rows = max(len(grid) for _, grid, _, _ in panels)
     fig, axes = plt.subplots(1, len(panels), figsize=(min(24.0, len(panels) * max(3.0, 0.5 * n_cols + 1.3) + 1.4), max(3.6, 0.45 * n_rows + 2.8)),
                              dpi=100, squeeze=False, layout="constrained")
-    moved, changed = {tuple(c) for c in m.get("moved", [])}, {tuple(c) for c in m.get("changed", [])}
+    moved, changed = {tuple(c) for c in m.moved}, {tuple(c) for c in m.changed}
     im = None
     for ax, (title, grid, sites, tokens) in zip(axes[0], panels):
         if not grid or not grid[0]:
@@ -231,25 +219,23 @@ def _drift_figure(drift: dict[str, Any], snap: dict[str, Any], plt: Any) -> byte
     return _png(fig, plt)
 
 
-def _html_drift(drift: dict[str, Any], figure: str | None) -> str:
+def _html_drift(drift: Drift, figure: str | None) -> str:
     """The environment change above the recorded / new / difference view (a figure, or HTML tables without matplotlib)."""
     e = html.escape
-    parts = [f"<div class='drift'><p class='env'><b>{e(environment_line(drift))}</b></p><p>{e(drift_headline(drift))}</p>"]
+    parts = [f"<div class='drift'><p class='env'><b>{e(drift.environment_line())}</b></p><p>{e(drift.headline())}</p>"]
     if figure:
         parts.append(f"<img src='{e(figure)}' alt='recorded, new and difference'>")
-    elif drift.get("map"):
-        m = drift["map"]
-        diff = _diff_grid(m["old"], m["new"])
-        grids = [("recorded", m["old"]), ("this run", m["new"])] + ([("difference", diff)] if diff is not None else [])
+    elif drift.map is not None:
+        m = drift.map
+        diff = _diff_grid(m.old, m.new)
+        grids = [("recorded", m.old), ("this run", m.new)] + ([("difference", diff)] if diff is not None else [])
         lim = max([1e-9] + [abs(v) for _, g in grids for row in g for v in row if v is not None])
-        moved = {tuple(c) for c in m.get("moved", [])}
         for title, grid in grids:
-            view = {"sites": m["sites"], "tokens": m["tokens"], "positions": m["positions"], "values": grid, "failing": sorted(moved),
-                    "metric": title, "corrupt_prompt": "", "clean_prompt": ""}
+            view = MapRecord(m.sites, m.positions, m.tokens, grid, metric=title, failing=sorted(m.moved))
             parts.append(f"<div class='side'>{_html_map(view, lim, caption=title)}</div>")
-    elif drift.get("population"):
-        p = drift["population"]
-        parts.append(f"<p>recorded: {len(p['old'])} variants; this run: {len(p['new'])} variants; {p.get('moved', 0)} effects moved</p>")
+    elif drift.population is not None:
+        p = drift.population
+        parts.append(f"<p>recorded: {len(p.old)} variants; this run: {len(p.new)} variants; {p.moved} effects moved</p>")
     return "".join(parts) + "</div>"
 
 
@@ -272,36 +258,36 @@ def _pyplot() -> tuple[Any, str]:
     return plt, ""
 
 
-def _md(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[int, list[str]]) -> str:
+def _md(records: Sequence[Finding], env: dict[str, str], figures: dict[int, list[str]]) -> str:
     lines = ["# pytest-nnsight findings", "", _counts(records), "", "| outcome | claim | measured | threshold | variants | snapshot |",
              "|---|---|---|---|---|---|"]
     for rec in records:
-        c = primary_check(rec)
-        p = rec["populations"][0] if rec.get("populations") else None
-        snap = ", ".join(s["status"] for s in rec.get("snapshots", []))
-        measured = fmt(c["measured"]) if c else (fmt(rec["effects"][-1]["normalized"]) if rec.get("effects") else "")
-        cells = [rec["outcome"], rec["claim"], measured, f"{c['op']} {fmt(c['threshold'])}" if c else "",
-                 f"{p['passed']}/{p['n']} ({p['rate']:.1%})" if p else "", snap]
+        c = rec.primary_check()
+        p = rec.populations[0] if rec.populations else None
+        snap = ", ".join(s.status for s in rec.snapshots)
+        measured = fmt(c.measured) if c else (fmt(rec.effects[-1].normalized) if rec.effects else "")
+        cells = [rec.outcome, rec.claim, measured, f"{c.op} {fmt(c.threshold)}" if c else "",
+                 f"{p.passed}/{p.n} ({percent(p.rate)})" if p else "", snap]
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     for k, rec in enumerate(records):
-        lines += ["", f"## {rec['claim']}", "", f"`{rec['nodeid']}`: **{rec['outcome']}**", ""]
-        if rec.get("message"):
-            lines += ["```", rec["message"], "```", ""]
-        for x in rec.get("suspicious") or []:
+        lines += ["", f"## {rec.claim}", "", f"`{rec.nodeid}`: **{rec.outcome}**", ""]
+        if rec.message:
+            lines += ["```", rec.message, "```", ""]
+        for x in rec.suspicious:
             lines.append(f"- **suspicious**: {x}")
-        if rec.get("used_by"):
-            lines.append(f"- used by: {', '.join(f'`{u}`' for u in rec['used_by'][:20])}" + (" ..." if len(rec["used_by"]) > 20 else ""))
-        for c in rec.get("checks", []):
-            lines.append(f"- {'pass' if c['passed'] else 'FAIL'}: {c['what']}: {fmt(c['measured'])} {c['op']} {fmt(c['threshold'])}")
-        for p in rec.get("populations", []):
-            lines.append(f"- variants: {p['passed']}/{p['n']} >= {fmt(p['threshold'])} (rate {p['rate']:.3f}, Wilson 95% lower "
-                         f"{fmt(p['lower_bound'])}), mean {fmt(p['mean'])} ± {fmt(p['std'])}")
-        for s in rec.get("snapshots", []):
-            lines.append(f"- snapshot {s['name']}: {s['status']}" + (f" ({s['detail']})" if s["detail"] else ""))
-            if s.get("drift"):
-                lines.append(f"  - {environment_line(s['drift'])}; {drift_headline(s['drift'])}")
-        for m in rec.get("maps", [])[:8]:
-            lines += ["", f"{m['metric']}: {m['corrupt_prompt']!r} <- {m['clean_prompt']!r}", "", _md_map(m)]
+        if rec.used_by:
+            lines.append(f"- used by: {', '.join(f'`{u}`' for u in rec.used_by[:20])}" + (" ..." if len(rec.used_by) > 20 else ""))
+        for c in rec.checks:
+            lines.append(f"- {'pass' if c.passed else 'FAIL'}: {c.what}: {fmt(c.measured)} {c.op} {fmt(c.threshold)}")
+        for p in rec.populations:
+            lines.append(f"- variants: {p.passed}/{p.n} >= {fmt(p.threshold)} (rate {_rate3(p.rate)}, Wilson 95% lower "
+                         f"{fmt(p.lower_bound)}), mean {fmt(p.mean)} ± {fmt(p.std)}")
+        for s in rec.snapshots:
+            lines.append(f"- snapshot {s.name}: {s.status}" + (f" ({s.detail})" if s.detail else ""))
+            if s.drift is not None:
+                lines.append(f"  - {s.drift.environment_line()}; {s.drift.headline()}")
+        for m in rec.maps[:8]:
+            lines += ["", f"{m.metric}: {m.corrupt_prompt!r} <- {m.clean_prompt!r}", "", _md_map(m)]
         lines += md_sections(rec)
         lines += circuit_md(rec)
         lines += probe_md(rec)
@@ -310,19 +296,23 @@ def _md(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[in
     return "\n".join(lines) + "\n"
 
 
-def _md_map(m: dict[str, Any]) -> str:
-    failing = {tuple(c) for c in m.get("failing", [])}
-    head = "| site | " + " | ".join(f"{p}:{t}" for p, t in zip(m["positions"], m["tokens"])) + " |"
-    rows = [head, "|---" * (len(m["tokens"]) + 1) + "|"]
-    for i, (site, row) in enumerate(zip(m["sites"], m["values"])):
+def _rate3(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.3f}"
+
+
+def _md_map(m: MapRecord) -> str:
+    failing = {tuple(c) for c in m.failing}
+    head = "| site | " + " | ".join(f"{p}:{t}" for p, t in zip(m.positions, m.tokens)) + " |"
+    rows = [head, "|---" * (len(m.tokens) + 1) + "|"]
+    for i, (site, row) in enumerate(zip(m.sites, m.values)):
         rows.append(f"| {site} | " + " | ".join(fmt(v) + (" !" if (i, j) in failing else "") for j, v in enumerate(row)) + " |")
     return "\n".join(rows)
 
 
-def _counts(records: Sequence[dict[str, Any]]) -> str:
+def _counts(records: Sequence[Finding]) -> str:
     counts: dict[str, int] = {}
     for rec in records:
-        counts[rec["outcome"]] = counts.get(rec["outcome"], 0) + 1
+        counts[rec.outcome] = counts.get(rec.outcome, 0) + 1
     return f"{len(records)} findings: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
@@ -334,19 +324,19 @@ def _color(v: float | None, lim: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def _html_map(m: dict[str, Any], lim: float | None = None, caption: str | None = None) -> str:
+def _html_map(m: MapRecord, lim: float | None = None, caption: str | None = None) -> str:
     e = html.escape
-    failing, claimed = {tuple(c) for c in m.get("failing", [])}, {tuple(c) for c in m.get("claimed", [])}
+    failing, claimed = {tuple(c) for c in m.failing}, {tuple(c) for c in m.claimed}
     if lim is None:
-        lim = max([1.0] + [abs(v) for row in m["values"] for v in row if v is not None])
-    head = "".join(f"<th>{e(str(p))}:{e(t)}</th>" for p, t in zip(m["positions"], m["tokens"]))
+        lim = max([1.0] + [abs(v) for row in m.values for v in row if v is not None])
+    head = "".join(f"<th>{e(str(p))}:{e(t)}</th>" for p, t in zip(m.positions, m.tokens))
     rows = []
-    for i, (site, row) in enumerate(zip(m["sites"], m["values"])):
+    for i, (site, row) in enumerate(zip(m.sites, m.values)):
         tds = "".join(
             f'<td style="background:{_color(v, lim)}" class="{"fail" if (i, j) in failing else ""} {"claim" if (i, j) in claimed else ""}">'
             f"{fmt(v)}{' ✗' if (i, j) in failing else ''}</td>" for j, v in enumerate(row))
         rows.append(f"<tr><th>{e(site)}</th>{tds}</tr>")
-    caption = e(caption) if caption is not None else f"{e(m['metric'])}: {e(repr(m['corrupt_prompt']))} &larr; {e(repr(m['clean_prompt']))}"
+    caption = e(caption) if caption is not None else f"{e(m.metric)}: {e(repr(m.corrupt_prompt))} &larr; {e(repr(m.clean_prompt))}"
     return f'<table class="map"><caption>{caption}</caption><tr><th>site \\ position:token</th>{head}</tr>{"".join(rows)}</table>'
 
 
@@ -361,40 +351,40 @@ b.suspicious{background:#fe9;color:#640;padding:0 .3em}
 """
 
 
-def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[int, list[str]], note: str) -> str:
+def _html(records: Sequence[Finding], env: dict[str, str], figures: dict[int, list[str]], note: str) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pytest-nnsight findings</title><style>{CSS}</style></head><body>",
              "<h1>pytest-nnsight findings</h1>", f"<p>{e(_counts(records))}</p>"]
     if note:
         parts.append(f"<p class='note'>{e(note)}</p>")
-    parts.append("<ul>" + "".join(f"<li class='{e(r['outcome'])}'><a href='#f{k}'>{e(r['outcome'])}</a>: {e(summary_line(r, outcome=False))}"
-                                  + (" <b class='suspicious'>suspicious</b>" if r.get("suspicious") else "") + "</li>"
+    parts.append("<ul>" + "".join(f"<li class='{e(r.outcome)}'><a href='#f{k}'>{e(r.outcome)}</a>: {e(summary_line(r, outcome=False))}"
+                                  + (" <b class='suspicious'>suspicious</b>" if r.suspicious else "") + "</li>"
                                   for k, r in enumerate(records)) + "</ul>")
     for k, rec in enumerate(records):
-        parts.append(f"<h2 id='f{k}'>{e(rec['claim'])}</h2><p><code>{e(rec['nodeid'])}</code>: "
-                     f"<b class='{e(rec['outcome'])}'>{e(rec['outcome'])}</b></p>")
-        if rec.get("message"):
-            parts.append(f"<pre class='message'>{e(rec['message'])}</pre>")
-        if rec.get("suspicious"):
+        parts.append(f"<h2 id='f{k}'>{e(rec.claim)}</h2><p><code>{e(rec.nodeid)}</code>: "
+                     f"<b class='{e(rec.outcome)}'>{e(rec.outcome)}</b></p>")
+        if rec.message:
+            parts.append(f"<pre class='message'>{e(rec.message)}</pre>")
+        if rec.suspicious:
             parts.append("<p class='suspicious'><b>suspicious values</b></p><ul class='suspicious'>"
-                         + "".join(f"<li>{e(x)}</li>" for x in rec["suspicious"]) + "</ul>")
-        if rec.get("used_by"):
-            parts.append(f"<p>used by: {e(', '.join(rec['used_by'][:20]))}" + (" ..." if len(rec["used_by"]) > 20 else "") + "</p>")
-        if rec.get("checks"):
+                         + "".join(f"<li>{e(x)}</li>" for x in rec.suspicious) + "</ul>")
+        if rec.used_by:
+            parts.append(f"<p>used by: {e(', '.join(rec.used_by[:20]))}" + (" ..." if len(rec.used_by) > 20 else "") + "</p>")
+        if rec.checks:
             parts.append("<table><tr><th>check</th><th>measured</th><th>threshold</th><th>result</th></tr>" + "".join(
-                f"<tr><td style='text-align:left'>{e(c['what'])}</td><td>{fmt(c['measured'])}</td><td>{e(c['op'])} {fmt(c['threshold'])}</td>"
-                f"<td class='{'passed' if c['passed'] else 'failed'}'>{'pass' if c['passed'] else 'FAIL'}</td></tr>"
-                for c in rec["checks"][:50]) + "</table>")
-        for p in rec.get("populations", []):
-            parts.append(f"<p>variants: {p['passed']}/{p['n']} &ge; {fmt(p['threshold'])} (rate {p['rate']:.3f}, Wilson 95% lower "
-                         f"{fmt(p['lower_bound'])}), mean {fmt(p['mean'])} &plusmn; {fmt(p['std'])} at {e(p['site'])} @ {e(p['position'])}</p>")
+                f"<tr><td style='text-align:left'>{e(c.what)}</td><td>{fmt(c.measured)}</td><td>{e(c.op)} {fmt(c.threshold)}</td>"
+                f"<td class='{'passed' if c.passed else 'failed'}'>{'pass' if c.passed else 'FAIL'}</td></tr>"
+                for c in rec.checks[:50]) + "</table>")
+        for p in rec.populations:
+            parts.append(f"<p>variants: {p.passed}/{p.n} &ge; {fmt(p.threshold)} (rate {_rate3(p.rate)}, Wilson 95% lower "
+                         f"{fmt(p.lower_bound)}), mean {fmt(p.mean)} &plusmn; {fmt(p.std)} at {e(p.site)} @ {e(p.position)}</p>")
         drift_figures = [f for f in figures.get(k, []) if re.search(r"-(drift\d+|probes)\.png$", f)]  # placed beside their text
-        for n, s in enumerate(rec.get("snapshots", [])):
-            parts.append(f"<p>snapshot <code>{e(s['name'])}</code>: <b>{e(s['status'])}</b> {e(s['detail'])}</p>")
-            if s.get("drift"):
-                parts.append(_html_drift(s["drift"], next((f for f in drift_figures if f.endswith(f"-drift{n}.png")), None)))
+        for n, s in enumerate(rec.snapshots):
+            parts.append(f"<p>snapshot <code>{e(s.name)}</code>: <b>{e(s.status)}</b> {e(s.detail)}</p>")
+            if s.drift is not None:
+                parts.append(_html_drift(s.drift, next((f for f in drift_figures if f.endswith(f"-drift{n}.png")), None)))
         if not figures.get(k):  # without matplotlib the map is an HTML table; with it, the figure below
-            parts += [_html_map(m) for m in rec.get("maps", [])[:8]]
+            parts += [_html_map(m) for m in rec.maps[:8]]
         parts += html_sections(rec, figures=bool(figures.get(k)))
         parts += circuit_html(rec)
         parts += probe_html(rec, figures.get(k, []))
@@ -404,14 +394,15 @@ def _html(records: Sequence[dict[str, Any]], env: dict[str, str], figures: dict[
     return "\n".join(parts)
 
 
-def _without_received(record: dict[str, Any]) -> dict[str, Any]:
-    """A record without the received snapshot texts (kept for --nnsight-review; the snapshot files hold them)."""
-    if not any("received" in snap for snap in record.get("snapshots", [])):
-        return record
-    return dict(record, snapshots=[{k: v for k, v in snap.items() if k != "received"} for snap in record["snapshots"]])
+def _json_record(record: Finding) -> dict[str, Any]:
+    """A record for findings.json, without the received snapshot texts (kept for --nnsight-review; the snapshot files hold them)."""
+    data = record.to_dict()
+    for snap in data["snapshots"]:
+        snap["received"] = None
+    return data
 
 
-def write_report(directory: str | os.PathLike, records: Sequence[dict[str, Any]], env: dict[str, str], *, figures: bool = True) -> ReportResult:
+def write_report(directory: str | os.PathLike, records: Sequence[Finding], env: dict[str, str], *, figures: bool = True) -> ReportResult:
     """Write findings.json, findings.md, index.html and figures/*.png into `directory`; OSError when it cannot."""
     t0 = time.perf_counter()
     d = Path(directory)
@@ -421,17 +412,17 @@ def write_report(directory: str | os.PathLike, records: Sequence[dict[str, Any]]
     fig_files: dict[int, list[str]] = {}
     written: list[str] = []
     for k, rec in enumerate(records):
-        slug = _slug(rec["nodeid"].split("::", 1)[-1], used)
+        slug = _slug(rec.nodeid.split("::", 1)[-1], used)
         if plt is None:
             continue
         for name, png in _figures(rec, slug, plt).items():
             result.files[name] = atomic_write(d / name, png)
             fig_files.setdefault(k, []).append(name)
             written.append(name)
-    for rec, k in zip(records, range(len(records))):
-        rec["figures"] = fig_files.get(k, [])
+    for k, rec in enumerate(records):
+        rec.figures = fig_files.get(k, [])
     data = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": env,
-            "summary": _counts(records), "findings": [_without_received(r) for r in records]}
+            "summary": _counts(records), "findings": [_json_record(r) for r in records]}
     result.files["findings.json"] = atomic_write(d / "findings.json", json.dumps(data, indent=1, allow_nan=False))
     result.files["findings.md"] = atomic_write(d / "findings.md", _md(records, env, fig_files))
     result.files["index.html"] = atomic_write(d / "index.html", _html(records, env, fig_files, result.figures_note))
@@ -451,7 +442,7 @@ def write_report(directory: str | os.PathLike, records: Sequence[dict[str, Any]]
 class ReportState:
     """One run's findings records and report outcome, on config.stash."""
 
-    records: Any  # findings.RunRecords
+    records: RunRecords
     directory: Path | None = None
     result: ReportResult | None = None
     error: str = ""
@@ -471,8 +462,6 @@ def report_directory(config: Any, settings: Any) -> Path | None:
 
 def configure(config: Any, settings: Any) -> ReportState:
     """Start the run's records; check now that the report directory can be written (the controller's, under xdist)."""
-    from .findings import RunRecords
-
     state = ReportState(RunRecords(band=settings.suspicious_effect), report_directory(config, settings))
     if state.directory is not None and not hasattr(config, "workerinput"):
         try:

@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any
 
+from .records import Finding
+
 MAX_CIRCUITS = 4
 MAX_EDGES = 60  # drawn per circuit, largest |score| first
 _NODE = re.compile(r"^head_out\.(\d+)\.(\d+)$|^(mlp_out|attn_out)\.(\d+)$")
@@ -48,21 +50,21 @@ def layout(nodes: list[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def circuit_figures(rec: dict[str, Any], slug: str, plt: Any, png: Any) -> dict[str, bytes]:
+def circuit_figures(rec: Finding, slug: str, plt: Any, png: Any) -> dict[str, bytes]:
     """One drawing per circuit: blue edges raise the metric, red ones lower it, width by |score|; claimed edges dashed
     black on top, claimed-but-missing ones dotted magenta."""
     out: dict[str, bytes] = {}
-    for k, c in enumerate(rec.get("circuits", [])[:MAX_CIRCUITS]):
-        edges = c["edges"][:MAX_EDGES]
-        nodes = list(dict.fromkeys(c["nodes"] + [e for s, r, _ in edges for e in (s, _node_of(r))]
-                                   + [e for s, r in c["claimed"] + c["missing"] for e in (s, _node_of(r))]))
+    for k, c in enumerate(rec.circuits[:MAX_CIRCUITS]):
+        edges = c.edges[:MAX_EDGES]
+        nodes = list(dict.fromkeys(c.nodes + [e for s, r, _ in edges for e in (s, _node_of(r))]
+                                   + [e for s, r in c.claimed + c.missing for e in (s, _node_of(r))]))
         pos = layout(nodes)
         if not pos:
             continue
         xs, ys = [p[0] for p in pos.values()], [p[1] for p in pos.values()]
         fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * (max(xs) - min(xs)) + 3), max(3.5, 0.9 * (max(ys) - min(ys)) + 2)), dpi=100)
         top = max([abs(v) for _, _, v in edges if v is not None] + [1e-12])
-        claimed = {tuple(e) for e in c["claimed"]}
+        claimed = {tuple(e) for e in c.claimed}
         for s, r, v in sorted(edges, key=lambda e: abs(e[2] or 0)):
             if s not in pos or _node_of(r) not in pos:
                 continue
@@ -77,7 +79,7 @@ def circuit_figures(rec: dict[str, Any], slug: str, plt: Any, png: Any) -> dict[
             if (s, r) in claimed:
                 ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="-", lw=1.4, color="black", linestyle="--",
                                                                                shrinkA=14, shrinkB=14, connectionstyle="arc3,rad=0.12"))
-        for s, r in c["missing"]:
+        for s, r in c.missing:
             if s in pos and _node_of(r) in pos:
                 (x0, y0), (x1, y1) = pos[s], pos[_node_of(r)]
                 ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="-|>", lw=2, color="#ff00ff", linestyle=":",
@@ -92,9 +94,9 @@ def circuit_figures(rec: dict[str, Any], slug: str, plt: Any, png: Any) -> dict[
         ax.set_xticks([])
         for side in ("top", "right", "bottom"):
             ax.spines[side].set_visible(False)
-        marks = "; dashed: claimed" if c["claimed"] else ""
-        marks += "; magenta dotted: claimed but missing" if c["missing"] else ""
-        ax.set_title(f"circuit: {len(c['edges'])} edges ({c['method'] or 'given'}), {c['metric']}"[:90]
+        marks = "; dashed: claimed" if c.claimed else ""
+        marks += "; magenta dotted: claimed but missing" if c.missing else ""
+        ax.set_title(f"circuit: {len(c.edges)} edges ({c.method or 'given'}), {c.metric}"[:90]
                      + f"\nwidth: |score|; blue raises the metric, red lowers it{marks}"[:110], fontsize=9)
         fig.tight_layout()
         out[f"figures/{slug}-circuit{k}.png"] = png(fig, plt)
@@ -112,27 +114,27 @@ def _fmt(v: Any) -> str:
     return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:+.4f}"
 
 
-def circuit_html(rec: dict[str, Any]) -> list[str]:
+def circuit_html(rec: Finding) -> list[str]:
     """An edge table per circuit (rank, edge, score, claimed), under the drawing or in its place."""
     e = html.escape
     parts = []
-    for c in rec.get("circuits", [])[:MAX_CIRCUITS]:
-        claimed = {tuple(x) for x in c["claimed"]}
+    for c in rec.circuits[:MAX_CIRCUITS]:
+        claimed = {tuple(x) for x in c.claimed}
         rows = "".join(f"<tr><td>{k + 1}</td><td style='text-align:left'>{e(s)} &rarr; {e(r)}</td><td>{_fmt(v)}</td>"
-                       f"<td>{'claimed' if (s, r) in claimed else ''}</td></tr>" for k, (s, r, v) in enumerate(c["edges"][:MAX_EDGES]))
+                       f"<td>{'claimed' if (s, r) in claimed else ''}</td></tr>" for k, (s, r, v) in enumerate(c.edges[:MAX_EDGES]))
         missing = "".join(f"<tr><td></td><td style='text-align:left'>{e(s)} &rarr; {e(r)}</td><td></td><td class='failed'>claimed, missing"
-                          f"</td></tr>" for s, r in c["missing"])
-        caption = f"circuit ({c['method'] or 'given'}, {c['metric']}): {len(c['edges'])} edges over nodes {', '.join(c['nodes'])}"
+                          f"</td></tr>" for s, r in c.missing)
+        caption = f"circuit ({c.method or 'given'}, {c.metric}): {len(c.edges)} edges over nodes {', '.join(c.nodes)}"
         parts.append(f"<table class='circuit'><caption>{e(caption)}</caption><tr><th>rank</th><th>edge</th><th>score</th><th></th></tr>"
                      f"{rows}{missing}</table>")
     return parts
 
 
-def circuit_md(rec: dict[str, Any]) -> list[str]:
+def circuit_md(rec: Finding) -> list[str]:
     lines: list[str] = []
-    for c in rec.get("circuits", [])[:MAX_CIRCUITS]:
-        claimed = {tuple(x) for x in c["claimed"]}
-        lines += ["", f"circuit ({c['method'] or 'given'}, {c['metric']}): {len(c['edges'])} edges", "", "| rank | edge | score | |", "|---|---|---|---|"]
-        lines += [f"| {k + 1} | {s} -> {r} | {_fmt(v)} | {'claimed' if (s, r) in claimed else ''} |" for k, (s, r, v) in enumerate(c["edges"][:MAX_EDGES])]
-        lines += [f"| | {s} -> {r} | | claimed, missing |" for s, r in c["missing"]]
+    for c in rec.circuits[:MAX_CIRCUITS]:
+        claimed = {tuple(x) for x in c.claimed}
+        lines += ["", f"circuit ({c.method or 'given'}, {c.metric}): {len(c.edges)} edges", "", "| rank | edge | score | |", "|---|---|---|---|"]
+        lines += [f"| {k + 1} | {s} -> {r} | {_fmt(v)} | {'claimed' if (s, r) in claimed else ''} |" for k, (s, r, v) in enumerate(c.edges[:MAX_EDGES])]
+        lines += [f"| | {s} -> {r} | | claimed, missing |" for s, r in c.missing]
     return lines

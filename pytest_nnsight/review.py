@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .files import atomic_write
-from .findings import summary_line
+from .records import Finding, SnapshotRecord
+from .run_records import summary_line
 
 STATUSES = ("drifted", "new")
 SHOW_CELLS = 5
@@ -27,30 +28,28 @@ SHOW_CELLS = 5
 class Candidate:
     """One snapshot the review can accept: where it goes, what would be written, and what the report says of it."""
 
-    record: dict[str, Any]
-    snapshot: dict[str, Any]
+    record: Finding
+    snapshot: SnapshotRecord
     figure: Path | None
 
     @property
     def path(self) -> Path:
-        return Path(self.snapshot["path"])
+        return Path(self.snapshot.path)
 
 
-def candidates(records: Sequence[dict[str, Any]], figures_dir: Path | None) -> list[Candidate]:
+def candidates(records: Sequence[Finding], figures_dir: Path | None) -> list[Candidate]:
     """Drifted and new finding snapshots of the run that carry the text to write, in report order."""
     out = []
     for rec in records:
-        for n, snap in enumerate(rec.get("snapshots", [])):
-            if snap.get("status") in STATUSES and isinstance(snap.get("received"), str) and snap.get("path"):
-                name = next((f for f in rec.get("figures", []) if f.endswith(f"-drift{n}.png")), None)
+        for n, snap in enumerate(rec.snapshots):
+            if snap.status in STATUSES and isinstance(snap.received, str) and snap.path:
+                name = next((f for f in rec.figures if f.endswith(f"-drift{n}.png")), None)
                 out.append(Candidate(rec, snap, figures_dir / name if figures_dir is not None and name else None))
     return out
 
 
 def describe(c: Candidate, k: int, total: int, root: Path | None = None) -> list[str]:
     """The lines shown for one candidate: claim, environment change, numbers, figure."""
-    from .report import drift_headline, environment_line
-
     snap, rec = c.snapshot, c.record
     path = c.path
     if root is not None:
@@ -58,41 +57,41 @@ def describe(c: Candidate, k: int, total: int, root: Path | None = None) -> list
             path = path.relative_to(root)
         except ValueError:
             pass
-    lines = [f"[{k}/{total}] {snap['status']}: {rec['claim']}", f"  test:        {rec['nodeid']}", f"  snapshot:    {path}"]
-    drift = snap.get("drift")
-    if snap["status"] == "new":
+    lines = [f"[{k}/{total}] {snap.status}: {rec.claim}", f"  test:        {rec.nodeid}", f"  snapshot:    {path}"]
+    drift = snap.drift
+    if snap.status == "new":
         lines.append("  no finding recorded yet; accepting records this run's values and environment")
         lines.append("  this run:    " + _measured(rec))
-    elif drift:
-        lines.append("  " + environment_line(drift))
-        lines.append("  " + drift_headline(drift))
-        m = drift.get("map")
-        if m:
-            for i, j in m.get("moved", [])[:SHOW_CELLS]:
-                old, new = m["old"][i][j], m["new"][i][j]
-                token = m["tokens"][j] if j < len(m["tokens"]) else j
-                lines.append(f"    {m['sites'][i]} / {j} {token!r}: {_g(old)} -> {_g(new)}")
-            if len(m.get("moved", [])) > SHOW_CELLS:
-                lines.append(f"    ... {len(m['moved']) - SHOW_CELLS} more moved cells")
-        p = drift.get("population")
-        if p:
-            lines.append(f"    mean effect over variants: {_g(_mean(p['old']))} recorded -> {_g(_mean(p['new']))} now")
-        lines += [f"    {s}" for s in drift.get("structural", [])[:3]]
+    elif drift is not None:
+        lines.append("  " + drift.environment_line())
+        lines.append("  " + drift.headline())
+        m = drift.map
+        if m is not None:
+            for i, j in m.moved[:SHOW_CELLS]:
+                old, new = m.old[i][j], m.new[i][j]
+                token = m.tokens[j] if j < len(m.tokens) else j
+                lines.append(f"    {m.sites[i]} / {j} {token!r}: {_g(old)} -> {_g(new)}")
+            if len(m.moved) > SHOW_CELLS:
+                lines.append(f"    ... {len(m.moved) - SHOW_CELLS} more moved cells")
+        p = drift.population
+        if p is not None:
+            lines.append(f"    mean effect over variants: {_g(_mean(p.old))} recorded -> {_g(_mean(p.new))} now")
+        lines += [f"    {s}" for s in drift.structural[:3]]
     else:
-        lines.append(f"  {snap.get('detail', '')}")
+        lines.append(f"  {snap.detail}")
     if c.figure is not None:
         lines.append(f"  figure:      {c.figure} (recorded, this run, difference)")
     return lines
 
 
-def _measured(rec: dict[str, Any]) -> str:
+def _measured(rec: Finding) -> str:
     """What the test measured, without the snapshot status: the map's size and peak, its checks, its variants."""
     parts = [p for p in summary_line(rec).rsplit("  [", 1)[0].split(" | ")[1:] if not p.startswith("snapshot ")]
-    for m in rec.get("maps", [])[-1:]:
-        cells = [(v, i, j) for i, row in enumerate(m["values"]) for j, v in enumerate(row) if v is not None]
+    for m in rec.maps[-1:]:
+        cells = [(v, i, j) for i, row in enumerate(m.values) for j, v in enumerate(row) if v is not None]
         if cells:
             v, i, j = max(cells)
-            parts.insert(0, f"{len(m['sites'])} x {len(m['tokens'])} map, peak {_g(v)} at {m['sites'][i]} / {j} {m['tokens'][j]!r}")
+            parts.insert(0, f"{len(m.sites)} x {len(m.tokens)} map, peak {_g(v)} at {m.sites[i]} / {j} {m.tokens[j]!r}")
     return "; ".join(parts) or "no numbers recorded besides the snapshot"
 
 
@@ -124,13 +123,13 @@ def review(found: Sequence[Candidate], write: Callable[[str], None], ask: Callab
         while answer not in ("y", "n", "q"):
             answer = (ask("  accept? [y]es, [n]o, [q]uit: ") or "q").strip().lower()[:1]
         if answer == "y":
-            atomic_write(c.path, c.snapshot["received"])
+            atomic_write(c.path, c.snapshot.received or "")
             accepted.append(c)
             write(f"  accepted: wrote {c.path}")
         else:
             rest.append(c)
             stop = answer == "q"
-            kept = "kept the recorded finding" if c.snapshot["status"] != "new" else "not recorded"
+            kept = "kept the recorded finding" if c.snapshot.status != "new" else "not recorded"
             write(f"  {kept}" if answer == "n" else "  review stopped; the rest is unchanged")
     return accepted, rest
 
@@ -153,7 +152,7 @@ def _terminal_input(config: Any) -> Callable[[str], str] | None:
     return ask
 
 
-def run(config: Any, terminalreporter: Any, records: Sequence[dict[str, Any]], figures_dir: Path | None) -> None:
+def run(config: Any, terminalreporter: Any, records: Sequence[Finding], figures_dir: Path | None) -> None:
     """The review at the end of the run: interactive in a terminal, a summary that changes nothing otherwise."""
     found = candidates(records, figures_dir)
     terminalreporter.section("pytest-nnsight review")

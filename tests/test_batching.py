@@ -219,7 +219,7 @@ def test_a_batch_encoding_is_a_prompt(served):
     assert (by_ids.clean, by_ids.corrupt, by_ids.intervened) == pytest.approx((by_text.clean, by_text.corrupt, by_text.intervened), abs=1e-6)
     # its record travels from an xdist worker to the controller: execnet sends plain str only (a TokenPrompt there was an INTERNALERROR)
     execnet = pytest.importorskip("execnet")
-    record = findings.current().to_dict()  # this test's record, as the report hook will send it
+    record = findings.current().finding.to_dict()  # this test's record, as the report hook will send it
     assert record["effects"] and all(type(e["prompt"]) is str for e in record["effects"]), record["effects"]
     execnet.dumps(record)
 

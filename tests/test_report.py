@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_nnsight import findings
+from pytest_nnsight.records import Check, EffectRecord, Finding, MapRecord
 
 # Inner tests dump what they measured, computed from the raw numbers, to measured.json beside them:
 # the report must carry the same numbers, read back from findings.json / the JUnit XML.
@@ -106,6 +107,8 @@ def test_report_files_carry_the_numbers_of_the_run(pytester):
     assert pop["n"] == 16 and pop["passed"] == measured["population"]["passed"] and pop["min_rate"] == 0.5
     assert pop["effects"] == [pytest.approx(v, abs=1e-9) for v in measured["population"]["effects"]]
     assert report["environment"]["torch"] == torch_version() and report["environment"]["nnsight"]
+    for record in report["findings"]:  # findings.json holds records.Finding's fields, every key, and reads back into one
+        assert Finding.from_dict(record).to_dict() == record
 
     md = (pytester.path / "out" / "findings.md").read_text()
     assert "block 0 moves the country to the last position" in md and f"{measured['patch']:.4g}" in md
@@ -205,7 +208,7 @@ def test_an_unwritable_report_directory_is_a_usage_error_naming_it(pytester):
 
 
 def test_recorders_do_nothing_outside_a_test_and_never_raise_inside_one(pytester):
-    assert findings.current() is None or findings.current().nodeid.endswith(
+    assert findings.current() is None or findings.current().finding.nodeid.endswith(
         "test_recorders_do_nothing_outside_a_test_and_never_raise_inside_one")
     pytester.makepyfile(test_one="""
 import pytest
@@ -216,7 +219,8 @@ def test_broken_inputs():
     findings.record_map(object())          # not an EffectMap
     findings.record_population(None)
     findings.record_check("x", "not a number", ">=", 1.0)
-    assert findings.current().checks[0]["measured"] is None and not findings.current().checks[0]["passed"]
+    check = findings.current().finding.checks[0]
+    assert check.measured is None and not check.passed
 """)
     pytester.runpytest_inprocess().assert_outcomes(passed=1)
 
@@ -310,7 +314,7 @@ def test_a_drifted_map_is_shown_recorded_new_and_difference_with_the_environment
     (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
     snap = rec["snapshots"][0]
     drift = snap["drift"]
-    assert "received" not in snap and drift["changes"][0].startswith("nnsight 0.0.1 -> ")
+    assert snap["received"] is None and drift["changes"][0].startswith("nnsight 0.0.1 -> ")
     assert drift["map"]["old"] == [[0.0, 0.75], [0.5, 0.25]] and drift["map"]["new"] == [[0.0, 1.0], [0.5, 0.25]]
     assert drift["map"]["moved"] == [[0, 1]] and (drift["moved"], drift["cells"]) == (1, 6)  # 4 values + clean, corrupt
     html = (pytester.path / "out" / "index.html").read_text()
@@ -338,7 +342,7 @@ def test_a_reverified_map_with_changed_cells_shows_them_and_a_matched_one_shows_
     pytester.runpytest_inprocess("--snapshot-update").assert_outcomes(passed=1)
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(passed=1)
     (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
-    assert rec["snapshots"][0]["status"] == "matched" and "drift" not in rec["snapshots"][0]
+    assert rec["snapshots"][0]["status"] == "matched" and rec["snapshots"][0]["drift"] is None
     assert not list((pytester.path / "out" / "figures").glob("*-drift*.png"))  # the stale drift figure is gone
 
 
@@ -382,3 +386,18 @@ def test_drift_view_renders_in_headless_chromium(pytester, tmp_path):
     dark_red = (pixels[..., 0] > 0.35) & (pixels[..., 1] < 0.15) & (pixels[..., 2] < 0.2)
     assert dark_red.sum() > 100, f"the heatmaps did not render in {shot}"
     assert rows.min() > 60, f"the drift view is not below the environment line ({shot})"
+
+
+def test_a_record_comes_back_from_the_wire_as_the_same_dataclasses(capitals):
+    """A test's record travels as plain data (execnet, under xdist) and is rebuilt into the same nested dataclasses."""
+    execnet = pytest.importorskip("execnet")
+    from pytest_nnsight import assert_restores, logit_diff, patch, sweep
+
+    clean, corrupt = "The capital of France is", "The capital of Germany is"
+    sweep(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites="resid_post", positions=[-1])
+    assert_restores(patch(capitals, clean, corrupt, site="resid_post.0", position=-1, metric=logit_diff("Paris", "Berlin")), at_least=0.5)
+    finding = findings.current().finding
+    back = Finding.from_dict(execnet.loads(execnet.dumps(finding.to_dict())))
+    assert back == finding and finding.maps and finding.effects and finding.checks
+    assert (type(back.maps[0]), type(back.effects[0]), type(back.checks[0])) == (MapRecord, EffectRecord, Check)
+    finding.maps.clear(), finding.effects.clear(), finding.checks.clear()  # not a finding of this suite's own report

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from pytest_nnsight import review
+from pytest_nnsight.records import Finding, SnapshotRecord
 
 TWO_FINDINGS = """
 import pytest
@@ -94,10 +95,8 @@ def test_review_with_nothing_to_review_says_so(pytester):
 
 
 def _candidate(tmp_path, name, status="new"):
-    rec = {"claim": name, "nodeid": f"t.py::{name}", "snapshots": [], "checks": [], "outcome": "failed"}
-    snap = {"name": name, "status": status, "detail": "", "path": str(tmp_path / f"{name}.json"), "received": f"{name}!"}
-    rec["snapshots"].append(snap)
-    return review.Candidate(rec, snap, None)
+    snap = SnapshotRecord(name, status, path=str(tmp_path / f"{name}.json"), received=f"{name}!")
+    return review.Candidate(Finding(f"t.py::{name}", name, snapshots=[snap], outcome="failed"), snap, None)
 
 
 @pytest.mark.parametrize("answers, written", [(["y", "y"], ["a", "b"]), (["", "y"], []), (["maybe", "n", "y"], ["b"]),
@@ -108,7 +107,7 @@ def test_answers(tmp_path, answers, written):
     typed = iter(answers)
     lines = []
     accepted, rest = review.review(found, lines.append, lambda prompt: next(typed))
-    assert [c.snapshot["name"] for c in accepted] == written
+    assert [c.snapshot.name for c in accepted] == written
     assert sorted(p.stem for p in tmp_path.glob("*.json")) == written
     assert all((tmp_path / f"{n}.json").read_text() == f"{n}!" for n in written)
     assert len(accepted) + len(rest) == 2

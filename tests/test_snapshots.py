@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from pytest_nnsight import findings
 from pytest_nnsight.errors import SnapshotFileError, SnapshotValueError
 from pytest_nnsight.snapshots.compare import Tolerance, calibrate_tolerance, compare_findings, explain
 from pytest_nnsight.snapshots.encode import dumps, loads, record, to_value
@@ -339,11 +340,12 @@ def test_a_dtype_change_is_an_environment_change_not_a_weights_change():
     env = {"nnsight": "0.8.1", "device": "cpu", "dtype": "float32", "model": "m", "weights": "aaa"}
     old = dumps(record([1.0, 2.0], env))
     ext = FindingSnapshotExtension()
-    ext.options.item = item = type("Item", (), {"user_properties": []})()
     half = dumps(record([1.01, 2.02], {**env, "device": "cuda", "dtype": "bfloat16", "weights": "bbb"}))
     assert ext.matches(serialized_data=half, snapshot_data=old)  # bfloat16 defaults: atol 5e-2, rtol 2e-2
     assert ext.last.weights is None and ext.last.changes == ["device cpu -> cuda", "dtype float32 -> bfloat16"]
-    assert "re-verified under a new environment: device cpu -> cuda" in item.user_properties[0][1]
+    notes = findings.current().finding.notes  # the note travels with the running test's record
+    assert notes and "re-verified under a new environment: device cpu -> cuda" in notes[-1]
+    notes.clear()  # not a note of this run's own snapshots
     other_weights = dumps(record([1.0, 2.0], {**env, "weights": "bbb"}))
     assert not ext.matches(serialized_data=other_weights, snapshot_data=old)
     assert "the model's weights changed: fingerprint aaa -> bbb (model m)" in list(ext.diff_lines(other_weights, old))[0]

@@ -179,9 +179,9 @@ class FindingSnapshotExtension(SingleFileSnapshotExtension):
         if state.refresh_env and self._location:
             old["environment"] = env_new
             atomic_write(self._location, dumps(old))
-            hooks.note(opts.item, f"environment refreshed ({what}); values kept, within {cmp.tolerance}")
+            hooks.note(f"environment refreshed ({what}); values kept, within {cmp.tolerance}")
         else:
-            hooks.note(opts.item, f"re-verified under a new environment: {what} (within {cmp.tolerance})")
+            hooks.note(f"re-verified under a new environment: {what} (within {cmp.tolerance})")
         return True
 
     def diff_lines(self, serialized_data: Any, snapshot_data: Any) -> Iterator[str]:

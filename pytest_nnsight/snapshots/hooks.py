@@ -17,13 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 
+from .. import findings
 from .syrupy_adapter import forget_collected_module
-
-USER_PROPERTY = "nnsight_snapshot"
 
 
 @dataclass
@@ -99,24 +98,19 @@ def protected(snapshot_location: str) -> bool:
     return any(d == test_dir and m == module and _stem_matches(loc.stem, name) for d, m, name in state.skipped_tests)
 
 
-def note(item: Any, line: str) -> None:
-    """Record a line for the summary on the test's report (travels back from xdist workers)."""
-    if item is not None and hasattr(item, "user_properties"):
-        item.user_properties.append((USER_PROPERTY, line))
+def note(line: str) -> None:
+    """A line for the snapshots section: sent with the running test's finding record (back from xdist workers too)."""
+    if findings.current() is not None:
+        findings.record_note(line)
     else:
         active().events.append(("", line))
 
 
-def terminal_summary(terminalreporter: Any) -> None:
-    """The 'pytest-nnsight snapshots' section: findings re-verified under a new environment, refreshed, ..."""
-    lines: list[str] = []
-    seen = set()
-    for reports in terminalreporter.stats.values():
-        for rep in reports:
-            for key, value in getattr(rep, "user_properties", ()) or ():
-                if key == USER_PROPERTY and (rep.nodeid, value) not in seen:
-                    seen.add((rep.nodeid, value))
-                    lines.append(f"{rep.nodeid}: {value}")
+def terminal_summary(terminalreporter: Any, notes: Sequence[tuple[str, str]] = ()) -> None:
+    """The 'pytest-nnsight snapshots' section: findings re-verified under a new environment, refreshed, ...
+
+    `notes`: (nodeid, line) pairs collected from the run's finding records (run_records.RunRecords.notes)."""
+    lines = [f"{nodeid}: {line}" for nodeid, line in notes]
     lines += [line for _, line in active().events]
     if lines:
         terminalreporter.section("pytest-nnsight snapshots")

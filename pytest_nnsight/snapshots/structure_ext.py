@@ -84,7 +84,7 @@ class StructureSnapshotExtension(FindingSnapshotExtension):
         update = hooks.active().update if self.options.update is None else self.options.update
         if update:
             return False  # --snapshot-update records the new environment
-        hooks.note(self.options.item, f"structure unchanged under a new environment: {', '.join(changes)}")
+        hooks.note(f"structure unchanged under a new environment: {', '.join(changes)}")
         return True
 
     def diff_lines(self, serialized_data: Any, snapshot_data: Any) -> Iterator[str]:

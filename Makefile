@@ -38,10 +38,11 @@ docs: venv
 
 # bench needs the optional `bench` extra (TransformerLens 4.x) for its side-by-side entry; it is installed here.
 # ruff (pip install ruff) with the pyproject configuration; LINT_PATHS narrows it (e.g. the files a change touches)
-LINT_PATHS ?= pytest_nnsight tests examples
+LINT_PATHS ?= pytest_nnsight tests examples benchmarks CI docs
 lint: venv
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install --quiet "ruff>=0.6"
 	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 bench: venv
 	$(PY) -c "import transformer_lens" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"

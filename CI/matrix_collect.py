@@ -27,7 +27,9 @@ def _message(report: pytest.TestReport) -> str:
 
 def _drift_lines(text: str) -> list[str]:
     """The drift summary of a snapshot failure: the 'drifted after' line and the statistics under it."""
-    lines = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")]  # the exception's own lines, not the source
+    lines = [
+        ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")
+    ]  # the exception's own lines, not the source
     out: list[str] = []
     for i, ln in enumerate(lines):
         if "drifted after" in ln:
@@ -38,19 +40,38 @@ def _drift_lines(text: str) -> list[str]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    rec = _RECORDS.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": "passed", "when": "", "duration": 0.0,
-                                              "message": "", "snapshot": [], "drift": []})
+    rec = _RECORDS.setdefault(
+        report.nodeid,
+        {
+            "nodeid": report.nodeid,
+            "outcome": "passed",
+            "when": "",
+            "duration": 0.0,
+            "message": "",
+            "snapshot": [],
+            "drift": [],
+        },
+    )
     rec["duration"] = round(rec["duration"] + float(report.duration), 3)
     for key, value in getattr(report, "user_properties", ()) or ():
         if key == "nnsight_snapshot" and value not in rec["snapshot"]:
             rec["snapshot"].append(str(value))
     if report.skipped and rec["outcome"] == "passed":
         xfail = hasattr(report, "wasxfail")  # an expected failure (strict=False xfail) reports as skipped
-        rec.update(outcome="xfailed" if xfail else "skipped", when=report.when, message=str(getattr(report, "wasxfail", "")) if xfail else _message(report))
+        rec.update(
+            outcome="xfailed" if xfail else "skipped",
+            when=report.when,
+            message=str(getattr(report, "wasxfail", "")) if xfail else _message(report),
+        )
     elif report.failed:
         full = str(report.longrepr or "")
-        rec.update(outcome="failed" if report.when == "call" else "error", when=report.when, message=_whole_lines(_message(report)),
-                   drift=_drift_lines(full), exception=_exception_name(report))
+        rec.update(
+            outcome="failed" if report.when == "call" else "error",
+            when=report.when,
+            message=_whole_lines(_message(report)),
+            drift=_drift_lines(full),
+            exception=_exception_name(report),
+        )
 
 
 def _whole_lines(text: str, limit: int = 20000) -> str:
@@ -70,8 +91,10 @@ def _structure_lock() -> dict[str, Any]:
     lock = structure_lock.active()
     if lock is None:
         return {}
-    return {label: {"status": v.status, "changes": v.changes, "lines": v.lines, "seconds": round(v.seconds, 3)}
-            for label, v in lock.verdicts.items()}
+    return {
+        label: {"status": v.status, "changes": v.changes, "lines": v.lines, "seconds": round(v.seconds, 3)}
+        for label, v in lock.verdicts.items()
+    }
 
 
 def _exception_name(report: pytest.TestReport) -> str:
@@ -82,8 +105,16 @@ def _exception_name(report: pytest.TestReport) -> str:
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     if report.failed:
-        _RECORDS[report.nodeid] = {"nodeid": report.nodeid, "outcome": "error", "when": "collect", "duration": 0.0,
-                                   "message": str(report.longrepr)[-2000:], "snapshot": [], "drift": [], "exception": ""}
+        _RECORDS[report.nodeid] = {
+            "nodeid": report.nodeid,
+            "outcome": "error",
+            "when": "collect",
+            "duration": 0.0,
+            "message": str(report.longrepr)[-2000:],
+            "snapshot": [],
+            "drift": [],
+            "exception": "",
+        }
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -92,5 +123,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump({"exitstatus": int(exitstatus), "tests": list(_RECORDS.values()), "structure": _structure_lock()}, handle, indent=1)
+        json.dump(
+            {"exitstatus": int(exitstatus), "tests": list(_RECORDS.values()), "structure": _structure_lock()},
+            handle,
+            indent=1,
+        )
     os.replace(tmp, path)

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from pytest_nnsight.sites import blocks, embed
 from pytest_nnsight.bundled import path_of
+from pytest_nnsight.sites import blocks, embed
 from pytest_nnsight.wordlists import CAPITAL_FILLERS
 
 TASK = json.loads((path_of("bundled:capitals") / "manifest.json").read_text())["task"]

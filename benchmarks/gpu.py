@@ -22,8 +22,11 @@ import torch  # noqa: E402
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("make bench-gpu: no CUDA device visible to torch (torch.cuda.is_available() is False): nothing run, "
-              "benchmarks/results-gpu.json left as it is. Run it on a GPU machine with a CUDA build of torch.", file=sys.stderr)
+        print(
+            "make bench-gpu: no CUDA device visible to torch (torch.cuda.is_available() is False): nothing run, "
+            "benchmarks/results-gpu.json left as it is. Run it on a GPU machine with a CUDA build of torch.",
+            file=sys.stderr,
+        )
         return 2
     from side_by_side import scaling, side_by_side, write_entries
 
@@ -32,10 +35,30 @@ def main() -> int:
     entries += side_by_side("cuda", 5, torch.bfloat16, suffix="_cuda_bf16")
     entries += [dict(e, name=e["name"] + "_cuda") for e in scaling("cuda")]
     t = time.perf_counter()
-    rc = subprocess.run([sys.executable, "-m", "pytest", str(HERE.parent / "examples"), "-q", "-p", "no:cacheprovider", "--nnsight-device", "cuda"],
-                        cwd=HERE.parent).returncode
-    entries.append({"name": "examples_on_cuda", "value": rc, "unit": "exit code", "target": "== 0", "passed": rc == 0,
-                    "detail": f"pytest examples/ --nnsight-device cuda in {time.perf_counter() - t:.1f} s ({torch.cuda.get_device_name(0)})"})
+    rc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(HERE.parent / "examples"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--nnsight-device",
+            "cuda",
+        ],
+        cwd=HERE.parent,
+    ).returncode
+    entries.append(
+        {
+            "name": "examples_on_cuda",
+            "value": rc,
+            "unit": "exit code",
+            "target": "== 0",
+            "passed": rc == 0,
+            "detail": f"pytest examples/ --nnsight-device cuda in {time.perf_counter() - t:.1f} s ({torch.cuda.get_device_name(0)})",
+        }
+    )
     path = HERE / "results-gpu.json"
     rc = write_entries(entries, path)
     print(f"wrote {path} in {time.perf_counter() - start:.0f} s")

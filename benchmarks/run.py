@@ -20,14 +20,16 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads: OpenMP spin-waits distort per-cell loops on a loaded box
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # read when torch loads: OpenMP spin-waits distort per-cell loops on a loaded box
 
 import torch  # noqa: E402
 
-from pytest_nnsight.models import ModelCache  # noqa: E402
-from pytest_nnsight.settings import Settings
-from pytest_nnsight.metrics import logit_diff  # noqa: E402
 from pytest_nnsight.interventions import patch  # noqa: E402
+from pytest_nnsight.metrics import logit_diff  # noqa: E402
+from pytest_nnsight.models import ModelCache  # noqa: E402
+from pytest_nnsight.settings import Settings  # noqa: E402
 from pytest_nnsight.sweeps import sweep  # noqa: E402
 
 CLEAN = "As everyone knows , the capital city of France is"
@@ -83,9 +85,11 @@ def raw_lean_blocks(model: Any, answer: int, distractor: int) -> torch.Tensor:
         c, x = base[:, answer] - base[:, distractor]
         hooks = []
         for layer, b in enumerate(blocks):
+
             def write(_m: Any, _a: Any, out: Any, layer: int = layer) -> None:
                 h = first(out)
                 h[torch.arange(layer * t, (layer + 1) * t), torch.arange(t)] = saved[layer]
+
             hooks.append(b.register_forward_hook(write))
         try:
             out = hf(corrupt.expand(len(blocks) * t, t), logits_to_keep=1, use_cache=False).logits[:, -1]
@@ -107,7 +111,7 @@ def hand_patch(model: Any, layer: int, pos: int, answer: int, distractor: int) -
         with model.trace(CORRUPT):
             model.transformer.h[layer].output[:, pos, :] = act
             patched_logits = model.lm_head.output[0, -1].save()
-    ld = lambda l: float(l[answer] - l[distractor])  # noqa: E731
+    ld = lambda logits: float(logits[answer] - logits[distractor])  # noqa: E731
     return (ld(patched_logits) - ld(corrupt_logits)) / (ld(clean_logits) - ld(corrupt_logits))
 
 
@@ -130,7 +134,13 @@ def bench_sweep_and_patch(device: str, reps: int) -> list[dict[str, Any]]:
     cells = batched.shape[0] * batched.shape[1]
     lean = raw_lean_blocks(model, answer, distractor)
     lean_diff = float((batched.tensor() - lean).abs().max())
-    tr = interleaved({"raw": lambda: raw_lean_blocks(model, answer, distractor), "ours": lambda: sweep(model, CLEAN, CORRUPT, metric=metric, check_batching=False)}, reps * 2)
+    tr = interleaved(
+        {
+            "raw": lambda: raw_lean_blocks(model, answer, distractor),
+            "ours": lambda: sweep(model, CLEAN, CORRUPT, metric=metric, check_batching=False),
+        },
+        reps * 2,
+    )
     vs_raw = tr["ours"] / tr["raw"]
 
     layer, pos = 1, len(batched.tokens) - 1
@@ -145,13 +155,31 @@ def bench_sweep_and_patch(device: str, reps: int) -> list[dict[str, Any]]:
     )
     overhead = tp["patch"] / tp["hand"]
     return [
-        {"name": "sweep_speedup", "value": round(speedup, 2), "unit": "x", "target": ">= 10", "passed": speedup >= 10 and diff <= 1e-5,
-         "detail": f"{cells} cells on bundled:capitals ({device}): naive {t['naive'] * 1e3:.1f} ms, batched {t['batched'] * 1e3:.1f} ms, max |diff| {diff:.2e}"},
-        {"name": "sweep_vs_raw_capitals", "value": round(vs_raw, 3), "unit": "ratio", "target": "<= 1.2", "passed": vs_raw <= 1.2 and lean_diff <= 1e-5,
-         "detail": f"{cells} cells on bundled:capitals ({device}): sweep {tr['ours'] * 1e3:.1f} ms, raw torch hooks (one batched forward, last-position "
-                   f"logits, no KV cache) {tr['raw'] * 1e3:.1f} ms, medians of {reps * 2} interleaved rounds; max |diff| {lean_diff:.2e}"},
-        {"name": "patch_overhead", "value": round(overhead, 3), "unit": "ratio", "target": "<= 1.10", "passed": overhead <= 1.10 and abs(ours - theirs) <= 1e-5,
-         "detail": f"patch() {tp['patch'] * 1e3:.2f} ms vs hand-written {tp['hand'] * 1e3:.2f} ms; effects {ours:.6f} vs {theirs:.6f}"},
+        {
+            "name": "sweep_speedup",
+            "value": round(speedup, 2),
+            "unit": "x",
+            "target": ">= 10",
+            "passed": speedup >= 10 and diff <= 1e-5,
+            "detail": f"{cells} cells on bundled:capitals ({device}): naive {t['naive'] * 1e3:.1f} ms, batched {t['batched'] * 1e3:.1f} ms, max |diff| {diff:.2e}",
+        },
+        {
+            "name": "sweep_vs_raw_capitals",
+            "value": round(vs_raw, 3),
+            "unit": "ratio",
+            "target": "<= 1.2",
+            "passed": vs_raw <= 1.2 and lean_diff <= 1e-5,
+            "detail": f"{cells} cells on bundled:capitals ({device}): sweep {tr['ours'] * 1e3:.1f} ms, raw torch hooks (one batched forward, last-position "
+            f"logits, no KV cache) {tr['raw'] * 1e3:.1f} ms, medians of {reps * 2} interleaved rounds; max |diff| {lean_diff:.2e}",
+        },
+        {
+            "name": "patch_overhead",
+            "value": round(overhead, 3),
+            "unit": "ratio",
+            "target": "<= 1.10",
+            "passed": overhead <= 1.10 and abs(ours - theirs) <= 1e-5,
+            "detail": f"patch() {tp['patch'] * 1e3:.2f} ms vs hand-written {tp['hand'] * 1e3:.2f} ms; effects {ours:.6f} vs {theirs:.6f}",
+        },
     ]
 
 
@@ -159,7 +187,7 @@ PEAK_CHILD = r"""
 import json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from pytest_nnsight.models import ModelCache
-from pytest_nnsight.settings import Settings
+from pytest_nnsight.settings import Settings  # noqa: E402
 from pytest_nnsight.sweeps import sweep
 from pytest_nnsight.testing import tiny_gpt2
 from pytest_nnsight import sites
@@ -186,7 +214,12 @@ def bench_peak_memory(device: str) -> list[dict[str, Any]]:
     for positions, batch in ((10, 16), (41, 16), (41, 64)):
         samples = []
         for _ in range(3):  # the RSS high-water mark moves by ~10 MB between identical runs: the median of 3
-            out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(HERE.parent), str(positions), str(batch), device], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", PEAK_CHILD, str(HERE.parent), str(positions), str(batch), device],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
         samples.sort(key=lambda r: r["peak_mb"])
         runs[(positions, batch)] = samples[1]
@@ -195,8 +228,16 @@ def bench_peak_memory(device: str) -> list[dict[str, Any]]:
     grows = wide["peak_mb"] > 1.5 * many["peak_mb"]
     entries = []
     for (positions, batch), r in runs.items():
-        entries.append({"name": f"sweep_peak_mem_bs{batch}_cells{r['cells']}", "value": round(r["peak_mb"], 1), "unit": "MB", "target": "flat in cells, grows with batch_size",
-                        "passed": flat and grows, "detail": f"8-layer random GPT-2 (d 128, vocab 8003), 41-token prompt, {positions} positions, batch_size {batch}, {device}; median of 3 processes"})
+        entries.append(
+            {
+                "name": f"sweep_peak_mem_bs{batch}_cells{r['cells']}",
+                "value": round(r["peak_mb"], 1),
+                "unit": "MB",
+                "target": "flat in cells, grows with batch_size",
+                "passed": flat and grows,
+                "detail": f"8-layer random GPT-2 (d 128, vocab 8003), 41-token prompt, {positions} positions, batch_size {batch}, {device}; median of 3 processes",
+            }
+        )
     return entries
 
 
@@ -210,7 +251,17 @@ def bench_variants(device: str, reps: int) -> list[dict[str, Any]]:
     pairs = counterfactual_pairs(model, CAPITAL_TEMPLATES, {"country": CAPITALS}).space.sample(64, seed=0)
 
     def separate() -> list[Any]:
-        return [patch(model, p.clean, p.corrupt, site="transformer.h.0", position="last", metric=logit_diff(p.answer, p.distractor)) for p in pairs]
+        return [
+            patch(
+                model,
+                p.clean,
+                p.corrupt,
+                site="transformer.h.0",
+                position="last",
+                metric=logit_diff(p.answer, p.distractor),
+            )
+            for p in pairs
+        ]
 
     def batched() -> Any:
         return population(model, pairs, site="transformer.h.0", position="last", threshold=0.7)
@@ -223,9 +274,17 @@ def bench_variants(device: str, reps: int) -> list[dict[str, Any]]:
     eff_diff = max(abs(float(e.normalized) - v) for e, v in zip(singles, pop.effects))
     t = interleaved({"separate": separate, "batched": batched}, max(3, reps // 3), warmup=1)
     speedup = t["separate"] / t["batched"]
-    return [{"name": "variants_speedup", "value": round(speedup, 2), "unit": "x", "target": ">= 5", "passed": speedup >= 5 and raw_diff <= 1e-5,
-             "detail": f"64 variants on bundled:capitals ({device}): separate {t['separate'] * 1e3:.0f} ms, population {t['batched'] * 1e3:.0f} ms; "
-                       f"max |diff| of clean/corrupt/patched metrics {raw_diff:.2e}, of normalized effects {eff_diff:.2e}"}]
+    return [
+        {
+            "name": "variants_speedup",
+            "value": round(speedup, 2),
+            "unit": "x",
+            "target": ">= 5",
+            "passed": speedup >= 5 and raw_diff <= 1e-5,
+            "detail": f"64 variants on bundled:capitals ({device}): separate {t['separate'] * 1e3:.0f} ms, population {t['batched'] * 1e3:.0f} ms; "
+            f"max |diff| of clean/corrupt/patched metrics {raw_diff:.2e}, of normalized effects {eff_diff:.2e}",
+        }
+    ]
 
 
 def bench_cache_rerun(device: str) -> list[dict[str, Any]]:
@@ -243,9 +302,24 @@ def bench_cache_rerun(device: str) -> list[dict[str, Any]]:
     try:
         shutil.copy(HERE / "cached_suite.py", work / "test_cached_suite.py")
         (work / "pytest.ini").write_text("[pytest]\n")
-        args = [str(work), "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:anyio",  # anyio cannot import after nnsight
-                "--rootdir", str(work), "-c", str(work / "pytest.ini"),
-                "--nnsight-cache-dir", str(work / "cache"), "--nnsight-device", device]
+        args = [
+            str(work),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:anyio",  # anyio cannot import after nnsight
+            "--rootdir",
+            str(work),
+            "-c",
+            str(work / "pytest.ini"),
+            "--nnsight-cache-dir",
+            str(work / "cache"),
+            "--nnsight-device",
+            device,
+        ]
         ModelCache(Settings(device=device)).get("bundled:capitals")  # imports warm before the first timed run
         times, codes = {}, {}
         for run in ("computed", "loaded"):
@@ -258,31 +332,60 @@ def bench_cache_rerun(device: str) -> list[dict[str, Any]]:
         shutil.rmtree(work, ignore_errors=True)
     speedup = times["computed"] / times["loaded"]
     ok = all(c == 0 for c in codes.values())
-    return [{"name": "cache_rerun_speedup", "value": round(speedup, 2), "unit": "x", "target": ">= 3", "passed": speedup >= 3 and ok,
-             "detail": f"6 tests x 480 prompts x 3 sites on bundled:capitals ({device}): first run {times['computed']:.2f} s (computes, stores), "
-                       f"second {times['loaded']:.2f} s (loads, no forward pass); exit codes {codes['computed']}/{codes['loaded']}"}]
+    return [
+        {
+            "name": "cache_rerun_speedup",
+            "value": round(speedup, 2),
+            "unit": "x",
+            "target": ">= 3",
+            "passed": speedup >= 3 and ok,
+            "detail": f"6 tests x 480 prompts x 3 sites on bundled:capitals ({device}): first run {times['computed']:.2f} s (computes, stores), "
+            f"second {times['loaded']:.2f} s (loads, no forward pass); exit codes {codes['computed']}/{codes['loaded']}",
+        }
+    ]
 
 
 def bench_deterministic_cost(device: str, reps: int = 4) -> list[dict[str, Any]]:
     """Wall time of the examples suite with --nnsight-deterministic over without (pytest sessions in this process, interleaved)."""
     import pytest
 
-    base = [str(HERE.parent / "examples"), "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:anyio",
-            "--rootdir", str(HERE.parent), "--nnsight-device", device, "--nnsight-no-cache"]
+    base = [
+        str(HERE.parent / "examples"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        "-p",
+        "no:anyio",
+        "--rootdir",
+        str(HERE.parent),
+        "--nnsight-device",
+        device,
+        "--nnsight-no-cache",
+    ]
     ModelCache(Settings(device=device)).get("bundled:capitals")  # imports warm before the first timed run
     pytest.main(base)  # one untimed run: the examples' own imports and first traces
     times: dict[str, list[float]] = {"off": [], "on": []}
     codes = set()
     modes = (("off", []), ("on", ["--nnsight-deterministic"]))
     for rep in range(reps):  # ABBA order: in-process runs slow down a little run after run, this cancels that drift
-        for mode, extra in (modes if rep % 2 == 0 else modes[::-1]):
+        for mode, extra in modes if rep % 2 == 0 else modes[::-1]:
             t = time.perf_counter()
             codes.add(int(pytest.main(base + extra)))
             times[mode].append(time.perf_counter() - t)
     off, on = statistics.mean(times["off"]), statistics.mean(times["on"])
     cost = on / off
-    return [{"name": "deterministic_cost", "value": round(cost, 3), "unit": "x", "target": "<= 1.2", "passed": cost <= 1.2 and codes == {0},
-             "detail": f"examples/ suite ({device}), mean of {reps} (ABBA order): {off:.2f} s without, {on:.2f} s with --nnsight-deterministic; exit codes {sorted(codes)}"}]
+    return [
+        {
+            "name": "deterministic_cost",
+            "value": round(cost, 3),
+            "unit": "x",
+            "target": "<= 1.2",
+            "passed": cost <= 1.2 and codes == {0},
+            "detail": f"examples/ suite ({device}), mean of {reps} (ABBA order): {off:.2f} s without, {on:.2f} s with --nnsight-deterministic; exit codes {sorted(codes)}",
+        }
+    ]
 
 
 def main() -> int:
@@ -290,20 +393,36 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", default=str(HERE / "results.json"))
-    parser.add_argument("--rounds-gpt2s", type=int, default=3, help="interleaved rounds of the GPT-2-small side-by-side benchmark")
-    parser.add_argument("--skip-side-by-side", action="store_true", help="leave out the GPT-2-small side by side and the scaling runs (minutes on CPU)")
+    parser.add_argument(
+        "--rounds-gpt2s", type=int, default=3, help="interleaved rounds of the GPT-2-small side-by-side benchmark"
+    )
+    parser.add_argument(
+        "--skip-side-by-side",
+        action="store_true",
+        help="leave out the GPT-2-small side by side and the scaling runs (minutes on CPU)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    entries = bench_sweep_and_patch(args.device, args.reps) + bench_variants(args.device, args.reps) + bench_peak_memory(args.device) + bench_cache_rerun(args.device)
+    entries = (
+        bench_sweep_and_patch(args.device, args.reps)
+        + bench_variants(args.device, args.reps)
+        + bench_peak_memory(args.device)
+        + bench_cache_rerun(args.device)
+    )
     entries += bench_deterministic_cost(args.device)
     from circuits_bench import bench_eap_speedup, bench_path_sweep_speedup  # benchmarks/circuits_bench.py (issue 18)
 
-    entries += bench_eap_speedup(args.device, args.reps, interleaved) + bench_path_sweep_speedup(args.device, args.reps, interleaved)
+    entries += bench_eap_speedup(args.device, args.reps, interleaved) + bench_path_sweep_speedup(
+        args.device, args.reps, interleaved
+    )
     from generation_bench import bench_generation_batching  # benchmarks/generation_bench.py (issue 18)
 
     entries += bench_generation_batching(args.device, args.reps, interleaved)
     if not args.skip_side_by_side:
-        from side_by_side import scaling, side_by_side  # benchmarks/side_by_side.py: the GPT-2-small shape against TransformerLens and raw hooks
+        from side_by_side import (
+            scaling,
+            side_by_side,
+        )  # benchmarks/side_by_side.py: the GPT-2-small shape against TransformerLens and raw hooks
 
         entries += side_by_side(args.device, args.rounds_gpt2s)
         entries += scaling(args.device)

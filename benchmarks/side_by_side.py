@@ -17,7 +17,6 @@ import copy
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,8 +36,19 @@ def gpt2s(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab: int = 5
     from pytest_nnsight.testing import word_tokenizer
 
     tok = word_tokenizer([f"w{i}" for i in range(vocab - 3)])
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=n_embd, n_layer=n_layer, n_head=n_head, bos_token_id=1,
-                     eos_token_id=1, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=128,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     cfg._attn_implementation = "eager"  # what TransformerLens's bridge runs: every contender the same attention kernels
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg)
@@ -52,8 +62,6 @@ def prompts(tokens: int) -> tuple[str, str]:
     other = list(words)
     other[len(words) // 3] = "w7"
     return " ".join(words), " ".join(other)
-
-
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -76,7 +84,9 @@ def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int
 class Contenders:
     """The four ways to compute the same resid_pre map, on one model and prompt pair."""
 
-    def __init__(self, device: str, dtype: torch.dtype = torch.float32, n_layer: int = 12, n_embd: int = 768, tokens: int = 16):
+    def __init__(
+        self, device: str, dtype: torch.dtype = torch.float32, n_layer: int = 12, n_embd: int = 768, tokens: int = 16
+    ):
         from pytest_nnsight.models import ModelCache
         from pytest_nnsight.settings import Settings
 
@@ -85,11 +95,18 @@ class Contenders:
         self.model = ModelCache(Settings(device=device, dtype=str(dtype).split(".")[-1])).get(self.hf, self.tok)
         self.clean, self.corrupt = prompts(tokens)
         self.device, self.dtype, self.n_layer = device, dtype, n_layer
-        self.ids = {k: self.tok(p, return_tensors="pt")["input_ids"].to(device) for k, p in (("clean", self.clean), ("corrupt", self.corrupt))}
+        self.ids = {
+            k: self.tok(p, return_tensors="pt")["input_ids"].to(device)
+            for k, p in (("clean", self.clean), ("corrupt", self.corrupt))
+        }
         self.tokens = self.ids["clean"].shape[1]
-        self.sample = [(layer, p) for layer in range(n_layer) for p in (len(prompts(tokens)[0].split()) // 3 + 1, self.tokens - 1)]
+        self.sample = [
+            (layer, p) for layer in range(n_layer) for p in (len(prompts(tokens)[0].split()) // 3 + 1, self.tokens - 1)
+        ]
         self.tl = None
-        with torch.inference_mode():  # the answer pair the prompts move most: a wide gap, so normalizing amplifies no rounding
+        with (
+            torch.inference_mode()
+        ):  # the answer pair the prompts move most: a wide gap, so normalizing amplifies no rounding
             moved = (self.hf(self.ids["clean"]).logits[0, -1] - self.hf(self.ids["corrupt"]).logits[0, -1]).float()
         self.answer, self.distractor = int(moved.argmax()), int(moved.argmin())
 
@@ -98,16 +115,29 @@ class Contenders:
         from pytest_nnsight.metrics import logit_diff
         from pytest_nnsight.sweeps import sweep
 
-        return sweep(self.model, self.clean, self.corrupt, metric=logit_diff(self.answer, self.distractor), sites="resid_pre", check_batching=False).tensor()
+        return sweep(
+            self.model,
+            self.clean,
+            self.corrupt,
+            metric=logit_diff(self.answer, self.distractor),
+            sites="resid_pre",
+            check_batching=False,
+        ).tensor()
 
     # -- raw torch hooks, batched, lean ----------------------------------------------------------------------------
     def raw_lean(self) -> torch.Tensor:
         hf, n, t = self.hf, self.n_layer, self.tokens
         clean_in: list[torch.Tensor] = []
         with torch.inference_mode():
-            hs = [b.register_forward_pre_hook(lambda _m, args: clean_in.append(args[0].clone())) for b in hf.transformer.h]
+            hs = [
+                b.register_forward_pre_hook(lambda _m, args: clean_in.append(args[0].clone())) for b in hf.transformer.h
+            ]
             try:
-                base = hf(torch.cat([self.ids["clean"], self.ids["corrupt"]]), logits_to_keep=1, use_cache=False).logits[:, -1].float()
+                base = (
+                    hf(torch.cat([self.ids["clean"], self.ids["corrupt"]]), logits_to_keep=1, use_cache=False)
+                    .logits[:, -1]
+                    .float()
+                )
             finally:
                 for h in hs:
                     h.remove()
@@ -115,10 +145,12 @@ class Contenders:
             rows = n * t
             hooks = []
             for layer, block in enumerate(hf.transformer.h):
+
                 def write(_m: Any, args: tuple, layer: int = layer) -> None:
                     h = args[0]
                     r = torch.arange(layer * t, (layer + 1) * t, device=h.device)
                     h[r, torch.arange(t, device=h.device)] = clean_in[layer][0]
+
                 hooks.append(block.register_forward_pre_hook(write))
             try:
                 out = hf(self.ids["corrupt"].expand(rows, t), logits_to_keep=1, use_cache=False).logits[:, -1].float()
@@ -159,7 +191,9 @@ class Contenders:
         tok.init_kwargs.update(name_or_path="local", add_bos_token=True)  # it re-loads tokenizers by name otherwise
         hf = copy.deepcopy(self.hf)  # the bridge switches its model to eager attention
         os.environ.setdefault("TQDM_DISABLE", "1")
-        self.tl = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tok, device=self.device, dtype=self.dtype)
+        self.tl = TransformerBridge.boot_transformers(
+            "gpt2", hf_model=hf, tokenizer=tok, device=self.device, dtype=self.dtype
+        )
         return None
 
     def transformerlens(self, cells: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
@@ -173,12 +207,16 @@ class Contenders:
             c = float(clean_logits[0, -1, self.answer] - clean_logits[0, -1, self.distractor])
             x = float(corrupt_logits[0, -1, self.answer] - corrupt_logits[0, -1, self.distractor])
             metric = lambda lg: (lg[0, -1, self.answer] - lg[0, -1, self.distractor] - x) / (c - x)  # noqa: E731
-            df = pd.DataFrame({"layer": [l for l, _ in cells], "pos": [p for _, p in cells]})
-            vals = patching.generic_activation_patch(b, self.ids["corrupt"], cache, metric, patching.layer_pos_patch_setter, "resid_pre", index_df=df)
+            df = pd.DataFrame({"layer": [layer for layer, _ in cells], "pos": [p for _, p in cells]})
+            vals = patching.generic_activation_patch(
+                b, self.ids["corrupt"], cache, metric, patching.layer_pos_patch_setter, "resid_pre", index_df=df
+            )
         return {cell: float(v) for cell, v in zip(cells, vals)}
 
 
-def side_by_side(device: str, rounds: int, dtype: torch.dtype = torch.float32, suffix: str = "") -> list[dict[str, Any]]:
+def side_by_side(
+    device: str, rounds: int, dtype: torch.dtype = torch.float32, suffix: str = ""
+) -> list[dict[str, Any]]:
     """The four contenders on the GPT-2-small-shaped model: entries sweep_vs_{transformerlens,nnsight_per_cell,raw_lean}_gpt2s."""
     c = Contenders(device, dtype)
     ours = c.ours()
@@ -189,7 +227,11 @@ def side_by_side(device: str, rounds: int, dtype: torch.dtype = torch.float32, s
     per = c.nnsight_per_cell(c.sample)
     diffs["nnsight per cell"] = max(abs(v - float(ours[k])) for k, v in per.items())
     why_no_tl = c.tl_ready()
-    variants: dict[str, Callable[[], Any]] = {"ours": c.ours, "raw lean": c.raw_lean, "nnsight per cell": lambda: c.nnsight_per_cell(c.sample)}
+    variants: dict[str, Callable[[], Any]] = {
+        "ours": c.ours,
+        "raw lean": c.raw_lean,
+        "nnsight per cell": lambda: c.nnsight_per_cell(c.sample),
+    }
     if why_no_tl is None:
         tl = c.transformerlens(c.sample)
         diffs["TransformerLens"] = max(abs(v - float(ours[k])) for k, v in tl.items())
@@ -209,13 +251,49 @@ def side_by_side(device: str, rounds: int, dtype: torch.dtype = torch.float32, s
     entries = []
     if "TransformerLens" in full:
         r = full["TransformerLens"] / full["ours"]
-        entries.append({"name": f"sweep_vs_transformerlens_gpt2s{suffix}", "value": round(r, 2), "unit": "x", "target": ">= 8", "passed": r >= 8 and ok_maps, "detail": detail})
+        entries.append(
+            {
+                "name": f"sweep_vs_transformerlens_gpt2s{suffix}",
+                "value": round(r, 2),
+                "unit": "x",
+                "target": ">= 8",
+                "passed": r >= 8 and ok_maps,
+                "detail": detail,
+            }
+        )
     else:
-        entries.append({"name": f"sweep_vs_transformerlens_gpt2s{suffix}", "value": None, "unit": "x", "target": ">= 8", "passed": False, "detail": f"not run: {why_no_tl}"})
+        entries.append(
+            {
+                "name": f"sweep_vs_transformerlens_gpt2s{suffix}",
+                "value": None,
+                "unit": "x",
+                "target": ">= 8",
+                "passed": False,
+                "detail": f"not run: {why_no_tl}",
+            }
+        )
     r = full["nnsight per cell"] / full["ours"]
-    entries.append({"name": f"sweep_vs_nnsight_per_cell_gpt2s{suffix}", "value": round(r, 2), "unit": "x", "target": ">= 8", "passed": r >= 8 and ok_maps, "detail": detail})
+    entries.append(
+        {
+            "name": f"sweep_vs_nnsight_per_cell_gpt2s{suffix}",
+            "value": round(r, 2),
+            "unit": "x",
+            "target": ">= 8",
+            "passed": r >= 8 and ok_maps,
+            "detail": detail,
+        }
+    )
     r = full["ours"] / full["raw lean"]
-    entries.append({"name": f"sweep_vs_raw_lean_gpt2s{suffix}", "value": round(r, 3), "unit": "ratio", "target": "<= 1.0", "passed": r <= 1.0 and ok_maps, "detail": detail})
+    entries.append(
+        {
+            "name": f"sweep_vs_raw_lean_gpt2s{suffix}",
+            "value": round(r, 3),
+            "unit": "ratio",
+            "target": "<= 1.0",
+            "passed": r <= 1.0 and ok_maps,
+            "detail": detail,
+        }
+    )
     return entries
 
 
@@ -259,17 +337,39 @@ def scaling(device: str, rounds: int = 3, width: int = 128) -> list[dict[str, An
     configs = [(12, 16), (12, 32), (12, 64), (24, 16)]
     runs = {}
     for layers, tokens in configs:
-        out = subprocess.run([sys.executable, "-c", SCALING_CHILD, str(HERE.parent), str(layers), str(tokens), str(width), device, str(rounds)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                SCALING_CHILD,
+                str(HERE.parent),
+                str(layers),
+                str(tokens),
+                str(width),
+                device,
+                str(rounds),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         runs[(layers, tokens)] = json.loads(out.stdout.strip().splitlines()[-1])
     rel = {k: r["ours_s"] / r["raw_s"] for k, r in runs.items()}
     flat = rel[(12, 64)] <= rel[(12, 16)] * 1.15 and rel[(24, 16)] <= rel[(12, 16)] * 1.15
     entries = []
     for (layers, tokens), r in runs.items():
         per_cell_ms = r["ours_s"] / r["cells"] * 1e3
-        entries.append({"name": f"sweep_scaling_L{layers}_T{tokens}", "value": round(rel[(layers, tokens)], 3), "unit": "ratio", "target": "cost per cell vs raw lean flat or falling",
-                        "passed": flat, "detail": f"{r['cells']} cells, GPT-2 shape {layers} layers x d {width} (vocab 50257), {tokens} tokens, {device}: ours {r['ours_s']:.2f} s "
-                                                  f"({per_cell_ms:.2f} ms per cell), raw lean {r['raw_s']:.2f} s, peak memory {r['peak_mb']:.0f} MB; median of {rounds}"})
+        entries.append(
+            {
+                "name": f"sweep_scaling_L{layers}_T{tokens}",
+                "value": round(rel[(layers, tokens)], 3),
+                "unit": "ratio",
+                "target": "cost per cell vs raw lean flat or falling",
+                "passed": flat,
+                "detail": f"{r['cells']} cells, GPT-2 shape {layers} layers x d {width} (vocab 50257), {tokens} tokens, {device}: ours {r['ours_s']:.2f} s "
+                f"({per_cell_ms:.2f} ms per cell), raw lean {r['raw_s']:.2f} s, peak memory {r['peak_mb']:.0f} MB; median of {rounds}",
+            }
+        )
     return entries
 
 
@@ -280,8 +380,10 @@ def write_entries(entries: list[dict[str, Any]], path: Path) -> int:
 
     width = {k: max(len(str(e[k])) for e in entries) for k in ("name", "unit", "target")}
     for e in entries:
-        print(f"{e['name']:<{width['name']}}  {e['value']!s:>8} {e['unit']:<{width['unit']}} target {e['target']:<{width['target']}} "
-              f"{'PASS' if e['passed'] else 'FAIL'}  {e.get('detail', '')}")
+        print(
+            f"{e['name']:<{width['name']}}  {e['value']!s:>8} {e['unit']:<{width['unit']}} target {e['target']:<{width['target']}} "
+            f"{'PASS' if e['passed'] else 'FAIL'}  {e.get('detail', '')}"
+        )
     atomic_write(path, json.dumps(entries, indent=2) + "\n")
     return 0 if all(e["passed"] for e in entries) else 1
 

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from pytest_nnsight.settings import Settings
 from pytest_nnsight.models import ModelCache, wrap
+from pytest_nnsight.settings import Settings
 from pytest_nnsight.structure import model_structure
 from pytest_nnsight.testing import tiny_gpt2
 
@@ -33,7 +33,9 @@ def bench(name: str, model: object) -> None:
                 model.lm_head.output.save()
         plain.append(time.perf_counter() - t)
     p, q, r = statistics.median(probe), statistics.median(torch_only), statistics.median(plain)
-    print(f"{name}: probe {p * 1000:.0f} ms (torch-hook part {q * 1000:.0f} ms), one trace {r * 1000:.1f} ms, probe/trace {p / r:.1f}x")
+    print(
+        f"{name}: probe {p * 1000:.0f} ms (torch-hook part {q * 1000:.0f} ms), one trace {r * 1000:.1f} ms, probe/trace {p / r:.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,22 @@ def pairs(capitals):
 
 
 def _path(model, pair, receiver):
-    return float(path_patch(model, pair.clean, pair.corrupt, sender="embed", position="{country}", receiver=receiver,
-                            metric=logit_diff(pair.answer, pair.distractor)).normalized)
+    return float(
+        path_patch(
+            model,
+            pair.clean,
+            pair.corrupt,
+            sender="embed",
+            position="{country}",
+            receiver=receiver,
+            metric=logit_diff(pair.answer, pair.distractor),
+        ).normalized
+    )
 
 
-@pytest.mark.finding("the subject's embedding reaches the last position through the layer-0 heads' value inputs, and nowhere else")
+@pytest.mark.finding(
+    "the subject's embedding reaches the last position through the layer-0 heads' value inputs, and nowhere else"
+)
 def test_subject_reaches_the_last_position_through_layer_0_attention(capitals, pairs):
     through_values = [_path(capitals, p, VALUES_0) for p in pairs]
     assert min(through_values) >= 0.95  # measured min 0.993, mean 0.9997
@@ -53,7 +64,9 @@ def circuit(capitals, pairs):
     return discover(capitals, pairs, top_k=10, method="eap-ig", steps=5)
 
 
-@pytest.mark.finding("discovery ranks the subject -> layer-0 value edges first; the circuit needs no layer-1 head and is faithful")
+@pytest.mark.finding(
+    "discovery ranks the subject -> layer-0 value edges first; the circuit needs no layer-1 head and is faithful"
+)
 def test_capitals_circuit_is_layer_0_attention_and_the_mlps(capitals, pairs, circuit):
     assert_edges(circuit, [("embed", v) for v in VALUES_0])
     assert {s for s, _ in circuit.edges[:4]} == {"embed"}  # the four value edges rank first

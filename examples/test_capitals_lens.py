@@ -27,22 +27,34 @@ def test_capital_emerges_at_layer_0(capitals):
     assert_emerges_at(lens, layer=0, position="last")
 
 
-@pytest.mark.finding("the capital is top-1 at the last position from layer 0 on in >= 95% of 96 prompts (8 templates x 12 countries)")
+@pytest.mark.finding(
+    "the capital is top-1 at the last position from layer 0 on in >= 95% of 96 prompts (8 templates x 12 countries)"
+)
 def test_capital_emerges_at_layer_0_across_templates_and_countries(capitals):
-    lenses = [logit_lens(capitals, t.format(country=c), answer=a, positions="last") for t in CAPITAL_TEMPLATES for c, a in COUNTRIES[:12]]
+    lenses = [
+        logit_lens(capitals, t.format(country=c), answer=a, positions="last")
+        for t in CAPITAL_TEMPLATES
+        for c, a in COUNTRIES[:12]
+    ]
     assert_emerges_at(lenses, layer=0, min_rate=0.95)
 
 
-@pytest.mark.finding("where the lens shows the capital is where patching the last position restores it (every template, 3 countries)")
+@pytest.mark.finding(
+    "where the lens shows the capital is where patching the last position restores it (every template, 3 countries)"
+)
 @pytest.mark.parametrize("template", CAPITAL_TEMPLATES)
 def test_lens_emergence_is_the_first_layer_the_patching_map_restores(capitals, template):
     for i in range(3):
         (country, capital), (other, distractor) = COUNTRIES[i], COUNTRIES[i + 1]
         clean, corrupt = template.format(country=country), template.format(country=other)
         lens = logit_lens(capitals, clean, answer=capital, positions="last")
-        effects = sweep(capitals, clean, corrupt, metric=logit_diff(capital, distractor), sites="resid_post", positions=[-1])
+        effects = sweep(
+            capitals, clean, corrupt, metric=logit_diff(capital, distractor), sites="resid_post", positions=[-1]
+        )
         first_restoring = next((site for site, row in zip(effects.sites, effects.values) if row[0] >= 0.5), None)
-        assert lens.emergence("last") == first_restoring, f"{clean!r}: lens {lens.ranks_at('last')}, patching {effects.to_text()}"
+        assert lens.emergence("last") == first_restoring, (
+            f"{clean!r}: lens {lens.ranks_at('last')}, patching {effects.to_text()}"
+        )
 
 
 @pytest.mark.finding("the logit-lens map of 'The capital of France is' (ranks and probabilities of Paris) is unchanged")

@@ -50,12 +50,23 @@ def test_country_is_decodable_at_the_last_position_from_block_0(probes):
 @pytest.mark.finding("the first decodable layer is the first causal one in the patching map (block 0)")
 def test_decodable_layer_agrees_with_the_patching_map(capitals, probes):
     first_decodable = probes.first_above(0.9, over_baseline=0.5)
-    for template in ("The capital of {} is", "Everyone knows that the capital of {} is", "Q : what is the capital of {} ? A :"):
-        effects = sweep(capitals, template.format("France"), template.format("Germany"), metric=logit_diff("Paris", "Berlin"),
-                        sites=[embed(capitals), *blocks(capitals)])
+    for template in (
+        "The capital of {} is",
+        "Everyone knows that the capital of {} is",
+        "Q : what is the capital of {} ? A :",
+    ):
+        effects = sweep(
+            capitals,
+            template.format("France"),
+            template.format("Germany"),
+            metric=logit_diff("Paris", "Berlin"),
+            sites=[embed(capitals), *blocks(capitals)],
+        )
         last = effects.positions[-1]
         first_causal = next((s for s, v in zip(effects.sites, effects.column(last)) if v >= 0.9), None)
-        assert first_decodable == first_causal == "resid_post.0", f"{template}:\n{effects.to_text()}\n{probes.to_text()}"
+        assert first_decodable == first_causal == "resid_post.0", (
+            f"{template}:\n{effects.to_text()}\n{probes.to_text()}"
+        )
 
 
 def test_cache_is_reused_between_tests_without_a_forward_pass(activation_cache, capitals, probes):

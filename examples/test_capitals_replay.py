@@ -20,5 +20,11 @@ def test_recorded_finding_holds(nnsight_model, path):
     spec = FindingSpec.load(path)
     now = compute_with_nnsight(spec, nnsight_model(spec.model))
     status, why = diagnose(spec.recorded, now, replay(spec).values, atol=spec.tolerance)
-    moved = {q: f"{spec.recorded[q]:.6g} -> {now[q]:.6g}" for q in now if abs(now[q] - spec.recorded[q]) > spec.tolerance + 1e-4 * abs(spec.recorded[q])}
-    assert status == "stable", f"{spec.name} ({spec.clean!r} <- {spec.corrupt!r}, {spec.sites[0].label or spec.sites[0].path} @ {list(spec.positions)}, {spec.metric}): {status}: {why}; moved: {moved}"
+    moved = {
+        q: f"{spec.recorded[q]:.6g} -> {now[q]:.6g}"
+        for q in now
+        if abs(now[q] - spec.recorded[q]) > spec.tolerance + 1e-4 * abs(spec.recorded[q])
+    }
+    assert status == "stable", (
+        f"{spec.name} ({spec.clean!r} <- {spec.corrupt!r}, {spec.sites[0].label or spec.sites[0].path} @ {list(spec.positions)}, {spec.metric}): {status}: {why}; moved: {moved}"
+    )

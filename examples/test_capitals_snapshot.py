@@ -17,6 +17,11 @@ from pytest_nnsight.sites import blocks, embed
 @pytest.mark.finding("the whole patching map of France -> Germany (embeddings and blocks x tokens) is unchanged")
 def test_capitals_patching_map(nnsight_model, finding_snapshot):
     capitals = nnsight_model("bundled:capitals")
-    effects = sweep(capitals, "The capital of France is", "The capital of Germany is", metric=logit_diff("Paris", "Berlin"),
-                    sites=[embed(capitals), *blocks(capitals)])
+    effects = sweep(
+        capitals,
+        "The capital of France is",
+        "The capital of Germany is",
+        metric=logit_diff("Paris", "Berlin"),
+        sites=[embed(capitals), *blocks(capitals)],
+    )
     assert effects == finding_snapshot(model=capitals, atol=1e-3, rtol=1e-3)

@@ -24,16 +24,27 @@ def top_token(model, text):
     return model.tokenizer.convert_ids_to_tokens([int(logits.argmax())])[0]
 
 
-@pytest.mark.finding("block 0 at the last position restores >= 0.7 of the capital's logit difference in every generated variant")
+@pytest.mark.finding(
+    "block 0 at the last position restores >= 0.7 of the capital's logit difference in every generated variant"
+)
 @settings(max_examples=20, deadline=None)
 @given(pair=PAIRS)
 def test_block0_last_position_restores_the_capital(capitals, pair):
-    effect = patch(capitals, pair.clean, pair.corrupt, site="transformer.h.0", position="last", metric=logit_diff(pair.answer, pair.distractor))
+    effect = patch(
+        capitals,
+        pair.clean,
+        pair.corrupt,
+        site="transformer.h.0",
+        position="last",
+        metric=logit_diff(pair.answer, pair.distractor),
+    )
     target(-float(effect.normalized), label="weakest variant")
     assert effect.normalized >= 0.7
 
 
-@pytest.mark.finding("block 0 at the last position restores >= 0.7 in at least 90% of 64 variants (Wilson 95% lower bound)")
+@pytest.mark.finding(
+    "block 0 at the last position restores >= 0.7 in at least 90% of 64 variants (Wilson 95% lower bound)"
+)
 def test_block0_last_position_restores_the_capital_in_90_percent(capitals):
     result = population(capitals, PAIRS, site="transformer.h.0", position="last", n=64, threshold=0.7)
     print(result)
@@ -48,7 +59,9 @@ def test_filler_prefixes_do_not_change_the_answer(capitals, pair):
     assert top_token(capitals, perturbed.clean.text) == top_token(capitals, plain.clean.text) == plain.answer
 
 
-@pytest.mark.xfail(strict=True, reason="true for 'We flew to France ...' but the held-out template fails for other countries")
+@pytest.mark.xfail(
+    strict=True, reason="true for 'We flew to France ...' but the held-out template fails for other countries"
+)
 @settings(max_examples=30, deadline=None)
 @given(prompt=prompts(HELD_OUT_TEMPLATES[:1], country=list(CAPITALS)))
 def test_held_out_template_names_the_capital(capitals, prompt):

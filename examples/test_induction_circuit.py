@@ -27,7 +27,15 @@ from pytest_nnsight.prompts import Prompt
 from pytest_nnsight.strategies import CounterfactualPair
 
 KEY_EDGES = [("head_out.0.0", f"k_in.1.{h}") for h in range(4)]
-CIRCUIT_HEADS = ["head_out.0.0", "head_out.0.2", "head_out.0.3", "head_out.1.0", "head_out.1.1", "head_out.1.2", "head_out.1.3"]
+CIRCUIT_HEADS = [
+    "head_out.0.0",
+    "head_out.0.2",
+    "head_out.0.3",
+    "head_out.1.0",
+    "head_out.1.1",
+    "head_out.1.2",
+    "head_out.1.3",
+]
 
 
 def recall_pairs(n: int, kind: str, seed: int, length: int = 10) -> list[CounterfactualPair]:
@@ -44,8 +52,15 @@ def recall_pairs(n: int, kind: str, seed: int, length: int = 10) -> list[Counter
             distractor = seq[k + 1]  # in the corrupt list q is followed by what followed the swapped symbol
         else:
             corrupt[q + 1] = distractor = f"t{symbols[length]}"
-        out.append(CounterfactualPair(Prompt(" ".join(seq + [seq[q]]), {}), Prompt(" ".join(corrupt + [seq[q]]), {}), seq[q + 1],
-                                      distractor, kind))
+        out.append(
+            CounterfactualPair(
+                Prompt(" ".join(seq + [seq[q]]), {}),
+                Prompt(" ".join(corrupt + [seq[q]]), {}),
+                seq[q + 1],
+                distractor,
+                kind,
+            )
+        )
     return out
 
 
@@ -62,23 +77,52 @@ def circuit(induction):
     return discover(induction, KEY + VALUE, top_k=16, method="eap-ig", steps=5)
 
 
-@pytest.mark.finding("discovery finds the previous-token head 0.0 feeding all four layer-1 heads through their key input")
+@pytest.mark.finding(
+    "discovery finds the previous-token head 0.0 feeding all four layer-1 heads through their key input"
+)
 def test_discovery_finds_the_previous_token_head_feeding_the_induction_heads_keys(circuit):
     assert_edges(circuit, KEY_EDGES)
     assert sorted(n for n in circuit.nodes if n.startswith(("head_out", "mlp_out"))) == CIRCUIT_HEADS + ["mlp_out.1"]
 
 
-@pytest.mark.finding("path patching confirms head 0.0 -> the layer-1 heads' keys carries the key-swap effect (mean >= 0.9, each pair >= 0.7)")
+@pytest.mark.finding(
+    "path patching confirms head 0.0 -> the layer-1 heads' keys carries the key-swap effect (mean >= 0.9, each pair >= 0.7)"
+)
 def test_path_patching_confirms_the_key_edge(induction):
-    effects = [float(path_patch(induction, p.clean, p.corrupt, sender="head_out.0.0", receiver=[r for _, r in KEY_EDGES],
-                                metric=logit_diff(p.answer, p.distractor)).normalized) for p in KEY[:12]]
+    effects = [
+        float(
+            path_patch(
+                induction,
+                p.clean,
+                p.corrupt,
+                sender="head_out.0.0",
+                receiver=[r for _, r in KEY_EDGES],
+                metric=logit_diff(p.answer, p.distractor),
+            ).normalized
+        )
+        for p in KEY[:12]
+    ]
     assert sum(effects) / len(effects) >= 0.9  # measured 0.962 over 24 pairs (min 0.848)
     assert min(effects) >= 0.7
-    one = path_patch(induction, KEY[0].clean, KEY[0].corrupt, sender="head_out.0.0", receiver="k_in.1.0",
-                     metric=logit_diff(KEY[0].answer, KEY[0].distractor))
-    assert 0.1 <= one.normalized <= 0.5  # one head's key alone carries a share: the four heads split the work (0.17-0.19)
-    q = path_patch(induction, KEY[0].clean, KEY[0].corrupt, sender="head_out.0.0", receiver=[f"q_in.1.{h}" for h in range(4)],
-                   metric=logit_diff(KEY[0].answer, KEY[0].distractor))
+    one = path_patch(
+        induction,
+        KEY[0].clean,
+        KEY[0].corrupt,
+        sender="head_out.0.0",
+        receiver="k_in.1.0",
+        metric=logit_diff(KEY[0].answer, KEY[0].distractor),
+    )
+    assert (
+        0.1 <= one.normalized <= 0.5
+    )  # one head's key alone carries a share: the four heads split the work (0.17-0.19)
+    q = path_patch(
+        induction,
+        KEY[0].clean,
+        KEY[0].corrupt,
+        sender="head_out.0.0",
+        receiver=[f"q_in.1.{h}" for h in range(4)],
+        metric=logit_diff(KEY[0].answer, KEY[0].distractor),
+    )
     assert abs(q.normalized) <= 0.05  # not through the queries
 
 

@@ -43,7 +43,9 @@ def induction(nnsight_models):
 
 @pytest.fixture(scope="module")
 def ablated(induction):
-    return generation_population(induction, PROMPTS, metric=token_accuracy(EXPECTED), max_new_tokens=N_NEW, intervention=INDUCTION_HEADS)
+    return generation_population(
+        induction, PROMPTS, metric=token_accuracy(EXPECTED), max_new_tokens=N_NEW, intervention=INDUCTION_HEADS
+    )
 
 
 @pytest.mark.finding("greedy generation copies a repeated sequence: token accuracy >= 0.8 in >= 95% of 40 variants")
@@ -51,20 +53,31 @@ def test_greedy_generation_copies_the_repeated_sequence(ablated):
     assert_generation(ablated, at_least=0.8, min_rate=0.95)
 
 
-@pytest.mark.finding("zero-ablating the 4 layer-1 heads at every step breaks the copy: token accuracy <= 0.2 in >= 95% of 40 variants")
+@pytest.mark.finding(
+    "zero-ablating the 4 layer-1 heads at every step breaks the copy: token accuracy <= 0.2 in >= 95% of 40 variants"
+)
 def test_ablating_the_layer1_heads_breaks_the_copy(ablated):
     assert_generation(ablated, run="intervened", at_most=0.2, min_rate=0.95)
 
 
-@pytest.mark.finding("no single layer-1 head is needed: ablating any one keeps token accuracy >= 0.8 in >= 90% of variants")
+@pytest.mark.finding(
+    "no single layer-1 head is needed: ablating any one keeps token accuracy >= 0.8 in >= 90% of variants"
+)
 @pytest.mark.parametrize("head", range(4))
 def test_one_layer1_head_alone_is_not_needed(induction, head):
-    result = generation_population(induction, PROMPTS[:20], metric=token_accuracy(EXPECTED[:20]), max_new_tokens=N_NEW,
-                                   intervention=Ablate(f"head_out.1.{head}"))
+    result = generation_population(
+        induction,
+        PROMPTS[:20],
+        metric=token_accuracy(EXPECTED[:20]),
+        max_new_tokens=N_NEW,
+        intervention=Ablate(f"head_out.1.{head}"),
+    )
     assert_generation(result, run="intervened", at_least=0.8, min_rate=0.9)
 
 
-@pytest.mark.finding("the generated text of 3 repeated sequences, baseline and with the layer-1 heads ablated, is unchanged")
+@pytest.mark.finding(
+    "the generated text of 3 repeated sequences, baseline and with the layer-1 heads ablated, is unchanged"
+)
 def test_generated_text_snapshot(induction, finding_snapshot):
     baseline = generate(induction, PROMPTS[:3], max_new_tokens=N_NEW)
     ablated = generate(induction, PROMPTS[:3], max_new_tokens=N_NEW, intervention=INDUCTION_HEADS)

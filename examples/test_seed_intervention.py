@@ -46,9 +46,17 @@ def test_patching_the_last_position_transfers_the_answer(model, request):
 @pytest.mark.nnsight_models("bundled:capitals", "gpt2")
 def test_block_sweep_moves_from_subject_to_last_position(model, request):
     template, country, capital, other, other_capital = case(request)
-    effects = sweep(model, template.format(country), template.format(other), metric=logit_diff(capital, other_capital), sites=blocks(model))
+    effects = sweep(
+        model,
+        template.format(country),
+        template.format(other),
+        metric=logit_diff(capital, other_capital),
+        sites=blocks(model),
+    )
     print(f"\n{effects!r}\n{effects.to_text()}")
-    subject = effects.tokens.index(model.tokenizer.convert_ids_to_tokens(model.tokenizer(country, add_special_tokens=False)["input_ids"])[0])
+    subject = effects.tokens.index(
+        model.tokenizer.convert_ids_to_tokens(model.tokenizer(country, add_special_tokens=False)["input_ids"])[0]
+    )
     last = len(effects.tokens) - 1
     assert effects[effects.sites[-1], last] >= 0.99  # the final residual at the last position carries everything
     assert effects[effects.sites[0], subject] >= 0.5 or effects[effects.sites[0], last] >= 0.9

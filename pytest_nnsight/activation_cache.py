@@ -33,6 +33,7 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # -- results ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, eq=False)
 class Activations:
     """Cached activations: `acts[site]` is a CPU tensor [prompts, positions, d] in the stored dtype.
@@ -89,7 +90,7 @@ class Activations:
             view = f.get_slice(name)
             n = view.get_shape()[0]
             for start in range(0, n, batch_size):
-                yield view[start:start + batch_size]
+                yield view[start : start + batch_size]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -105,6 +106,7 @@ def site_key(site: Any) -> str:
 
 
 # -- the cache ---------------------------------------------------------------------------------------
+
 
 class ActivationCache:
     """Runs a model on prompts once and keeps chosen sites at chosen positions on disk (safetensors).
@@ -180,7 +182,9 @@ class ActivationCache:
         tol = {"float16": 2e-2, "bfloat16": 5e-2}.get(plan["dtype"], 1e-4)
         bad = []
         for i in random.Random(0).sample(range(len(plan["texts"])), min(n, len(plan["texts"]))):
-            _, single = run(model, plan["texts"][i], Metric("none", lambda out, ref: torch.zeros(1)), save=plan["sites"])
+            _, single = run(
+                model, plan["texts"][i], Metric("none", lambda out, ref: torch.zeros(1)), save=plan["sites"]
+            )
             pos = plan["positions"][i]
             for s in plan["sites"]:
                 want = single[s][0, pos].to("cpu", torch.float32)
@@ -190,19 +194,24 @@ class ActivationCache:
                     bad.append(f"  prompt {i} {plan['texts'][i]!r} at {s}: max |batched - single| {diff:.3g}")
         if bad:
             raise BatchingMismatchError(
-                f"batched activation cache entry disagrees with single-prompt runs beyond {tol:g}:\n" + "\n".join(bad)
+                f"batched activation cache entry disagrees with single-prompt runs beyond {tol:g}:\n"
+                + "\n".join(bad)
                 + "\nthe batched path is wrong for this model (padding, position ids or batch-dependent modules): use batch_size=1 and report it"
             )
         return acts
 
     # -- planning: validate everything and derive the key before any forward pass ------------------
-    def _plan(self, model: Any, prompts: Sequence[Any], sites: Any, positions: Any, dtype: str | None, batch_size: int) -> dict[str, Any]:
+    def _plan(
+        self, model: Any, prompts: Sequence[Any], sites: Any, positions: Any, dtype: str | None, batch_size: int
+    ) -> dict[str, Any]:
         from .fingerprint import weights_fingerprint
         from .prompts import Tokens, check_context, normalizer_of, resolve_position, slots_of, text_of, tokens_of
         from .sites import resolve_sites
 
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-            raise PositionError(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} {str(prompts)[:60]!r}")
+            raise PositionError(
+                f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} {str(prompts)[:60]!r}"
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
         module = getattr(model, "_module", model)
@@ -210,7 +219,9 @@ class ActivationCache:
         model_dtype = str(param.dtype).replace("torch.", "")
         store = dtype or model_dtype
         if store not in STORAGE_DTYPES:
-            raise ArgumentError(f"dtype {dtype!r}: expected one of {', '.join(STORAGE_DTYPES)} (or None for the model's {model_dtype})")
+            raise ArgumentError(
+                f"dtype {dtype!r}: expected one of {', '.join(STORAGE_DTYPES)} (or None for the model's {model_dtype})"
+            )
         unique: dict[str, Any] = {}
         for s in resolve_sites(model, sites):
             unique.setdefault(site_key(s), s)  # a site named twice is stored once
@@ -223,7 +234,9 @@ class ActivationCache:
         if any(hasattr(t, "ids") for t in texts):  # prompts given as token ids keep them
             ids = [list(t.ids) if hasattr(t, "ids") else list(tok(t)["input_ids"]) for t in texts]
         else:
-            ids = [list(row) for row in tok(texts)["input_ids"]]  # one batched call: a rerun that loads pays little for its key
+            ids = [
+                list(row) for row in tok(texts)["input_ids"]
+            ]  # one batched call: a rerun that loads pays little for its key
         for p, text, row in zip(prompts, texts, ids):
             tokens = Tokens(tok.convert_ids_to_tokens(row), normalizer_of(tok))
             check_context(model, tokens, text)
@@ -243,14 +256,32 @@ class ActivationCache:
         model_id, device = self._model_id(model), str(param.device)
         digest = hashlib.sha256(json.dumps([texts, ids, resolved]).encode()).hexdigest()
         spec = {
-            "format": FORMAT, "model": model_id, "weights": weights_fingerprint(model, self.models), "device": device,
-            "model_dtype": model_dtype, "dtype": store, "sites": [site_key(s) for s in site_list], "positions": repr(positions),
-            "prompts": digest, "n_prompts": len(texts), "versions": library_versions(),
+            "format": FORMAT,
+            "model": model_id,
+            "weights": weights_fingerprint(model, self.models),
+            "device": device,
+            "model_dtype": model_dtype,
+            "dtype": store,
+            "sites": [site_key(s) for s in site_list],
+            "positions": repr(positions),
+            "prompts": digest,
+            "n_prompts": len(texts),
+            "versions": library_versions(),
         }
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:40]
         width = max(len(r) for r in resolved)
-        return {"key": key, "spec": spec, "sites": site_list, "texts": texts, "tokens": token_lists, "positions": resolved,
-                "all": positions in ("all", None), "width": width, "dtype": store, "batch_size": batch_size}
+        return {
+            "key": key,
+            "spec": spec,
+            "sites": site_list,
+            "texts": texts,
+            "tokens": token_lists,
+            "positions": resolved,
+            "all": positions in ("all", None),
+            "width": width,
+            "dtype": store,
+            "batch_size": batch_size,
+        }
 
     def _model_id(self, model: Any) -> str:
         from .sites import model_name
@@ -283,14 +314,19 @@ class ActivationCache:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             why = f"its manifest cannot be read ({type(exc).__name__}: {exc})"
         if why is not None:
-            warnings.warn(ActivationCacheWarning(f"corrupt activation cache entry {manifest_path} ({why}); recomputing it"), stacklevel=4)
+            warnings.warn(
+                ActivationCacheWarning(f"corrupt activation cache entry {manifest_path} ({why}); recomputing it"),
+                stacklevel=4,
+            )
             self.recomputed_corrupt += 1
             with contextlib.suppress(OSError):
                 manifest_path.unlink()
             return None
         return self._result(plan, "loaded", data)
 
-    def _result(self, plan: Mapping[str, Any], source: str, path: Path | None, memory: Mapping[str, Any] | None = None) -> Activations:
+    def _result(
+        self, plan: Mapping[str, Any], source: str, path: Path | None, memory: Mapping[str, Any] | None = None
+    ) -> Activations:
         names: dict[str, str] = {}
         for s in plan["sites"]:
             key = site_key(s)
@@ -298,8 +334,18 @@ class ActivationCache:
             if s.part == "output" and s.head is None:
                 names[s.path] = key
         tokens = tuple(tuple(t[p] for p in pos) for t, pos in zip(plan["tokens"], plan["positions"]))
-        return Activations(plan["key"], tuple(plan["texts"]), tuple(str(s) for s in plan["sites"]), tuple(tuple(p) for p in plan["positions"]),
-                           tokens, plan["dtype"], source, path, names, memory)
+        return Activations(
+            plan["key"],
+            tuple(plan["texts"]),
+            tuple(str(s) for s in plan["sites"]),
+            tuple(tuple(p) for p in plan["positions"]),
+            tokens,
+            plan["dtype"],
+            source,
+            path,
+            names,
+            memory,
+        )
 
     # -- computing -----------------------------------------------------------------------------
     def _compute(self, model: Any, plan: Mapping[str, Any], manifest_path: Path | None) -> Activations:
@@ -321,17 +367,19 @@ class ActivationCache:
             # consecutive prompts share a trace; where padding could move a number, only prompts of equal length
             for part in runs([len(t) for t in plan["tokens"]], plan["batch_size"], mixed=mixed_lengths_ok(model)):
                 start = part.start
-                batch = texts[part.start:part.stop]
+                batch = texts[part.start : part.stop]
                 none = Metric("none", lambda out, ref, k=len(batch): torch.zeros(k), last_only=True)  # reads no logits
                 encoded = encode(model, list(batch))
                 _, acts = run(model, list(batch), none, save=sites, lean=True)  # LM head on one position, no KV cache
                 self.forwards += 1
-                longest = max(len(t) for t in plan["tokens"][start:start + len(batch)])
+                longest = max(len(t) for t in plan["tokens"][start : start + len(batch)])
                 rows = {}
                 for s in sites:
                     full = acts[s]
                     if full.shape[1] != longest:
-                        raise ActivationCacheError(f"the trace padded {len(batch)} prompts to {full.shape[1]} tokens, but they tokenize to at most {longest}")
+                        raise ActivationCacheError(
+                            f"the trace padded {len(batch)} prompts to {full.shape[1]} tokens, but they tokenize to at most {longest}"
+                        )
                     out = torch.zeros(len(batch), width, full.shape[-1], dtype=store)
                     for r in range(len(batch)):
                         pos = plan["positions"][start + r]
@@ -340,14 +388,18 @@ class ActivationCache:
                 if start == 0:
                     tensors = {k: (_CODES[plan["dtype"]], (n, width, v.shape[-1])) for k, v in rows.items()}
                     if manifest_path is not None:
-                        writer = _StreamWriter(tmp_path, {**tensors, "__positions__": ("I64", (n, width))}, {"format": f"pytest-nnsight-activations/{FORMAT}"})
+                        writer = _StreamWriter(
+                            tmp_path,
+                            {**tensors, "__positions__": ("I64", (n, width))},
+                            {"format": f"pytest-nnsight-activations/{FORMAT}"},
+                        )
                     else:
                         memory = {k: torch.empty(shape, dtype=store) for k, (_, shape) in tensors.items()}
                 for k, v in rows.items():
                     if writer is not None:
                         writer.write_rows(k, start, v)
                     else:
-                        memory[k][start:start + len(batch)] = v
+                        memory[k][start : start + len(batch)] = v
                 del acts, rows
             if writer is None:
                 self.computed += 1
@@ -360,9 +412,16 @@ class ActivationCache:
             writer = None
             os.replace(tmp_path, data_path)
             manifest = {
-                "format": FORMAT, "key": plan["key"], "data": data_path.name, "sha256": sha256_of(data_path), "bytes": data_path.stat().st_size,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": plan["spec"], "sites": [str(s) for s in sites],
-                "prompts": plan["texts"], "positions": plan["positions"],
+                "format": FORMAT,
+                "key": plan["key"],
+                "data": data_path.name,
+                "sha256": sha256_of(data_path),
+                "bytes": data_path.stat().st_size,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "spec": plan["spec"],
+                "sites": [str(s) for s in sites],
+                "prompts": plan["texts"],
+                "positions": plan["positions"],
             }
             _write_atomic(manifest_path, json.dumps(manifest, indent=1).encode())
         except BaseException:
@@ -403,8 +462,10 @@ def directory_for(config: Any, settings: Any) -> tuple[Path | None, str]:
         return (path if path.is_absolute() else Path(config.rootpath) / path), settings.source_of("cache_dir")
     cache = getattr(config, "cache", None)
     if cache is None:
-        raise ActivationCacheError("pytest's cache is off (-p no:cacheprovider), so the activation cache has no default home: "
-                                   "set --nnsight-cache-dir, or pass --nnsight-no-cache")
+        raise ActivationCacheError(
+            "pytest's cache is off (-p no:cacheprovider), so the activation cache has no default home: "
+            "set --nnsight-cache-dir, or pass --nnsight-no-cache"
+        )
 
     try:
         return Path(cache.mkdir(DIR_NAME)), "default (inside pytest's cache dir, cleared by --cache-clear)"

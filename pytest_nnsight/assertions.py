@@ -23,14 +23,18 @@ def _fail(claim: str, lines: Sequence[tuple[str, str]], hint: str) -> None:
 def _finite(value: float, what: str, effect: Effect | None = None) -> None:
     if not math.isfinite(value):
         where = f" at {effect.site} on {effect.target_prompt!r}" if effect is not None else ""
-        raise NonFiniteMetricError(f"{what} is {value}{where}: the model output or the metric is not finite, so the claim cannot hold")
+        raise NonFiniteMetricError(
+            f"{what} is {value}{where}: the model output or the metric is not finite, so the claim cannot hold"
+        )
 
 
 def assert_restores(effect: Effect, at_least: float) -> None:
     """The patch restores at least `at_least` of the clean behaviour (normalized effect)."""
     __tracebackhide__ = True
     record_effect(effect)  # a hand-built Effect too (the verbs already recorded theirs; recorded once)
-    record_check(f"normalized effect of the {effect.kind} at {effect.site}", effect.normalized, ">=", at_least, site=effect.site)
+    record_check(
+        f"normalized effect of the {effect.kind} at {effect.site}", effect.normalized, ">=", at_least, site=effect.site
+    )
     _finite(effect.normalized, "the normalized effect", effect)
     if not effect.normalized >= at_least:
         _fail(
@@ -46,12 +50,19 @@ def assert_drops(effect: Effect, by_at_least: float, *, relative: bool = False) 
     drop = float(effect.target) - float(effect.intervened)
     measured = drop / abs(effect.target) if relative and effect.target else drop
     record_effect(effect)  # a hand-built Effect too (the verbs already recorded theirs; recorded once)
-    record_check(f"{'relative ' if relative else ''}drop of {effect.metric} from the {effect.kind} at {effect.site}", measured, ">=", by_at_least, site=effect.site)
+    record_check(
+        f"{'relative ' if relative else ''}drop of {effect.metric} from the {effect.kind} at {effect.site}",
+        measured,
+        ">=",
+        by_at_least,
+        site=effect.site,
+    )
     _finite(measured, "the drop", effect)
     if not measured >= by_at_least:
         kind = "relative drop" if relative else "drop"
         _fail(
-            f"claim: {effect.kind} of {effect.site} lowers {effect.metric} by at least {by_at_least:g}" + (" (relative)" if relative else ""),
+            f"claim: {effect.kind} of {effect.site} lowers {effect.metric} by at least {by_at_least:g}"
+            + (" (relative)" if relative else ""),
             effect.context() + [("expected", f"{kind} >= {by_at_least:g}, measured {measured:.4g}")],
             "ablate another site or position, or a mean ablation if zeros are off-distribution",
         )
@@ -63,13 +74,23 @@ def assert_beats_controls(effect: Effect, margin: float) -> None:
     if not effect.controls:
         raise ArgumentError("this effect carries no controls: run the intervention with controls=True")
     record_effect(effect)  # a hand-built Effect too (the verbs already recorded theirs; recorded once)
-    record_check(f"effect at {effect.site} minus its strongest control", float(effect.normalized) - max(effect.controls.values()), ">=", margin, site=effect.site)
+    record_check(
+        f"effect at {effect.site} minus its strongest control",
+        float(effect.normalized) - max(effect.controls.values()),
+        ">=",
+        margin,
+        site=effect.site,
+    )
     _finite(effect.normalized, "the normalized effect", effect)
     losing = {k: v for k, v in effect.controls.items() if not float(effect.normalized) - v >= margin}
     if losing:
         _fail(
             f"claim: the effect at {effect.site} beats its controls by at least {margin:g}",
-            effect.context() + [("losing to", ", ".join(f"{k} ({v:.4g})" for k, v in losing.items())), ("expected", f"effect {float(effect.normalized):.4g} >= control + {margin:g}")],
+            effect.context()
+            + [
+                ("losing to", ", ".join(f"{k} ({v:.4g})" for k, v in losing.items())),
+                ("expected", f"effect {float(effect.normalized):.4g} >= control + {margin:g}"),
+            ],
             "a control this strong means the effect may be noise at this site: check a random donor across seeds",
         )
 
@@ -78,13 +99,24 @@ def assert_top_token(model: Any, result: Any, token: str) -> None:
     """After a patch_layer-style intervention the top next token is `token`."""
     __tracebackhide__ = True
     top = result.tokens[0] if result.tokens else None
-    record_check(f"probability of the top token {top!r} (claimed {token!r}) after patching {result.site}", result.probs[0] if result.probs else None, ">=", None,
-                 site=str(result.site), passed=top is not None and top.strip() == token.strip())
+    record_check(
+        f"probability of the top token {top!r} (claimed {token!r}) after patching {result.site}",
+        result.probs[0] if result.probs else None,
+        ">=",
+        None,
+        site=str(result.site),
+        passed=top is not None and top.strip() == token.strip(),
+    )
     if top is None or top.strip() != token.strip():
         _fail(
             f"claim: the top token after patching {result.site} is {token!r}",
-            [("site", result.site), ("position", str(result.position)), ("prompt", f"{result.prompt!r} <- {result.source_prompt!r}"),
-             ("measured", ", ".join(f"{t!r} {p:.3f}" for t, p in zip(result.tokens, result.probs))), ("expected", f"top token {token!r}")],
+            [
+                ("site", result.site),
+                ("position", str(result.position)),
+                ("prompt", f"{result.prompt!r} <- {result.source_prompt!r}"),
+                ("measured", ", ".join(f"{t!r} {p:.3f}" for t, p in zip(result.tokens, result.probs))),
+                ("expected", f"top token {token!r}"),
+            ],
             "check the layer and position, or compare the logit difference instead of the argmax",
         )
 
@@ -97,7 +129,9 @@ def _cells(effects: EffectMap, cells: Sequence[tuple[Any, int]]) -> list[tuple[i
     return out
 
 
-def assert_peaks_at(effects: EffectMap, cells: Sequence[tuple[Any, int]], *, at_least: float = 0.5, elsewhere_at_most: float = 0.2) -> None:
+def assert_peaks_at(
+    effects: EffectMap, cells: Sequence[tuple[Any, int]], *, at_least: float = 0.5, elsewhere_at_most: float = 0.2
+) -> None:
     """The map's effect is >= `at_least` at each of `cells` (site, token index) and <= `elsewhere_at_most` everywhere else."""
     __tracebackhide__ = True
     want = set(_cells(effects, cells))
@@ -112,10 +146,17 @@ def assert_peaks_at(effects: EffectMap, cells: Sequence[tuple[Any, int]], *, at_
                 bad.append((i, j, v, f"|x| <= {elsewhere_at_most:g}"))
     record_peaks(effects, sorted(want), bad, at_least, elsewhere_at_most)
     if bad:
-        detail = "; ".join(f"{effects.sites[i]} @ {effects.positions[j]} {effects.tokens[j]!r}: {v:.3g} (want {w})" for i, j, v, w in bad[:8])
+        detail = "; ".join(
+            f"{effects.sites[i]} @ {effects.positions[j]} {effects.tokens[j]!r}: {v:.3g} (want {w})"
+            for i, j, v, w in bad[:8]
+        )
         _fail(
             f"claim: the effect map peaks at {', '.join(f'{effects.sites[i]} @ {effects.positions[j]}' for i, j in sorted(want))}",
-            [("prompt", f"{effects.corrupt_prompt!r} <- {effects.clean_prompt!r}"), ("metric", f"{effects.metric} (clean {effects.clean:.4g}, corrupt {effects.corrupt:.4g})"),
-             ("failing", f"{len(bad)} of {len(effects.sites) * len(effects.tokens)} cells: {detail}"), ("map", "cells marked ! failed\n" + effects.to_text(mark=[(i, j) for i, j, _, _ in bad]))],
+            [
+                ("prompt", f"{effects.corrupt_prompt!r} <- {effects.clean_prompt!r}"),
+                ("metric", f"{effects.metric} (clean {effects.clean:.4g}, corrupt {effects.corrupt:.4g})"),
+                ("failing", f"{len(bad)} of {len(effects.sites) * len(effects.tokens)} cells: {detail}"),
+                ("map", "cells marked ! failed\n" + effects.to_text(mark=[(i, j) for i, j, _, _ in bad])),
+            ],
             "look at the map above: the peak may sit one layer or one position away from the claim",
         )

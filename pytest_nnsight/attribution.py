@@ -87,14 +87,27 @@ def attribution_patch(
 
     clean_metric, corrupt_metric = (src, tgt) if direction == "clean->corrupt" else (tgt, src)
     return EffectMap(
-        tuple(tuple(r) for r in grid), tuple(str(s) for s in site_list), tuple(ct[p] for p in cols), m.name,
-        text_of(clean), text_of(corrupt), clean_metric, corrupt_metric, kind="attribution",
-        raw=tuple(tuple(r) for r in raw_grid), positions=tuple(cols),
+        tuple(tuple(r) for r in grid),
+        tuple(str(s) for s in site_list),
+        tuple(ct[p] for p in cols),
+        m.name,
+        text_of(clean),
+        text_of(corrupt),
+        clean_metric,
+        corrupt_metric,
+        kind="attribution",
+        raw=tuple(tuple(r) for r in raw_grid),
+        positions=tuple(cols),
     )
 
 
 def gradients(
-    model: Any, prompt: str, metric: Metric, sites: Sequence[Site], *, reference: Any = None,
+    model: Any,
+    prompt: str,
+    metric: Metric,
+    sites: Sequence[Site],
+    *,
+    reference: Any = None,
 ) -> tuple[float, dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
     """One forward and backward of `prompt`: (metric, activations, d metric / d activation) per site, all detached.
 
@@ -116,10 +129,15 @@ def gradients(
     picks: list[int] = []  # picks[k]: which gradient belongs to order[k]
     batch = encode(model, prompt)  # the served tokenizer (an encoder takes text here too)
     mask = batch.mask.to(_device(model)) if metric.takes_mask else None
-    args, kwargs = compat.trace_args(model, batch.args, batch.kwargs), compat.trace_kwargs_of(model, batch.args, batch.kwargs)
+    args, kwargs = (
+        compat.trace_args(model, batch.args, batch.kwargs),
+        compat.trace_kwargs_of(model, batch.args, batch.kwargs),
+    )
     try:
         with torch.inference_mode(False), torch.enable_grad(), _differentiable(model):
-            with model.trace(*args, **kwargs, **forward_kwargs(getattr(model, "_module", model), keep_last=metric.last_only)):
+            with model.trace(
+                *args, **kwargs, **forward_kwargs(getattr(model, "_module", model), keep_last=metric.last_only)
+            ):
                 values = []
                 for site in order:
                     values.append(site_value(model, site))
@@ -178,6 +196,7 @@ def _differentiable(model: Any) -> Iterator[None]:
 
 # -- checking the approximation ------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class AttributionCheck:
     """Attribution-patching estimates of some cells next to the effects real patching measures there.
@@ -197,7 +216,9 @@ class AttributionCheck:
 
     @property
     def errors(self) -> tuple[float, ...]:
-        return tuple(abs(a - t) if math.isfinite(a) and math.isfinite(t) else math.inf for a, t in zip(self.approx, self.true))
+        return tuple(
+            abs(a - t) if math.isfinite(a) and math.isfinite(t) else math.inf for a, t in zip(self.approx, self.true)
+        )
 
     def to_text(self) -> str:
         """The checked cells as an aligned table; cells beyond `atol` are flagged with '!'."""
@@ -207,7 +228,10 @@ class AttributionCheck:
             for (site, pos, tok), a, t, e in zip(self.cells, self.approx, self.true, self.errors)
         ]
         widths = [max(len(r[c]) for r in [head_row] + rows) for c in range(len(head_row))]
-        return "\n".join("  ".join(r[c].ljust(widths[c]) if c < 2 else r[c].rjust(widths[c]) for c in range(len(head_row))) for r in [head_row] + rows)
+        return "\n".join(
+            "  ".join(r[c].ljust(widths[c]) if c < 2 else r[c].rjust(widths[c]) for c in range(len(head_row)))
+            for r in [head_row] + rows
+        )
 
     def raise_if_failed(self) -> "AttributionCheck":
         """FindingFailed with the approx-vs-true table when any cell is off by more than `atol`; else self."""
@@ -219,7 +243,10 @@ class AttributionCheck:
                 [
                     ("prompt", f"{self.corrupt_prompt!r} <- {self.clean_prompt!r}"),
                     ("metric", self.metric),
-                    ("measured", f"max |approx - true| {self.max_error:.4g} > atol {self.atol:g} in {bad} of {len(self.cells)} cells"),
+                    (
+                        "measured",
+                        f"max |approx - true| {self.max_error:.4g} > atol {self.atol:g} in {bad} of {len(self.cells)} cells",
+                    ),
                     ("cells", "cells marked ! exceed atol\n" + self.to_text()),
                 ],
                 "the linear approximation breaks where the model is nonlinear: trust sweep() for these cells, "
@@ -254,12 +281,16 @@ def check_attribution(
 
     >>> check_attribution(model, clean, corrupt, metric=logit_diff("Paris", "Berlin"), approx=approx, top=5).raise_if_failed()  # doctest: +SKIP
     """
-    args = moved_positionals("check_attribution", "model, clean, corrupt", old, ("metric", "approx"), {"metric": metric, "approx": approx})
+    args = moved_positionals(
+        "check_attribution", "model, clean, corrupt", old, ("metric", "approx"), {"metric": metric, "approx": approx}
+    )
     required("check_attribution", args)
     metric, approx = args["metric"], args["approx"]
     check_direction(direction)
     if not isinstance(approx, EffectMap):
-        raise ArgumentTypeError(f"approx is a {type(approx).__name__}: expected the EffectMap returned by attribution_patch")
+        raise ArgumentTypeError(
+            f"approx is a {type(approx).__name__}: expected the EffectMap returned by attribution_patch"
+        )
     check_positive_int("top", top)
     if not (isinstance(atol, (int, float)) and atol >= 0):
         raise ArgumentError(f"atol {atol!r}: expected a non-negative number")
@@ -295,12 +326,21 @@ def check_attribution(
     true = []
     for i, j in ranked:
         site, pos = site_list[i], approx.positions[j]
-        patched, _ = run(model, text_of(target), m, edits=[Edit(site, (0,), (pos,), acts[site][0, [pos]])], reference=reference)
+        patched, _ = run(
+            model, text_of(target), m, edits=[Edit(site, (0,), (pos,), acts[site][0, [pos]])], reference=reference
+        )
         true.append(normalized(float(patched[0]), tgt, src, min_gap=min_gap, what=what))
     estimates = [float(approx.values[i][j]) for i, j in ranked]
     errors = [abs(a - t) if math.isfinite(a) and math.isfinite(t) else math.inf for a, t in zip(estimates, true)]
     worst = max(errors) if errors else 0.0
     return AttributionCheck(
-        tuple((approx.sites[i], approx.positions[j], approx.tokens[j]) for i, j in ranked), tuple(estimates), tuple(true),
-        worst, float(atol), worst <= atol, m.name, approx.clean_prompt, approx.corrupt_prompt,
+        tuple((approx.sites[i], approx.positions[j], approx.tokens[j]) for i, j in ranked),
+        tuple(estimates),
+        tuple(true),
+        worst,
+        float(atol),
+        worst <= atol,
+        m.name,
+        approx.clean_prompt,
+        approx.corrupt_prompt,
     )

@@ -91,8 +91,8 @@ def encode(model: Any, prompts: Any) -> Batch:
     offsets = []
     for r, row in enumerate(id_rows):
         start = 0 if right else width - len(row)
-        ids[r, start:start + len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[r, start:start + len(row)] = 1
+        ids[r, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, start : start + len(row)] = 1
         offsets.append(start)
     lengths = tuple(len(r) for r in id_rows)
     if is_text_model(model):

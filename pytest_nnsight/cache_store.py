@@ -22,6 +22,7 @@ _BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}
 
 # -- the directory -------------------------------------------------------------------------------
 
+
 def clear_directory(directory: Path) -> int:
     """Delete the cache entries (and leftovers) in `directory`; files we did not write are left alone."""
     directory = Path(directory)
@@ -90,12 +91,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # -- a safetensors file written in batches ---------------------------------------------------------
 
+
 class _StreamWriter:
     """A safetensors file whose header is written first and whose rows are written batch by batch."""
 
-    def __init__(self, path: Path, tensors: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str]) -> None:
+    def __init__(
+        self, path: Path, tensors: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str]
+    ) -> None:
         if sys.byteorder != "little":
-            raise ActivationCacheError("safetensors files are little-endian; this machine is not: run with --nnsight-no-cache")
+            raise ActivationCacheError(
+                "safetensors files are little-endian; this machine is not: run with --nnsight-no-cache"
+            )
         header: dict[str, Any] = {"__metadata__": dict(metadata)}
         self.offsets: dict[str, tuple[int, int]] = {}
         start = 0

@@ -47,6 +47,7 @@ def nnsight_at_least(*version: int) -> bool:
 
 # -- wrapping ------------------------------------------------------------------------------------------
 
+
 def language_model_class(nnsight: Any) -> Any:
     """The causal-LM wrapper class: `TransformersModel` on nnsight 0.8+, `LanguageModel` before (0.8 deprecates it)."""
     return getattr(nnsight, "TransformersModel", None) or nnsight.LanguageModel
@@ -78,6 +79,7 @@ def wrap_language_model(nnsight: Any, source: Any, **kwargs: Any) -> Any:
 
 
 # -- running edits -------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def edit_mode(value: Any) -> Iterator[None]:
@@ -187,7 +189,12 @@ def trace_inputs(model: Any, inputs: Any) -> Any:
     clean trace moved a metric by 0.29). Where the installed nnsight does not, the batch is tokenized
     here, as nnsight would, and passed with those `position_ids`. Anything else passes unchanged.
     """
-    if injects_position_ids() or not isinstance(inputs, list) or len(inputs) < 2 or not all(isinstance(p, str) for p in inputs):
+    if (
+        injects_position_ids()
+        or not isinstance(inputs, list)
+        or len(inputs) < 2
+        or not all(isinstance(p, str) for p in inputs)
+    ):
         return inputs
     tok = getattr(model, "tokenizer", None)
     if tok is None or getattr(tok, "padding_side", None) != "left" or not is_language_model(model):

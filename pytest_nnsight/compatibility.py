@@ -77,13 +77,19 @@ def header_line(path: Path | None = None, combination: tuple[str, str, str] | No
     newer = newer_than_checked(rows, combo)
     if newer:
         newest = ", ".join(f"{p} {max((r[p] for r in rows), key=_numbers)}" for p in PACKAGES[:2])
-        return (f"pytest-nnsight WARNING: {' and '.join(newer)} is outside the checked range (newest checked: {newest}): "
-                "run the version matrix (CI/matrix.py) before trusting this run")
+        return (
+            f"pytest-nnsight WARNING: {' and '.join(newer)} is outside the checked range (newest checked: {newest}): "
+            "run the version matrix (CI/matrix.py) before trusting this run"
+        )
     row = lookup(rows, combo)
     if row is None:
         known = "; ".join(f"{r['nnsight']}/{r['transformers']}/{r['torch']}" for r in rows) or "none"
-        return (f"pytest-nnsight compatibility: {what} has NOT been checked by the version matrix "
-                f"(checked nnsight/transformers/torch: {known}); run CI/matrix.py to check your findings under it")
+        return (
+            f"pytest-nnsight compatibility: {what} has NOT been checked by the version matrix "
+            f"(checked nnsight/transformers/torch: {known}); run CI/matrix.py to check your findings under it"
+        )
     state = "all pass" if row.get("ok") else "NOT all pass"
-    return (f"pytest-nnsight compatibility: {what} checked by the version matrix on {row.get('checked', '?')} "
-            f"(env {row.get('env', '?')}): {row.get('passed', '?')}/{row.get('total', '?')} example findings pass ({state})")
+    return (
+        f"pytest-nnsight compatibility: {what} checked by the version matrix on {row.get('checked', '?')} "
+        f"(env {row.get('env', '?')}): {row.get('passed', '?')}/{row.get('total', '?')} example findings pass ({state})"
+    )

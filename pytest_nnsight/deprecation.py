@@ -26,10 +26,16 @@ def deprecated(old: str, new: str, *, stacklevel: int = 2) -> None:
     """Warn that `old` still works for this release only; `new` is what to write instead.
 
     `stacklevel` 2 points the warning at the caller of the function that calls this one."""
-    warnings.warn(f"{old} is deprecated and stops working in the next release: {new}", DeprecationWarning, stacklevel=stacklevel + 1)
+    warnings.warn(
+        f"{old} is deprecated and stops working in the next release: {new}",
+        DeprecationWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
-def moved_positionals(verb: str, head: str, old: Sequence[Any], names: Sequence[str], given: dict[str, Any]) -> dict[str, Any]:
+def moved_positionals(
+    verb: str, head: str, old: Sequence[Any], names: Sequence[str], given: dict[str, Any]
+) -> dict[str, Any]:
     """`given` (keyword -> value or UNSET) with `old` positional values assigned to `names` in order, warning once.
 
     `head` is the verb's positional part as the user should write it, e.g. 'model, clean, corrupt'.

@@ -77,7 +77,10 @@ def describe(device: str, env: Mapping[str, str] | None = None) -> str:
 
 def worker_assignment(requested: str, *, cuda_available: bool, device_count: int, workers: int) -> list[str]:
     """The device of each of `workers` xdist workers, gw0 first (what the controller's header shows)."""
-    return [assign_device(requested, cuda_available=cuda_available, device_count=device_count, worker=f"gw{i}") for i in range(workers)]
+    return [
+        assign_device(requested, cuda_available=cuda_available, device_count=device_count, worker=f"gw{i}")
+        for i in range(workers)
+    ]
 
 
 def current_worker() -> str | None:
@@ -100,7 +103,13 @@ def current_device(requested: str, worker: str | None = None) -> str:
     import torch
 
     available, count = cuda_state()
-    return assign_device(requested, cuda_available=available, device_count=count, worker=worker or current_worker(), torch_version=torch.__version__)
+    return assign_device(
+        requested,
+        cuda_available=available,
+        device_count=count,
+        worker=worker or current_worker(),
+        torch_version=torch.__version__,
+    )
 
 
 def header(requested: str, *, workers: int = 0, worker: str | None = None, cuda: tuple[bool, int] | None = None) -> str:
@@ -122,7 +131,12 @@ def header(requested: str, *, workers: int = 0, worker: str | None = None, cuda:
     name = auto_text if requested == "auto" else requested
     gpus = f"{count} visible GPU{'s' if count != 1 else ''}"
     if workers and worker is None and ":" not in requested:
-        pairs = ", ".join(f"gw{i} {d}" for i, d in enumerate(worker_assignment(requested, cuda_available=True, device_count=count, workers=workers)))
+        pairs = ", ".join(
+            f"gw{i} {d}"
+            for i, d in enumerate(
+                worker_assignment(requested, cuda_available=True, device_count=count, workers=workers)
+            )
+        )
         return f"{name} -> xdist workers round-robin over {gpus}: {pairs}"
     assigned = assign_device(requested, cuda_available=True, device_count=count, worker=worker)
     who = f" for xdist worker {worker}" if worker else ""

@@ -83,8 +83,14 @@ class Attribution:
 
 
 def attribute(
-    model: Any, pairs: Sequence[tuple[Any, Any]], metrics: Sequence[Metric], edges: Sequence[tuple[Sender, Receiver]], *,
-    method: str = "eap", steps: int = 5, bound: Bound | None = None,
+    model: Any,
+    pairs: Sequence[tuple[Any, Any]],
+    metrics: Sequence[Metric],
+    edges: Sequence[tuple[Sender, Receiver]],
+    *,
+    method: str = "eap",
+    steps: int = 5,
+    bound: Bound | None = None,
 ) -> Attribution:
     """EAP scores of `edges` for pairs of prompts of one token length: one cached forward, one forward and backward."""
     bound = bound or bind(model)
@@ -94,12 +100,24 @@ def attribute(
     texts = [text_of(p) for pair in pairs for p in pair]
     send_sites = list(dict.fromkeys(bound.sender_site(s) for s in senders))
     embed_site = Site(bound.lay.path("embed"))
-    base, acts = run(model, texts, _row_metric([m for m in metrics for _ in (0, 1)]), save=list(dict.fromkeys(send_sites + [embed_site])))
+    base, acts = run(
+        model,
+        texts,
+        _row_metric([m for m in metrics for _ in (0, 1)]),
+        save=list(dict.fromkeys(send_sites + [embed_site])),
+    )
     width = acts[embed_site].shape[1]
     mask = torch.ones(width, dtype=torch.bool, device=acts[embed_site].device)
     with torch.inference_mode():
-        deltas = {s: torch.stack([bound.delta(s, acts[bound.sender_site(s)][2 * i], acts[bound.sender_site(s)][2 * i + 1], mask) for i in range(n)])
-                  for s in senders}
+        deltas = {
+            s: torch.stack(
+                [
+                    bound.delta(s, acts[bound.sender_site(s)][2 * i], acts[bound.sender_site(s)][2 * i + 1], mask)
+                    for i in range(n)
+                ]
+            )
+            for s in senders
+        }
 
     k = steps if method == "eap-ig" else 1
     rows = [text_of(pair[1]) for pair in pairs for _ in range(k)]
@@ -113,7 +131,9 @@ def attribute(
             interp = tgt_rows + a * (src_rows - tgt_rows)
     write_sites = list(dict.fromkeys(_write_site(bound, r) for r in receivers))
     resid_sites = list(dict.fromkeys(bound.resid_site(r) for r in receivers))
-    grads, resids = _gradients(model, rows, _row_metric([m for m in metrics for _ in range(k)]), write_sites, resid_sites, embed_site, interp)
+    grads, resids = _gradients(
+        model, rows, _row_metric([m for m in metrics for _ in range(k)]), write_sites, resid_sites, embed_site, interp
+    )
 
     scores = torch.zeros(n, len(edges), dtype=torch.float64)
     for r in receivers:
@@ -133,11 +153,18 @@ def attribute(
 
 
 def _gradients(
-    model: Any, rows: Sequence[str], metric: Metric, write_sites: Sequence[Site], resid_sites: Sequence[Site], embed_site: Site,
+    model: Any,
+    rows: Sequence[str],
+    metric: Metric,
+    write_sites: Sequence[Site],
+    resid_sites: Sequence[Site],
+    embed_site: Site,
     interp: torch.Tensor | None,
 ) -> tuple[dict[Site, torch.Tensor], dict[Site, torch.Tensor]]:
     """One forward and backward: d metric / d (each write site), and the residuals the receivers' norms read, detached."""
-    order = execution_order(model, set(write_sites) | set(resid_sites) | ({embed_site} if interp is not None else set()))
+    order = execution_order(
+        model, set(write_sites) | set(resid_sites) | ({embed_site} if interp is not None else set())
+    )
     saved: dict[Site, Any] = {}
     grads: list[Any] = []
     values: list[Any] = []
@@ -154,8 +181,10 @@ def _gradients(
                         values.append(value)
                 out = metric(model.output, None)
                 if not (isinstance(out, torch.Tensor) and out.requires_grad):
-                    raise MetricError(f"metric {metric.name} is not differentiable: edge attribution needs gradients; use logit_diff, "
-                                      "logprob or prob, or path_sweep() for this metric")
+                    raise MetricError(
+                        f"metric {metric.name} is not differentiable: edge attribution needs gradients; use logit_diff, "
+                        "logprob or prob, or path_sweep() for this metric"
+                    )
                 with out.sum().backward(inputs=values):
                     for v in reversed(values):
                         grads.append(v.grad.detach().clone().save())
@@ -163,7 +192,9 @@ def _gradients(
         raise exc.with_traceback(None)  # noqa: B904
     except (AttributeError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError) as exc:
         err = _translate(exc, model, order)
-        err.original = exc  # nnsight's own exception, for debugging; not chained, so tracebacks stay short (as trace.run)
+        err.original = (
+            exc  # nnsight's own exception, for debugging; not chained, so tracebacks stay short (as trace.run)
+        )
         raise err from None
     writes = [s for s in order if s in write_sites]
     return dict(zip(writes, grads[::-1])), saved
@@ -180,13 +211,24 @@ def _edges(model: Any, senders: Any, receivers: Any) -> list[tuple[Sender, Recei
 
 def _check_method(method: str, steps: int) -> None:
     if method not in METHODS:
-        raise ArgumentError(f"method {method!r}: expected 'eap' (one gradient at the target run) or 'eap-ig' (integrated gradients)")
+        raise ArgumentError(
+            f"method {method!r}: expected 'eap' (one gradient at the target run) or 'eap-ig' (integrated gradients)"
+        )
     check_positive_int("steps", steps, "a positive int (the integrated-gradients steps)")
 
 
 def edge_attribution(
-    model: Any, clean: Any, corrupt: Any, *, metric: Any, senders: Any = None, receivers: Any = None, method: str = "eap",
-    steps: int = 5, direction: str = "clean->corrupt", min_gap: float = 1e-4,
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    *,
+    metric: Any,
+    senders: Any = None,
+    receivers: Any = None,
+    method: str = "eap",
+    steps: int = 5,
+    direction: str = "clean->corrupt",
+    min_gap: float = 1e-4,
 ) -> PathMap:
     """EAP scores of every sender x receiver edge for one pair, as a PathMap like `path_sweep` (kind 'edge attribution').
 
@@ -197,7 +239,9 @@ def edge_attribution(
     check_direction(direction)
     m = as_metric(model, metric)
     if m.needs_reference:
-        raise MetricError(f"metric {m.name} compares with a reference run, which edge attribution does not make: use logit_diff, logprob or prob")
+        raise MetricError(
+            f"metric {m.name} compares with a reference run, which edge attribution does not make: use logit_diff, logprob or prob"
+        )
     pair_positions(model, clean, corrupt, "last")
     S = _parse_all(model, senders, parse_sender, all_senders, "senders")
     R = _parse_all(model, receivers, parse_receiver, all_receivers, "receivers")
@@ -218,12 +262,23 @@ def edge_attribution(
                 v = float(att.scores[0, index[(s, r)]])
                 raw[i][j], grid[i][j] = tgt + v, v / (src - tgt)
     clean_m, corrupt_m = (src, tgt) if direction == "clean->corrupt" else (tgt, src)
-    return PathMap(tuple(map(tuple, grid)), tuple(s.label for s in S), tuple(r.label for r in R), m.name, text_of(clean), text_of(corrupt),
-                   clean_m, corrupt_m, tuple(map(tuple, raw)), kind=f"edge attribution ({method}{f', {steps} steps' if method == 'eap-ig' else ''})")
+    return PathMap(
+        tuple(map(tuple, grid)),
+        tuple(s.label for s in S),
+        tuple(r.label for r in R),
+        m.name,
+        text_of(clean),
+        text_of(corrupt),
+        clean_m,
+        corrupt_m,
+        tuple(map(tuple, raw)),
+        kind=f"edge attribution ({method}{f', {steps} steps' if method == 'eap-ig' else ''})",
+    )
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN for fewer than 2 values or a constant side."""
+
     def ranks(x: Sequence[float]) -> list[float]:
         order = sorted(range(len(x)), key=lambda i: x[i])
         out = [0.0] * len(x)
@@ -260,35 +315,62 @@ class EdgeCheck:
         rows = [f"{s} -> {r}" for s, r in self.edges]
         width = max([len(x) for x in rows] + [4])
         lines = [f"{'edge':<{width}}  {'approx':>8}  {'true':>8}  {'|error|':>8}"]
-        lines += [f"{e:<{width}}  {a:8.4f}  {t:8.4f}  {abs(a - t):8.4f}" for e, a, t in zip(rows, self.approx, self.true)]
+        lines += [
+            f"{e:<{width}}  {a:8.4f}  {t:8.4f}  {abs(a - t):8.4f}" for e, a, t in zip(rows, self.approx, self.true)
+        ]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"EdgeCheck({len(self.edges)} edges: rank correlation {self.rank_correlation:.3f}, max |approx - true| {self.max_error:.3g})"
 
 
-def check_edges(model: Any, clean: Any, corrupt: Any, approx: PathMap, *, metric: Any, top: int = 10, direction: str = "clean->corrupt") -> EdgeCheck:
+def check_edges(
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    approx: PathMap,
+    *,
+    metric: Any,
+    top: int = 10,
+    direction: str = "clean->corrupt",
+) -> EdgeCheck:
     """Path-patch the `top` edges of largest |approx| for real (one batched sweep) and compare ranks and values."""
     if not isinstance(approx, PathMap):
         raise ArgumentError(f"approx is a {type(approx).__name__}: expected the PathMap of edge_attribution")
     if not isinstance(top, int) or isinstance(top, bool) or top < 2:
         raise ArgumentError(f"top {top!r}: expected an int >= 2 (a rank correlation needs two edges)")
     chosen = approx.top(top)
-    true_map = path_sweep(model, clean, corrupt, metric=metric, senders=list(dict.fromkeys(s for s, _, _ in chosen)),
-                          receivers=list(dict.fromkeys(r for _, r, _ in chosen)), direction=direction)
+    true_map = path_sweep(
+        model,
+        clean,
+        corrupt,
+        metric=metric,
+        senders=list(dict.fromkeys(s for s, _, _ in chosen)),
+        receivers=list(dict.fromkeys(r for _, r, _ in chosen)),
+        direction=direction,
+    )
     true = [true_map[s, r] for s, r, _ in chosen]
     est = [v for _, _, v in chosen]
-    return EdgeCheck(tuple((s, r) for s, r, _ in chosen), tuple(est), tuple(true), spearman(est, true),
-                     max(abs(a - t) for a, t in zip(est, true)))
+    return EdgeCheck(
+        tuple((s, r) for s, r, _ in chosen),
+        tuple(est),
+        tuple(true),
+        spearman(est, true),
+        max(abs(a - t) for a, t in zip(est, true)),
+    )
 
 
 def _pair_list(pairs: Any, metric: Any, model: Any) -> tuple[list[tuple[Any, Any]], list[Metric]]:
     from .strategies import CounterfactualPair
 
     if getattr(pairs, "space", None) is not None:
-        raise ArgumentError("pairs is a strategy: draw a list first, e.g. counterfactual_pairs(...).space.sample(n, seed)")
+        raise ArgumentError(
+            "pairs is a strategy: draw a list first, e.g. counterfactual_pairs(...).space.sample(n, seed)"
+        )
     if not isinstance(pairs, (list, tuple)) or not pairs:
-        raise ArgumentError(f"pairs={pairs!r:.80}: expected a non-empty list of CounterfactualPair or (clean, corrupt) tuples")
+        raise ArgumentError(
+            f"pairs={pairs!r:.80}: expected a non-empty list of CounterfactualPair or (clean, corrupt) tuples"
+        )
     out, metrics = [], []
     for p in pairs:
         if isinstance(p, CounterfactualPair):
@@ -305,8 +387,16 @@ def _pair_list(pairs: Any, metric: Any, model: Any) -> tuple[list[tuple[Any, Any
 
 
 def edge_scores(
-    model: Any, pairs: Any, *, metric: Any = None, senders: Any = None, receivers: Any = None, method: str = "eap", steps: int = 5,
-    batch_size: int = 16, min_gap: float = 1e-4,
+    model: Any,
+    pairs: Any,
+    *,
+    metric: Any = None,
+    senders: Any = None,
+    receivers: Any = None,
+    method: str = "eap",
+    steps: int = 5,
+    batch_size: int = 16,
+    min_gap: float = 1e-4,
 ) -> tuple[list[tuple[Sender, Receiver]], list[float]]:
     """Mean normalized EAP score per edge over `pairs` (pairs whose clean and corrupt barely differ are left out)."""
     _check_method(method, steps)
@@ -321,20 +411,39 @@ def edge_scores(
     for idx in by_len.values():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
-            att = attribute(model, [plist[i] for i in chunk], [metrics[i] for i in chunk], edges, method=method, steps=steps, bound=bound)
+            att = attribute(
+                model,
+                [plist[i] for i in chunk],
+                [metrics[i] for i in chunk],
+                edges,
+                method=method,
+                steps=steps,
+                bound=bound,
+            )
             for row in range(len(chunk)):
                 gap = att.src[row] - att.tgt[row]
                 if abs(gap) > min_gap and math.isfinite(gap):
                     total += att.scores[row] / gap
                     used += 1
     if not used:
-        raise CircuitError(f"no pair among {len(plist)} changes the metric (clean and corrupt differ by <= {min_gap:g} in every pair)")
+        raise CircuitError(
+            f"no pair among {len(plist)} changes the metric (clean and corrupt differ by <= {min_gap:g} in every pair)"
+        )
     return edges, (total / used).tolist()
 
 
 def discover(
-    model: Any, pairs: Any, *, metric: Any = None, top_k: int | None = None, threshold: float | None = None, senders: Any = None,
-    receivers: Any = None, method: str = "eap", steps: int = 5, batch_size: int = 16,
+    model: Any,
+    pairs: Any,
+    *,
+    metric: Any = None,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    senders: Any = None,
+    receivers: Any = None,
+    method: str = "eap",
+    steps: int = 5,
+    batch_size: int = 16,
 ) -> Circuit:
     """The circuit of the `top_k` edges of largest |mean EAP score| over `pairs` (or every edge with |score| >= `threshold`).
 
@@ -348,15 +457,31 @@ def discover(
         raise ArgumentError(f"top_k={top_k!r}, threshold={threshold!r}: give exactly one of them")
     if top_k is not None:
         check_positive_int("top_k", top_k)
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0):
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0
+    ):
         raise ArgumentError(f"threshold {threshold!r}: expected a number >= 0 (compared with |score|)")
-    edges, scores = edge_scores(model, pairs, metric=metric, senders=senders, receivers=receivers, method=method, steps=steps, batch_size=batch_size)
+    edges, scores = edge_scores(
+        model,
+        pairs,
+        metric=metric,
+        senders=senders,
+        receivers=receivers,
+        method=method,
+        steps=steps,
+        batch_size=batch_size,
+    )
     ranked = sorted(zip(edges, scores), key=lambda e: -abs(e[1]))
     kept = ranked[:top_k] if top_k is not None else [e for e in ranked if abs(e[1]) >= threshold]
     if not kept:
-        raise CircuitError(f"no edge has |score| >= {threshold}: the largest is {abs(ranked[0][1]):.4g} ({ranked[0][0][0].label} -> {ranked[0][0][1].label})")
+        raise CircuitError(
+            f"no edge has |score| >= {threshold}: the largest is {abs(ranked[0][1]):.4g} ({ranked[0][0][0].label} -> {ranked[0][0][1].label})"
+        )
     m = metric if metric is not None else "logit_diff(answer, distractor)"
-    circuit = circuit_of(((s.label, r.label, v) for (s, r), v in kept), metric=str(m), method=method + (f" ({steps} steps)" if method == "eap-ig" else ""))
+    circuit = circuit_of(
+        ((s.label, r.label, v) for (s, r), v in kept),
+        metric=str(m),
+        method=method + (f" ({steps} steps)" if method == "eap-ig" else ""),
+    )
     record_circuit(circuit)  # for the findings report's drawing (a no-op outside a test)
     return circuit
-

@@ -28,14 +28,29 @@ def _node_edits(sites: dict, values: list, rows: Sequence[int], ablated: set[str
     for label, site in sites.items():
         if label in ablated:
             T = values[rows[0]][label].shape[0]
-            edits.append(Edit(site, tuple(r for r in range(len(rows)) for _ in range(T)), tuple(range(T)) * len(rows),
-                              torch.cat([values[i][label] for i in rows])))
+            edits.append(
+                Edit(
+                    site,
+                    tuple(r for r in range(len(rows)) for _ in range(T)),
+                    tuple(range(T)) * len(rows),
+                    torch.cat([values[i][label] for i in rows]),
+                )
+            )
     return edits
 
 
 def edge_level_metric(
-    model: Any, bound: Bound, circuit: Circuit, plist: list, metric_of: Any, sites: dict, values: list, embed_values: list,
-    outside: set[str], kept: Sequence[Sender], batch_size: int,
+    model: Any,
+    bound: Bound,
+    circuit: Circuit,
+    plist: list,
+    metric_of: Any,
+    sites: dict,
+    values: list,
+    embed_values: list,
+    outside: set[str],
+    kept: Sequence[Sender],
+    batch_size: int,
 ) -> list[float]:
     """The metric per pair (clean prompt) with the circuit's edges only; `values`/`embed_values` hold the ablated values."""
     edges = set(circuit.edges)
@@ -65,7 +80,9 @@ def edge_level_metric(
                     for r in now:
                         resid = acts[bound.resid_site(r)].clone()
                         for s in missing[r]:
-                            resid -= _contribution(bound, senders_at.get(s.label, s), acts, embed_site, values, embed_values, rows)
+                            resid -= _contribution(
+                                bound, senders_at.get(s.label, s), acts, embed_site, values, embed_values, rows
+                            )
                         written[r] = bound.receive(r, resid)
             result, _ = run(model, texts, metric_of(rows), edits=base + _writes(bound, written))
             for i, v in zip(rows, result.tolist()):
@@ -77,11 +94,20 @@ def _writes(bound: Bound, written: dict[Receiver, torch.Tensor]) -> list[Edit]:
     edits = []
     for r, value in written.items():
         n, T, _ = value.shape
-        edits.append(Edit(bound.write_site(r), tuple(k for k in range(n) for _ in range(T)), tuple(range(T)) * n, value.reshape(n * T, -1)))
+        edits.append(
+            Edit(
+                bound.write_site(r),
+                tuple(k for k in range(n) for _ in range(T)),
+                tuple(range(T)) * n,
+                value.reshape(n * T, -1),
+            )
+        )
     return edits
 
 
-def _contribution(bound: Bound, s: Sender, acts: dict, embed_site: Site, values: list, embed_values: list, rows: Sequence[int]) -> torch.Tensor:
+def _contribution(
+    bound: Bound, s: Sender, acts: dict, embed_site: Site, values: list, embed_values: list, rows: Sequence[int]
+) -> torch.Tensor:
     """What sender s adds to the residual stream in this run minus what its ablated value would add, [rows, T, d]."""
     actual = acts[embed_site] if s.kind == "embed" else acts[bound.sender_site(s)]
     ablated = actual.clone()

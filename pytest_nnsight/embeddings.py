@@ -25,8 +25,10 @@ def hidden_of(output: Any) -> Any:
     if hidden is None and hasattr(output, "ndim"):
         hidden = output
     if hidden is None or getattr(hidden, "ndim", 0) != 3:
-        raise MetricError(f"cannot find hidden states [batch, tokens, d] in a {type(output).__name__} output: pooled-embedding "
-                          "metrics need an encoder's last_hidden_state (BERT, MiniLM); for a language model use logit_diff or prob")
+        raise MetricError(
+            f"cannot find hidden states [batch, tokens, d] in a {type(output).__name__} output: pooled-embedding "
+            "metrics need an encoder's last_hidden_state (BERT, MiniLM); for a language model use logit_diff or prob"
+        )
     return hidden
 
 
@@ -66,7 +68,9 @@ class EmbeddingSpec:
         if pooling not in POOLINGS:
             raise MetricError(f"pooling={pooling!r}: expected one of {', '.join(POOLINGS)}")
         if reference is not None and not isinstance(reference, str) and not hasattr(reference, "ndim"):
-            raise MetricError(f"reference {reference!r:.60}: expected a text (embedded with the model) or a tensor of shape [d]")
+            raise MetricError(
+                f"reference {reference!r:.60}: expected a text (embedded with the model) or a tensor of shape [d]"
+            )
         if hasattr(reference, "ndim") and reference.ndim != 1:
             raise MetricError(f"reference embedding of shape {tuple(reference.shape)}: expected shape [d]")
         self.name, self.reference, self.pooling, self.build = name, reference, pooling, build
@@ -109,7 +113,12 @@ def pooled_embedding(dim: int, pooling: str = "mean") -> EmbeddingSpec:
     """Component `dim` of the pooled embedding (mean over real tokens, or 'cls'): one number per row."""
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise MetricError(f"dim={dim!r}: expected an int index into the embedding")
-    return EmbeddingSpec(f"pooled_embedding({dim}, {pooling!r})", None, pooling, lambda ref: lambda out, r, mask: pooled(out, mask, pooling)[:, dim])
+    return EmbeddingSpec(
+        f"pooled_embedding({dim}, {pooling!r})",
+        None,
+        pooling,
+        lambda ref: lambda out, r, mask: pooled(out, mask, pooling)[:, dim],
+    )
 
 
 def cosine_to(reference: Any, pooling: str = "mean") -> EmbeddingSpec:

@@ -59,19 +59,46 @@ class Family:
 
 GPT2 = Family("gpt2", ("gpt2",), "transformer", "h", "attn", "mlp", "attn.c_proj", "attn", "drop", "ln_f", "lm_head")
 GPT_NEOX = Family(
-    "gpt_neox", ("gpt_neox",), "gpt_neox", "layers", "attention", "mlp", "attention.dense", "attention", "emb_dropout",
-    "final_layer_norm", "embed_out",
+    "gpt_neox",
+    ("gpt_neox",),
+    "gpt_neox",
+    "layers",
+    "attention",
+    "mlp",
+    "attention.dense",
+    "attention",
+    "emb_dropout",
+    "final_layer_norm",
+    "embed_out",
 )
 LLAMA = Family(
-    "llama", ("llama", "mistral", "qwen2", "qwen3"), "model", "layers", "self_attn", "mlp", "self_attn.o_proj", "self_attn",
-    "embed_tokens", "norm", "lm_head",
+    "llama",
+    ("llama", "mistral", "qwen2", "qwen3"),
+    "model",
+    "layers",
+    "self_attn",
+    "mlp",
+    "self_attn.o_proj",
+    "self_attn",
+    "embed_tokens",
+    "norm",
+    "lm_head",
 )
 GPTJ = Family("gptj", ("gptj",), "transformer", "h", "attn", "mlp", "attn.out_proj", "attn", "drop", "ln_f", "lm_head")
 # post-LN encoder: attn_out/mlp_out are the contributions before each residual add + LayerNorm; no final norm.
 # The `output` children are served as `E_output` by nnsight 0.8; sites.envoy_at maps the name.
 BERT = Family(
-    "bert", ("bert",), "bert", "encoder.layer", "attention.output.dense", "output.dense", "attention.output.dense",
-    "attention.self", "embeddings", None, None,
+    "bert",
+    ("bert",),
+    "bert",
+    "encoder.layer",
+    "attention.output.dense",
+    "output.dense",
+    "attention.output.dense",
+    "attention.self",
+    "embeddings",
+    None,
+    None,
 )
 
 _FAMILIES: list[Family] = [GPT2, GPT_NEOX, LLAMA, GPTJ, BERT]
@@ -150,7 +177,9 @@ def _bind(root: Any, family: Family) -> Layout | None:
     for prefix in (f"{family.base}." if family.base else "", ""):
         if _has(root, f"{prefix}{family.layers}"):
             task = bool(family.lm_head) and (prefix != "" or not family.base)
-            head = family.lm_head if task and _has(root, family.lm_head) else (_output_embeddings(root) if task else None)
+            head = (
+                family.lm_head if task and _has(root, family.lm_head) else (_output_embeddings(root) if task else None)
+            )
             config = getattr(root, "config", None)
             n = len(root.get_submodule(f"{prefix}{family.layers}"))
             heads = _config_int(config, family.n_heads, "n_heads", family) if config is not None else 0
@@ -211,7 +240,8 @@ def layout_of(model: Any) -> Layout:
         root = _root(model)
         model_type = getattr(getattr(root, "config", None), "model_type", None)
         raise UnknownArchitectureError(
-            f"unknown architecture {type(root).__name__}" + (f" (model_type {model_type!r})" if model_type else "")
+            f"unknown architecture {type(root).__name__}"
+            + (f" (model_type {model_type!r})" if model_type else "")
             + ": named sites (resid_post.3, head_out.1.2, ...) need a model family; supported: "
             + ", ".join(str(f) for f in _FAMILIES)
             + ". Register one from your conftest with pytest_nnsight.register_family(Family(name=..., model_types=(...), "
@@ -351,11 +381,13 @@ def _probe_forward(root: Any, watch: dict[str, tuple[str, str]], fail: _Mismatch
         mod = modules[site]
         item = 1 if site.startswith("pattern.") else 0
         if part == "input":
+
             def pre(_m: Any, args: tuple, kwargs: dict, s: str = site) -> None:
                 record(s, args[0] if args else kwargs.get("hidden_states"))
 
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         else:
+
             def post(_m: Any, _a: Any, out: Any, s: str = site, k: int = item) -> None:
                 record(s, _first(out, k))
 
@@ -375,7 +407,9 @@ def _probe_forward(root: Any, watch: dict[str, tuple[str, str]], fail: _Mismatch
     return seen
 
 
-def _check_shapes(root: Any, layout: Layout, watch: dict[str, tuple[str, str]], seen: dict[str, tuple[int, Any]], fail: _Mismatch) -> None:
+def _check_shapes(
+    root: Any, layout: Layout, watch: dict[str, tuple[str, str]], seen: dict[str, tuple[int, Any]], fail: _Mismatch
+) -> None:
     """[B, T, d_model] everywhere, the head projection's input splitting into n_heads, patterns [B, H, T, T] under eager."""
     import torch
 
@@ -385,14 +419,20 @@ def _check_shapes(root: Any, layout: Layout, watch: dict[str, tuple[str, str]], 
         name = site.split(".")[0]
         if name == "pattern":
             if layout.family.returns_weights and eager and (value is None or tuple(value.shape) != (B, H, T, T)):
-                fail(site, f"expected attention weights [{B}, {H}, {T}, {T}] under eager attention, got {None if value is None else list(value.shape)}")
+                fail(
+                    site,
+                    f"expected attention weights [{B}, {H}, {T}, {T}] under eager attention, got {None if value is None else list(value.shape)}",
+                )
             continue
         if not isinstance(value, torch.Tensor):
             fail(site, f"expected a tensor, got {type(value).__name__}")
         shape = tuple(value.shape)
         if name == "head_out":
             if shape[:2] != (B, T) or len(shape) != 3 or shape[2] % H:
-                fail(site, f"expected the head projection's input [{B}, {T}, n_heads * head_dim] with n_heads {H}, got {list(shape)}")
+                fail(
+                    site,
+                    f"expected the head projection's input [{B}, {T}, n_heads * head_dim] with n_heads {H}, got {list(shape)}",
+                )
         elif name == "logits":
             if shape[:2] != (B, T):
                 fail(site, f"expected [{B}, {T}, vocab], got {list(shape)}")
@@ -409,7 +449,11 @@ def _check_order(n_layers: int, seen: dict[str, tuple[int, Any]], fail: _Mismatc
 
     before("embed", "resid_pre.0")
     for i in range(n_layers):
-        for a, b in ((f"resid_pre.{i}", f"attn_out.{i}"), (f"attn_out.{i}", f"mlp_out.{i}"), (f"mlp_out.{i}", f"resid_post.{i}")):
+        for a, b in (
+            (f"resid_pre.{i}", f"attn_out.{i}"),
+            (f"attn_out.{i}", f"mlp_out.{i}"),
+            (f"mlp_out.{i}", f"resid_post.{i}"),
+        ):
             before(a, b)
         if i + 1 < n_layers:
             before(f"resid_post.{i}", f"resid_pre.{i + 1}")

@@ -112,8 +112,17 @@ def _append(items: list[Any], entry: Any) -> bool:
 
 
 @_safe
-def record_check(rec: Recorder, what: str, measured: Any, op: str, threshold: Any, *, site: str = "", detail: str = "",
-                 passed: bool | None = None) -> None:
+def record_check(
+    rec: Recorder,
+    what: str,
+    measured: Any,
+    op: str,
+    threshold: Any,
+    *,
+    site: str = "",
+    detail: str = "",
+    passed: bool | None = None,
+) -> None:
     """A claim `measured op threshold` (op: >=, <=) checked by an assertion helper, and whether it held."""
     m, t = number(measured), number(threshold)
     if passed is None:
@@ -126,9 +135,20 @@ def record_effect(rec: Recorder, effect: Any) -> None:
     """One intervention's Effect (patch, ablation, steering): its normalized value and raw numbers; once per object."""
     if rec.seen(effect) is not None:
         return
-    entry = EffectRecord(effect.kind, effect.site, list(effect.positions), list(effect.position_tokens), effect.metric,
-                         _text(effect.target_prompt), number(effect.source), number(effect.target), number(effect.intervened),
-                         number(effect.normalized), {k: number(v) for k, v in effect.controls.items()}, _is_nan(effect.normalized))
+    entry = EffectRecord(
+        effect.kind,
+        effect.site,
+        list(effect.positions),
+        list(effect.position_tokens),
+        effect.metric,
+        _text(effect.target_prompt),
+        number(effect.source),
+        number(effect.target),
+        number(effect.intervened),
+        number(effect.normalized),
+        {k: number(v) for k, v in effect.controls.items()},
+        _is_nan(effect.normalized),
+    )
     if _append(rec.finding.effects, entry):
         rec.remember(effect, entry)
 
@@ -140,14 +160,25 @@ def recorded(effect: Any) -> Any:
 
 
 @_safe
-def record_map(rec: Recorder, effects: Any, failing: Sequence[tuple[int, int]] = (), claimed: Sequence[tuple[int, int]] = ()) -> None:
+def record_map(
+    rec: Recorder, effects: Any, failing: Sequence[tuple[int, int]] = (), claimed: Sequence[tuple[int, int]] = ()
+) -> None:
     """An EffectMap (sites x positions, with token strings); the same map again only adds failing and claimed cells."""
     entry = rec.seen(effects)
     if entry is None:
-        entry = MapRecord(list(effects.sites), list(effects.positions), list(effects.tokens),
-                          [[number(v) for v in row] for row in effects.values], effects.metric, effects.kind,
-                          _text(effects.clean_prompt), _text(effects.corrupt_prompt), number(effects.clean), number(effects.corrupt),
-                          nan_cells=sum(1 for row in effects.values for v in row if _is_nan(v)))
+        entry = MapRecord(
+            list(effects.sites),
+            list(effects.positions),
+            list(effects.tokens),
+            [[number(v) for v in row] for row in effects.values],
+            effects.metric,
+            effects.kind,
+            _text(effects.clean_prompt),
+            _text(effects.corrupt_prompt),
+            number(effects.clean),
+            number(effects.corrupt),
+            nan_cells=sum(1 for row in effects.values for v in row if _is_nan(v)),
+        )
         if not _append(rec.finding.maps, entry):
             return
         rec.remember(effects, entry)
@@ -155,17 +186,32 @@ def record_map(rec: Recorder, effects: Any, failing: Sequence[tuple[int, int]] =
 
 
 @_safe
-def record_peaks(rec: Recorder, effects: Any, claimed: Sequence[tuple[int, int]], bad: Sequence[tuple[Any, ...]], at_least: float,
-                 elsewhere_at_most: float) -> None:
+def record_peaks(
+    rec: Recorder,
+    effects: Any,
+    claimed: Sequence[tuple[int, int]],
+    bad: Sequence[tuple[Any, ...]],
+    at_least: float,
+    elsewhere_at_most: float,
+) -> None:
     """assert_peaks_at's map with its claimed and failing cells, and its two checks (peak cells, everywhere else)."""
     want = set(claimed)
     inside = [effects.values[i][j] for i, j in want]
     outside = [abs(v) for i, row in enumerate(effects.values) for j, v in enumerate(row) if (i, j) not in want]
     record_map(effects, failing=[(b[0], b[1]) for b in bad], claimed=sorted(want))
     nan = math.nan
-    record_check("smallest effect at the claimed cells", min(inside) if inside and all(map(math.isfinite, inside)) else nan, ">=", at_least)
-    record_check("largest |effect| elsewhere", max(outside) if outside and all(map(math.isfinite, outside)) else (0.0 if not outside else nan),
-                 "<=", elsewhere_at_most)
+    record_check(
+        "smallest effect at the claimed cells",
+        min(inside) if inside and all(map(math.isfinite, inside)) else nan,
+        ">=",
+        at_least,
+    )
+    record_check(
+        "largest |effect| elsewhere",
+        max(outside) if outside and all(map(math.isfinite, outside)) else (0.0 if not outside else nan),
+        "<=",
+        elsewhere_at_most,
+    )
 
 
 @_safe
@@ -174,9 +220,19 @@ def record_population(rec: Recorder, result: Any, min_rate: float | None = None,
     entry = rec.seen(result)
     if entry is None:
         entry = PopulationRecord(
-            result.site, repr(result.position), result.metric, result.n, result.passed, number(result.rate), number(result.lower_bound),
-            number(result.mean), number(result.std), number(result.threshold), [number(e) for e in result.effects[:MAX_VALUES]],
-            nan=sum(1 for e in result.effects if _is_nan(e)))
+            result.site,
+            repr(result.position),
+            result.metric,
+            result.n,
+            result.passed,
+            number(result.rate),
+            number(result.lower_bound),
+            number(result.mean),
+            number(result.std),
+            number(result.threshold),
+            [number(e) for e in result.effects[:MAX_VALUES]],
+            nan=sum(1 for e in result.effects if _is_nan(e)),
+        )
         if not _append(rec.finding.populations, entry):
             return
         rec.remember(result, entry)
@@ -187,11 +243,21 @@ def record_population(rec: Recorder, result: Any, min_rate: float | None = None,
 
 
 @_safe
-def record_circuit(rec: Recorder, circuit: Any, claimed: Sequence[tuple[str, str]] = (), missing: Sequence[tuple[str, str]] = ()) -> None:
+def record_circuit(
+    rec: Recorder, circuit: Any, claimed: Sequence[tuple[str, str]] = (), missing: Sequence[tuple[str, str]] = ()
+) -> None:
     """A Circuit (edges with scores, or nodes), with the edges a test claims and those it found missing, for the drawing."""
-    entry = CircuitRecord(circuit.metric, circuit.method, list(circuit.nodes), [[s, r, number(v)] for s, r, v in circuit.ranked()],
-                          [list(e) for e in claimed], [list(e) for e in missing])
-    for old in rec.finding.circuits:  # the same circuit recorded again (discover, then a claim on it): keep the one with claims
+    entry = CircuitRecord(
+        circuit.metric,
+        circuit.method,
+        list(circuit.nodes),
+        [[s, r, number(v)] for s, r, v in circuit.ranked()],
+        [list(e) for e in claimed],
+        [list(e) for e in missing],
+    )
+    for old in (
+        rec.finding.circuits
+    ):  # the same circuit recorded again (discover, then a claim on it): keep the one with claims
         if old.edges == entry.edges and old.nodes == entry.nodes:
             old.claimed = [list(e) for e in sorted({tuple(e) for e in old.claimed + entry.claimed})]
             old.missing = [list(e) for e in sorted({tuple(e) for e in old.missing + entry.missing})]
@@ -208,9 +274,17 @@ def record_probe(rec: Recorder, result: Any) -> None:
     pca = extra.get("pca") or {}
     points = [list(p) for p in pca.get("points", [])]
     labels = [str(x) for x in extra.get("labels", [])][: len(points)]
-    entry = ProbeRecord(str(result.site), str(result.position), number(result.accuracy), [number(result.ci[0]), number(result.ci[1])],
-                        number(result.majority), number(result.control), int(result.n_test), len(result.classes),
-                        PCA(points, list(pca.get("explained", [])), labels))
+    entry = ProbeRecord(
+        str(result.site),
+        str(result.position),
+        number(result.accuracy),
+        [number(result.ci[0]), number(result.ci[1])],
+        number(result.majority),
+        number(result.control),
+        int(result.n_test),
+        len(result.classes),
+        PCA(points, list(pca.get("explained", [])), labels),
+    )
     rec.finding.probes.append(entry)
     rec.remember(result, entry)
 
@@ -218,13 +292,24 @@ def record_probe(rec: Recorder, result: Any) -> None:
 @_safe
 def record_lens(rec: Recorder, lens: Any) -> None:
     """A LogitLens: the answer's rank and probability per site x position, for the report's heatmap."""
-    _append(rec.finding.lenses, LensRecord(_text(lens.prompt), lens.answer, list(lens.sites), list(lens.positions),
-                                           [lens.tokens[p] for p in lens.positions], [list(r) for r in lens.ranks],
-                                           [[number(v) for v in row] for row in lens.probs]))
+    _append(
+        rec.finding.lenses,
+        LensRecord(
+            _text(lens.prompt),
+            lens.answer,
+            list(lens.sites),
+            list(lens.positions),
+            [lens.tokens[p] for p in lens.positions],
+            [list(r) for r in lens.ranks],
+            [[number(v) for v in row] for row in lens.probs],
+        ),
+    )
 
 
 @_safe
-def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scores: Any = None, expected: Any = ()) -> None:
+def record_generation(
+    rec: Recorder, baseline: Any, intervened: Any = None, scores: Any = None, expected: Any = ()
+) -> None:
     """Generated text per prompt, baseline and intervened side by side, with the decoding and the scores.
 
     A single generation goes in the column its intervention names: 'baseline' when it had none, else 'intervened'.
@@ -245,8 +330,10 @@ def record_generation(rec: Recorder, baseline: Any, intervened: Any = None, scor
         for name, values in (scores or {}).items():
             row[name] = number(values[k])
         rows.append(row)
-    _append(rec.finding.generations, GenerationRecord(first.config.describe(),
-                                                      intervened.intervention if intervened is not None else "", rows))
+    _append(
+        rec.finding.generations,
+        GenerationRecord(first.config.describe(), intervened.intervention if intervened is not None else "", rows),
+    )
 
 
 @_safe
@@ -267,23 +354,37 @@ def record_snapshot(rec: Recorder, assertion: Any, data: Any) -> None:
     out = getattr(assertion.extension, "last", None)
     compared = out is not None and out.received == res.asserted_data and out.stored == res.recalled_data
     if res.recalled_data is None:
-        status, detail = ("written", "recorded by --snapshot-update") if res.success else ("new", "no finding recorded yet")
+        status, detail = (
+            ("written", "recorded by --snapshot-update") if res.success else ("new", "no finding recorded yet")
+        )
     elif not compared:
         status, detail = ("matched" if res.success else "failed"), ""
     elif not out.comparison.ok or (out.weights and not res.success):
         status = "updated" if res.success else "drifted"
         what = ", ".join(out.changes) or ("weights" if out.weights else "same environment")
         cmp = out.comparison
-        moved = f"{len(cmp.moved)} / {len(cmp.cells)} values moved beyond {cmp.tolerance}" if cmp.moved else "; ".join(cmp.structural[:2])
+        moved = (
+            f"{len(cmp.moved)} / {len(cmp.cells)} values moved beyond {cmp.tolerance}"
+            if cmp.moved
+            else "; ".join(cmp.structural[:2])
+        )
         detail = "; ".join(x for x in (what, moved) if x)
     elif out.changes or out.weights:
-        status, detail = ("re-verified" if res.success and not res.updated else "updated"), ", ".join(out.changes) or "weights changed"
+        status, detail = (
+            ("re-verified" if res.success and not res.updated else "updated"),
+            ", ".join(out.changes) or "weights changed",
+        )
     else:
         status, detail = "matched", ""
     entry = SnapshotRecord(res.snapshot_name, status, detail, str(res.snapshot_location))
-    if status in ("new", "drifted") and isinstance(res.asserted_data, str):  # what --nnsight-review writes when accepted
+    if status in ("new", "drifted") and isinstance(
+        res.asserted_data, str
+    ):  # what --nnsight-review writes when accepted
         entry.received = res.asserted_data
-    if compared and (status in ("drifted", "updated") or (status == "re-verified" and any(c.abs_err > 0 for c in out.comparison.cells))):
+    if compared and (
+        status in ("drifted", "updated")
+        or (status == "re-verified" and any(c.abs_err > 0 for c in out.comparison.cells))
+    ):
         entry.drift = drift_of(out.comparison, out.changes, out.weights)
     _append(rec.finding.snapshots, entry)
     if hasattr(data, "sites") and hasattr(data, "values") and hasattr(data, "tokens"):
@@ -291,7 +392,11 @@ def record_snapshot(rec: Recorder, assertion: Any, data: Any) -> None:
 
 
 def _grid(values: Any) -> list[list[float | None]]:
-    return [[number(v) for v in row] if isinstance(row, list) else [] for row in values] if isinstance(values, list) else []
+    return (
+        [[number(v) for v in row] if isinstance(row, list) else [] for row in values]
+        if isinstance(values, list)
+        else []
+    )
 
 
 def drift_of(cmp: Any, changes: Sequence[str], weights: Any = None) -> Drift:
@@ -302,18 +407,43 @@ def drift_of(cmp: Any, changes: Sequence[str], weights: Any = None) -> Drift:
     """
     moved = {c.path for c in cmp.moved}
     abs_errs = [c.abs_err for c in cmp.cells]
-    out = Drift(list(changes) + ([f"weights {weights[0]} -> {weights[1]}"] if weights else []), str(cmp.tolerance), len(cmp.cells),
-                len(moved), sum(1 for e in abs_errs if e > 0), number(max(abs_errs, default=0.0)), list(cmp.structural[:10]))
+    out = Drift(
+        list(changes) + ([f"weights {weights[0]} -> {weights[1]}"] if weights else []),
+        str(cmp.tolerance),
+        len(cmp.cells),
+        len(moved),
+        sum(1 for e in abs_errs if e > 0),
+        number(max(abs_errs, default=0.0)),
+        list(cmp.structural[:10]),
+    )
     old, new = cmp.old_finding, cmp.new_finding
-    if all(isinstance(f, dict) and isinstance(f.get("values"), list) and isinstance(f.get("sites"), list) for f in (old, new)):
-        cells = [(c.path[1], c.path[2], c.path in moved, c.abs_err > 0) for c in cmp.cells
-                 if len(c.path) == 3 and c.path[0] == "values" and isinstance(c.path[1], int)]
-        out.map = MapDrift(list(new["sites"]), list(new.get("tokens") or []),
-                           list(new.get("positions") or range(len(new.get("tokens") or []))), list(old["sites"]),
-                           list(old.get("tokens") or []), _grid(old["values"]), _grid(new["values"]), str(new.get("metric", "")),
-                           [[i, j] for i, j, m, _ in cells if m], [[i, j] for i, j, _, ch in cells if ch])
+    if all(
+        isinstance(f, dict) and isinstance(f.get("values"), list) and isinstance(f.get("sites"), list)
+        for f in (old, new)
+    ):
+        cells = [
+            (c.path[1], c.path[2], c.path in moved, c.abs_err > 0)
+            for c in cmp.cells
+            if len(c.path) == 3 and c.path[0] == "values" and isinstance(c.path[1], int)
+        ]
+        out.map = MapDrift(
+            list(new["sites"]),
+            list(new.get("tokens") or []),
+            list(new.get("positions") or range(len(new.get("tokens") or []))),
+            list(old["sites"]),
+            list(old.get("tokens") or []),
+            _grid(old["values"]),
+            _grid(new["values"]),
+            str(new.get("metric", "")),
+            [[i, j] for i, j, m, _ in cells if m],
+            [[i, j] for i, j, _, ch in cells if ch],
+        )
     elif all(isinstance(f, dict) and isinstance(f.get("effects"), list) for f in (old, new)):
-        out.population = PopulationDrift([number(v) for v in old["effects"][:MAX_VALUES]], [number(v) for v in new["effects"][:MAX_VALUES]],
-                                         number(new.get("threshold")), str(new.get("site", "")),
-                                         sum(1 for c in cmp.cells if c.path in moved and c.path[:1] == ("effects",)))
+        out.population = PopulationDrift(
+            [number(v) for v in old["effects"][:MAX_VALUES]],
+            [number(v) for v in new["effects"][:MAX_VALUES]],
+            number(new.get("threshold")),
+            str(new.get("site", "")),
+            sum(1 for c in cmp.cells if c.path in moved and c.path[:1] == ("effects",)),
+        )
     return out

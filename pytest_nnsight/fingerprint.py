@@ -34,14 +34,24 @@ def compute_weights_fingerprint(model: Any) -> str:
     with torch.no_grad():
         for name, tensor in named:
             header.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
-            if tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32, torch.bool, torch.uint8)):
+            if tensor.numel() == 0 or not (
+                tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32, torch.bool, torch.uint8)
+            ):
                 continue
             flat = tensor.detach().reshape(-1)
             flat = flat.double() if not flat.is_floating_point() else flat
             step = max(1, flat.numel() // _SAMPLE)
             sample = flat[::step][:_SAMPLE].double()
             ramp = torch.arange(1, sample.numel() + 1, device=sample.device, dtype=torch.float64)
-            stats.append(torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64), (sample * ramp).sum()]))
+            stats.append(
+                torch.stack(
+                    [
+                        flat.sum(dtype=torch.float64),
+                        torch.linalg.vector_norm(flat, dtype=torch.float64),
+                        (sample * ramp).sum(),
+                    ]
+                )
+            )
         values = torch.stack(stats).cpu() if stats else torch.zeros(0, 3, dtype=torch.float64)
     # 12 significant digits: stable across reruns on one device, sensitive to any real change of a weight
     header.update(";".join(f"{v:.12g}" for v in values.reshape(-1).tolist()).encode())

@@ -36,7 +36,9 @@ def unavailable(config: pytest.Config, exc: ModelUnavailableError) -> NoReturn:
     __tracebackhide__ = True
     s = config.stash.get(SETTINGS_KEY, Settings())
     if s.require_models:
-        pytest.fail(f"{exc} (failing, not skipping: require_models is on from {s.source_of('require_models')})", pytrace=False)
+        pytest.fail(
+            f"{exc} (failing, not skipping: require_models is on from {s.source_of('require_models')})", pytrace=False
+        )
     pytest.skip(str(exc))
 
 
@@ -70,7 +72,14 @@ def nnsight_model(nnsight_models: ModelCache, request: pytest.FixtureRequest) ->
             assert hidden.shape[-1] == 64
     """
 
-    def load(model: Any, tokenizer: Any = None, *, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> Any:
+    def load(
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> Any:
         __tracebackhide__ = True
         from .structure_lock import StructureChangedError
 
@@ -148,5 +157,6 @@ def finding_snapshot(snapshot: Any, request: pytest.FixtureRequest) -> Any:
     """
     from .snapshots.extension import FindingSnapshotAssertion
 
-    return FindingSnapshotAssertion.from_snapshot(snapshot, cache=model_cache(request.config),
-                                                  settings=request.config.stash.get(SETTINGS_KEY, Settings()))
+    return FindingSnapshotAssertion.from_snapshot(
+        snapshot, cache=model_cache(request.config), settings=request.config.stash.get(SETTINGS_KEY, Settings())
+    )

@@ -126,7 +126,14 @@ def plan_for(model: Any) -> Plan | None:
     head = _lm_head(root, layout)
     if layout is not None and head is not None and layout.family.name in REPLAYABLE and layout.path("final_norm"):
         paths = [layout.layer(i) for i in range(layout.n_layers)]
-        plan = Plan(root, [root.get_submodule(p) for p in paths], paths, root.get_submodule(layout.path("final_norm")), head, layout.path("embed"))
+        plan = Plan(
+            root,
+            [root.get_submodule(p) for p in paths],
+            paths,
+            root.get_submodule(layout.path("final_norm")),
+            head,
+            layout.path("embed"),
+        )
     _PLANS[root] = plan
     return plan
 
@@ -157,7 +164,11 @@ class Capture:
 
 
 def capture(
-    plan: Plan, batch: dict[str, torch.Tensor], kwargs: dict[str, Any], read: Sequence[Site] = (), target_rows: Sequence[int] | None = None,
+    plan: Plan,
+    batch: dict[str, torch.Tensor],
+    kwargs: dict[str, Any],
+    read: Sequence[Site] = (),
+    target_rows: Sequence[int] | None = None,
 ) -> tuple[Capture, dict[Site, torch.Tensor]]:
     """Run the model once on `batch`, recording what a replay of the `target_rows` (default: all) needs and the
     activations at `read` of every row (detached clones)."""
@@ -255,7 +266,11 @@ def replay(plan: Plan, cap: Capture, rows: Sequence[Row], finish: Callable[[torc
                 placed += joining
             if hidden is None or layer == n:
                 continue
-            inner = [(b, rows[r]) for b, r in enumerate(placed) if rows[r].start.layer == layer and rows[r].start.module is not None and rows[r].positions]
+            inner = [
+                (b, rows[r])
+                for b, r in enumerate(placed)
+                if rows[r].start.layer == layer and rows[r].start.module is not None and rows[r].positions
+            ]
             handles = _patch_hooks(plan.layers[layer], inner)
             try:
                 args, kw = _take(cap.calls[layer], sources, batch_b)

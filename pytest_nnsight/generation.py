@@ -33,12 +33,26 @@ from .findings import record_check, record_generation
 from .stats import wilson_interval
 
 __all__ = [
-    "Decoding", "Generation", "Ablate", "Steer", "Patch", "generate", "TextMetric", "exact_continuation", "contains",
-    "token_accuracy", "text_metric", "GenerationPopulation", "generation_population", "assert_generation",
+    "Decoding",
+    "Generation",
+    "Ablate",
+    "Steer",
+    "Patch",
+    "generate",
+    "TextMetric",
+    "exact_continuation",
+    "contains",
+    "token_accuracy",
+    "text_metric",
+    "GenerationPopulation",
+    "generation_population",
+    "assert_generation",
 ]
 
 WHERE = ("all", "prompt", "generated")
-DECODING_KEYS = frozenset({"do_sample", "temperature", "top_k", "seed", "min_new_tokens", "stop_at_eos", "batch_size", "use_cache"})
+DECODING_KEYS = frozenset(
+    {"do_sample", "temperature", "top_k", "seed", "min_new_tokens", "stop_at_eos", "batch_size", "use_cache"}
+)
 
 
 # --- configuration and results -------------------------------------------------------------------------------
@@ -64,10 +78,17 @@ class Decoding:
     use_cache: bool = False
 
     def describe(self) -> str:
-        how = "greedy" if not self.do_sample else f"sampled (temperature {self.temperature:g}, top_k {self.top_k}, seed {self.seed})"
+        how = (
+            "greedy"
+            if not self.do_sample
+            else f"sampled (temperature {self.temperature:g}, top_k {self.top_k}, seed {self.seed})"
+        )
         eos = f", min_new_tokens {self.min_new_tokens}" if self.min_new_tokens else ""
-        return (f"{how}, max_new_tokens {self.max_new_tokens}{eos}" + ("" if self.stop_at_eos else ", EOS does not stop")
-                + (", KV cache" if self.use_cache else ""))
+        return (
+            f"{how}, max_new_tokens {self.max_new_tokens}{eos}"
+            + ("" if self.stop_at_eos else ", EOS does not stop")
+            + (", KV cache" if self.use_cache else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -153,7 +174,9 @@ def _as_list(intervention: Any) -> list[Any]:
     items = list(intervention) if isinstance(intervention, (list, tuple)) else [intervention]
     for it in items:
         if not isinstance(it, (Ablate, Steer, Patch)):
-            raise ArgumentTypeError(f"intervention {it!r:.80}: expected Ablate(...), Steer(...), Patch(...) or a list of them")
+            raise ArgumentTypeError(
+                f"intervention {it!r:.80}: expected Ablate(...), Steer(...), Patch(...) or a list of them"
+            )
     return items
 
 
@@ -189,7 +212,9 @@ def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]
                 value = torch.zeros(width, dtype=dtype, device=device)
             else:
                 if not it.reference_prompts:
-                    raise ArgumentError("mean ablation needs reference_prompts=: the prompts whose mean activation (over every token) replaces the site")
+                    raise ArgumentError(
+                        "mean ablation needs reference_prompts=: the prompts whose mean activation (over every token) replaces the site"
+                    )
                 value = _mean_over_tokens(model, s, [text_of(p) for p in it.reference_prompts])
             bound.append(_Bound(s, where, "set", value, it.describe()))
         elif isinstance(it, Steer):
@@ -198,7 +223,9 @@ def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]
                 raise ArgumentError(f"alpha={it.alpha!r}: expected a finite number")
             if not isinstance(vec, torch.Tensor) or tuple(vec.shape) != (width,):
                 shape = tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__
-                raise InterventionError(f"steering vector of shape {shape} does not fit {s}: expected a tensor of shape ({width},)")
+                raise InterventionError(
+                    f"steering vector of shape {shape} does not fit {s}: expected a tensor of shape ({width},)"
+                )
             if not torch.isfinite(vec).all():
                 raise InterventionError(f"steering vector for {s} contains NaN or inf: expected finite values")
             where = _where(model, it.positions, prompts)
@@ -206,12 +233,16 @@ def _bind(model: Any, intervention: Any, prompts: Sequence[str]) -> list[_Bound]
         else:
             src = text_of(it.source)
             if isinstance(it.positions, str) and it.positions in WHERE:
-                raise ArgumentError(f"{it.describe()}: a patch needs prompt positions (an int, a word of the source, a list), "
-                                    f"not {it.positions!r}")
+                raise ArgumentError(
+                    f"{it.describe()}: a patch needs prompt positions (an int, a word of the source, a list), "
+                    f"not {it.positions!r}"
+                )
             pos = _where(model, it.positions, [src])[src]
             shortest = min(len(tokens_of(model, p)) for p in prompts)
             if max(pos) >= shortest:
-                raise ArgumentError(f"{it.describe()}: position {max(pos)} is beyond the shortest prompt ({shortest} tokens)")
+                raise ArgumentError(
+                    f"{it.describe()}: position {max(pos)} is beyond the shortest prompt ({shortest} tokens)"
+                )
             bound.append(_Bound(s, {p: list(pos) for p in prompts}, "set", acts[s][0, pos], it.describe()))
     return bound
 
@@ -229,7 +260,9 @@ def _mean_over_tokens(model: Any, site: Any, texts: Sequence[str]) -> Any:
     return torch.cat(rows).mean(0)
 
 
-def _edits(bound: Sequence[_Bound], texts: Sequence[str], pads: Sequence[int], lengths: Sequence[int], total: int) -> list[Any]:
+def _edits(
+    bound: Sequence[_Bound], texts: Sequence[str], pads: Sequence[int], lengths: Sequence[int], total: int
+) -> list[Any]:
     import torch
 
     from .trace import Edit
@@ -272,25 +305,41 @@ def _context(model: Any) -> int | None:
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
-def _config(max_new_tokens: Any, do_sample: bool = False, temperature: Any = 1.0, top_k: Any = None, seed: Any = None,
-            min_new_tokens: Any = 0, stop_at_eos: bool = True, use_cache: bool = False) -> Decoding:
+def _config(
+    max_new_tokens: Any,
+    do_sample: bool = False,
+    temperature: Any = 1.0,
+    top_k: Any = None,
+    seed: Any = None,
+    min_new_tokens: Any = 0,
+    stop_at_eos: bool = True,
+    use_cache: bool = False,
+) -> Decoding:
     """Check the decoding arguments of `generate` (same defaults) and freeze them into a `Decoding`."""
     _positive_int("max_new_tokens", max_new_tokens)
     _positive_int("min_new_tokens", min_new_tokens, 0)
     if min_new_tokens > max_new_tokens:
-        raise ArgumentError(f"min_new_tokens={min_new_tokens} is larger than max_new_tokens={max_new_tokens}: expected 0..{max_new_tokens}")
+        raise ArgumentError(
+            f"min_new_tokens={min_new_tokens} is larger than max_new_tokens={max_new_tokens}: expected 0..{max_new_tokens}"
+        )
     if not isinstance(do_sample, bool):
         raise ArgumentTypeError(f"do_sample={do_sample!r}: expected True or False")
     if not isinstance(use_cache, bool):
         raise ArgumentTypeError(f"use_cache={use_cache!r}: expected True or False")
     if do_sample:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature > 0):
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (math.isfinite(temperature) and temperature > 0)
+        ):
             raise ArgumentError(f"temperature={temperature!r}: expected a finite number > 0")
         if top_k is not None:
             _positive_int("top_k", top_k)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ArgumentError(f"seed={seed!r}: sampled generation needs an int seed, so the finding is reproducible")
-        return Decoding(max_new_tokens, True, float(temperature), top_k, seed, min_new_tokens, bool(stop_at_eos), use_cache)
+        return Decoding(
+            max_new_tokens, True, float(temperature), top_k, seed, min_new_tokens, bool(stop_at_eos), use_cache
+        )
     return Decoding(max_new_tokens, False, 1.0, None, None, min_new_tokens, bool(stop_at_eos), use_cache)
 
 
@@ -345,15 +394,19 @@ def _generate(model: Any, prompts: Any, config: Decoding, intervention: Any, bat
     if tok is None:
         from .errors import ModelUsageError
 
-        raise ModelUsageError("generate needs a model with a tokenizer: load it through the nnsight_model fixture or wrap it with one")
+        raise ModelUsageError(
+            "generate needs a model with a tokenizer: load it through the nnsight_model fixture or wrap it with one"
+        )
     _check_generative(model)
     from .remote import is_remote
 
     if is_remote(model):
         from .errors import ModelUsageError
 
-        raise ModelUsageError("generate runs the model in this process: it reads each step's next-token logits inside the trace, "
-                              "which a remote (--nnsight-remote / NDIF) trace does not send back; run generation findings locally")
+        raise ModelUsageError(
+            "generate runs the model in this process: it reads each step's next-token logits inside the trace, "
+            "which a remote (--nnsight-remote / NDIF) trace does not send back; run generation findings locally"
+        )
     encoded = [list(tok(t)["input_ids"]) for t in texts]
     limit = _context(model)
     for t, ids in zip(texts, encoded):
@@ -366,7 +419,9 @@ def _generate(model: Any, prompts: Any, config: Decoding, intervention: Any, bat
     label = "; ".join(b.name for b in bound) or "none"
     out_ids: list[list[int]] = []
     for start in range(0, len(texts), batch_size):
-        out_ids += _decode(model, tok, texts[start : start + batch_size], encoded[start : start + batch_size], bound, config)
+        out_ids += _decode(
+            model, tok, texts[start : start + batch_size], encoded[start : start + batch_size], bound, config
+        )
     special = set(getattr(tok, "all_special_ids", []) or [])
     return Generation(
         tuple(texts),
@@ -388,11 +443,15 @@ def _check_generative(model: Any) -> None:
     root = module_of(model)
     layout = find_layout(model)
     can = getattr(root, "can_generate", None)
-    generative = (layout.path("lm_head") is not None) if layout is not None else (bool(can()) if callable(can) else False)
+    generative = (
+        (layout.path("lm_head") is not None) if layout is not None else (bool(can()) if callable(can) else False)
+    )
     if not generative:
         kind = f"a {layout.family.name} model without an LM head" if layout is not None else f"a {type(root).__name__}"
-        raise ModelUsageError(f"generate needs a causal language model with an LM head; {model_name(model)} is {kind}, "
-                              "so its outputs are not next-token logits")
+        raise ModelUsageError(
+            f"generate needs a causal language model with an LM head; {model_name(model)} is {kind}, "
+            "so its outputs are not next-token logits"
+        )
 
 
 def _generator(seed: int, text: str) -> Any:
@@ -402,7 +461,9 @@ def _generator(seed: int, text: str) -> Any:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _decode(model: Any, tok: Any, texts: Sequence[str], encoded: Sequence[list[int]], bound: Sequence[_Bound], config: Decoding) -> list[list[int]]:
+def _decode(
+    model: Any, tok: Any, texts: Sequence[str], encoded: Sequence[list[int]], bound: Sequence[_Bound], config: Decoding
+) -> list[list[int]]:
     import torch
 
     eos = getattr(tok, "eos_token_id", None)
@@ -421,9 +482,13 @@ def _decode(model: Any, tok: Any, texts: Sequence[str], encoded: Sequence[list[i
     cache = None
     for step in range(config.max_new_tokens):
         if not config.use_cache:
-            logits, _ = _next_logits(model, ids, mask, _edits(bound, texts, pads, lengths, ids.shape[1]))  # [B, V] float32 on CPU
+            logits, _ = _next_logits(
+                model, ids, mask, _edits(bound, texts, pads, lengths, ids.shape[1])
+            )  # [B, V] float32 on CPU
         elif step == 0:  # the prompts, keeping their keys and values
-            logits, cache = _next_logits(model, ids, mask, _edits(bound, texts, pads, lengths, ids.shape[1]), cache=True)
+            logits, cache = _next_logits(
+                model, ids, mask, _edits(bound, texts, pads, lengths, ids.shape[1]), cache=True
+            )
         else:  # only the newest token, attending to the cache: the edits of the positions it stands at
             logits, cache = _next_logits(model, ids[:, -1:], mask, _newest_edits(bound, len(texts)), cache=cache)
         if eos is not None and step < config.min_new_tokens:
@@ -459,8 +524,11 @@ def _newest_edits(bound: Sequence[_Bound], rows: int) -> list[Any]:
 
     from .trace import Edit
 
-    return [Edit(b.site, tuple(range(rows)), (0,) * rows, torch.stack([b.value] * rows), op=b.op)
-            for b in bound if b.where in ("all", "generated")]
+    return [
+        Edit(b.site, tuple(range(rows)), (0,) * rows, torch.stack([b.value] * rows), op=b.op)
+        for b in bound
+        if b.where in ("all", "generated")
+    ]
 
 
 def _next_logits(model: Any, ids: Any, mask: Any, edits: Sequence[Any], cache: Any = None) -> tuple[Any, Any]:
@@ -478,7 +546,7 @@ def _next_logits(model: Any, ids: Any, mask: Any, edits: Sequence[Any], cache: A
     device = next(module_of(model).parameters()).device
     # position ids from the mask, as transformers' generate computes them, so left padding shifts no position on any
     # nnsight version (0.8 adds them itself for string prompts, earlier versions do not: compat.injects_position_ids)
-    position_ids = compat.left_pad_positions(mask)[:, -ids.shape[1]:]
+    position_ids = compat.left_pad_positions(mask)[:, -ids.shape[1] :]
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device)}
     if cache is not None:
         batch["use_cache"] = True
@@ -487,7 +555,12 @@ def _next_logits(model: Any, ids: Any, mask: Any, edits: Sequence[Any], cache: A
     holder: list[Any] = []
 
     def last(out: Any, ref: Any) -> Any:
-        holder.append((logits_of(out)[:, -1, :].detach().float().cpu().clone(), compat.cache_of(out) if cache is not None else None))
+        holder.append(
+            (
+                logits_of(out)[:, -1, :].detach().float().cpu().clone(),
+                compat.cache_of(out) if cache is not None else None,
+            )
+        )
         return torch.zeros(1)
 
     run(model, batch, Metric("next-token logits", last), edits=edits)
@@ -506,7 +579,9 @@ class TextMetric:
 
     name: str
     fn: Callable[[Any, Generation, int], float]
-    expected: Any = None  # what the continuation is compared with (a string, one per prompt, or a function), if anything
+    expected: Any = (
+        None  # what the continuation is compared with (a string, one per prompt, or a function), if anything
+    )
 
     def expected_texts(self, generation: Generation) -> tuple[str, ...]:
         """The expected continuation of each prompt, or () for a metric without one."""
@@ -528,12 +603,18 @@ def _expected_for(expected: Any, generation: Generation, k: int) -> str:
         value = expected
     elif isinstance(expected, Sequence):
         if len(expected) != len(generation):
-            raise MetricError(f"expected continuations: {len(expected)} given for {len(generation)} prompts; give one per prompt, one string, or a function of the prompt")
+            raise MetricError(
+                f"expected continuations: {len(expected)} given for {len(generation)} prompts; give one per prompt, one string, or a function of the prompt"
+            )
         value = expected[k]
     else:
-        raise MetricError(f"expected={expected!r:.60}: expected a string, a list of strings (one per prompt) or a function prompt -> string")
+        raise MetricError(
+            f"expected={expected!r:.60}: expected a string, a list of strings (one per prompt) or a function prompt -> string"
+        )
     if not isinstance(value, str) or not value.strip():
-        raise MetricError(f"expected continuation {value!r} for prompt {generation.prompts[k]!r}: expected non-empty text")
+        raise MetricError(
+            f"expected continuation {value!r} for prompt {generation.prompts[k]!r}: expected non-empty text"
+        )
     return value
 
 
@@ -543,8 +624,10 @@ def _expected_ids(model: Any, text: str) -> list[int]:
     unk = getattr(tok, "unk_token_id", None)
     if unk is not None and unk in ids and getattr(tok, "unk_token", None) not in text.split():
         bad = [w for w in text.split() if tok(w, add_special_tokens=False)["input_ids"] == [unk]]
-        raise MetricError(f"expected continuation {text!r} has words the tokenizer does not know ({', '.join(map(repr, bad)) or 'unknown'}): "
-                          "they tokenize to the unknown token, which the model never generates as a match")
+        raise MetricError(
+            f"expected continuation {text!r} has words the tokenizer does not know ({', '.join(map(repr, bad)) or 'unknown'}): "
+            "they tokenize to the unknown token, which the model never generates as a match"
+        )
     return ids
 
 
@@ -584,18 +667,24 @@ def contains(text: Any) -> TextMetric:
 def text_metric(fn: Callable[[str, str], Any], name: str | None = None) -> TextMetric:
     """A user score: `fn(prompt, continuation_text) -> number or bool`, called once per prompt."""
     if not callable(fn):
-        raise ArgumentTypeError(f"text_metric expects a function (prompt, continuation) -> number, got {type(fn).__name__}")
+        raise ArgumentTypeError(
+            f"text_metric expects a function (prompt, continuation) -> number, got {type(fn).__name__}"
+        )
     label = name or getattr(fn, "__name__", "text_metric")
 
     def score(model: Any, gen: Generation, k: int) -> float:
         try:
             value = fn(gen.prompts[k], gen.texts[k])
         except Exception as exc:
-            raise MetricError(f"text metric {label} raised {type(exc).__name__}: {exc} on prompt {gen.prompts[k]!r}") from exc
+            raise MetricError(
+                f"text metric {label} raised {type(exc).__name__}: {exc} on prompt {gen.prompts[k]!r}"
+            ) from exc
         if isinstance(value, bool):
             return float(value)
         if not isinstance(value, (int, float)):
-            raise MetricError(f"text metric {label} returned {value!r} ({type(value).__name__}) for {gen.prompts[k]!r}: expected a number or a bool")
+            raise MetricError(
+                f"text metric {label} returned {value!r} ({type(value).__name__}) for {gen.prompts[k]!r}: expected a number or a bool"
+            )
         return float(value)
 
     return TextMetric(label, score)
@@ -631,7 +720,9 @@ class GenerationPopulation:
         if run not in ("baseline", "intervened"):
             raise ArgumentError(f"run={run!r}: expected 'baseline' or 'intervened'")
         if run == "intervened" and self.intervened is None:
-            raise ArgumentError("run='intervened': this result has no intervened generation (pass intervention= to generation_population)")
+            raise ArgumentError(
+                "run='intervened': this result has no intervened generation (pass intervention= to generation_population)"
+            )
         return self.baseline_scores if run == "baseline" else self.intervened_scores
 
     def mean(self, run: str = "baseline") -> float:
@@ -659,11 +750,15 @@ def generation_population(
     seed, min_new_tokens, stop_at_eos, batch_size (as in `generate`). The report shows both texts side by side.
     """
     if not isinstance(metric, TextMetric):
-        raise ArgumentTypeError(f"metric={metric!r:.60}: expected token_accuracy(...), exact_continuation(...), contains(...) or text_metric(fn)")
+        raise ArgumentTypeError(
+            f"metric={metric!r:.60}: expected token_accuracy(...), exact_continuation(...), contains(...) or text_metric(fn)"
+        )
     unknown = sorted(set(decoding) - DECODING_KEYS)
     if unknown:
-        raise ArgumentTypeError(f"generation_population got unexpected argument(s) {', '.join(unknown)}: the decoding arguments "
-                                f"are {', '.join(sorted(DECODING_KEYS))}")
+        raise ArgumentTypeError(
+            f"generation_population got unexpected argument(s) {', '.join(unknown)}: the decoding arguments "
+            f"are {', '.join(sorted(DECODING_KEYS))}"
+        )
     texts = _prompt_texts(prompts)
     if n is not None:
         _positive_int("n", n)
@@ -702,7 +797,9 @@ def assert_generation(
     from .assertions import _fail
 
     if not isinstance(result, GenerationPopulation):
-        raise ArgumentTypeError(f"assert_generation expects a GenerationPopulation (from generation_population), got {type(result).__name__}")
+        raise ArgumentTypeError(
+            f"assert_generation expects a GenerationPopulation (from generation_population), got {type(result).__name__}"
+        )
     if (at_least is None) == (at_most is None):
         raise ArgumentError("assert_generation needs exactly one of at_least= or at_most=")
     if on not in ("rate", "lower_bound"):
@@ -719,8 +816,13 @@ def assert_generation(
     lower = wilson_interval(passed, len(scores))[0]
     value = rate if on == "rate" else lower
     what = f"{run} {result.metric} {op} {bound:g}"
-    record_check(f"share of variants with {what}" + (" (Wilson lower bound)" if on == "lower_bound" else ""), value, ">=", min_rate,
-                 detail=f"{passed}/{len(scores)}")
+    record_check(
+        f"share of variants with {what}" + (" (Wilson lower bound)" if on == "lower_bound" else ""),
+        value,
+        ">=",
+        min_rate,
+        detail=f"{passed}/{len(scores)}",
+    )
     if value >= min_rate:
         return
     order = sorted(range(len(scores)), key=lambda k: scores[k] if op == ">=" else -scores[k])
@@ -728,10 +830,12 @@ def assert_generation(
         f"\n    {scores[k]:.3g}: {gen.prompts[k]!r} -> {gen.texts[k]!r}"
         + (f" (expected {result.expected[k]!r})" if result.expected else "")
         + (f" (baseline {result.baseline.texts[k]!r})" if run == "intervened" else "")
-        for k in order[:show] if not ok[k]
+        for k in order[:show]
+        if not ok[k]
     )
     _fail(
-        f"claim: {what} in at least {min_rate:.0%} of {len(scores)} prompt variants" + (" (Wilson 95% lower bound)" if on == "lower_bound" else ""),
+        f"claim: {what} in at least {min_rate:.0%} of {len(scores)} prompt variants"
+        + (" (Wilson 95% lower bound)" if on == "lower_bound" else ""),
         [
             ("pass rate", f"{rate:.3f} ({passed} / {len(scores)})"),
             ("wilson", f"{lower:.3f} (95% lower bound)"),
@@ -739,7 +843,10 @@ def assert_generation(
             ("decoding", gen.config.describe()),
             ("intervention", gen.intervention),
             ("worst", worst),
-            ("expected", f"{'pass rate' if on == 'rate' else 'Wilson lower bound'} >= {min_rate:g}, measured {value:.3f}"),
+            (
+                "expected",
+                f"{'pass rate' if on == 'rate' else 'Wilson lower bound'} >= {min_rate:g}, measured {value:.3f}",
+            ),
         ],
         "read the worst continuations above against the prompts; a different bound or intervention may be the claim that holds",
     )

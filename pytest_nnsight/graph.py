@@ -33,11 +33,15 @@ class Circuit:
     def __post_init__(self) -> None:
         edges = tuple(tuple(e) for e in self.edges)
         if any(len(e) != 2 or not all(isinstance(x, str) for x in e) for e in edges):
-            raise CircuitError(f"edges={self.edges!r:.120}: expected (sender, receiver) pairs of names, e.g. ('head_out.0.0', 'k_in.1.2')")
+            raise CircuitError(
+                f"edges={self.edges!r:.120}: expected (sender, receiver) pairs of names, e.g. ('head_out.0.0', 'k_in.1.2')"
+            )
         if self.scores and len(self.scores) != len(edges):
             raise CircuitError(f"{len(self.scores)} scores for {len(edges)} edges: give one score per edge, or none")
         if any(not isinstance(n, str) for n in self.nodes):
-            raise CircuitError(f"nodes={self.nodes!r:.120}: expected names such as 'head_out.1.2', 'mlp_out.0', 'embed'")
+            raise CircuitError(
+                f"nodes={self.nodes!r:.120}: expected names such as 'head_out.1.2', 'mlp_out.0', 'embed'"
+            )
         object.__setattr__(self, "edges", edges)
         object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
         if not self.nodes and edges:
@@ -100,7 +104,10 @@ class Circuit:
         """One edge per line with its rank and score (or one node per line)."""
         if not self.edges:
             return "\n".join(self.nodes)
-        return "\n".join(f"{k + 1:>3}. {s} -> {r}" + ("" if math.isnan(v) else f"  {v:+.4f}") for k, (s, r, v) in enumerate(self.ranked()))
+        return "\n".join(
+            f"{k + 1:>3}. {s} -> {r}" + ("" if math.isnan(v) else f"  {v:+.4f}")
+            for k, (s, r, v) in enumerate(self.ranked())
+        )
 
 
 def _node_of_receiver(label: str) -> str:
@@ -119,7 +126,9 @@ def node_label(model: Any, spec: str) -> str:
     try:
         return parse_sender(model, spec).label
     except CircuitError as exc:
-        raise CircuitError(f"node {spec!r}: {exc}; nodes are embed, head_out.L.H, mlp_out.L, attn_out.L (all heads of a layer) or logits") from None
+        raise CircuitError(
+            f"node {spec!r}: {exc}; nodes are embed, head_out.L.H, mlp_out.L, attn_out.L (all heads of a layer) or logits"
+        ) from None
 
 
 def ablatable(model: Any) -> list[Sender]:
@@ -145,8 +154,10 @@ def as_circuit(value: Any) -> Circuit:
         return Circuit(nodes=tuple(value))
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
         return Circuit(edges=tuple(tuple(v) for v in value))
-    raise CircuitError(f"circuit {value!r:.100}: expected a Circuit, a non-empty list of node names (e.g. ['head_out.0.0', 'mlp_out.1']) "
-                       "or of (sender, receiver) edges")
+    raise CircuitError(
+        f"circuit {value!r:.100}: expected a Circuit, a non-empty list of node names (e.g. ['head_out.0.0', 'mlp_out.1']) "
+        "or of (sender, receiver) edges"
+    )
 
 
 def rank_of(edges: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:

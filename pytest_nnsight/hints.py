@@ -72,7 +72,13 @@ def _binding_in_trace(frame: Any, name: str) -> str | None:
         for stmt in block.body:
             for node in ast.walk(stmt):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                    inner = {t.id for n in ast.walk(node) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+                    inner = {
+                        t.id
+                        for n in ast.walk(node)
+                        if isinstance(n, ast.Assign)
+                        for t in n.targets
+                        if isinstance(t, ast.Name)
+                    }
                     if name in inner:
                         return "inner"
                 if isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -81,21 +87,33 @@ def _binding_in_trace(frame: Any, name: str) -> str | None:
                         value = node.value
                         if isinstance(value, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
                             return "comprehension"
-                        saved = any(isinstance(n, ast.Attribute) and n.attr == "save" for n in ast.walk(value)) if value else False
+                        saved = (
+                            any(isinstance(n, ast.Attribute) and n.attr == "save" for n in ast.walk(value))
+                            if value
+                            else False
+                        )
                         return "saved" if saved else "unsaved"
     return None
 
 
 # What an unbound name's binding in the trace (`_binding_in_trace`) means; `{name}` is the name.
 _UNBOUND_HINTS = {
-    "comprehension": ("'{name}' was saved inside a comprehension in the trace, which does not escape it (nnsight 0.5+ re-executes the "
-                      "block; only names assigned directly in it leave): create the list before the `with` and append saved values"),
-    "inner": ("'{name}' was saved inside an inner function of the trace, which does not escape it (nnsight 0.5+): "
-              "assign the saved value directly in the trace body, or append it to a list created before the `with`"),
-    "unsaved": ("'{name}' was assigned in the trace without .save(); since nnsight 0.5 only saved values survive the block "
-                "(0.4 kept every proxy): add .save()"),
-    "saved": ("'{name}' is assigned in the trace but that line never ran: on nnsight 0.8 the statements after a "
-              "`for ... in tracer.iter[...]` loop or an early stop do not run (H9)"),
+    "comprehension": (
+        "'{name}' was saved inside a comprehension in the trace, which does not escape it (nnsight 0.5+ re-executes the "
+        "block; only names assigned directly in it leave): create the list before the `with` and append saved values"
+    ),
+    "inner": (
+        "'{name}' was saved inside an inner function of the trace, which does not escape it (nnsight 0.5+): "
+        "assign the saved value directly in the trace body, or append it to a list created before the `with`"
+    ),
+    "unsaved": (
+        "'{name}' was assigned in the trace without .save(); since nnsight 0.5 only saved values survive the block "
+        "(0.4 kept every proxy): add .save()"
+    ),
+    "saved": (
+        "'{name}' is assigned in the trace but that line never ran: on nnsight 0.8 the statements after a "
+        "`for ... in tracer.iter[...]` loop or an early stop do not run (H9)"
+    ),
 }
 
 
@@ -121,15 +139,21 @@ def hint_for(exc: BaseException, tb: TracebackType | None = None) -> str | None:
         if is_not_reached(e):
             m = _REQUESTED_RE.search(full)
             what = f"{m.group('path')}.{m.group('part')}" if m else "a module's value"
-            return (f"{SECTION}: {what} was read out of execution order inside one trace, or its module never ran in this forward "
-                    "(nnsight 0.5+ enforces execution order; 0.8 raises OutOfOrderError for both, 0.7 MissedProviderError): read modules "
-                    f"in the order the forward runs them (model_structure(model) lists it); {versions()}")
+            return (
+                f"{SECTION}: {what} was read out of execution order inside one trace, or its module never ran in this forward "
+                "(nnsight 0.5+ enforces execution order; 0.8 raises OutOfOrderError for both, 0.7 MissedProviderError): read modules "
+                f"in the order the forward runs them (model_structure(model) lists it); {versions()}"
+            )
         if isinstance(e, AttributeError) and "has no attribute 'value'" in text:
-            return (f"{SECTION}: `.value` on a saved result: since nnsight 0.5 a saved value is the tensor itself after the trace "
-                    f"(0.4 proxies needed .value): drop `.value`; {versions()}")
+            return (
+                f"{SECTION}: `.value` on a saved result: since nnsight 0.5 a saved value is the tensor itself after the trace "
+                f"(0.4 proxies needed .value): drop `.value`; {versions()}"
+            )
         if isinstance(e, AttributeError) and "'Envoy' object" in text and re.search(r"attribute '\d+'", text):
-            return (f"{SECTION}: an index the module list does not have; nnsight 0.8 reports it as AttributeError (IndexError before 0.8, "
-                    f"H13): check the range with len(...); {versions()}")
+            return (
+                f"{SECTION}: an index the module list does not have; nnsight 0.8 reports it as AttributeError (IndexError before 0.8, "
+                f"H13): check the range with len(...); {versions()}"
+            )
         if isinstance(e, NameError):
             line = _unbound_hint(e, tb if e is exc else e.__traceback__)
             if line:
@@ -179,11 +203,18 @@ def output_index_hint(exc: BaseException, tb: TracebackType | None, models: list
     changed = structure_lock.changed_models()
     for label in models:
         verdict = changed.get(label)
-        container = [ln for ln in (verdict.lines if verdict else []) if any(m in ln for m in ("now selects", "now fails on a", "container changed"))]
+        container = [
+            ln
+            for ln in (verdict.lines if verdict else [])
+            if any(m in ln for m in ("now selects", "now fails on a", "container changed"))
+        ]
         if container:
             after = f" after {', '.join(verdict.changes)}" if verdict.changes else ""
-            return (f"{SECTION}: this code indexes a module's .output, and the structure of {label} changed{after}: "
-                    + " | ".join(container) + f" (H1-H3; docs/hazards.md); {versions()}")
+            return (
+                f"{SECTION}: this code indexes a module's .output, and the structure of {label} changed{after}: "
+                + " | ".join(container)
+                + f" (H1-H3; docs/hazards.md); {versions()}"
+            )
     if not any(_OUTPUT_ZERO_RE.search(ln) for ln in lines):
         return None
     for label, record in structure_lock.records().items():
@@ -192,9 +223,11 @@ def output_index_hint(exc: BaseException, tb: TracebackType | None, models: list
         for path, entry in (record.get("modules") or {}).items():
             out = entry.get("output")
             if path.endswith(".*") and parse_tensor(out) and entry.get("calls"):
-                return (f"{SECTION}: this code indexes .output[0], but {path} of {label} returns a bare {render(out, short=True)} "
-                        f"here, not a tuple: .output[0] is batch row 0, so [0][:, pos] indexes the wrong axes (transformers 5; "
-                        f"H1 in docs/hazards.md): index .output directly; {versions()}")
+                return (
+                    f"{SECTION}: this code indexes .output[0], but {path} of {label} returns a bare {render(out, short=True)} "
+                    f"here, not a tuple: .output[0] is batch row 0, so [0][:, pos] indexes the wrong axes (transformers 5; "
+                    f"H1 in docs/hazards.md): index .output directly; {versions()}"
+                )
     return None
 
 

@@ -35,8 +35,20 @@ from .sites import Site, resolve_site, site
 from .trace import Edit, _apply, _cause_line, _reference, _translate, normalized, reference_logits, run  # noqa: F401  (moved to trace.py)
 
 __all__ = [  # re-exported for code that imported them from here before prompts.py and trace.py
-    "Edit", "Prompt", "TopTokens", "ablate", "check_context", "normalized", "pair_positions", "patch", "patch_layer",
-    "reference_logits", "run", "slots_of", "steer", "text_of",
+    "Edit",
+    "Prompt",
+    "TopTokens",
+    "ablate",
+    "check_context",
+    "normalized",
+    "pair_positions",
+    "patch",
+    "patch_layer",
+    "reference_logits",
+    "run",
+    "slots_of",
+    "steer",
+    "text_of",
 ]
 
 
@@ -69,9 +81,13 @@ def patch(
     s = resolve_site(model, site)
     ct, xt, pos = pair_positions(model, clean, corrupt, position)
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
-    base, reference, src_act = _baselines(model, metric, m, s, text_of(clean), text_of(source), text_of(target), direction)
+    base, reference, src_act = _baselines(
+        model, metric, m, s, text_of(clean), text_of(source), text_of(target), direction
+    )
     values = src_act[pos]
-    patched, _ = run(model, text_of(target), m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference)
+    patched, _ = run(
+        model, text_of(target), m, edits=[Edit(s, (0,) * len(pos), tuple(pos), values)], reference=reference
+    )
     what = f"patching {s} at {describe_positions(ct, pos)}"
     eff = normalized(float(patched[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what)
     ctrl: dict[str, float] = {}
@@ -83,27 +99,66 @@ def patch(
         ctrl["random_donor"] = normalized(float(r[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what)
         other = _control_positions(model, ct, pos, control_position, text_of(clean))
         if other:
-            r, _ = run(model, text_of(target), m, edits=[Edit(s, (0,) * len(other), tuple(other), src_act[other])], reference=reference)
-            ctrl[f"position {other[0]} {ct[other[0]]!r}"] = normalized(float(r[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what)
+            r, _ = run(
+                model,
+                text_of(target),
+                m,
+                edits=[Edit(s, (0,) * len(other), tuple(other), src_act[other])],
+                reference=reference,
+            )
+            ctrl[f"position {other[0]} {ct[other[0]]!r}"] = normalized(
+                float(r[0]), float(base[1]), float(base[0]), min_gap=min_gap, what=what
+            )
     target_tokens = xt if direction == "clean->corrupt" else ct
-    return recorded(Effect(
-        kind="patch", site=str(s), positions=tuple(pos), position_tokens=tuple(target_tokens[p] for p in pos), metric=m.name,
-        source_prompt=text_of(source), target_prompt=text_of(target), source=float(base[0]), target=float(base[1]),
-        intervened=float(patched[0]), normalized=eff, direction=direction, tokens=tuple(target_tokens), controls=ctrl,
-    ))
+    return recorded(
+        Effect(
+            kind="patch",
+            site=str(s),
+            positions=tuple(pos),
+            position_tokens=tuple(target_tokens[p] for p in pos),
+            metric=m.name,
+            source_prompt=text_of(source),
+            target_prompt=text_of(target),
+            source=float(base[0]),
+            target=float(base[1]),
+            intervened=float(patched[0]),
+            normalized=eff,
+            direction=direction,
+            tokens=tuple(target_tokens),
+            controls=ctrl,
+        )
+    )
 
 
-def _baselines(model: Any, spec: Any, m: Metric, s: Site, clean: str, source: str, target: str, direction: str) -> tuple[Any, Any, torch.Tensor]:
+def _baselines(
+    model: Any, spec: Any, m: Metric, s: Site, clean: str, source: str, target: str, direction: str
+) -> tuple[Any, Any, torch.Tensor]:
     """The unpatched metric of [source, target], the reference logits and the source activation at `s`; within a test,
     computed once per (model, prompts, metric object, direction) and once per site (see forward.baseline_scope)."""
     cache = _forward.baselines()
-    key = (id(_forward.module_of(model)), source, target, id(spec), direction, _forward.weights_version(model),
-           tuple(sorted(trace_kwargs(model).items()))) if cache is not None else None  # a remote run never reuses local runs
+    key = (
+        (
+            id(_forward.module_of(model)),
+            source,
+            target,
+            id(spec),
+            direction,
+            _forward.weights_version(model),
+            tuple(sorted(trace_kwargs(model).items())),
+        )
+        if cache is not None
+        else None
+    )  # a remote run never reuses local runs
     hit = cache.get(key) if cache is not None else None
     if hit is None:
         reference = reference_logits(model, m, clean)
         base, acts = run(model, [source, target], m, save=[s], reference=reference)
-        hit = {"keep": (model, spec), "base": base, "reference": reference, "acts": {s: acts[s][0]}}  # keep: ids stay unique
+        hit = {
+            "keep": (model, spec),
+            "base": base,
+            "reference": reference,
+            "acts": {s: acts[s][0]},
+        }  # keep: ids stay unique
         if cache is not None:
             cache[key] = hit
     if s not in hit["acts"]:
@@ -148,7 +203,9 @@ def ablate(
         how = "zero ablation"
     elif method == "mean":
         if not reference_prompts:
-            raise ArgumentError("mean ablation needs reference_prompts: the prompts whose mean activation replaces this one")
+            raise ArgumentError(
+                "mean ablation needs reference_prompts: the prompts whose mean activation replaces this one"
+            )
         values = _mean_activation(model, one.site, reference_prompts, position, pos)
         how = f"mean ablation ({len(reference_prompts)} prompts)"
     else:
@@ -190,14 +247,32 @@ class _Unedited:
         `normalized` is (edited - unedited) / |unedited|, a signed infinity when the unedited metric is 0.
         """
         pos = self.positions
-        edited, _ = run(model, self.text, self.metric, edits=[Edit(self.site, (0,) * len(pos), tuple(pos), values, op=op)], reference=self.reference)
+        edited, _ = run(
+            model,
+            self.text,
+            self.metric,
+            edits=[Edit(self.site, (0,) * len(pos), tuple(pos), values, op=op)],
+            reference=self.reference,
+        )
         b, a = self.value, float(edited[0])
         rel = (a - b) / abs(b) if b != 0 else math.copysign(math.inf, a - b) if a != b else 0.0
-        return recorded(Effect(
-            kind=kind, site=str(self.site), positions=tuple(pos), position_tokens=tuple(self.tokens[p] for p in pos), metric=self.metric.name,
-            source_prompt="", target_prompt=self.text, source=b, target=b, intervened=a, normalized=rel, direction=direction,
-            tokens=tuple(self.tokens),
-        ))
+        return recorded(
+            Effect(
+                kind=kind,
+                site=str(self.site),
+                positions=tuple(pos),
+                position_tokens=tuple(self.tokens[p] for p in pos),
+                metric=self.metric.name,
+                source_prompt="",
+                target_prompt=self.text,
+                source=b,
+                target=b,
+                intervened=a,
+                normalized=rel,
+                direction=direction,
+                tokens=tuple(self.tokens),
+            )
+        )
 
 
 def _mean_activation(model: Any, site: Site, prompts: Sequence[Any], position: Any, own: Sequence[int]) -> torch.Tensor:
@@ -218,16 +293,25 @@ def _mean_activation(model: Any, site: Site, prompts: Sequence[Any], position: A
             try:
                 pos = resolve_position(tokens, position, prompt=text_of(prompt), slots=slots_of(prompt))
             except PositionError:
-                if not (isinstance(position, str) and not position.startswith("{") and position != "last" and max(own) < len(tokens)):
+                if not (
+                    isinstance(position, str)
+                    and not position.startswith("{")
+                    and position != "last"
+                    and max(own) < len(tokens)
+                ):
                     raise
                 pos = list(own)
             if len(pos) != len(own):
-                raise PositionError(f"position {position!r} names {len(pos)} tokens in {text_of(prompt)!r} but {len(own)} in the ablated prompt")
+                raise PositionError(
+                    f"position {position!r} names {len(pos)} tokens in {text_of(prompt)!r} but {len(own)} in the ablated prompt"
+                )
             rows[i] = acts[site][r, batch.padded(r, pos)]
     return torch.stack(rows).mean(0)
 
 
-def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Tensor, metric: Any, alpha: float = 1.0) -> Effect:
+def steer(
+    model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Tensor, metric: Any, alpha: float = 1.0
+) -> Effect:
     """Steering: add `alpha * vector` to the activation at (site, position); `vector` must be [d] of that site."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ArgumentTypeError(f"alpha={alpha!r} ({type(alpha).__name__}): expected a finite number")
@@ -238,9 +322,13 @@ def steer(model: Any, prompt: Any, *, site: Any, position: Any, vector: torch.Te
     width = act.shape[-1]
     if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != (width,):
         shape = tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
-        raise InterventionError(f"steering vector of shape {shape} does not fit {s}: expected a tensor of shape ({width},); a broadcastable shape would silently change every position")
+        raise InterventionError(
+            f"steering vector of shape {shape} does not fit {s}: expected a tensor of shape ({width},); a broadcastable shape would silently change every position"
+        )
     if vector.device != act.device:
-        raise InterventionError(f"steering vector is on {vector.device} but the model runs on {act.device}: move it with .to({str(act.device)!r})")
+        raise InterventionError(
+            f"steering vector is on {vector.device} but the model runs on {act.device}: move it with .to({str(act.device)!r})"
+        )
     if not torch.isfinite(vector).all():
         raise InterventionError(f"steering vector for {s} contains NaN or inf: expected finite values")
     values = (alpha * vector.to(act.dtype)).expand(len(one.positions), width)
@@ -301,7 +389,9 @@ def patch_layer(
     given = {"prompt": prompt, "source_prompt": source_prompt, "layer": layer, "pos": pos, "k": k}
     if old:
         if len(old) > len(_OLD_ORDER):
-            raise ArgumentTypeError(f"patch_layer() takes 1 positional argument (model) but {1 + len(old)} were given: pass clean=, corrupt=, layer=, position=")
+            raise ArgumentTypeError(
+                f"patch_layer() takes 1 positional argument (model) but {1 + len(old)} were given: pass clean=, corrupt=, layer=, position="
+            )
         for name, value in zip(_OLD_ORDER, old):
             if given[name] is not UNSET:
                 raise ArgumentTypeError(f"patch_layer() got {name} twice, by position and as {name}=")
@@ -311,7 +401,10 @@ def patch_layer(
             "write patch_layer(model, clean=source_prompt, corrupt=prompt, layer=layer, position=pos), the order of patch()",
         )
     elif any(given[n] is not UNSET for n in ("prompt", "source_prompt", "pos")):
-        deprecated("patch_layer's keywords prompt=, source_prompt= and pos=", "write corrupt= (the prompt patched), clean= (the source) and position=")
+        deprecated(
+            "patch_layer's keywords prompt=, source_prompt= and pos=",
+            "write corrupt= (the prompt patched), clean= (the source) and position=",
+        )
     clean = _one_of("clean", clean, "source_prompt", given["source_prompt"])
     corrupt = _one_of("corrupt", corrupt, "prompt", given["prompt"])
     position = _one_of("position", position, "pos", given["pos"])
@@ -339,8 +432,15 @@ def patch_layer(
     probs = holder[0].softmax(-1)
     top = torch.topk(probs, min(k, probs.shape[-1]))
     tok = model.tokenizer
-    return TopTokens(corrupt_text, clean_text, str(s), p_dst[0], tuple(tok.decode([int(i)]) for i in top.indices),
-                     tuple(float(v) for v in top.values), tuple(p_dst))
+    return TopTokens(
+        corrupt_text,
+        clean_text,
+        str(s),
+        p_dst[0],
+        tuple(tok.decode([int(i)]) for i in top.indices),
+        tuple(float(v) for v in top.values),
+        tuple(p_dst),
+    )
 
 
 def _one_of(name: str, value: Any, old_name: str, old_value: Any) -> Any:
@@ -349,7 +449,9 @@ def _one_of(name: str, value: Any, old_name: str, old_value: Any) -> Any:
     return old_value if value is UNSET else value
 
 
-def _positions_in_both(ct: Sequence[str], xt: Sequence[str], position: Any, clean: Any, corrupt: Any) -> tuple[list[int], list[int]]:
+def _positions_in_both(
+    ct: Sequence[str], xt: Sequence[str], position: Any, clean: Any, corrupt: Any
+) -> tuple[list[int], list[int]]:
     """`position` resolved in the clean and in the corrupt prompt; a word only one of them has names the same indices in both."""
     both = f"\n  clean:   [{show_tokens(ct)}]\n  corrupt: [{show_tokens(xt)}]"
     found: list[list[int] | None] = []

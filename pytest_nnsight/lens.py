@@ -48,8 +48,10 @@ class LogitLens:
             raise ArgumentError(f"position {position!r}: expected an int token index or 'last'")
         p = position % len(self.tokens) if -len(self.tokens) <= position < len(self.tokens) else position
         if p not in self.positions:
-            raise ArgumentError(f"position {position!r} is not in this lens: it covers positions {list(self.positions)} "
-                                f"of [{_show(self.tokens)}]")
+            raise ArgumentError(
+                f"position {position!r} is not in this lens: it covers positions {list(self.positions)} "
+                f"of [{_show(self.tokens)}]"
+            )
         return self.positions.index(p)
 
     def row(self, layer: Any) -> int:
@@ -57,10 +59,14 @@ class LogitLens:
         if isinstance(layer, str):
             if layer in self.sites:
                 return self.sites.index(layer)
-            raise ArgumentError(f"layer {layer!r} is not a row of this lens: expected an int 0..{len(self.sites) - 2} or one of {', '.join(self.sites)}")
+            raise ArgumentError(
+                f"layer {layer!r} is not a row of this lens: expected an int 0..{len(self.sites) - 2} or one of {', '.join(self.sites)}"
+            )
         n = len(self.sites) - 1
         if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-            raise ArgumentError(f"layer {layer!r} is out of range: the model has {n} layers, valid 0..{n - 1} (or 'embed')")
+            raise ArgumentError(
+                f"layer {layer!r} is out of range: the model has {n} layers, valid 0..{n - 1} (or 'embed')"
+            )
         return 1 + layer % n
 
     def ranks_at(self, position: Any = "last") -> dict[str, int]:
@@ -86,7 +92,9 @@ class LogitLens:
         return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, width)) for r in [head] + rows)
 
     def __repr__(self) -> str:
-        return f"LogitLens({self.answer!r} in {self.prompt!r}: emerges at {self.emergence('last')} at the last position)"
+        return (
+            f"LogitLens({self.answer!r} in {self.prompt!r}: emerges at {self.emergence('last')} at the last position)"
+        )
 
 
 def _show(tokens: Sequence[str]) -> str:
@@ -115,12 +123,18 @@ def logit_lens(model: Any, prompt: Any, *, answer: str | int, positions: Any = N
     layout = layout_of(model)
     norm_path, head_path = layout.path("final_norm"), layout.path("lm_head")
     if head_path is None:
-        raise SiteError(f"the logit lens needs an unembedding: this {layout.family.name} model has no logits site (a base model without an LM head)")
+        raise SiteError(
+            f"the logit lens needs an unembedding: this {layout.family.name} model has no logits site (a base model without an LM head)"
+        )
     tokenizer = getattr(model, "tokenizer", None)
     answer_id = token_id(tokenizer, answer)
     tokens = tokens_of(model, text)
     check_context(model, tokens, text)
-    cols = list(range(len(tokens))) if positions is None else resolve_position(tokens, positions, prompt=text, slots=slots_of(prompt))
+    cols = (
+        list(range(len(tokens)))
+        if positions is None
+        else resolve_position(tokens, positions, prompt=text, slots=slots_of(prompt))
+    )
     rows = [site(model, "embed")] + [site(model, "resid_post", i) for i in range(layout.n_layers)]
     none = Metric("none", lambda out, ref: torch.zeros(1))
     _, acts = run(model, text, none, save=rows)
@@ -138,8 +152,22 @@ def logit_lens(model: Any, prompt: Any, *, answer: str | int, positions: Any = N
             probs.append(tuple(float(v) for v in p[:, answer_id]))
             best = logits.argmax(-1).tolist()
             top.append(tuple(tokenizer.convert_ids_to_tokens(best) if tokenizer is not None else map(str, best)))
-    shown = answer if isinstance(answer, str) else (tokenizer.convert_ids_to_tokens(answer) if tokenizer is not None else str(answer))
-    lens = LogitLens(text, shown, answer_id, tuple(str(s) for s in rows), tuple(cols), tuple(tokens), tuple(ranks), tuple(probs), tuple(top))
+    shown = (
+        answer
+        if isinstance(answer, str)
+        else (tokenizer.convert_ids_to_tokens(answer) if tokenizer is not None else str(answer))
+    )
+    lens = LogitLens(
+        text,
+        shown,
+        answer_id,
+        tuple(str(s) for s in rows),
+        tuple(cols),
+        tuple(tokens),
+        tuple(ranks),
+        tuple(probs),
+        tuple(top),
+    )
     record_lens(lens)
     return lens
 
@@ -151,13 +179,27 @@ def _emergence_check(lens: LogitLens, layer: Any, position: Any, stays: bool) ->
     earlier = [lens.sites[k] for k in range(i) if col[k] == 0]
     later = [lens.sites[k] for k in range(i + 1, len(col)) if col[k] != 0] if stays else []
     ok = not earlier and col[i] == 0 and not later
-    why = ("" if ok else f"already top-1 at {', '.join(earlier)}" if earlier else f"rank {col[i]} at {lens.sites[i]}, not top-1" if col[i]
-           else f"top-1 at {lens.sites[i]} but not at {', '.join(later)}")
+    why = (
+        ""
+        if ok
+        else f"already top-1 at {', '.join(earlier)}"
+        if earlier
+        else f"rank {col[i]} at {lens.sites[i]}, not top-1"
+        if col[i]
+        else f"top-1 at {lens.sites[i]} but not at {', '.join(later)}"
+    )
     return ok, i, j, col, why
 
 
-def assert_emerges_at(lens: LogitLens | Sequence[LogitLens], *, layer: Any, position: Any = "last", stays: bool = True,
-                      min_rate: float = 1.0, on: str = "rate") -> None:
+def assert_emerges_at(
+    lens: LogitLens | Sequence[LogitLens],
+    *,
+    layer: Any,
+    position: Any = "last",
+    stays: bool = True,
+    min_rate: float = 1.0,
+    on: str = "rate",
+) -> None:
     """The answer becomes top-1 at `layer` (an int L for resid_post.L, or 'embed') at `position`: not top-1 at any
     earlier row, top-1 at `layer`, and (with `stays`, the default) top-1 at every later layer too.
 
@@ -170,8 +212,14 @@ def assert_emerges_at(lens: LogitLens | Sequence[LogitLens], *, layer: Any, posi
 
     lenses = list(lens) if isinstance(lens, (list, tuple)) else [lens]
     if not lenses or not all(isinstance(x, LogitLens) for x in lenses):
-        got = type(lens).__name__ if not isinstance(lens, (list, tuple)) else f"a list of {len(lenses)} ({', '.join(sorted({type(x).__name__ for x in lenses})) or 'nothing'})"
-        raise ArgumentError(f"assert_emerges_at expects a LogitLens or a non-empty list of them (from logit_lens(...)), got {got}")
+        got = (
+            type(lens).__name__
+            if not isinstance(lens, (list, tuple))
+            else f"a list of {len(lenses)} ({', '.join(sorted({type(x).__name__ for x in lenses})) or 'nothing'})"
+        )
+        raise ArgumentError(
+            f"assert_emerges_at expects a LogitLens or a non-empty list of them (from logit_lens(...)), got {got}"
+        )
     if on not in ("rate", "lower_bound"):
         raise ArgumentError(f"on={on!r}: expected 'rate' or 'lower_bound' (Wilson 95%)")
     if isinstance(min_rate, bool) or not isinstance(min_rate, (int, float)) or not 0 <= min_rate <= 1:
@@ -182,20 +230,34 @@ def assert_emerges_at(lens: LogitLens | Sequence[LogitLens], *, layer: Any, posi
         rate, lower = passed / len(checks), wilson_interval(passed, len(checks))[0]
         value = rate if on == "rate" else lower
         site = lenses[0].sites[checks[0][1]]
-        record_check(f"logit lens: answer top-1 from {site} in a share of {len(lenses)} prompts" + (" (Wilson lower bound)" if on == "lower_bound" else ""),
-                     value, ">=", min_rate, site=site, detail=f"{passed}/{len(checks)}")
+        record_check(
+            f"logit lens: answer top-1 from {site} in a share of {len(lenses)} prompts"
+            + (" (Wilson lower bound)" if on == "lower_bound" else ""),
+            value,
+            ">=",
+            min_rate,
+            site=site,
+            detail=f"{passed}/{len(checks)}",
+        )
         if value >= min_rate:
             return
-        worst = "".join(f"\n    {x.prompt!r} -> {x.answer!r}: {c[4]}; ranks {c[3]}" for x, c in zip(lenses, checks) if not c[0])
+        worst = "".join(
+            f"\n    {x.prompt!r} -> {x.answer!r}: {c[4]}; ranks {c[3]}" for x, c in zip(lenses, checks) if not c[0]
+        )
         _fail(
-            f"claim: the answer becomes top-1 at {site}" + (" and stays top-1" if stays else "") + f" in at least {min_rate:.0%} of "
+            f"claim: the answer becomes top-1 at {site}"
+            + (" and stays top-1" if stays else "")
+            + f" in at least {min_rate:.0%} of "
             f"{len(lenses)} prompts",
             [
                 ("pass rate", f"{rate:.3f} ({passed} / {len(checks)})"),
                 ("wilson", f"{lower:.3f} (95% lower bound)"),
                 ("rows", ", ".join(lenses[0].sites) + "  (ranks below in this order; 0 = top-1)"),
                 ("failing", worst),
-                ("expected", f"{'pass rate' if on == 'rate' else 'Wilson lower bound'} >= {min_rate:g}, measured {value:.3f}"),
+                (
+                    "expected",
+                    f"{'pass rate' if on == 'rate' else 'Wilson lower bound'} >= {min_rate:g}, measured {value:.3f}",
+                ),
             ],
             "look at the failing prompts' ranks: a template the finding does not cover, or a neighbouring layer",
         )
@@ -203,13 +265,21 @@ def assert_emerges_at(lens: LogitLens | Sequence[LogitLens], *, layer: Any, posi
     lens = lenses[0]
     ok, i, j, col, why = checks[0]
     first = next((lens.sites[k] for k in range(len(col)) if col[k] == 0), None)
-    record_check(f"logit lens: {lens.answer!r} top-1 from {lens.sites[i]} at position {lens.positions[j]}", 1.0 if ok else 0.0, ">=", 1.0,
-                 site=lens.sites[i], detail=f"ranks {col}", passed=ok)
+    record_check(
+        f"logit lens: {lens.answer!r} top-1 from {lens.sites[i]} at position {lens.positions[j]}",
+        1.0 if ok else 0.0,
+        ">=",
+        1.0,
+        site=lens.sites[i],
+        detail=f"ranks {col}",
+        passed=ok,
+    )
     if ok:
         return
     p = lens.positions[j]
     _fail(
-        f"claim: {lens.answer!r} becomes top-1 at {lens.sites[i]} (position {p} {lens.tokens[p]!r})" + (" and stays top-1" if stays else ""),
+        f"claim: {lens.answer!r} becomes top-1 at {lens.sites[i]} (position {p} {lens.tokens[p]!r})"
+        + (" and stays top-1" if stays else ""),
         [
             ("ranks", ", ".join(f"{s}: {r}" for s, r in zip(lens.sites, col)) + "  (0 = top-1)"),
             ("probs", ", ".join(f"{s}: {lens.probs[k][j]:.3g}" for k, s in enumerate(lens.sites))),
@@ -217,7 +287,11 @@ def assert_emerges_at(lens: LogitLens | Sequence[LogitLens], *, layer: Any, posi
             ("prompt", repr(lens.prompt)),
             ("tokens", _show(lens.tokens)),
             ("measured", f"{why}; first top-1 at {first or 'no layer'}"),
-            ("expected", f"not top-1 before {lens.sites[i]}, top-1 at {lens.sites[i]}" + (" and after" if stays else "")),
+            (
+                "expected",
+                f"not top-1 before {lens.sites[i]}, top-1 at {lens.sites[i]}" + (" and after" if stays else ""),
+            ),
         ],
-        "read lens.to_text() for every position, or claim the layer where it emerges: " + (first or "it never becomes top-1"),
+        "read lens.to_text() for every position, or claim the layer where it emerges: "
+        + (first or "it never becomes top-1"),
     )

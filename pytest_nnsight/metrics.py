@@ -19,7 +19,9 @@ def logits_of(output: Any) -> Any:
     if logits is None:
         logits = output[0] if isinstance(output, (tuple, list)) else output
     if not hasattr(logits, "ndim"):
-        raise MetricError(f"cannot find logits in a {type(output).__name__} output: use a metric function for this model")
+        raise MetricError(
+            f"cannot find logits in a {type(output).__name__} output: use a metric function for this model"
+        )
     return logits
 
 
@@ -75,13 +77,21 @@ class Metric:
 class MetricSpec:
     """A metric before it meets a tokenizer: `bind(model)` checks the answers and returns a Metric."""
 
-    def __init__(self, name: str, tokens: tuple[Any, ...], build: Callable[..., Callable[[Any, Any], Any]], needs_reference: bool = False):
+    def __init__(
+        self,
+        name: str,
+        tokens: tuple[Any, ...],
+        build: Callable[..., Callable[[Any, Any], Any]],
+        needs_reference: bool = False,
+    ):
         self.name, self.tokens, self.build, self.needs_reference = name, tokens, build, needs_reference
 
     def bind(self, model: Any) -> Metric:
         tokenizer = getattr(model, "tokenizer", None)
         ids = [token_id(tokenizer, t) for t in self.tokens]
-        return Metric(self.name, self.build(*ids), self.needs_reference, last_only=True)  # every built-in reads the last position
+        return Metric(
+            self.name, self.build(*ids), self.needs_reference, last_only=True
+        )  # every built-in reads the last position
 
     def __repr__(self) -> str:
         return self.name
@@ -98,7 +108,11 @@ def logit_diff(answer: str | int, distractor: str | int) -> MetricSpec:
     >>> logit_diff("Paris", "Berlin")
     logit_diff('Paris', 'Berlin')
     """
-    return MetricSpec(f"logit_diff({answer!r}, {distractor!r})", (answer, distractor), lambda a, b: lambda out, ref: _last(out)[:, a] - _last(out)[:, b])
+    return MetricSpec(
+        f"logit_diff({answer!r}, {distractor!r})",
+        (answer, distractor),
+        lambda a, b: lambda out, ref: _last(out)[:, a] - _last(out)[:, b],
+    )
 
 
 def prob(token: str | int) -> MetricSpec:
@@ -113,7 +127,9 @@ def logprob(token: str | int) -> MetricSpec:
 
 def rank(token: str | int) -> MetricSpec:
     """Rank of `token` at the last position (0 = the top prediction)."""
-    return MetricSpec(f"rank({token!r})", (token,), lambda a: lambda out, ref: (_last(out) > _last(out)[:, a : a + 1]).sum(-1).float())
+    return MetricSpec(
+        f"rank({token!r})", (token,), lambda a: lambda out, ref: (_last(out) > _last(out)[:, a : a + 1]).sum(-1).float()
+    )
 
 
 def kl_div() -> MetricSpec:
@@ -146,7 +162,9 @@ def as_metric(model: Any, metric: Any) -> Metric:
     """A bound Metric from a MetricSpec, a Metric, or a user function `output -> value per row`."""
     if isinstance(metric, Metric):
         return metric
-    if isinstance(metric, MetricSpec) or callable(getattr(metric, "bind", None)):  # MetricSpec, embeddings.EmbeddingSpec
+    if isinstance(metric, MetricSpec) or callable(
+        getattr(metric, "bind", None)
+    ):  # MetricSpec, embeddings.EmbeddingSpec
         return metric.bind(model)
     if callable(metric):
         name = getattr(metric, "__name__", type(metric).__name__)
@@ -154,7 +172,9 @@ def as_metric(model: Any, metric: Any) -> Metric:
             return Metric(name, _guarded(metric, name, with_mask=True), takes_mask=True)
         last = getattr(metric, "nnsight_last_position", False) is True  # @last_position: the LM head runs there alone
         return Metric(name, _guarded(metric, name), padding_safe=last, last_only=last)
-    raise MetricError(f"metric {metric!r} is not a metric: expected logit_diff(...), prob(...), logprob(...), rank(...), kl_div(), cosine_to(...), distance_to(...), pooled_embedding(...) or a function of the model output")
+    raise MetricError(
+        f"metric {metric!r} is not a metric: expected logit_diff(...), prob(...), logprob(...), rank(...), kl_div(), cosine_to(...), distance_to(...), pooled_embedding(...) or a function of the model output"
+    )
 
 
 def _takes_mask(metric: Callable[..., Any]) -> bool:
@@ -180,8 +200,10 @@ def _guarded(metric: Callable[..., Any], name: str, with_mask: bool = False) -> 
         except Exception as exc:
             if type(exc).__module__.startswith("nnsight"):  # nnsight's own control flow
                 raise
-            raise MetricError(f"metric {name} raised {type(exc).__name__}: {exc}; expected a function of the model output "
-                              "returning one value per row") from exc
+            raise MetricError(
+                f"metric {name} raised {type(exc).__name__}: {exc}; expected a function of the model output "
+                "returning one value per row"
+            ) from exc
 
     return fn
 
@@ -193,7 +215,9 @@ def per_row(values: Any, rows: int, metric: Metric) -> Any:
     t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
     t = t.detach().float().reshape(-1).cpu()
     if t.numel() == 1 and rows > 1:
-        raise MetricError(f"metric {metric.name} returned one number for a batch of {rows} rows: return one value per row (shape [{rows}]), or run with batch_size=1")
+        raise MetricError(
+            f"metric {metric.name} returned one number for a batch of {rows} rows: return one value per row (shape [{rows}]), or run with batch_size=1"
+        )
     if t.numel() != rows:
         raise MetricError(f"metric {metric.name} returned {t.numel()} values for {rows} rows: expected shape [{rows}]")
     return t

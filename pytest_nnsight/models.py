@@ -73,7 +73,9 @@ def resolve_dtype(dtype: str, device: str, checkpoint_dtype: Any = None) -> "tor
     else:
         dtype_obj = getattr(torch, dtype)
     if dtype_obj == torch.bfloat16 and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise SettingsError(f"dtype 'bfloat16' is not supported by {device} ({torch.cuda.get_device_name(device)}): use float16 or float32")
+        raise SettingsError(
+            f"dtype 'bfloat16' is not supported by {device} ({torch.cuda.get_device_name(device)}): use float16 or float32"
+        )
     return dtype_obj
 
 
@@ -118,7 +120,9 @@ class ModelCache:
         self._modules: dict[int, Any] = {}  # keeps user-passed modules alive while their id() is a key
         self._lock = threading.RLock()
         self.load_counts: Counter[ModelKey] = Counter()
-        self.hub_unreachable: str | None = None  # why the hub could not be reached; the rest of the session loads offline
+        self.hub_unreachable: str | None = (
+            None  # why the hub could not be reached; the rest of the session loads offline
+        )
         self.on_serve: Any = None  # called with the LoadedModel on every serve (the plugin's structure lock)
 
     # -- public ---------------------------------------------------------------
@@ -144,7 +148,9 @@ class ModelCache:
             self.on_serve(loaded)
         return attach(loaded.model, self.settings)  # the core reads its run settings from the model (settings_of)
 
-    def key(self, model: Any, *, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> ModelKey:
+    def key(
+        self, model: Any, *, revision: str | None = None, device: str | None = None, dtype: str | None = None
+    ) -> ModelKey:
         """The cache key a request maps to; validates the model id, device and dtype."""
         from .settings import parse_device, parse_dtype
 
@@ -154,7 +160,9 @@ class ModelCache:
         source = self.source_of(model)
         return ModelKey(source, revision, device, dtype_name)
 
-    def load_count(self, model: Any, *, revision: str | None = None, device: str | None = None, dtype: str | None = None) -> int:
+    def load_count(
+        self, model: Any, *, revision: str | None = None, device: str | None = None, dtype: str | None = None
+    ) -> int:
         """How many times this session loaded `model` (0 or 1 unless the cache was cleared)."""
         return self.load_counts[self.key(model, revision=revision, device=device, dtype=dtype)]
 
@@ -163,7 +171,9 @@ class ModelCache:
         try:
             return self._by_wrapper[id(wrapped)]
         except KeyError:
-            raise ModelUsageError(f"{type(wrapped).__name__} object was not served by pytest-nnsight's model cache") from None
+            raise ModelUsageError(
+                f"{type(wrapped).__name__} object was not served by pytest-nnsight's model cache"
+            ) from None
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())
@@ -185,11 +195,18 @@ class ModelCache:
             if model.strip() == "":
                 raise ModelSpecError(f"empty model id {model!r}: expected {ACCEPTED_FORMS}")
             path = Path(model).expanduser()
-            if path.exists() or model.startswith((".", "/", "~")) or os.sep in model.rstrip(os.sep) and not HUB_ID_RE.match(model):
+            if (
+                path.exists()
+                or model.startswith((".", "/", "~"))
+                or os.sep in model.rstrip(os.sep)
+                and not HUB_ID_RE.match(model)
+            ):
                 return str(path.resolve())
             if HUB_ID_RE.match(model):
                 return model
-            raise ModelSpecError(f"model id {model!r} is not a hub id, an existing path nor a bundled name: expected {ACCEPTED_FORMS}")
+            raise ModelSpecError(
+                f"model id {model!r} is not a hub id, an existing path nor a bundled name: expected {ACCEPTED_FORMS}"
+            )
         if isinstance(model, os.PathLike):
             return str(Path(model).expanduser().resolve())
         if _is_module(model):
@@ -211,7 +228,9 @@ class ModelCache:
             directory = bundled.verified_path(key.source)
             module, tok = _load_pretrained(str(directory), key.source, None, offline=True)
             info.update(kind="bundled", path=str(directory), manifest=bundled.manifest(key.source))
-        elif self.settings.remote == "ndif" and not os.path.isabs(key.source):  # --nnsight-remote ndif: NDIF holds the weights
+        elif self.settings.remote == "ndif" and not os.path.isabs(
+            key.source
+        ):  # --nnsight-remote ndif: NDIF holds the weights
             wrapped, tok = load_for_ndif(key.source, key.revision)
             info.update(kind="ndif", revision=key.revision, device="ndif", dtype="as NDIF serves it")
             return LoadedModel(key, wrapped, tok, time.perf_counter() - start, info)
@@ -220,11 +239,18 @@ class ModelCache:
             if is_path:
                 _check_checkpoint_dir(key.source)
             offline = self.settings.offline or is_path or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            if self.hub_unreachable is not None and not offline:  # one failed attempt costs ~50 s: never pay it twice a session
+            if (
+                self.hub_unreachable is not None and not offline
+            ):  # one failed attempt costs ~50 s: never pay it twice a session
                 offline = True
             try:
-                module, tok = _load_pretrained(key.source, key.source, key.revision, offline=offline,
-                                               switched=None if self.hub_unreachable is None or self.settings.offline else self.hub_unreachable)
+                module, tok = _load_pretrained(
+                    key.source,
+                    key.source,
+                    key.revision,
+                    offline=offline,
+                    switched=None if self.hub_unreachable is None or self.settings.offline else self.hub_unreachable,
+                )
             except ModelUnavailableError as exc:
                 if not offline and getattr(exc, "unreachable", False):
                     self.hub_unreachable = exc.why
@@ -280,9 +306,13 @@ def _is_module(obj: Any) -> bool:
 def _check_checkpoint_dir(path: str) -> None:
     p = Path(path)
     if not p.exists():
-        raise ModelUnavailableError(path, "no such file or directory", "Check the path, or build the checkpoint with save_pretrained() first.")
+        raise ModelUnavailableError(
+            path, "no such file or directory", "Check the path, or build the checkpoint with save_pretrained() first."
+        )
     if not p.is_dir():
-        raise ModelSpecError(f"model path {path!r} is a file: expected a checkpoint directory holding config.json and the weights")
+        raise ModelSpecError(
+            f"model path {path!r} is a file: expected a checkpoint directory holding config.json and the weights"
+        )
     if not (p / "config.json").is_file():
         found = ", ".join(sorted(x.name for x in p.iterdir())[:8]) or "nothing"
         raise ModelSpecError(
@@ -296,10 +326,22 @@ def _is_causal_config(config: Any) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-NETWORK_WORDS = ("connect", "resolve", "timed out", "timeout", "network", "max retries", "unreachable", "temporary failure", "offline")
+NETWORK_WORDS = (
+    "connect",
+    "resolve",
+    "timed out",
+    "timeout",
+    "network",
+    "max retries",
+    "unreachable",
+    "temporary failure",
+    "offline",
+)
 
 
-def _load_pretrained(source: str, display: str, revision: str | None, *, offline: bool, switched: str | None = None) -> tuple[Any, Any]:
+def _load_pretrained(
+    source: str, display: str, revision: str | None, *, offline: bool, switched: str | None = None
+) -> tuple[Any, Any]:
     """Load a transformers checkpoint (model and tokenizer) from a local dir or the hub cache."""
     import transformers
 
@@ -317,7 +359,7 @@ def _load_pretrained(source: str, display: str, revision: str | None, *, offline
             local_only = False
     except (OSError, ValueError) as exc:
         how = (
-            "Download it once where there is network access (e.g. `python -c \"import transformers as t; "
+            'Download it once where there is network access (e.g. `python -c "import transformers as t; '
             f"t.AutoModelForCausalLM.from_pretrained('{display}')\"`) or point HF_HOME at a cache that holds it; "
             "pass --nnsight-offline to skip hub lookups from the start, or --nnsight-require-models to fail instead of skip"
         )
@@ -340,13 +382,19 @@ def _load_pretrained(source: str, display: str, revision: str | None, *, offline
         except OSError as exc:
             if os.path.isdir(source):
                 raise ModelLoadError(_corrupt_message(source, exc)) from None
-            raise ModelUnavailableError(display, f"weights not found: {str(exc).splitlines()[0][:200]}", "Check the id and revision, or download the weights first") from None
+            raise ModelUnavailableError(
+                display,
+                f"weights not found: {str(exc).splitlines()[0][:200]}",
+                "Check the id and revision, or download the weights first",
+            ) from None
         except Exception as exc:  # a truncated or foreign file surfaces as many exception types
             if os.path.isdir(source):
                 raise ModelLoadError(_corrupt_message(source, exc)) from None
             raise ModelLoadError(f"could not load model {display!r}: {type(exc).__name__}: {exc}") from None
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_only)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                source, revision=revision, local_files_only=local_only
+            )
         except Exception:  # a checkpoint without a tokenizer is served without one
             tokenizer = None
     return model, tokenizer
@@ -380,7 +428,12 @@ def wrap(module: Any, tokenizer: Any = None) -> Any:
     transformers 4.57 emits `token_type_ids`, which change GPT-2's logits: H7).
     """
     nnsight = import_nnsight()
-    causal = tokenizer is not None and hasattr(module, "config") and callable(getattr(module, "can_generate", None)) and module.can_generate()
+    causal = (
+        tokenizer is not None
+        and hasattr(module, "config")
+        and callable(getattr(module, "can_generate", None))
+        and module.can_generate()
+    )
     if causal:
         from .compat import wrap_language_model
 
@@ -406,14 +459,21 @@ def _text_guard(name: str, has_tokenizer: bool) -> Any:
 
     def hook(_module: Any, args: tuple, kwargs: dict) -> None:
         values = list(args) + list(kwargs.values())
-        if any(isinstance(v, str) or (isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v)) for v in values):
+        if any(
+            isinstance(v, str) or (isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v))
+            for v in values
+        ):
             prompt = next(v for v in values if isinstance(v, (str, list, tuple)))
             if has_tokenizer:
-                fix = ("pytest-nnsight's verbs (patch, sweep, population, the activation cache) take text and tokenize it with the "
-                       "served tokenizer; in a raw trace, tokenize first: model.trace(**model.tokenizer(prompt, return_tensors='pt'))")
+                fix = (
+                    "pytest-nnsight's verbs (patch, sweep, population, the activation cache) take text and tokenize it with the "
+                    "served tokenizer; in a raw trace, tokenize first: model.trace(**model.tokenizer(prompt, return_tensors='pt'))"
+                )
             else:
                 fix = "pass tokenizer= when asking for the model, or give token ids / tensors"
-            raise ModelUsageError(f"{name} was served without a text interface, so it cannot take the prompt {prompt!r}: {fix}")
+            raise ModelUsageError(
+                f"{name} was served without a text interface, so it cannot take the prompt {prompt!r}: {fix}"
+            )
 
     return hook
 
@@ -428,7 +488,9 @@ def load_for_ndif(repo_id: str, revision: str | None) -> tuple[Any, Any]:
     nnsight = import_nnsight()
     from .compat import wrap_language_model
 
-    wrapped = wrap_language_model(nnsight, repo_id, revision=revision) if revision else wrap_language_model(nnsight, repo_id)
+    wrapped = (
+        wrap_language_model(nnsight, repo_id, revision=revision) if revision else wrap_language_model(nnsight, repo_id)
+    )
     tok = getattr(wrapped, "tokenizer", None)
     if tok is not None:
         tok.model_input_names = ["input_ids", "attention_mask"]

@@ -102,10 +102,14 @@ def parse_sender(model: Any, spec: Any) -> Sender:
     found = _SENDER.match(label)
     if not found:
         if _RECEIVER.match(label):
-            raise CircuitError(f"{label!r} is a receiver (a component's input), not a sender: senders are {SENDER_FORMS}")
+            raise CircuitError(
+                f"{label!r} is a receiver (a component's input), not a sender: senders are {SENDER_FORMS}"
+            )
         if label.startswith(("resid_", "block")):
-            raise CircuitError(f"sender {label!r} is the residual stream, the sum of every path before it, not one component: "
-                               f"senders are {SENDER_FORMS}")
+            raise CircuitError(
+                f"sender {label!r} is the residual stream, the sum of every path before it, not one component: "
+                f"senders are {SENDER_FORMS}"
+            )
         raise CircuitError(f"unknown sender {label!r}: expected {SENDER_FORMS}")
     if found.group(5):
         return Sender("embed", "embed", -1)
@@ -123,11 +127,15 @@ def parse_receiver(model: Any, spec: Any) -> Receiver:
     found = _RECEIVER.match(label)
     if not found:
         if label.startswith("head_out.") or label.startswith("attn_out."):
-            raise CircuitError(f"receiver {label!r} is an output; a head receives through its inputs: name q_in, k_in or v_in "
-                               f"(e.g. {label.replace('head_out', 'k_in').replace('attn_out', 'k_in')}{'.0' if label.startswith('attn_out') else ''}); "
-                               f"receivers are {RECEIVER_FORMS}")
+            raise CircuitError(
+                f"receiver {label!r} is an output; a head receives through its inputs: name q_in, k_in or v_in "
+                f"(e.g. {label.replace('head_out', 'k_in').replace('attn_out', 'k_in')}{'.0' if label.startswith('attn_out') else ''}); "
+                f"receivers are {RECEIVER_FORMS}"
+            )
         if _SENDER.match(label):
-            raise CircuitError(f"{label!r} is a sender (a component's output), not a receiver: receivers are {RECEIVER_FORMS}")
+            raise CircuitError(
+                f"{label!r} is a sender (a component's output), not a receiver: receivers are {RECEIVER_FORMS}"
+            )
         raise CircuitError(f"unknown receiver {label!r}: expected {RECEIVER_FORMS}")
     if found.group(5):
         return Receiver("logits", "logits", layout_of(model).n_layers)
@@ -211,7 +219,10 @@ class Bound:
         """The residual stream as the receiver's norm reads it (the norm's input)."""
         if r.kind == "logits":
             return Site(self.lay.path("final_norm"), part="input")
-        return Site(f"{self.lay.layer(r.layer)}.{self.adapter.ln_mlp if r.kind == 'mlp' else self.adapter.ln_attn}", part="input")
+        return Site(
+            f"{self.lay.layer(r.layer)}.{self.adapter.ln_mlp if r.kind == 'mlp' else self.adapter.ln_attn}",
+            part="input",
+        )
 
     def write_site(self, r: Receiver) -> Site:
         """Where the receiver's input is written: its columns of the q|k|v output, the MLP's input, the final norm's output."""
@@ -220,7 +231,12 @@ class Bound:
         if r.kind == "mlp":
             return Site(self.lay.in_layer(r.layer, "mlp"), part="input", label=r.label)
         n = self.lay.n_heads
-        return Site(f"{self.lay.layer(r.layer)}.{self.adapter.qkv}", head="qkv".index(r.kind) * n + r.head, n_heads=3 * n, label=r.label)
+        return Site(
+            f"{self.lay.layer(r.layer)}.{self.adapter.qkv}",
+            head="qkv".index(r.kind) * n + r.head,
+            n_heads=3 * n,
+            label=r.label,
+        )
 
     def delta(self, s: Sender, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """What the sender adds to the residual stream in the source run minus the target run, [T, d], zero off `mask`."""
@@ -230,7 +246,9 @@ class Bound:
             keep = torch.zeros_like(diff)
             keep[..., s.head * width : (s.head + 1) * width] = diff[..., s.head * width : (s.head + 1) * width]
             proj = self.module(self.lay.in_layer(s.layer, "head_proj"))
-            diff = proj(keep) - proj(torch.zeros_like(keep))  # the head's slice of the output projection, bias cancelled
+            diff = proj(keep) - proj(
+                torch.zeros_like(keep)
+            )  # the head's slice of the output projection, bias cancelled
         return diff * mask.to(diff.dtype).unsqueeze(-1)
 
     def receive(self, r: Receiver, resid: torch.Tensor) -> torch.Tensor:
@@ -302,18 +320,36 @@ class PairCache:
 
     def edit(self, r: Receiver, rows: Sequence[int], values: Sequence[torch.Tensor]) -> Edit:
         pos = self.receiver_positions
-        return Edit(self.bound.write_site(r), tuple(row for row in rows for _ in pos), tuple(pos) * len(rows), torch.cat(list(values)))
+        return Edit(
+            self.bound.write_site(r),
+            tuple(row for row in rows for _ in pos),
+            tuple(pos) * len(rows),
+            torch.cat(list(values)),
+        )
 
 
 def cache_pair(
-    model: Any, clean: Any, corrupt: Any, metric: Metric, senders: Sequence[Sender], receivers: Sequence[Receiver], *,
-    position: Any = None, receiver_position: Any = None, direction: str = "clean->corrupt", bound: Bound | None = None,
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    metric: Metric,
+    senders: Sequence[Sender],
+    receivers: Sequence[Receiver],
+    *,
+    position: Any = None,
+    receiver_position: Any = None,
+    direction: str = "clean->corrupt",
+    bound: Bound | None = None,
 ) -> PairCache:
     """Run source and target once, saving every sender's output and every receiver's residual."""
     bound = bound or bind(model)
     ct, xt, _ = pair_positions(model, clean, corrupt, "last")
     spos = list(range(len(ct))) if position is None else pair_positions(model, clean, corrupt, position)[2]
-    rpos = list(range(len(ct))) if receiver_position is None else resolve_position(ct, receiver_position, prompt=text_of(clean), slots=slots_of(clean))
+    rpos = (
+        list(range(len(ct)))
+        if receiver_position is None
+        else resolve_position(ct, receiver_position, prompt=text_of(clean), slots=slots_of(clean))
+    )
     source, target = (clean, corrupt) if direction == "clean->corrupt" else (corrupt, clean)
     reference = reference_logits(model, metric, text_of(clean))
     sites = list(dict.fromkeys([bound.sender_site(s) for s in senders] + [bound.resid_site(r) for r in receivers]))
@@ -321,13 +357,33 @@ def cache_pair(
     mask = torch.zeros(len(ct), dtype=torch.bool)
     mask[spos] = True
     mask = mask.to(next(iter(acts.values())).device)
-    return PairCache(bound, text_of(source), text_of(target), ct, xt if direction == "clean->corrupt" else ct,
-                     float(base[0]), float(base[1]), acts, mask, rpos, reference)
+    return PairCache(
+        bound,
+        text_of(source),
+        text_of(target),
+        ct,
+        xt if direction == "clean->corrupt" else ct,
+        float(base[0]),
+        float(base[1]),
+        acts,
+        mask,
+        rpos,
+        reference,
+    )
 
 
 def path_patch(
-    model: Any, clean: Any, corrupt: Any, *, sender: Any, receiver: Any, metric: Any, position: Any = None,
-    receiver_position: Any = None, direction: str = "clean->corrupt", min_gap: float = 1e-4,
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    *,
+    sender: Any,
+    receiver: Any,
+    metric: Any,
+    position: Any = None,
+    receiver_position: Any = None,
+    direction: str = "clean->corrupt",
+    min_gap: float = 1e-4,
 ) -> Effect:
     """The effect of `sender` on the metric only through `receiver`'s input, every other path frozen at the target run.
 
@@ -345,16 +401,41 @@ def path_patch(
     receivers = _parse_all(model, receiver, parse_receiver, None, "receiver")
     for r in receivers:
         check_edge(s, r)
-    pc = cache_pair(model, clean, corrupt, m, [s], receivers, position=position, receiver_position=receiver_position, direction=direction,
-                    bound=bound)
-    patched, _ = run(model, pc.target, m, edits=[pc.edit(r, [0], [pc.value(s, r)]) for r in receivers], reference=pc.reference)
+    pc = cache_pair(
+        model,
+        clean,
+        corrupt,
+        m,
+        [s],
+        receivers,
+        position=position,
+        receiver_position=receiver_position,
+        direction=direction,
+        bound=bound,
+    )
+    patched, _ = run(
+        model, pc.target, m, edits=[pc.edit(r, [0], [pc.value(s, r)]) for r in receivers], reference=pc.reference
+    )
     spos = [i for i, keep in enumerate(pc.sender_mask.tolist()) if keep]
     label = f"{s.label} -> {'+'.join(r.label for r in receivers)}"
     eff = normalized(float(patched[0]), pc.tgt, pc.src, min_gap=min_gap, what=f"path patching {label}")
-    return recorded(Effect(
-        "path patch", label, tuple(spos), tuple(pc.target_tokens[p] for p in spos), m.name, pc.source, pc.target,
-        pc.src, pc.tgt, float(patched[0]), eff, direction, tuple(pc.target_tokens),
-    ))
+    return recorded(
+        Effect(
+            "path patch",
+            label,
+            tuple(spos),
+            tuple(pc.target_tokens[p] for p in spos),
+            m.name,
+            pc.source,
+            pc.target,
+            pc.src,
+            pc.tgt,
+            float(patched[0]),
+            eff,
+            direction,
+            tuple(pc.target_tokens),
+        )
+    )
 
 
 # -- many edges of one pair, batched ------------------------------------------------------------------
@@ -382,11 +463,18 @@ class PathMap:
         try:
             return self.values[self.senders.index(sender)][self.receivers.index(receiver)]
         except ValueError:
-            raise CircuitError(f"edge {sender} -> {receiver} is not in this map: senders {list(self.senders)}, receivers {list(self.receivers)}") from None
+            raise CircuitError(
+                f"edge {sender} -> {receiver} is not in this map: senders {list(self.senders)}, receivers {list(self.receivers)}"
+            ) from None
 
     def edges(self) -> list[tuple[str, str, float]]:
         """Every existing edge as (sender, receiver, effect), in map order."""
-        return [(s, r, v) for s, row in zip(self.senders, self.values) for r, v in zip(self.receivers, row) if not math.isnan(v)]
+        return [
+            (s, r, v)
+            for s, row in zip(self.senders, self.values)
+            for r, v in zip(self.receivers, row)
+            if not math.isnan(v)
+        ]
 
     def top(self, k: int = 5) -> list[tuple[str, str, float]]:
         """The k edges of largest |effect|."""
@@ -395,7 +483,9 @@ class PathMap:
     def to_text(self, digits: int = 2) -> str:
         """An aligned table, senders down, receivers across; '.' where no edge exists."""
         head = [""] + list(self.receivers)
-        rows = [[s] + ["." if math.isnan(v) else fixed(v, digits) for v in row] for s, row in zip(self.senders, self.values)]
+        rows = [
+            [s] + ["." if math.isnan(v) else fixed(v, digits) for v in row] for s, row in zip(self.senders, self.values)
+        ]
         widths = [max(len(x[c]) for x in [head] + rows) for c in range(len(head))]
         return "\n".join("  ".join(x[c].rjust(widths[c]) for c in range(len(head))) for x in [head] + rows)
 
@@ -411,14 +501,28 @@ def _parse_all(model: Any, specs: Any, parse: Any, default: Any, what: str) -> l
     if isinstance(specs, (str, Site)):
         specs = [specs]
     if not isinstance(specs, (list, tuple)) or not specs:
-        raise CircuitError(f"{what}={specs!r}: expected one name or a non-empty list of names" + (", or None for all" if default else ""))
+        raise CircuitError(
+            f"{what}={specs!r}: expected one name or a non-empty list of names"
+            + (", or None for all" if default else "")
+        )
     return list(dict.fromkeys(parse(model, s) for s in specs))
 
 
 def path_sweep(
-    model: Any, clean: Any, corrupt: Any, *, senders: Any = None, receivers: Any = None, metric: Any, position: Any = None,
-    receiver_position: Any = None, batch_size: int = 32, direction: str = "clean->corrupt", check_batching: bool | None = None,
-    check_cells: int | None = None, min_gap: float = 1e-4,
+    model: Any,
+    clean: Any,
+    corrupt: Any,
+    *,
+    senders: Any = None,
+    receivers: Any = None,
+    metric: Any,
+    position: Any = None,
+    receiver_position: Any = None,
+    batch_size: int = 32,
+    direction: str = "clean->corrupt",
+    check_batching: bool | None = None,
+    check_cells: int | None = None,
+    min_gap: float = 1e-4,
 ) -> PathMap:
     """`path_patch` for every sender x receiver edge (None: all of the model's), several edges per forward.
 
@@ -436,9 +540,22 @@ def path_sweep(
     R = _parse_all(model, receivers, parse_receiver, all_receivers, "receivers")
     edges = [(i, j) for i, s in enumerate(S) for j, r in enumerate(R) if s.time < r.time]
     if not edges:
-        raise CircuitError(f"no edge among senders {[s.label for s in S]} and receivers {[r.label for r in R]}: every receiver reads "
-                           "before every sender writes")
-    pc = cache_pair(model, clean, corrupt, m, S, R, position=position, receiver_position=receiver_position, direction=direction, bound=bound)
+        raise CircuitError(
+            f"no edge among senders {[s.label for s in S]} and receivers {[r.label for r in R]}: every receiver reads "
+            "before every sender writes"
+        )
+    pc = cache_pair(
+        model,
+        clean,
+        corrupt,
+        m,
+        S,
+        R,
+        position=position,
+        receiver_position=receiver_position,
+        direction=direction,
+        bound=bound,
+    )
     what = f"path sweep over {len(edges)} edges"
     normalized(pc.tgt, pc.tgt, pc.src, min_gap=min_gap, what=what)
     deltas = {i: pc.delta(S[i]) for i in {i for i, _ in edges}}
@@ -455,11 +572,22 @@ def path_sweep(
         raw_grid[i][j] = v
         grid[i][j] = normalized(v, pc.tgt, pc.src, min_gap=min_gap, what=what)
     clean_m, corrupt_m = (pc.src, pc.tgt) if direction == "clean->corrupt" else (pc.tgt, pc.src)
-    return PathMap(tuple(map(tuple, grid)), tuple(s.label for s in S), tuple(r.label for r in R), m.name, text_of(clean), text_of(corrupt),
-                   clean_m, corrupt_m, tuple(map(tuple, raw_grid)))
+    return PathMap(
+        tuple(map(tuple, grid)),
+        tuple(s.label for s in S),
+        tuple(r.label for r in R),
+        m.name,
+        text_of(clean),
+        text_of(corrupt),
+        clean_m,
+        corrupt_m,
+        tuple(map(tuple, raw_grid)),
+    )
 
 
-def run_edges(model: Any, pc: PairCache, edges: Sequence[tuple[Sender, Receiver, torch.Tensor]], metric: Metric, batch_size: int) -> list[float]:
+def run_edges(
+    model: Any, pc: PairCache, edges: Sequence[tuple[Sender, Receiver, torch.Tensor]], metric: Metric, batch_size: int
+) -> list[float]:
     """The metric with each edge path-patched, one row per edge, `batch_size` rows per forward."""
     out: list[float] = []
     for start in range(0, len(edges), batch_size):
@@ -475,7 +603,14 @@ def run_edges(model: Any, pc: PairCache, edges: Sequence[tuple[Sender, Receiver,
     return out
 
 
-def verify_edges(model: Any, pc: PairCache, edges: Sequence[tuple[Sender, Receiver]], batched: Sequence[float], metric: Metric, n: int) -> None:
+def verify_edges(
+    model: Any,
+    pc: PairCache,
+    edges: Sequence[tuple[Sender, Receiver]],
+    batched: Sequence[float],
+    metric: Metric,
+    n: int,
+) -> None:
     """Re-run `n` sampled edges one trace each; BatchingMismatchError when any differs from its batched value."""
     picks = random.Random(0).sample(range(len(edges)), min(n, len(edges)))
     tol = tolerance_for(next(iter(pc.acts.values())).dtype)
@@ -485,9 +620,12 @@ def verify_edges(model: Any, pc: PairCache, edges: Sequence[tuple[Sender, Receiv
         single, _ = run(model, pc.target, metric, edits=[pc.edit(r, [0], [pc.value(s, r)])], reference=pc.reference)
         diff = abs(float(single[0]) - batched[k])
         if not diff <= tol:
-            bad.append(f"  {s.label} -> {r.label}: batched {batched[k]:.6g}, single {float(single[0]):.6g}, |diff| {diff:.3g}")
+            bad.append(
+                f"  {s.label} -> {r.label}: batched {batched[k]:.6g}, single {float(single[0]):.6g}, |diff| {diff:.3g}"
+            )
     if bad:
         raise BatchingMismatchError(
             f"batched path sweep disagrees with single-edge runs beyond {tol:g} in {len(bad)} of {len(picks)} checked edges:\n"
-            + "\n".join(bad) + "\nthe batched path is wrong for this model: run with batch_size=1 and report it"
+            + "\n".join(bad)
+            + "\nthe batched path is wrong for this model: run with batch_size=1 and report it"
         )

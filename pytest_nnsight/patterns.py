@@ -22,7 +22,9 @@ def _trace_inputs(model: Any, prompt: str) -> tuple[tuple, dict]:
         return (prompt,), {}
     tok = getattr(model, "tokenizer", None)
     if tok is None:
-        raise ModelUsageError(f"{type(model).__name__} has no tokenizer: serve it with tokenizer= to read patterns of prompts")
+        raise ModelUsageError(
+            f"{type(model).__name__} has no tokenizer: serve it with tokenizer= to read patterns of prompts"
+        )
     return (), dict(tok(prompt, return_tensors="pt"))
 
 
@@ -60,8 +62,15 @@ def assert_attends(model: Any, prompt: str, *, layer: int, head: int, query: Any
         top = pattern[q[0]].topk(min(3, pattern.shape[-1]))
         _fail(
             f"claim: head {layer}.{head} at {describe_positions(tokens, q)} attends to {describe_positions(tokens, k)} with weight >= {at_least:g}",
-            [("site", f"pattern.{layer}.{head}"), ("prompt", repr(prompt)), ("measured", f"{weight:.4g}"),
-             ("attends to", ", ".join(f"{int(i)} {tokens[int(i)]!r} {float(v):.3f}" for v, i in zip(top.values, top.indices)))],
+            [
+                ("site", f"pattern.{layer}.{head}"),
+                ("prompt", repr(prompt)),
+                ("measured", f"{weight:.4g}"),
+                (
+                    "attends to",
+                    ", ".join(f"{int(i)} {tokens[int(i)]!r} {float(v):.3f}" for v, i in zip(top.values, top.indices)),
+                ),
+            ],
             "check the layer/head numbering of this model family, or look at the whole row with attention_pattern()",
         )
     return weight
@@ -79,7 +88,14 @@ def previous_token_scores(model: Any, prompts: Sequence[str], *, layer: int, hea
 
 
 def assert_previous_token_head(
-    model: Any, prompts: Sequence[str], *, layer: int, head: int, min_weight: float = 0.5, on_at_least: float = 0.9, start: int = 1
+    model: Any,
+    prompts: Sequence[str],
+    *,
+    layer: int,
+    head: int,
+    min_weight: float = 0.5,
+    on_at_least: float = 0.9,
+    start: int = 1,
 ) -> list[float]:
     """Head `head` of `layer` is a previous-token head: on at least `on_at_least` of `prompts` its mean attention
     to the previous token (see previous_token_scores) is >= `min_weight`. Returns the per-prompt scores.
@@ -90,14 +106,21 @@ def assert_previous_token_head(
     if not prompts:
         raise ArgumentError("assert_previous_token_head needs at least one prompt")
     scores = previous_token_scores(model, prompts, layer=layer, head=head, start=start)
-    failing = sorted(((s, p) for s, p in zip(scores, prompts) if not s >= min_weight), key=lambda x: x[0] if x[0] == x[0] else -1)
+    failing = sorted(
+        ((s, p) for s, p in zip(scores, prompts) if not s >= min_weight), key=lambda x: x[0] if x[0] == x[0] else -1
+    )
     passed = len(prompts) - len(failing)
     if not passed / len(prompts) >= on_at_least:
         _fail(
             f"claim: head {layer}.{head} is a previous-token head (weight >= {min_weight:g}) on at least {on_at_least:.0%} of prompts",
-            [("site", f"pattern.{layer}.{head}"),
-             ("measured", f"{len(failing)} / {len(prompts)} failed ({len(failing) / len(prompts):.0%}); mean score {sum(scores) / len(scores):.3f}"),
-             ("worst", "; ".join(f"{p!r}: {s:.3f}" for s, p in failing[:5]))],
+            [
+                ("site", f"pattern.{layer}.{head}"),
+                (
+                    "measured",
+                    f"{len(failing)} / {len(prompts)} failed ({len(failing) / len(prompts):.0%}); mean score {sum(scores) / len(scores):.3f}",
+                ),
+                ("worst", "; ".join(f"{p!r}: {s:.3f}" for s, p in failing[:5])),
+            ],
             "a previous-token head may sit in another layer: scan heads with previous_token_scores()",
         )
     return scores

@@ -44,11 +44,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for opt in _settings.OPTIONS:
         where = f"env {opt.env}, ini {opt.ini}"
         if opt.metavar is None:
-            group.addoption(opt.flag, action="store_const", const=True, default=None, dest=opt.dest,
-                            help=f"{opt.help} (default: off; {where}).")
+            group.addoption(
+                opt.flag,
+                action="store_const",
+                const=True,
+                default=None,
+                dest=opt.dest,
+                help=f"{opt.help} (default: off; {where}).",
+            )
         else:
-            group.addoption(opt.flag, action="store", default=None, dest=opt.dest, metavar=opt.metavar,
-                            help=f"{opt.help} (default: {opt.default}; {where}).")
+            group.addoption(
+                opt.flag,
+                action="store",
+                default=None,
+                dest=opt.dest,
+                metavar=opt.metavar,
+                help=f"{opt.help} (default: {opt.default}; {where}).",
+            )
         parser.addini(opt.ini, help=f"{opt.help} (default: {opt.default}).", type="string", default="")
 
 
@@ -63,7 +75,9 @@ def pytest_configure(config: pytest.Config) -> None:
             from .models import resolve_device
 
             resolve_device(resolved.device)
-        if resolved.remote != "off":  # --nnsight-remote ndif without NDIF_API_KEY: a usage error now (key never printed)
+        if (
+            resolved.remote != "off"
+        ):  # --nnsight-remote ndif without NDIF_API_KEY: a usage error now (key never printed)
             from .remote import check_remote
 
             check_remote(resolved)
@@ -71,7 +85,9 @@ def pytest_configure(config: pytest.Config) -> None:
             _settings.load_hypothesis_profile(resolved.hypothesis_profile, resolved.source_of("hypothesis_profile"))
         report_state = _report.configure(config, resolved)  # an unwritable --nnsight-report DIR stops the run now
         if resolved.review and report_state.directory is None and getattr(config, "cache", None) is not None:
-            report_state.directory = Path(config.cache.mkdir("nnsight-review"))  # the review's figures: a report in the cache
+            report_state.directory = Path(
+                config.cache.mkdir("nnsight-review")
+            )  # the review's figures: a report in the cache
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = resolved
@@ -80,10 +96,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
         enable()
     _snapshot_hooks.configure(config, resolved)
-    config.stash[LOCK_KEY] = _structure_lock.configure(config.rootpath, resolved.structure_lock,
-                                                       bool(getattr(config.option, "update_snapshots", False)))
+    config.stash[LOCK_KEY] = _structure_lock.configure(
+        config.rootpath, resolved.structure_lock, bool(getattr(config.option, "update_snapshots", False))
+    )
     config.stash[REPORT_KEY] = report_state
-    config.pluginmanager.register(report_state, "nnsight-findings")  # collects the records of every report, workers' too
+    config.pluginmanager.register(
+        report_state, "nnsight-findings"
+    )  # collects the records of every report, workers' too
     if not hasattr(config, "workerinput"):  # the controller clears once, before xdist workers start
         from .activation_cache import clear_at_start
 
@@ -127,7 +146,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if marker is None:
         return
     if not marker.args:
-        raise pytest.UsageError(f"{metafunc.definition.nodeid}: @pytest.mark.nnsight_models() needs at least one model id")
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: @pytest.mark.nnsight_models() needs at least one model id"
+        )
     if "model" not in metafunc.fixturenames:
         raise pytest.UsageError(
             f"{metafunc.definition.nodeid}: @pytest.mark.nnsight_models parametrizes the `model` fixture, "
@@ -147,7 +168,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     s = item.config.stash[SETTINGS_KEY]
     if s.device == "cpu":
-        pytest.skip(f"needs a CUDA device, but the device is cpu (from {s.source_of('device')}); use --nnsight-device auto or cuda")
+        pytest.skip(
+            f"needs a CUDA device, but the device is cpu (from {s.source_of('device')}); use --nnsight-device auto or cuda"
+        )
     import torch
 
     if not torch.cuda.is_available():
@@ -222,7 +245,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
         from . import review
 
         state = config.stash[REPORT_KEY]
-        review.run(config, terminalreporter, state.records.records, state.directory if state.result is not None else None)
+        review.run(
+            config, terminalreporter, state.records.records, state.directory if state.result is not None else None
+        )
     _activation_cache_summary(terminalreporter, config)
     cache = config.stash.get(CACHE_KEY, None)
     if cache is None or not cache.loaded() or config.get_verbosity() < 0:
@@ -235,8 +260,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
             + (f"; {entry.info['batching']}" if entry.info.get("batching") else "")
         )
     if getattr(cache, "hub_unreachable", None):
-        terminalreporter.write_line(f"the model hub was unreachable ({cache.hub_unreachable}): later loads of this session ran offline; "
-                                    "--nnsight-offline skips the hub from the start")
+        terminalreporter.write_line(
+            f"the model hub was unreachable ({cache.hub_unreachable}): later loads of this session ran offline; "
+            "--nnsight-offline skips the hub from the start"
+        )
 
 
 def _findings_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
@@ -244,7 +271,9 @@ def _findings_summary(terminalreporter: pytest.TerminalReporter, config: pytest.
     state = config.stash.get(REPORT_KEY, None)
     if state is None:
         return
-    _run_records.terminal_summary(terminalreporter, state.records, config.stash[SETTINGS_KEY].summary or config.get_verbosity() > 0)
+    _run_records.terminal_summary(
+        terminalreporter, state.records, config.stash[SETTINGS_KEY].summary or config.get_verbosity() > 0
+    )
     for line in _report.terminal_lines(state):
         terminalreporter.write_line(line, red=line.startswith("could not"), bold=True)
 
@@ -255,6 +284,11 @@ def _activation_cache_summary(terminalreporter: pytest.TerminalReporter, config:
     if cache is None or config.get_verbosity() < 0 or not (cache.computed or cache.loaded):
         return
     where = cache.directory if cache.enabled else "off (--nnsight-no-cache), in memory"
-    corrupt = f", {cache.recomputed_corrupt} corrupt entr{'y' if cache.recomputed_corrupt == 1 else 'ies'} recomputed" if cache.recomputed_corrupt else ""
-    terminalreporter.write_line(f"activation cache {where}: {cache.computed} computed ({cache.forwards} forward passes), {cache.loaded} loaded{corrupt}")
-
+    corrupt = (
+        f", {cache.recomputed_corrupt} corrupt entr{'y' if cache.recomputed_corrupt == 1 else 'ies'} recomputed"
+        if cache.recomputed_corrupt
+        else ""
+    )
+    terminalreporter.write_line(
+        f"activation cache {where}: {cache.computed} computed ({cache.forwards} forward passes), {cache.loaded} loaded{corrupt}"
+    )

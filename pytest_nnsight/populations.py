@@ -73,15 +73,21 @@ def _pairs(pairs: Any, n: int | None, seed: int) -> list[CounterfactualPair]:
     space = getattr(pairs, "space", None)
     if space is not None:
         if n is None:
-            raise StrategyError(f"a strategy of pairs needs n=: how many of its {len(space)} distinct variants to evaluate")
+            raise StrategyError(
+                f"a strategy of pairs needs n=: how many of its {len(space)} distinct variants to evaluate"
+            )
         return space.sample(n, seed)
     if not isinstance(pairs, Sequence) or not pairs or not all(isinstance(p, CounterfactualPair) for p in pairs):
-        raise StrategyError(f"pairs={pairs!r:.80}: expected counterfactual_pairs(...) with n=, or a non-empty list of CounterfactualPair")
+        raise StrategyError(
+            f"pairs={pairs!r:.80}: expected counterfactual_pairs(...) with n=, or a non-empty list of CounterfactualPair"
+        )
     pairs = list(pairs)
     if n is not None:
         distinct = list(dict.fromkeys(pairs))
         if n > len(distinct):
-            raise StrategyError(f"n={n} is larger than the {len(distinct)} distinct variants given: lower n or pass more pairs")
+            raise StrategyError(
+                f"n={n} is larger than the {len(distinct)} distinct variants given: lower n or pass more pairs"
+            )
         pairs = distinct[:n]
     return pairs
 
@@ -91,7 +97,9 @@ def _row_metric(metrics: Sequence[Metric]) -> Metric:
     groups: dict[int, tuple[Metric, list[int]]] = {}
     for r, m in enumerate(metrics):
         if m.needs_reference:
-            raise MetricError(f"metric {m.name} needs a reference run, which population() does not provide: use logit_diff, prob, logprob or rank")
+            raise MetricError(
+                f"metric {m.name} needs a reference run, which population() does not provide: use logit_diff, prob, logprob or rank"
+            )
         # keyed by the metric object, not its name: per-pair closures share one __name__ but measure different things
         groups.setdefault(id(m), (m, []))[1].append(r)
 
@@ -104,8 +112,13 @@ def _row_metric(metrics: Sequence[Metric]) -> Metric:
             values = values.index_copy(0, idx, v[idx])
         return values
 
-    return Metric("per-variant metric", fn, takes_mask=True, padding_safe=all(m.padding_safe for m in metrics),
-                  last_only=all(m.last_only for m in metrics))
+    return Metric(
+        "per-variant metric",
+        fn,
+        takes_mask=True,
+        padding_safe=all(m.padding_safe for m in metrics),
+        last_only=all(m.last_only for m in metrics),
+    )
 
 
 @dataclass(frozen=True)
@@ -123,7 +136,16 @@ class _Pairs:
 
     def one(self, i: int) -> _Pairs:
         """Pair i alone in a trace of its own: what the batching check compares the batched values with."""
-        return _Pairs(self.model, self.site, [self.sources[i]], [self.targets[i]], [self.positions[i]], [self.metrics[i]], 2, False)
+        return _Pairs(
+            self.model,
+            self.site,
+            [self.sources[i]],
+            [self.targets[i]],
+            [self.positions[i]],
+            [self.metrics[i]],
+            2,
+            False,
+        )
 
 
 def _measure(req: _Pairs) -> tuple[list[float], list[float], list[float]]:
@@ -180,18 +202,38 @@ def _prefix_rows(req: _Pairs, plan: Any, start: Any) -> tuple[list[float], list[
             src_vals[i], tgt_vals[i] = float(values[2 * k]), float(values[2 * k + 1])
             shift_src = int(mask[2 * k].argmax()) if mask is not None else 0  # first real token of a left-padded row
             shift_tgt = int(mask[2 * k + 1].argmax()) if mask is not None else 0
-            rows.append(_forward.Row(start, tuple(p + shift_tgt for p in positions[i]), acts[s][2 * k, [p + shift_src for p in positions[i]]], source=k))
+            rows.append(
+                _forward.Row(
+                    start,
+                    tuple(p + shift_tgt for p in positions[i]),
+                    acts[s][2 * k, [p + shift_src for p in positions[i]]],
+                    source=k,
+                )
+            )
         metrics = [bound[i] for i in idx]
         if check:
             rows.append(_forward.Row(_forward.Start(0), (), None, source=0))
             metrics.append(bound[idx[0]])
         row_metric = _row_metric(metrics)
         keep_last = all(m.last_only for m in metrics)
-        row_mask = None if mask is None else mask[torch.tensor([target_rows[r.source] for r in rows], device=mask.device)]
-        # the lambda runs inside replay(), within this iteration: the loop variables it reads are the current ones
-        out = _forward.replay(plan, cap, rows, lambda h: per_row(row_metric(_forward.head_logits(plan, h, keep_last), None, row_mask), len(rows), row_metric))  # noqa: B023
+        row_mask = (
+            None if mask is None else mask[torch.tensor([target_rows[r.source] for r in rows], device=mask.device)]
+        )
+
+        def finish(
+            hidden: torch.Tensor,
+            metric: Any = row_metric,
+            last: bool = keep_last,
+            m: Any = row_mask,
+            n: int = len(rows),
+        ) -> Any:
+            return per_row(metric(_forward.head_logits(plan, hidden, last), None, m), n, metric)
+
+        out = _forward.replay(plan, cap, rows, finish)
         if check:
-            if not _forward.identity_checked(plan, float(out[-1]), tgt_vals[idx[0]], 1e-4 if acts[s].dtype == torch.float32 else 5e-2):
+            if not _forward.identity_checked(
+                plan, float(out[-1]), tgt_vals[idx[0]], 1e-4 if acts[s].dtype == torch.float32 else 5e-2
+            ):
                 return None
             out, check = out[:-1], False
         for i, v in zip(idx, out.tolist()):
@@ -223,7 +265,9 @@ def _verify(req: _Pairs, batched: tuple[list[float], list[float], list[float]], 
         for name, values, one in zip(("clean", "corrupt", "patched"), batched, single):
             diff = abs(values[i] - one[0])
             if not diff <= tol and not (math.isnan(values[i]) and math.isnan(one[0])):
-                bad.append(f"  pair {i} {name}: batched {values[i]:.6g}, single {one[0]:.6g}, |diff| {diff:.3g}: {text_of(req.targets[i])!r}")
+                bad.append(
+                    f"  pair {i} {name}: batched {values[i]:.6g}, single {one[0]:.6g}, |diff| {diff:.3g}: {text_of(req.targets[i])!r}"
+                )
     if bad:
         raise BatchingMismatchError(
             f"batched population disagrees with single-pair runs beyond {tol:g} in {len(bad)} values of {len(picks)} checked pairs:\n"
@@ -265,8 +309,13 @@ def population(
     >>> result = population(model, counterfactual_pairs(templates, fillers), n=64,   # doctest: +SKIP
     ...                     site="resid_post.0", position="last", threshold=0.7)
     """
-    args = moved_positionals("population", "model, pairs", old, ("site", "position", "metric"),
-                             {"site": site, "position": position, "metric": metric, "threshold": threshold})
+    args = moved_positionals(
+        "population",
+        "model, pairs",
+        old,
+        ("site", "position", "metric"),
+        {"site": site, "position": position, "metric": metric, "threshold": threshold},
+    )
     metric = None if args["metric"] is UNSET else args["metric"]
     required("population", {k: args[k] for k in ("site", "position", "threshold")})
     site, position, threshold = args["site"], args["position"], args["threshold"]
@@ -291,8 +340,16 @@ def _check_arguments(reuse: Any, batch_size: Any, direction: Any, threshold: Any
         raise ArgumentError(f"threshold={threshold!r}: expected a finite number")
 
 
-def _resolve(model: Any, variants: Sequence[CounterfactualPair], site: Any, position: Any, metric: Callable[[CounterfactualPair], Any] | None,
-             direction: Direction, batch_size: int, same_length: bool) -> _Pairs:
+def _resolve(
+    model: Any,
+    variants: Sequence[CounterfactualPair],
+    site: Any,
+    position: Any,
+    metric: Callable[[CounterfactualPair], Any] | None,
+    direction: Direction,
+    batch_size: int,
+    same_length: bool,
+) -> _Pairs:
     """Resolve the site, each pair's metric, prompts and positions (errors name the bad value) into one request."""
     s = resolve_site(model, site)
     make = metric if metric is not None else (lambda p: logit_diff(p.answer, p.distractor))
@@ -301,7 +358,9 @@ def _resolve(model: Any, variants: Sequence[CounterfactualPair], site: Any, posi
     sources = [p.clean if restoring else p.corrupt for p in variants]
     targets = [p.corrupt if restoring else p.clean for p in variants]
     positions = [pair_positions(model, p.clean, p.corrupt, position)[2] for p in variants]
-    return _Pairs(model, s, sources, targets, positions, bound, batch_size, mixed=not same_length and may_mix(model, bound))
+    return _Pairs(
+        model, s, sources, targets, positions, bound, batch_size, mixed=not same_length and may_mix(model, bound)
+    )
 
 
 def _measure_pairs(req: _Pairs, reuse: Reuse) -> tuple[list[float], list[float], list[float]]:
@@ -312,8 +371,15 @@ def _measure_pairs(req: _Pairs, reuse: Reuse) -> tuple[list[float], list[float],
     return done if done is not None else _measure(req)
 
 
-def _summarize(variants: Sequence[CounterfactualPair], batched: tuple[list[float], list[float], list[float]], site: str, position: Any,
-               metric: str, threshold: float, min_gap: float) -> PopulationResult:
+def _summarize(
+    variants: Sequence[CounterfactualPair],
+    batched: tuple[list[float], list[float], list[float]],
+    site: str,
+    position: Any,
+    metric: str,
+    threshold: float,
+    min_gap: float,
+) -> PopulationResult:
     """Each pair's normalized effect (NaN where its runs barely differ), then the pass rate, Wilson bound, mean and spread."""
     src_vals, tgt_vals, patched = batched
     effects = []
@@ -328,12 +394,27 @@ def _summarize(variants: Sequence[CounterfactualPair], batched: tuple[list[float
     std = math.sqrt(sum((e - mean) ** 2 for e in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
     count = len(variants)
     return PopulationResult(
-        count, tuple(effects), passed, passed / count, wilson_interval(passed, count)[0], mean, std, float(threshold),
-        site, position, metric, tuple(variants), tuple(src_vals), tuple(tgt_vals), tuple(patched),
+        count,
+        tuple(effects),
+        passed,
+        passed / count,
+        wilson_interval(passed, count)[0],
+        mean,
+        std,
+        float(threshold),
+        site,
+        position,
+        metric,
+        tuple(variants),
+        tuple(src_vals),
+        tuple(tgt_vals),
+        tuple(patched),
     )
 
 
-def assert_population(result: PopulationResult, min_rate: float = 0.9, *, on: str = "lower_bound", show: int = 5) -> None:
+def assert_population(
+    result: PopulationResult, min_rate: float = 0.9, *, on: str = "lower_bound", show: int = 5
+) -> None:
     """At least `min_rate` of the variants pass (stated on the Wilson 95% lower bound by default, or on the raw rate)."""
     __tracebackhide__ = True
     if on not in ("lower_bound", "rate"):
@@ -350,7 +431,9 @@ def assert_population(result: PopulationResult, min_rate: float = 0.9, *, on: st
             note = "clean and corrupt barely differ" if math.isnan(eff) else "passes"
         else:
             note = f"< {result.threshold:g}"
-        worst.append(f"\n    {eff:.4g} ({note}): {p.clean.text!r} -> {p.answer!r} | {p.corrupt.text!r} -> {p.distractor!r}")
+        worst.append(
+            f"\n    {eff:.4g} ({note}): {p.clean.text!r} -> {p.answer!r} | {p.corrupt.text!r} -> {p.distractor!r}"
+        )
     what = "Wilson 95% lower bound of the pass rate" if on == "lower_bound" else "pass rate"
     _fail(
         f"claim: patching {result.site} at {result.position!r} restores >= {result.threshold:g} of {result.metric} "

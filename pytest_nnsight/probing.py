@@ -43,13 +43,17 @@ def _encode(labels: Sequence[Hashable], n: int, what: str) -> tuple[list[int], t
         raise ProbeError(f"labels is a string {labels[:40]!r}: expected a sequence with one label per prompt")
     labels = list(labels)
     if len(labels) != n:
-        raise ProbeError(f"labels has {len(labels)} entries but {what} holds {n} examples: give one label per prompt, in prompt order")
+        raise ProbeError(
+            f"labels has {len(labels)} entries but {what} holds {n} examples: give one label per prompt, in prompt order"
+        )
     try:
         classes = sorted(set(labels), key=lambda x: (str(type(x)), x))
     except TypeError:
         raise ProbeError("labels must be hashable and comparable (str, int or bool), one per prompt") from None
     if len(classes) < 2:
-        raise ProbeError(f"labels hold a single class ({classes[0]!r} x {n}): a probe needs at least two classes to separate")
+        raise ProbeError(
+            f"labels hold a single class ({classes[0]!r} x {n}): a probe needs at least two classes to separate"
+        )
     index = {c: i for i, c in enumerate(classes)}
     return [index[y] for y in labels], tuple(str(c) for c in classes)
 
@@ -73,7 +77,15 @@ def _lbfgs(x: Any, y: Any, n_classes: int, l2: float, max_iter: int) -> Any:
         x, y = x.clone(), y.clone()
         w = torch.zeros(x.shape[1] + 1, n_classes, dtype=torch.float64, requires_grad=True)
         xb = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+        opt = torch.optim.LBFGS(
+            [w],
+            lr=1.0,
+            max_iter=max_iter,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-9,
+            tolerance_change=1e-12,
+        )
 
         def closure() -> Any:
             opt.zero_grad()
@@ -124,9 +136,15 @@ class ProbeResult:
         return [
             ("site", self.site),
             ("position", self.position),
-            ("classes", f"{len(self.classes)} ({', '.join(self.classes[:6])}{', ...' if len(self.classes) > 6 else ''})"),
+            (
+                "classes",
+                f"{len(self.classes)} ({', '.join(self.classes[:6])}{', ...' if len(self.classes) > 6 else ''})",
+            ),
             ("split", self.split),
-            ("measured", f"held-out accuracy {self.accuracy:.4g} ({self.correct} / {self.n_test}), 95% CI [{lo:.3f}, {hi:.3f}]; train {self.train_accuracy:.3g}"),
+            (
+                "measured",
+                f"held-out accuracy {self.accuracy:.4g} ({self.correct} / {self.n_test}), 95% CI [{lo:.3f}, {hi:.3f}]; train {self.train_accuracy:.3g}",
+            ),
             ("baselines", f"majority class {self.majority:.4g}, control task (shuffled labels) {self.control:.4g}"),
         ]
 
@@ -134,8 +152,10 @@ class ProbeResult:
         object.__setattr__(self, "accuracy", Measured(self.accuracy, f"probe accuracy at {self.site}", self.context()))
 
     def __repr__(self) -> str:
-        return (f"ProbeResult({self.site} @ {self.position}: accuracy {self.accuracy:.3f} [{self.ci[0]:.3f}, {self.ci[1]:.3f}] "
-                f"on {self.n_test}, majority {self.majority:.3f}, control {self.control:.3f})")
+        return (
+            f"ProbeResult({self.site} @ {self.position}: accuracy {self.accuracy:.3f} [{self.ci[0]:.3f}, {self.ci[1]:.3f}] "
+            f"on {self.n_test}, majority {self.majority:.3f}, control {self.control:.3f})"
+        )
 
 
 def fit_probe(
@@ -163,7 +183,9 @@ def fit_probe(
     y_list, classes = _encode(labels, features.shape[0], "features")
     train, test = stratified_split(y_list, test_fraction, seed)
     if not test:
-        raise ProbeError(f"no held-out examples: every class has a single example among {len(y_list)}; give at least two per class")
+        raise ProbeError(
+            f"no held-out examples: every class has a single example among {len(y_list)}; give at least two per class"
+        )
     x = features.detach().to("cpu", torch.float64)
     mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-8)
     x = (x - mean) / std
@@ -172,7 +194,9 @@ def fit_probe(
 
     def score(targets: Any) -> tuple[int, float]:
         w = _fit(x[ti], targets[ti], len(classes), l2, max_iter)
-        return int((_predict(w, x[si]) == targets[si]).sum()), float((_predict(w, x[ti]) == targets[ti]).double().mean())
+        return int((_predict(w, x[si]) == targets[si]).sum()), float(
+            (_predict(w, x[ti]) == targets[ti]).double().mean()
+        )
 
     correct, train_acc = score(y)
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))]
@@ -180,9 +204,23 @@ def fit_probe(
     most = Counter(y[ti].tolist()).most_common(1)[0][0]
     majority = float((y[si] == most).double().mean())
     split = f"stratified by label, seed {seed}: {len(train)} train / {len(test)} test ({test_fraction:g} of each class held out)"
-    result = ProbeResult(site, position, correct / len(test), correct, len(test), len(train), wilson_interval(correct, len(test)), train_acc,
-                         majority, control_acc, classes, split, seed, l2,
-                         extra={"pca": pca_2d(features.detach().to("cpu", torch.float64)), "labels": [classes[i] for i in y_list]})
+    result = ProbeResult(
+        site,
+        position,
+        correct / len(test),
+        correct,
+        len(test),
+        len(train),
+        wilson_interval(correct, len(test)),
+        train_acc,
+        majority,
+        control_acc,
+        classes,
+        split,
+        seed,
+        l2,
+        extra={"pca": pca_2d(features.detach().to("cpu", torch.float64)), "labels": [classes[i] for i in y_list]},
+    )
     record_probe(result)  # the report draws the PCA beside the accuracies
     return result
 
@@ -205,7 +243,10 @@ def pca_2d(x: Any, max_points: int = PCA_POINTS) -> dict[str, Any]:
         points = torch.cat([points, torch.zeros(points.shape[0], 2 - points.shape[1], dtype=points.dtype)], 1)
     var = s.square()
     explained = (var[:2] / var.sum().clamp_min(1e-300)).tolist() + [0.0] * (2 - min(2, len(var)))
-    return {"points": [[round(float(a), 6), round(float(b), 6)] for a, b in points.tolist()], "explained": [float(e) for e in explained[:2]]}
+    return {
+        "points": [[round(float(a), 6), round(float(b), 6)] for a, b in points.tolist()],
+        "explained": [float(e) for e in explained[:2]],
+    }
 
 
 def probe(acts: Any, site: Any, labels: Sequence[Hashable], *, index: int = -1, **kwargs: Any) -> ProbeResult:
@@ -217,16 +258,22 @@ def probe(acts: Any, site: Any, labels: Sequence[Hashable], *, index: int = -1, 
     name = acts.tensor_name(site)  # SiteNotCachedError names the cached sites
     label = next((s for s in acts.sites if acts.names.get(s) == name), name)
     if len(labels) != len(acts):
-        raise ProbeError(f"labels has {len(labels)} entries but the cached activations hold {len(acts)} prompts: give one label per prompt, in prompt order")
+        raise ProbeError(
+            f"labels has {len(labels)} entries but the cached activations hold {len(acts)} prompts: give one label per prompt, in prompt order"
+        )
     widths = {len(p) for p in acts.positions}
     if len(widths) > 1:
-        raise ProbeError("the entry stores whole sequences of different lengths, so a stored position index means different tokens: "
-                         "cache positions='last' (or an int, a word, a '{slot}') to probe")
+        raise ProbeError(
+            "the entry stores whole sequences of different lengths, so a stored position index means different tokens: "
+            "cache positions='last' (or an int, a word, a '{slot}') to probe"
+        )
     width = widths.pop() if widths else 0
     if not -width <= index < width:
         raise ProbeError(f"position index {index} is out of range: the entry stores {width} position(s) per prompt")
     toks = {t[index] for t in acts.tokens}
-    where = f"stored position {index}" + (f" (tokens: {', '.join(sorted(toks)[:4])}{', ...' if len(toks) > 4 else ''})" if toks else "")
+    where = f"stored position {index}" + (
+        f" (tokens: {', '.join(sorted(toks)[:4])}{', ...' if len(toks) > 4 else ''})" if toks else ""
+    )
     return fit_probe(acts.at(site, index), labels, site=label, position=where, **kwargs)
 
 
@@ -267,21 +314,36 @@ class ProbeSweep:
     def to_map(self) -> EffectMap:
         """Rows: sites; one column (the probed position); values: held-out accuracy; raw: control-task accuracy."""
         chance = max(r.majority for r in self.results)
-        return EffectMap(self.values, self.sites, (self.position,), "probe accuracy", "", "", 1.0, chance, kind="probe",
-                         raw=tuple((float(r.control),) for r in self.results), positions=(0,))
+        return EffectMap(
+            self.values,
+            self.sites,
+            (self.position,),
+            "probe accuracy",
+            "",
+            "",
+            1.0,
+            chance,
+            kind="probe",
+            raw=tuple((float(r.control),) for r in self.results),
+            positions=(0,),
+        )
 
     def to_text(self) -> str:
         width = max(len(s) for s in self.sites)
         lines = [f"{'site':<{width}}  accuracy  95% CI          majority  control"]
         for r in self.results:
-            lines.append(f"{r.site:<{width}}  {r.accuracy:8.3f}  [{r.ci[0]:.3f}, {r.ci[1]:.3f}]  {r.majority:8.3f}  {r.control:7.3f}")
+            lines.append(
+                f"{r.site:<{width}}  {r.accuracy:8.3f}  [{r.ci[0]:.3f}, {r.ci[1]:.3f}]  {r.majority:8.3f}  {r.control:7.3f}"
+            )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return "ProbeSweep(" + ", ".join(f"{r.site} {r.accuracy:.2f}" for r in self.results) + f" @ {self.position})"
 
 
-def probe_sites(acts: Any, labels: Sequence[Hashable], sites: Sequence[Any] | None = None, *, index: int = -1, **kwargs: Any) -> ProbeSweep:
+def probe_sites(
+    acts: Any, labels: Sequence[Hashable], sites: Sequence[Any] | None = None, *, index: int = -1, **kwargs: Any
+) -> ProbeSweep:
     """A probe per site (default: every cached site, in forward order) at stored position `index`."""
     chosen = list(acts.sites) if sites is None else list(sites)
     if not chosen:
@@ -290,7 +352,9 @@ def probe_sites(acts: Any, labels: Sequence[Hashable], sites: Sequence[Any] | No
     return ProbeSweep(results, results[0].position)
 
 
-def assert_probe(result: ProbeResult, min_accuracy: float, *, over_baseline: float | None = None, lower_bound: bool = False) -> None:
+def assert_probe(
+    result: ProbeResult, min_accuracy: float, *, over_baseline: float | None = None, lower_bound: bool = False
+) -> None:
     """The probe's held-out accuracy is >= `min_accuracy` (its Wilson lower bound with `lower_bound=True`),
     and beats the majority-class and control-task baselines by `over_baseline` when given."""
     __tracebackhide__ = True
@@ -299,8 +363,15 @@ def assert_probe(result: ProbeResult, min_accuracy: float, *, over_baseline: flo
     measured = result.ci[0] if lower_bound else float(result.accuracy)
     what = "the 95% lower bound of held-out accuracy" if lower_bound else "held-out accuracy"
     record_probe(result)  # a probe fitted outside the test (a fixture) is drawn in the report once asserted
-    record_check(f"{what} of the probe at {result.site}", measured, ">=", min_accuracy, site=result.site,
-                 passed=measured >= min_accuracy and (over_baseline is None or float(result.accuracy) >= result.baseline + over_baseline))
+    record_check(
+        f"{what} of the probe at {result.site}",
+        measured,
+        ">=",
+        min_accuracy,
+        site=result.site,
+        passed=measured >= min_accuracy
+        and (over_baseline is None or float(result.accuracy) >= result.baseline + over_baseline),
+    )
     problems = []
     if not measured >= min_accuracy:
         problems.append(f"{what} {measured:.4g} < {min_accuracy:g}")
@@ -311,6 +382,11 @@ def assert_probe(result: ProbeResult, min_accuracy: float, *, over_baseline: flo
         claim = f"claim: {result.site} linearly encodes the labels{where}: {what} >= {min_accuracy:g}"
         if over_baseline is not None:
             claim += f" and beats the baselines by {over_baseline:g}"
-        expected = f"{what} >= {min_accuracy:g}" + (f", accuracy >= max(majority, control) + {over_baseline:g}" if over_baseline is not None else "")
-        _fail(claim, result.context() + [("expected", expected), ("failed", "; ".join(problems))],
-              "probe the other layers (probe_sites) to see where the property becomes decodable, or add examples to narrow the interval")
+        expected = f"{what} >= {min_accuracy:g}" + (
+            f", accuracy >= max(majority, control) + {over_baseline:g}" if over_baseline is not None else ""
+        )
+        _fail(
+            claim,
+            result.context() + [("expected", expected), ("failed", "; ".join(problems))],
+            "probe the other layers (probe_sites) to see where the property becomes decodable, or add examples to narrow the interval",
+        )

@@ -50,7 +50,9 @@ def _word(tok: str) -> str:
 SLOT_RE = re.compile(r"^\{(\w+)\}$")
 
 
-def resolve_position(tokens: Sequence[str], position: Position, *, prompt: str = "", slots: Mapping[str, str] | None = None) -> list[int]:
+def resolve_position(
+    tokens: Sequence[str], position: Position, *, prompt: str = "", slots: Mapping[str, str] | None = None
+) -> list[int]:
     """Token indices (non-negative) that `position` names in a prompt tokenized as `tokens`.
 
     Accepts an int (negative counts from the end), "last", a slice, a list of ints, a word of the
@@ -60,7 +62,9 @@ def resolve_position(tokens: Sequence[str], position: Position, *, prompt: str =
     n = len(tokens)
     where = f"in prompt {prompt!r} tokenized as [{show_tokens(tokens)}]"
     if isinstance(position, bool):
-        raise PositionError(f"position {position!r} is a bool: expected an int, 'last', a slice, a word or a '{{slot}}'")
+        raise PositionError(
+            f"position {position!r} is a bool: expected an int, 'last', a slice, a word or a '{{slot}}'"
+        )
     if isinstance(position, int):
         if not -n <= position < n:
             raise PositionError(f"position {position} is out of range {where}: valid 0..{n - 1} or -{n}..-1")
@@ -70,7 +74,11 @@ def resolve_position(tokens: Sequence[str], position: Position, *, prompt: str =
         if not picked:
             raise PositionError(f"position slice {position} selects no token {where}")
         return picked
-    if isinstance(position, (list, tuple)) and position and all(isinstance(p, int) and not isinstance(p, bool) for p in position):
+    if (
+        isinstance(position, (list, tuple))
+        and position
+        and all(isinstance(p, int) and not isinstance(p, bool) for p in position)
+    ):
         return sorted({resolve_position(tokens, p, prompt=prompt)[0] for p in position})
     if isinstance(position, str):
         if position == "last":
@@ -80,22 +88,30 @@ def resolve_position(tokens: Sequence[str], position: Position, *, prompt: str =
             name = slot.group(1)
             if not slots or name not in slots:
                 known = ", ".join("{" + s + "}" for s in (slots or {})) or "none (plain prompt strings carry no slots)"
-                raise PositionError(f"position {position!r} names a template slot this prompt does not have; its slots: {known}")
+                raise PositionError(
+                    f"position {position!r} names a template slot this prompt does not have; its slots: {known}"
+                )
             return resolve_position(tokens, slots[name], prompt=prompt)
         return _find_word(tokens, position, where)
-    raise PositionError(f"position {position!r} ({type(position).__name__}) is not an int, 'last', a slice, a list of ints, a word or a '{{slot}}'")
+    raise PositionError(
+        f"position {position!r} ({type(position).__name__}) is not an int, 'last', a slice, a list of ints, a word or a '{{slot}}'"
+    )
 
 
 def _find_word(tokens: Sequence[str], word: str, where: str) -> list[int]:
     target = word.strip()
     spans = _spans(tokens, target)
     normalize = getattr(tokens, "normalize", None)
-    if not spans and normalize is not None and normalize(target) != target:  # an uncased tokenizer reads 'Paris' as 'paris'
+    if (
+        not spans and normalize is not None and normalize(target) != target
+    ):  # an uncased tokenizer reads 'Paris' as 'paris'
         spans = _spans(tokens, normalize(target))
     if not spans:
         raise PositionError(f"word {word!r} does not occur as whole tokens {where}")
     if len(spans) > 1:
-        raise PositionError(f"word {word!r} is ambiguous: it occurs at {[s[0] for s in spans]} {where}; give an int position instead")
+        raise PositionError(
+            f"word {word!r} is ambiguous: it occurs at {[s[0] for s in spans]} {where}; give an int position instead"
+        )
     return spans[0]
 
 
@@ -159,13 +175,17 @@ def token_prompt(model: Any, encoding: Mapping[str, Any]) -> TokenPrompt:
     """A TokenPrompt from `{'input_ids': [T] or [1, T], 'attention_mask': ...}`; only its real (mask 1) tokens are kept."""
     ids = encoding.get("input_ids")
     if ids is None:
-        raise PositionError(f"a prompt given as a mapping needs 'input_ids' (a BatchEncoding or a dict of tensors); it has {', '.join(map(str, encoding))}")
+        raise PositionError(
+            f"a prompt given as a mapping needs 'input_ids' (a BatchEncoding or a dict of tensors); it has {', '.join(map(str, encoding))}"
+        )
     ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
     mask = encoding.get("attention_mask")
     mask = mask.tolist() if hasattr(mask, "tolist") else mask
     if ids and isinstance(ids[0], list):
         if len(ids) != 1:
-            raise PositionError(f"a prompt given as token ids holds {len(ids)} rows: pass one prompt (shape [1, T] or [T]) per prompt")
+            raise PositionError(
+                f"a prompt given as token ids holds {len(ids)} rows: pass one prompt (shape [1, T] or [T]) per prompt"
+            )
         ids, mask = ids[0], (mask[0] if mask is not None else None)
     if mask is not None:
         ids = [i for i, keep in zip(ids, mask) if keep]
@@ -185,7 +205,9 @@ def check_context(model: Any, tokens: Sequence[str], prompt: str) -> None:
         getattr(getattr(model, "_module", model), "config", None), "max_position_embeddings", None
     )
     if limit and len(tokens) > limit:
-        raise PositionError(f"prompt {prompt[:60]!r}... is {len(tokens)} tokens, longer than the model's context of {limit}")
+        raise PositionError(
+            f"prompt {prompt[:60]!r}... is {len(tokens)} tokens, longer than the model's context of {limit}"
+        )
 
 
 def pair_positions(model: Any, clean: Any, corrupt: Any, position: Any) -> tuple[list[str], list[str], list[int]]:
@@ -194,7 +216,9 @@ def pair_positions(model: Any, clean: Any, corrupt: Any, position: Any) -> tuple
     check_context(model, ct, text_of(clean))
     both = f"\n  clean:   [{show_tokens(ct)}]\n  corrupt: [{show_tokens(xt)}]"
     if len(ct) != len(xt):
-        raise PositionError(f"clean and corrupt prompts tokenize to different lengths ({len(ct)} vs {len(xt)}), so positions do not line up:{both}")
+        raise PositionError(
+            f"clean and corrupt prompts tokenize to different lengths ({len(ct)} vs {len(xt)}), so positions do not line up:{both}"
+        )
     try:
         pos = resolve_position(ct, position, prompt=text_of(clean), slots=slots_of(clean))
     except PositionError as exc:
@@ -207,5 +231,7 @@ def pair_positions(model: Any, clean: Any, corrupt: Any, position: Any) -> tuple
     if slots_of(corrupt) is not None and isinstance(position, str) and position.startswith("{"):
         other = resolve_position(xt, position, prompt=text_of(corrupt), slots=slots_of(corrupt))
         if other != pos:
-            raise PositionError(f"slot {position} sits at {pos} in the clean prompt but at {other} in the corrupt one:{both}")
+            raise PositionError(
+                f"slot {position} sits at {pos} in the clean prompt but at {other} in the corrupt one:{both}"
+            )
     return ct, xt, pos

@@ -47,9 +47,14 @@ def read(model: Any, prompt: Any, sites: Any, *, positions: Any = None) -> dict[
     else:
         if any(s.item == 1 for s in site_list):
             raise SiteError("attention pattern sites are read whole: pass positions=None to read them")
-        wanted = [resolve_position(t, positions, prompt=text, slots=slots_of(p)) for t, text, p in zip(token_lists, texts, prompts)]
+        wanted = [
+            resolve_position(t, positions, prompt=text, slots=slots_of(p))
+            for t, text, p in zip(token_lists, texts, prompts)
+        ]
         if len({len(w) for w in wanted}) > 1:
-            raise PositionError(f"positions={positions!r} names {', '.join(str(len(w)) for w in wanted)} tokens in the prompts: read() needs the same count in each")
+            raise PositionError(
+                f"positions={positions!r} names {', '.join(str(len(w)) for w in wanted)} tokens in the prompts: read() needs the same count in each"
+            )
     rows: dict[Any, list[Any]] = {s: [None] * len(texts) for s in site_list}
     for idx in groups([len(t) for t in token_lists], len(texts), mixed=mixed_lengths_ok(model)):
         chunk = [texts[i] for i in idx]

@@ -149,8 +149,10 @@ class Drift:
         if not self.cells:
             return "; ".join(self.structural[:2]) or "the finding's shape changed"
         within = f", {self.changed} changed within tolerance" if self.changed and not self.moved else ""
-        return (f"{self.moved} / {self.cells} cells moved beyond tolerance ({self.tolerance}){within}; "
-                f"largest change {fmt(self.max_abs)}")
+        return (
+            f"{self.moved} / {self.cells} cells moved beyond tolerance ({self.tolerance}){within}; "
+            f"largest change {fmt(self.max_abs)}"
+        )
 
     def environment_line(self) -> str:
         return "environment: " + (", ".join(self.changes) or "unchanged (same versions, device, dtype and weights)")
@@ -246,7 +248,9 @@ class Finding:
     generations: list[GenerationRecord] = field(default_factory=list)
     circuits: list[CircuitRecord] = field(default_factory=list)
     probes: list[ProbeRecord] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # lines for the snapshots section (re-verified under a new environment)
+    notes: list[str] = field(
+        default_factory=list
+    )  # lines for the snapshots section (re-verified under a new environment)
     outcome: str = ""  # set by the run: passed, failed, error, skipped, xfailed, xpassed, fixture
     when: str = ""
     duration: Number = None
@@ -259,8 +263,19 @@ class Finding:
 
     def measured(self) -> bool:
         """Whether anything was recorded (a test that measured nothing is not a finding unless marked)."""
-        return any((self.checks, self.maps, self.effects, self.populations, self.snapshots, self.lenses, self.generations,
-                    self.circuits, self.probes))
+        return any(
+            (
+                self.checks,
+                self.maps,
+                self.effects,
+                self.populations,
+                self.snapshots,
+                self.lenses,
+                self.generations,
+                self.circuits,
+                self.probes,
+            )
+        )
 
     def primary_check(self) -> Check | None:
         """The check to show first: the first one that failed, else the one with the smallest margin."""

@@ -74,9 +74,21 @@ class FindingSpec:
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
-    def from_patch(cls, model: Any, clean: Any, corrupt: Any, *, site: Any, position: Any, metric: Any,
-                   direction: str = "clean->corrupt", name: str | None = None, test: str = "", effect: Any = None,
-                   tolerance: float = 1e-5) -> "FindingSpec":
+    def from_patch(
+        cls,
+        model: Any,
+        clean: Any,
+        corrupt: Any,
+        *,
+        site: Any,
+        position: Any,
+        metric: Any,
+        direction: str = "clean->corrupt",
+        name: str | None = None,
+        test: str = "",
+        effect: Any = None,
+        tolerance: float = 1e-5,
+    ) -> "FindingSpec":
         """The spec of `patch(model, clean, corrupt, site=, position=, metric=)`, with its numbers recorded.
 
         Runs the patch through nnsight unless its `effect` is given. Only built-in metrics
@@ -92,14 +104,22 @@ class FindingSpec:
         from .sites import model_name, module_of, resolve_site
 
         if not isinstance(metric, MetricSpec):
-            raise ReplayError(f"metric {metric!r} cannot be replayed: expected a built-in metric ({', '.join(f'{k}(...)' for k in METRIC_KINDS)})")
+            raise ReplayError(
+                f"metric {metric!r} cannot be replayed: expected a built-in metric ({', '.join(f'{k}(...)' for k in METRIC_KINDS)})"
+            )
         kind = metric.name.split("(", 1)[0]
         if kind not in METRIC_KINDS:
             raise ReplayError(f"metric {metric.name!r} cannot be replayed: expected one of {', '.join(METRIC_KINDS)}")
         model_id = model_name(model)
-        loadable = model_id.startswith("bundled:") or os.path.isdir(model_id) or re.match(r"^[\w.-]+(/[\w.-]+)?$", model_id)
-        if not loadable or model_id == type(module_of(model)).__name__:  # a module served as an object has only its class name
-            raise ReplayError(f"model {model_id!r} has no id transformers can load, so it cannot be replayed: serve it by hub id, path or bundled:NAME")
+        loadable = (
+            model_id.startswith("bundled:") or os.path.isdir(model_id) or re.match(r"^[\w.-]+(/[\w.-]+)?$", model_id)
+        )
+        if (
+            not loadable or model_id == type(module_of(model)).__name__
+        ):  # a module served as an object has only its class name
+            raise ReplayError(
+                f"model {model_id!r} has no id transformers can load, so it cannot be replayed: serve it by hub id, path or bundled:NAME"
+            )
         s = resolve_site(model, site)
         ct, _, pos = pair_positions(model, clean, corrupt, position)
         if effect is None:
@@ -107,11 +127,22 @@ class FindingSpec:
         ids = tuple(token_id(model.tokenizer, t) for t in metric.tokens)
         first = next(module_of(model).parameters())
         return cls(
-            name=name or f"{s}@{','.join(map(str, pos))}", model=model_id, clean=text_of(clean), corrupt=text_of(corrupt),
-            sites=(SiteSpec(s.path, s.part, s.head, s.n_heads, s.item, s.label),), positions=tuple(pos), metric=kind,
-            metric_tokens=tuple(metric.tokens), metric_ids=ids, direction=direction, tokens=tuple(ct),
-            recorded={q: float(getattr(effect, q)) for q in QUANTITIES}, environment=library_versions(),
-            dtype=str(first.dtype).replace("torch.", ""), tolerance=tolerance, test=test,
+            name=name or f"{s}@{','.join(map(str, pos))}",
+            model=model_id,
+            clean=text_of(clean),
+            corrupt=text_of(corrupt),
+            sites=(SiteSpec(s.path, s.part, s.head, s.n_heads, s.item, s.label),),
+            positions=tuple(pos),
+            metric=kind,
+            metric_tokens=tuple(metric.tokens),
+            metric_ids=ids,
+            direction=direction,
+            tokens=tuple(ct),
+            recorded={q: float(getattr(effect, q)) for q in QUANTITIES},
+            environment=library_versions(),
+            dtype=str(first.dtype).replace("torch.", ""),
+            tolerance=tolerance,
+            test=test,
         )
 
     # -- files --------------------------------------------------------------------------------
@@ -141,15 +172,21 @@ class FindingSpec:
         known = set(cls.__dataclass_fields__)
         extra = sorted(set(data) - known)
         if extra:
-            raise ReplayError(f"{source}: unknown key(s) {', '.join(extra)}: accepted keys are {', '.join(sorted(known))}")
+            raise ReplayError(
+                f"{source}: unknown key(s) {', '.join(extra)}: accepted keys are {', '.join(sorted(known))}"
+            )
         fields = ", ".join(SiteSpec.__dataclass_fields__)
         sites = data["sites"] if isinstance(data["sites"], list) else [data["sites"]]
         try:
             data["sites"] = tuple(SiteSpec(**s) for s in sites)
         except TypeError:
-            raise ReplayError(f"{source}: sites {data['sites']!r}: expected a list of objects with keys {fields}") from None
+            raise ReplayError(
+                f"{source}: sites {data['sites']!r}: expected a list of objects with keys {fields}"
+            ) from None
         positions = data["positions"]
-        if not isinstance(positions, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
+        if not isinstance(positions, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) for p in positions
+        ):
             raise ReplayError(f"{source}: positions {positions!r}: expected a list of ints")
         for key in ("positions", "metric_tokens", "metric_ids", "tokens"):
             data[key] = tuple(data.get(key, ()))
@@ -159,7 +196,9 @@ class FindingSpec:
         try:
             data["recorded"] = {k: _decode(v) for k, v in recorded.items()}
         except (TypeError, ValueError):
-            raise ReplayError(f"{source}: recorded {recorded!r}: expected a number (or 'nan', 'inf') for each of {', '.join(QUANTITIES)}") from None
+            raise ReplayError(
+                f"{source}: recorded {recorded!r}: expected a number (or 'nan', 'inf') for each of {', '.join(QUANTITIES)}"
+            ) from None
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -171,8 +210,10 @@ class FindingSpec:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ReplayError(f"{path}: cannot read the finding spec ({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}): expected a JSON file "
-                              "written by FindingSpec.save") from None
+            raise ReplayError(
+                f"{path}: cannot read the finding spec ({type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}): expected a JSON file "
+                "written by FindingSpec.save"
+            ) from None
         return cls.from_json(text, str(path))
 
 
@@ -185,6 +226,7 @@ def _decode(x: Any) -> float:
 
 
 # -- replay: transformers and torch hooks only ----------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ReplayResult:
@@ -243,8 +285,16 @@ def _first_input(args: tuple, kwargs: dict) -> Any:
     return args[0] if args else next(iter(kwargs.values()))
 
 
-def _forward(module: Any, tok: Any, text: str, sites: Sequence[SiteSpec], *, capture: bool = False, write: dict | None = None,
-             positions: Sequence[int] = ()) -> tuple[Any, dict[int, Any]]:
+def _forward(
+    module: Any,
+    tok: Any,
+    text: str,
+    sites: Sequence[SiteSpec],
+    *,
+    capture: bool = False,
+    write: dict | None = None,
+    positions: Sequence[int] = (),
+) -> tuple[Any, dict[int, Any]]:
     """One forward of `text`; returns (last-position logits [V] float32, captured site values [T, d] by site index)."""
     import torch
 
@@ -253,6 +303,7 @@ def _forward(module: Any, tok: Any, text: str, sites: Sequence[SiteSpec], *, cap
     for i, site in enumerate(sites):
         target = module.get_submodule(site.path) if site.path else module
         if site.part == "output":
+
             def hook(mod: Any, args: tuple, out: Any, i: int = i, site: SiteSpec = site) -> Any:
                 if capture:
                     captured[i] = _hidden(out, site)[0].detach().clone()
@@ -262,6 +313,7 @@ def _forward(module: Any, tok: Any, text: str, sites: Sequence[SiteSpec], *, cap
 
             handles.append(target.register_forward_hook(hook))
         else:
+
             def pre(mod: Any, args: tuple, kwargs: dict, i: int = i, site: SiteSpec = site) -> Any:
                 value = _first_input(args, kwargs)
                 if capture:
@@ -314,7 +366,9 @@ def replay(spec: FindingSpec, *, device: str = "cpu", model: Any = None, tokeniz
         raise ReplayError("replay(model=...) needs the tokenizer too: pass tokenizer=")
     tokens = tuple(tokenizer.convert_ids_to_tokens(tokenizer(spec.clean)["input_ids"]))
     if spec.tokens and tokens != tuple(spec.tokens):
-        raise ReplayError(f"{spec.name}: the tokenizer changed: {spec.clean!r} is now {list(tokens)}, recorded as {list(spec.tokens)}")
+        raise ReplayError(
+            f"{spec.name}: the tokenizer changed: {spec.clean!r} is now {list(tokens)}, recorded as {list(spec.tokens)}"
+        )
     for t, i in zip(spec.metric_tokens, spec.metric_ids):
         if isinstance(t, str) and tokenizer(t, add_special_tokens=False)["input_ids"] != [i]:
             raise ReplayError(f"{spec.name}: answer {t!r} no longer tokenizes to id {i}")
@@ -329,10 +383,13 @@ def replay(spec: FindingSpec, *, device: str = "cpu", model: Any = None, tokeniz
     patched_last, _ = _forward(model, tokenizer, target, spec.sites, write=write, positions=pos)
     s, t, p = (_metric(spec, x, reference) for x in (src_last, tgt_last, patched_last))
     norm = (p - t) / (s - t) if s != t else math.nan
-    return ReplayResult({"source": s, "target": t, "intervened": p, "normalized": norm}, tokens, time.perf_counter() - start)
+    return ReplayResult(
+        {"source": s, "target": t, "intervened": p, "normalized": norm}, tokens, time.perf_counter() - start
+    )
 
 
 # -- through nnsight, and the verdict -------------------------------------------------------------
+
 
 def compute_with_nnsight(spec: FindingSpec, model: Any) -> dict[str, float]:
     """The same effect through pytest-nnsight's own `patch` (nnsight) on a served model; single-site specs."""
@@ -341,20 +398,39 @@ def compute_with_nnsight(spec: FindingSpec, model: Any) -> dict[str, float]:
     from .sites import Site
 
     if len(spec.sites) != 1:
-        raise ReplayError(f"{spec.name}: patch() takes one site, the spec has {len(spec.sites)}; replay it with replay() only")
+        raise ReplayError(
+            f"{spec.name}: patch() takes one site, the spec has {len(spec.sites)}; replay it with replay() only"
+        )
     s = spec.sites[0]
     site = Site(s.path, s.part, s.head, s.n_heads, s.label, s.item)
     metric = getattr(metrics, spec.metric)(*spec.metric_tokens)
-    effect = patch(model, spec.clean, spec.corrupt, site=site, position=list(spec.positions), metric=metric, direction=spec.direction)
+    effect = patch(
+        model,
+        spec.clean,
+        spec.corrupt,
+        site=site,
+        position=list(spec.positions),
+        metric=metric,
+        direction=spec.direction,
+    )
     return {q: float(getattr(effect, q)) for q in QUANTITIES}
 
 
 def _close(a: dict[str, float], b: dict[str, float], atol: float, rtol: float) -> bool:
-    return all(abs(a[q] - b[q]) <= atol + rtol * abs(b[q]) or (math.isnan(a[q]) and math.isnan(b[q])) for q in QUANTITIES if q in a and q in b)
+    return all(
+        abs(a[q] - b[q]) <= atol + rtol * abs(b[q]) or (math.isnan(a[q]) and math.isnan(b[q]))
+        for q in QUANTITIES
+        if q in a and q in b
+    )
 
 
-def diagnose(recorded: dict[str, float], nnsight_now: dict[str, float] | None, replayed: dict[str, float],
-             atol: float = 1e-5, rtol: float = 1e-4) -> tuple[str, str]:
+def diagnose(
+    recorded: dict[str, float],
+    nnsight_now: dict[str, float] | None,
+    replayed: dict[str, float],
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> tuple[str, str]:
     """(status, sentence): what moved since the finding was recorded, by nnsight's number and the plain-torch replay.
 
     stable; tracing-changed (nnsight moved, replay still gives the recorded numbers); model-changed
@@ -363,25 +439,40 @@ def diagnose(recorded: dict[str, float], nnsight_now: dict[str, float] | None, r
     q = "normalized"
     r_ok = _close(replayed, recorded, atol, rtol)
     if nnsight_now is None:
-        return ("stable", "the replay gives the recorded numbers") if r_ok else (
-            "model-changed", f"plain torch moved: {q} {recorded[q]:.6g} -> {replayed[q]:.6g}; the model's own numbers changed")
+        return (
+            ("stable", "the replay gives the recorded numbers")
+            if r_ok
+            else (
+                "model-changed",
+                f"plain torch moved: {q} {recorded[q]:.6g} -> {replayed[q]:.6g}; the model's own numbers changed",
+            )
+        )
     n_ok = _close(nnsight_now, recorded, atol, rtol)
     if n_ok and r_ok:
         return "stable", "nnsight, the replay and the recorded numbers agree"
     if r_ok:
-        return "tracing-changed", (f"nnsight's {q} moved ({recorded[q]:.6g} -> {nnsight_now[q]:.6g}) but plain torch still gives the recorded "
-                                   f"{replayed[q]:.6g}: nnsight's tracing (or how pytest-nnsight drives it) changed, not the model")
+        return "tracing-changed", (
+            f"nnsight's {q} moved ({recorded[q]:.6g} -> {nnsight_now[q]:.6g}) but plain torch still gives the recorded "
+            f"{replayed[q]:.6g}: nnsight's tracing (or how pytest-nnsight drives it) changed, not the model"
+        )
     if _close(nnsight_now, replayed, atol, rtol):
-        return "model-changed", (f"{q} moved {recorded[q]:.6g} -> {nnsight_now[q]:.6g} and plain torch moved with it ({replayed[q]:.6g}): "
-                                 "the model's own numbers changed (transformers, torch or the weights), not nnsight's tracing")
+        return "model-changed", (
+            f"{q} moved {recorded[q]:.6g} -> {nnsight_now[q]:.6g} and plain torch moved with it ({replayed[q]:.6g}): "
+            "the model's own numbers changed (transformers, torch or the weights), not nnsight's tracing"
+        )
     if n_ok:
-        return "replay-differs", (f"nnsight still gives the recorded {q} {recorded[q]:.6g} but the replay gives {replayed[q]:.6g}: "
-                                  "the replay's setup differs from nnsight's (tokenizer, hook site); check the spec")
-    return "both-changed", (f"{q}: recorded {recorded[q]:.6g}, nnsight now {nnsight_now[q]:.6g}, replay {replayed[q]:.6g}: "
-                            "both moved, differently: the model's numbers and nnsight's tracing changed")
+        return "replay-differs", (
+            f"nnsight still gives the recorded {q} {recorded[q]:.6g} but the replay gives {replayed[q]:.6g}: "
+            "the replay's setup differs from nnsight's (tokenizer, hook site); check the spec"
+        )
+    return "both-changed", (
+        f"{q}: recorded {recorded[q]:.6g}, nnsight now {nnsight_now[q]:.6g}, replay {replayed[q]:.6g}: "
+        "both moved, differently: the model's numbers and nnsight's tracing changed"
+    )
 
 
 # -- command line ---------------------------------------------------------------------------------
+
 
 def _short_error(exc: BaseException) -> str:
     """One line for an error; nnsight 0.5-0.7 put a whole formatted traceback in str(), whose last line is the cause."""
@@ -394,9 +485,13 @@ def _short_error(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pytest_nnsight.replay", description="Replay finding specs with plain torch hooks.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pytest_nnsight.replay", description="Replay finding specs with plain torch hooks."
+    )
     parser.add_argument("specs", nargs="+", help="finding spec JSON files (FindingSpec.save)")
-    parser.add_argument("--check", action="store_true", help="also recompute each finding through nnsight and diagnose what moved")
+    parser.add_argument(
+        "--check", action="store_true", help="also recompute each finding through nnsight and diagnose what moved"
+    )
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -411,12 +506,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded.append((path, spec, result))
     cache = None
     for path, spec, result in loaded:
-        row: dict[str, Any] = {"name": spec.name if spec else Path(path).stem, "file": path, "test": spec.test if spec else "", "quantity": "normalized"}
+        row: dict[str, Any] = {
+            "name": spec.name if spec else Path(path).stem,
+            "file": path,
+            "test": spec.test if spec else "",
+            "quantity": "normalized",
+        }
         if spec is None or isinstance(result, str):
             row["error"] = result
             rows.append(row)
             continue
-        row.update(recorded=spec.recorded, recorded_environment=spec.environment, replay=result.values, replay_seconds=round(result.seconds, 3))
+        row.update(
+            recorded=spec.recorded,
+            recorded_environment=spec.environment,
+            replay=result.values,
+            replay_seconds=round(result.seconds, 3),
+        )
         now = None
         if args.check:
             try:

@@ -60,8 +60,13 @@ def check_writable(directory: str | os.PathLike) -> None:
 def environment(settings: Any = None) -> dict[str, str]:
     """What produced the findings: library versions, platform, device and dtype settings, the GPU when torch sees one."""
     env = dict(library_versions())
-    env.update(pytest=package_version("pytest"), syrupy=package_version("syrupy"), hypothesis=package_version("hypothesis"),
-               platform=platform.platform(), machine=platform.machine())
+    env.update(
+        pytest=package_version("pytest"),
+        syrupy=package_version("syrupy"),
+        hypothesis=package_version("hypothesis"),
+        platform=platform.platform(),
+        machine=platform.machine(),
+    )
     if settings is not None:
         env.update(device_setting=settings.device, dtype_setting=settings.dtype)
     torch = sys.modules.get("torch")
@@ -86,12 +91,20 @@ def _variant_values(rec: Finding) -> tuple[list[float], float | None, str]:
     """The effects across variants to plot: a population's, else those of repeated interventions (hypothesis examples)."""
     if rec.populations:
         p = rec.populations[0]
-        return [v for v in p.effects if v is not None], p.threshold, f"{p.site} @ {p.position}: {p.passed}/{p.n} variants pass"
+        return (
+            [v for v in p.effects if v is not None],
+            p.threshold,
+            f"{p.site} @ {p.position}: {p.passed}/{p.n} variants pass",
+        )
     effects = rec.variant_effects()
     if effects:
         thresholds = {c.threshold for c in rec.checks if c.what.startswith("normalized effect")}
         e = rec.effects[0]
-        return effects, thresholds.pop() if len(thresholds) == 1 else None, f"{e.kind} at {e.site}: {len(effects)} variants in this test"
+        return (
+            effects,
+            thresholds.pop() if len(thresholds) == 1 else None,
+            f"{e.kind} at {e.site}: {len(effects)} variants in this test",
+        )
     return [], None, ""
 
 
@@ -114,15 +127,28 @@ def _figures(rec: Finding, slug: str, plt: Any) -> dict[str, bytes]:
         for i in range(n_rows):
             for j in range(n_cols):
                 v = values[i][j]
-                ax.text(j, i, "nan" if not math.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black")
+                ax.text(
+                    j,
+                    i,
+                    "nan" if not math.isfinite(v) else f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black",
+                )
         for i, j in m.claimed:
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5, linestyle="--"))
+            ax.add_patch(
+                plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5, linestyle="--")
+            )
         for i, j in m.failing:
             ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="#ff00ff", linewidth=3))
             ax.text(j + 0.4, i - 0.3, "x", color="#ff00ff", fontsize=11, fontweight="bold", ha="right", va="top")
         fig.colorbar(im, ax=ax, label=f"normalized {m.kind} effect")
-        marks = "; magenta x: failing cells, dashed: claimed cells" if m.failing else ("; dashed: claimed cells" if m.claimed else "")
+        marks = (
+            "; magenta x: failing cells, dashed: claimed cells"
+            if m.failing
+            else ("; dashed: claimed cells" if m.claimed else "")
+        )
         ax.set_title(f"{m.corrupt_prompt!r} <- {m.clean_prompt!r}"[:90] + f"\n{m.metric}{marks}"[:100], fontsize=9)
         fig.tight_layout()
         out[f"figures/{slug}-map{k}.png"] = _png(fig, plt)
@@ -183,16 +209,28 @@ def _drift_figure(drift: Drift, snap: SnapshotRecord, plt: Any) -> bytes:
     old = [[math.nan if v is None else v for v in row] for row in m.old]
     new = [[math.nan if v is None else v for v in row] for row in m.new]
     diff = _diff_grid(m.old, m.new)
-    panels = [("recorded", old, m.old_sites or m.sites, m.old_tokens or m.tokens),
-              ("this run", new, m.sites, m.tokens)]
+    panels = [("recorded", old, m.old_sites or m.sites, m.old_tokens or m.tokens), ("this run", new, m.sites, m.tokens)]
     if diff is not None:
-        panels.append(("difference (this run - recorded)", [[math.nan if v is None else v for v in row] for row in diff], m.sites, m.tokens))
+        panels.append(
+            (
+                "difference (this run - recorded)",
+                [[math.nan if v is None else v for v in row] for row in diff],
+                m.sites,
+                m.tokens,
+            )
+        )
     finite = [abs(v) for _, grid, _, _ in panels for row in grid for v in row if math.isfinite(v)]
     lim = max([1e-9] + finite)
     n_cols = max(len(grid[0]) if grid else 0 for _, grid, _, _ in panels)
     n_rows = max(len(grid) for _, grid, _, _ in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(min(24.0, len(panels) * max(3.0, 0.5 * n_cols + 1.3) + 1.4), max(3.6, 0.45 * n_rows + 2.8)),
-                             dpi=100, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(min(24.0, len(panels) * max(3.0, 0.5 * n_cols + 1.3) + 1.4), max(3.6, 0.45 * n_rows + 2.8)),
+        dpi=100,
+        squeeze=False,
+        layout="constrained",
+    )
     moved, changed = {tuple(c) for c in m.moved}, {tuple(c) for c in m.changed}
     im = None
     for ax, (title, grid, sites, tokens) in zip(axes[0], panels):
@@ -200,16 +238,33 @@ def _drift_figure(drift: Drift, snap: SnapshotRecord, plt: Any) -> bytes:
             ax.set_axis_off()
             continue
         im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_xticks(range(len(grid[0])), [f"{j}:{t}" for j, t in enumerate(tokens[:len(grid[0])])], rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(grid)), sites[:len(grid)], fontsize=8)
+        ax.set_xticks(
+            range(len(grid[0])),
+            [f"{j}:{t}" for j, t in enumerate(tokens[: len(grid[0])])],
+            rotation=45,
+            ha="right",
+            fontsize=8,
+        )
+        ax.set_yticks(range(len(grid)), sites[: len(grid)], fontsize=8)
         ax.set_title(title, fontsize=9)
         if len(grid) * len(grid[0]) <= 160:
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
-                    ax.text(j, i, "nan" if not math.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black")
+                    ax.text(
+                        j,
+                        i,
+                        "nan" if not math.isfinite(v) else f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black",
+                    )
         for i, j in changed - moved:
-            ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="#777777", linewidth=1, linestyle=":"))
+            ax.add_patch(
+                plt.Rectangle(
+                    (j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="#777777", linewidth=1, linestyle=":"
+                )
+            )
         for i, j in moved:
             ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="#ff00ff", linewidth=2.5))
     if im is not None:
@@ -235,7 +290,9 @@ def _html_drift(drift: Drift, figure: str | None) -> str:
             parts.append(f"<div class='side'>{_html_map(view, lim, caption=title)}</div>")
     elif drift.population is not None:
         p = drift.population
-        parts.append(f"<p>recorded: {len(p.old)} variants; this run: {len(p.new)} variants; {p.moved} effects moved</p>")
+        parts.append(
+            f"<p>recorded: {len(p.old)} variants; this run: {len(p.new)} variants; {p.moved} effects moved</p>"
+        )
     return "".join(parts) + "</div>"
 
 
@@ -259,15 +316,27 @@ def _pyplot() -> tuple[Any, str]:
 
 
 def _md(records: Sequence[Finding], env: dict[str, str], figures: dict[int, list[str]]) -> str:
-    lines = ["# pytest-nnsight findings", "", _counts(records), "", "| outcome | claim | measured | threshold | variants | snapshot |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# pytest-nnsight findings",
+        "",
+        _counts(records),
+        "",
+        "| outcome | claim | measured | threshold | variants | snapshot |",
+        "|---|---|---|---|---|---|",
+    ]
     for rec in records:
         c = rec.primary_check()
         p = rec.populations[0] if rec.populations else None
         snap = ", ".join(s.status for s in rec.snapshots)
         measured = fmt(c.measured) if c else (fmt(rec.effects[-1].normalized) if rec.effects else "")
-        cells = [rec.outcome, rec.claim, measured, f"{c.op} {fmt(c.threshold)}" if c else "",
-                 f"{p.passed}/{p.n} ({percent(p.rate)})" if p else "", snap]
+        cells = [
+            rec.outcome,
+            rec.claim,
+            measured,
+            f"{c.op} {fmt(c.threshold)}" if c else "",
+            f"{p.passed}/{p.n} ({percent(p.rate)})" if p else "",
+            snap,
+        ]
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
     for k, rec in enumerate(records):
         lines += ["", f"## {rec.claim}", "", f"`{rec.nodeid}`: **{rec.outcome}**", ""]
@@ -276,12 +345,17 @@ def _md(records: Sequence[Finding], env: dict[str, str], figures: dict[int, list
         for x in rec.suspicious:
             lines.append(f"- **suspicious**: {x}")
         if rec.used_by:
-            lines.append(f"- used by: {', '.join(f'`{u}`' for u in rec.used_by[:20])}" + (" ..." if len(rec.used_by) > 20 else ""))
+            lines.append(
+                f"- used by: {', '.join(f'`{u}`' for u in rec.used_by[:20])}"
+                + (" ..." if len(rec.used_by) > 20 else "")
+            )
         for c in rec.checks:
             lines.append(f"- {'pass' if c.passed else 'FAIL'}: {c.what}: {fmt(c.measured)} {c.op} {fmt(c.threshold)}")
         for p in rec.populations:
-            lines.append(f"- variants: {p.passed}/{p.n} >= {fmt(p.threshold)} (rate {_rate3(p.rate)}, Wilson 95% lower "
-                         f"{fmt(p.lower_bound)}), mean {fmt(p.mean)} ± {fmt(p.std)}")
+            lines.append(
+                f"- variants: {p.passed}/{p.n} >= {fmt(p.threshold)} (rate {_rate3(p.rate)}, Wilson 95% lower "
+                f"{fmt(p.lower_bound)}), mean {fmt(p.mean)} ± {fmt(p.std)}"
+            )
         for s in rec.snapshots:
             lines.append(f"- snapshot {s.name}: {s.status}" + (f" ({s.detail})" if s.detail else ""))
             if s.drift is not None:
@@ -305,7 +379,9 @@ def _md_map(m: MapRecord) -> str:
     head = "| site | " + " | ".join(f"{p}:{t}" for p, t in zip(m.positions, m.tokens)) + " |"
     rows = [head, "|---" * (len(m.tokens) + 1) + "|"]
     for i, (site, row) in enumerate(zip(m.sites, m.values)):
-        rows.append(f"| {site} | " + " | ".join(fmt(v) + (" !" if (i, j) in failing else "") for j, v in enumerate(row)) + " |")
+        rows.append(
+            f"| {site} | " + " | ".join(fmt(v) + (" !" if (i, j) in failing else "") for j, v in enumerate(row)) + " |"
+        )
     return "\n".join(rows)
 
 
@@ -334,9 +410,15 @@ def _html_map(m: MapRecord, lim: float | None = None, caption: str | None = None
     for i, (site, row) in enumerate(zip(m.sites, m.values)):
         tds = "".join(
             f'<td style="background:{_color(v, lim)}" class="{"fail" if (i, j) in failing else ""} {"claim" if (i, j) in claimed else ""}">'
-            f"{fmt(v)}{' ✗' if (i, j) in failing else ''}</td>" for j, v in enumerate(row))
+            f"{fmt(v)}{' ✗' if (i, j) in failing else ''}</td>"
+            for j, v in enumerate(row)
+        )
         rows.append(f"<tr><th>{e(site)}</th>{tds}</tr>")
-    caption = e(caption) if caption is not None else f"{e(m.metric)}: {e(repr(m.corrupt_prompt))} &larr; {e(repr(m.clean_prompt))}"
+    caption = (
+        e(caption)
+        if caption is not None
+        else f"{e(m.metric)}: {e(repr(m.corrupt_prompt))} &larr; {e(repr(m.clean_prompt))}"
+    )
     return f'<table class="map"><caption>{caption}</caption><tr><th>site \\ position:token</th>{head}</tr>{"".join(rows)}</table>'
 
 
@@ -353,44 +435,75 @@ b.suspicious{background:#fe9;color:#640;padding:0 .3em}
 
 def _html(records: Sequence[Finding], env: dict[str, str], figures: dict[int, list[str]], note: str) -> str:
     e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>pytest-nnsight findings</title><style>{CSS}</style></head><body>",
-             "<h1>pytest-nnsight findings</h1>", f"<p>{e(_counts(records))}</p>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>pytest-nnsight findings</title><style>{CSS}</style></head><body>",
+        "<h1>pytest-nnsight findings</h1>",
+        f"<p>{e(_counts(records))}</p>",
+    ]
     if note:
         parts.append(f"<p class='note'>{e(note)}</p>")
-    parts.append("<ul>" + "".join(f"<li class='{e(r.outcome)}'><a href='#f{k}'>{e(r.outcome)}</a>: {e(summary_line(r, outcome=False))}"
-                                  + (" <b class='suspicious'>suspicious</b>" if r.suspicious else "") + "</li>"
-                                  for k, r in enumerate(records)) + "</ul>")
+    parts.append(
+        "<ul>"
+        + "".join(
+            f"<li class='{e(r.outcome)}'><a href='#f{k}'>{e(r.outcome)}</a>: {e(summary_line(r, outcome=False))}"
+            + (" <b class='suspicious'>suspicious</b>" if r.suspicious else "")
+            + "</li>"
+            for k, r in enumerate(records)
+        )
+        + "</ul>"
+    )
     for k, rec in enumerate(records):
-        parts.append(f"<h2 id='f{k}'>{e(rec.claim)}</h2><p><code>{e(rec.nodeid)}</code>: "
-                     f"<b class='{e(rec.outcome)}'>{e(rec.outcome)}</b></p>")
+        parts.append(
+            f"<h2 id='f{k}'>{e(rec.claim)}</h2><p><code>{e(rec.nodeid)}</code>: "
+            f"<b class='{e(rec.outcome)}'>{e(rec.outcome)}</b></p>"
+        )
         if rec.message:
             parts.append(f"<pre class='message'>{e(rec.message)}</pre>")
         if rec.suspicious:
-            parts.append("<p class='suspicious'><b>suspicious values</b></p><ul class='suspicious'>"
-                         + "".join(f"<li>{e(x)}</li>" for x in rec.suspicious) + "</ul>")
+            parts.append(
+                "<p class='suspicious'><b>suspicious values</b></p><ul class='suspicious'>"
+                + "".join(f"<li>{e(x)}</li>" for x in rec.suspicious)
+                + "</ul>"
+            )
         if rec.used_by:
-            parts.append(f"<p>used by: {e(', '.join(rec.used_by[:20]))}" + (" ..." if len(rec.used_by) > 20 else "") + "</p>")
+            parts.append(
+                f"<p>used by: {e(', '.join(rec.used_by[:20]))}" + (" ..." if len(rec.used_by) > 20 else "") + "</p>"
+            )
         if rec.checks:
-            parts.append("<table><tr><th>check</th><th>measured</th><th>threshold</th><th>result</th></tr>" + "".join(
-                f"<tr><td style='text-align:left'>{e(c.what)}</td><td>{fmt(c.measured)}</td><td>{e(c.op)} {fmt(c.threshold)}</td>"
-                f"<td class='{'passed' if c.passed else 'failed'}'>{'pass' if c.passed else 'FAIL'}</td></tr>"
-                for c in rec.checks[:50]) + "</table>")
+            parts.append(
+                "<table><tr><th>check</th><th>measured</th><th>threshold</th><th>result</th></tr>"
+                + "".join(
+                    f"<tr><td style='text-align:left'>{e(c.what)}</td><td>{fmt(c.measured)}</td><td>{e(c.op)} {fmt(c.threshold)}</td>"
+                    f"<td class='{'passed' if c.passed else 'failed'}'>{'pass' if c.passed else 'FAIL'}</td></tr>"
+                    for c in rec.checks[:50]
+                )
+                + "</table>"
+            )
         for p in rec.populations:
-            parts.append(f"<p>variants: {p.passed}/{p.n} &ge; {fmt(p.threshold)} (rate {_rate3(p.rate)}, Wilson 95% lower "
-                         f"{fmt(p.lower_bound)}), mean {fmt(p.mean)} &plusmn; {fmt(p.std)} at {e(p.site)} @ {e(p.position)}</p>")
-        drift_figures = [f for f in figures.get(k, []) if re.search(r"-(drift\d+|probes)\.png$", f)]  # placed beside their text
+            parts.append(
+                f"<p>variants: {p.passed}/{p.n} &ge; {fmt(p.threshold)} (rate {_rate3(p.rate)}, Wilson 95% lower "
+                f"{fmt(p.lower_bound)}), mean {fmt(p.mean)} &plusmn; {fmt(p.std)} at {e(p.site)} @ {e(p.position)}</p>"
+            )
+        drift_figures = [
+            f for f in figures.get(k, []) if re.search(r"-(drift\d+|probes)\.png$", f)
+        ]  # placed beside their text
         for n, s in enumerate(rec.snapshots):
             parts.append(f"<p>snapshot <code>{e(s.name)}</code>: <b>{e(s.status)}</b> {e(s.detail)}</p>")
             if s.drift is not None:
-                parts.append(_html_drift(s.drift, next((f for f in drift_figures if f.endswith(f"-drift{n}.png")), None)))
+                parts.append(
+                    _html_drift(s.drift, next((f for f in drift_figures if f.endswith(f"-drift{n}.png")), None))
+                )
         if not figures.get(k):  # without matplotlib the map is an HTML table; with it, the figure below
             parts += [_html_map(m) for m in rec.maps[:8]]
         parts += html_sections(rec, figures=bool(figures.get(k)))
         parts += circuit_html(rec)
         parts += probe_html(rec, figures.get(k, []))
         parts += [f"<img src='{e(f)}' alt='{e(Path(f).stem)}'>" for f in figures.get(k, []) if f not in drift_figures]
-    parts.append("<h2>Environment</h2><table>" + "".join(f"<tr><th>{e(k)}</th><td style='text-align:left'>{e(str(v))}</td></tr>"
-                                                          for k, v in env.items()) + "</table></body></html>")
+    parts.append(
+        "<h2>Environment</h2><table>"
+        + "".join(f"<tr><th>{e(k)}</th><td style='text-align:left'>{e(str(v))}</td></tr>" for k, v in env.items())
+        + "</table></body></html>"
+    )
     return "\n".join(parts)
 
 
@@ -402,7 +515,9 @@ def _json_record(record: Finding) -> dict[str, Any]:
     return data
 
 
-def write_report(directory: str | os.PathLike, records: Sequence[Finding], env: dict[str, str], *, figures: bool = True) -> ReportResult:
+def write_report(
+    directory: str | os.PathLike, records: Sequence[Finding], env: dict[str, str], *, figures: bool = True
+) -> ReportResult:
     """Write findings.json, findings.md, index.html and figures/*.png into `directory`; OSError when it cannot."""
     t0 = time.perf_counter()
     d = Path(directory)
@@ -421,15 +536,22 @@ def write_report(directory: str | os.PathLike, records: Sequence[Finding], env: 
             written.append(name)
     for k, rec in enumerate(records):
         rec.figures = fig_files.get(k, [])
-    data = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": env,
-            "summary": _counts(records), "findings": [_json_record(r) for r in records]}
+    data = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": env,
+        "summary": _counts(records),
+        "findings": [_json_record(r) for r in records],
+    }
     result.files["findings.json"] = atomic_write(d / "findings.json", json.dumps(data, indent=1, allow_nan=False))
     result.files["findings.md"] = atomic_write(d / "findings.md", _md(records, env, fig_files))
     result.files["index.html"] = atomic_write(d / "index.html", _html(records, env, fig_files, result.figures_note))
     figdir = d / "figures"
     if figdir.is_dir():  # figures of an earlier run that this run did not draw
         for old in figdir.glob("*.png"):
-            if f"figures/{old.name}" not in written and re.search(r"-(map\d+|lens\d+|circuit\d+|drift\d+|probes|variants)\.png$", old.name):
+            if f"figures/{old.name}" not in written and re.search(
+                r"-(map\d+|lens\d+|circuit\d+|drift\d+|probes|variants)\.png$", old.name
+            ):
                 old.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
     return result
@@ -469,8 +591,10 @@ def configure(config: Any, settings: Any) -> ReportState:
         except OSError as exc:
             from .errors import SettingsError
 
-            raise SettingsError(f"cannot write the findings report to {str(state.directory)!r} (nnsight_report from "
-                                f"{settings.source_of('report')}): {exc.strerror or exc}; pass a writable directory to --nnsight-report") from None
+            raise SettingsError(
+                f"cannot write the findings report to {str(state.directory)!r} (nnsight_report from "
+                f"{settings.source_of('report')}): {exc.strerror or exc}; pass a writable directory to --nnsight-report"
+            ) from None
     return state
 
 
@@ -491,8 +615,10 @@ def terminal_lines(state: ReportState) -> list[str]:
     r = state.result
     if r is None:
         return []
-    lines = [f"findings report: {r.index} ({len(state.records.records)} findings, {len(r.files)} files, "
-             f"{sum(r.files.values()) / 1024:.0f} KiB, {r.seconds:.2f} s)"]
+    lines = [
+        f"findings report: {r.index} ({len(state.records.records)} findings, {len(r.files)} files, "
+        f"{sum(r.files.values()) / 1024:.0f} KiB, {r.seconds:.2f} s)"
+    ]
     if r.figures_note:
         lines.append(r.figures_note)
     return lines

@@ -32,6 +32,7 @@ def check_reuse(reuse: Any) -> None:
     if reuse not in get_args(Reuse):
         raise ArgumentError(f"reuse {reuse!r}: expected 'prefix' or 'none'")
 
+
 class Measured(float):
     """A float measured by an intervention; `assert effect.normalized >= 0.8` shows where it came from.
 
@@ -51,7 +52,9 @@ class Measured(float):
         __tracebackhide__ = True
         if not math.isfinite(self):
             where = "; ".join(f"{k} {v}" for k, v in self.context[:3])
-            raise NonFiniteMetricError(f"{self.what} is {float(self)} ({where}): the model output or the metric is not finite")
+            raise NonFiniteMetricError(
+                f"{self.what} is {float(self)} ({where}): the model output or the metric is not finite"
+            )
 
     def __lt__(self, other: Any) -> bool:
         __tracebackhide__ = True
@@ -94,7 +97,9 @@ class Measured(float):
         width = max([len(k) for k, _ in self.context] + [9])
         lines += [f"{k + ':':<{width + 1}} {v}" for k, v in self.context]
         lines.append(f"{'expected:':<{width + 1}} {self.what} {op} {other!r}")
-        lines.append("try: check the site and position against the tokenization above, or sweep to see where the effect is")
+        lines.append(
+            "try: check the site and position against the tokenization above, or sweep to see where the effect is"
+        )
         return lines
 
 
@@ -144,10 +149,18 @@ class Effect:
         ctx = [
             ("site", self.site),
             ("position", pos),
-            ("prompt", f"{self.target_prompt!r}" + (f" <- {self.source_prompt!r} ({self.direction})" if self.source_prompt else "")),
+            (
+                "prompt",
+                f"{self.target_prompt!r}"
+                + (f" <- {self.source_prompt!r} ({self.direction})" if self.source_prompt else ""),
+            ),
             ("tokens", " ".join(f"{i}:{t}" for i, t in enumerate(self.tokens))),
             ("metric", self.metric),
-            ("measured", f"{_fmt(self.intervened)} after the {self.kind}, {_fmt(self.target)} before" + (f", {_fmt(self.source)} on the source prompt" if self.source_prompt else "")),
+            (
+                "measured",
+                f"{_fmt(self.intervened)} after the {self.kind}, {_fmt(self.target)} before"
+                + (f", {_fmt(self.source)} on the source prompt" if self.source_prompt else ""),
+            ),
         ]
         if self.controls:
             ctx.append(("controls", ", ".join(f"{k} {_fmt(v)}" for k, v in self.controls.items())))
@@ -155,8 +168,12 @@ class Effect:
 
     def __post_init__(self) -> None:
         ctx = self.context()
-        object.__setattr__(self, "normalized", Measured(self.normalized, f"normalized effect of the {self.kind} at {self.site}", ctx))
-        object.__setattr__(self, "intervened", Measured(self.intervened, f"{self.metric} after the {self.kind} at {self.site}", ctx))
+        object.__setattr__(
+            self, "normalized", Measured(self.normalized, f"normalized effect of the {self.kind} at {self.site}", ctx)
+        )
+        object.__setattr__(
+            self, "intervened", Measured(self.intervened, f"{self.metric} after the {self.kind} at {self.site}", ctx)
+        )
 
     def __repr__(self) -> str:
         pos = ",".join(map(str, self.positions))
@@ -217,7 +234,11 @@ class EffectMap:
 
     def top(self, k: int = 3) -> list[tuple[str, int, str, float]]:
         """The k largest cells as (site, token index, token, value)."""
-        cells = [(self.sites[i], self.positions[j], self.tokens[j], v) for i, r in enumerate(self.values) for j, v in enumerate(r)]
+        cells = [
+            (self.sites[i], self.positions[j], self.tokens[j], v)
+            for i, r in enumerate(self.values)
+            for j, v in enumerate(r)
+        ]
         return sorted(cells, key=lambda c: -c[3] if math.isfinite(c[3]) else math.inf)[:k]
 
     def argmax(self) -> tuple[str, int, str, float]:
@@ -227,7 +248,10 @@ class EffectMap:
         """The map as an aligned table; cells in `mark` (row, column) are flagged with '!'."""
         marked = set(mark)
         head = [""] + [f"{p}:{t}" for p, t in zip(self.positions, self.tokens)]
-        rows = [[s] + [fixed(v, digits) + ("!" if (i, j) in marked else " ") for j, v in enumerate(r)] for i, (s, r) in enumerate(zip(self.sites, self.values))]
+        rows = [
+            [s] + [fixed(v, digits) + ("!" if (i, j) in marked else " ") for j, v in enumerate(r)]
+            for i, (s, r) in enumerate(zip(self.sites, self.values))
+        ]
         widths = [max(len(x[c]) for x in [head] + rows) for c in range(len(head))]
         return "\n".join("  ".join(x[c].rjust(widths[c]) for c in range(len(head))) for x in [head] + rows)
 

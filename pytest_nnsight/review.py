@@ -104,8 +104,9 @@ def _mean(values: Sequence[Any]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def review(found: Sequence[Candidate], write: Callable[[str], None], ask: Callable[[str], str] | None,
-           root: Path | None = None) -> tuple[list[Candidate], list[Candidate]]:
+def review(
+    found: Sequence[Candidate], write: Callable[[str], None], ask: Callable[[str], str] | None, root: Path | None = None
+) -> tuple[list[Candidate], list[Candidate]]:
     """Show each candidate; with `ask` (a terminal), write the accepted ones. Returns (accepted, rejected or unreviewed)."""
     accepted: list[Candidate] = []
     rest: list[Candidate] = []
@@ -165,12 +166,17 @@ def run(config: Any, terminalreporter: Any, records: Sequence[Finding], figures_
     try:
         ask = _terminal_input(config)
         if ask is None:
-            terminalreporter.write_line("not a terminal: showing the findings to review and writing nothing "
-                                        "(run pytest --nnsight-review in a terminal to accept them one by one)")
+            terminalreporter.write_line(
+                "not a terminal: showing the findings to review and writing nothing "
+                "(run pytest --nnsight-review in a terminal to accept them one by one)"
+            )
         accepted, rest = review(found, terminalreporter.write_line, ask, Path(config.rootpath))
     finally:
         if capman is not None:
             capman.resume_global_capture()
     if ask is not None:
-        terminalreporter.write_line(f"review: {len(accepted)} accepted (written), {len(rest)} kept as recorded; "
-                                    "rerun the tests to check the accepted findings", bold=True)
+        terminalreporter.write_line(
+            f"review: {len(accepted)} accepted (written), {len(rest)} kept as recorded; "
+            "rerun the tests to check the accepted findings",
+            bold=True,
+        )

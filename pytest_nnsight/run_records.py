@@ -15,7 +15,9 @@ from typing import Any, Iterator, Sequence
 from .findings import MAX_ITEMS, Recorder, close_recorder, open_recorder
 from .records import Finding, fmt, number, percent
 
-REPORT_ATTR = "nnsight_findings"  # on a TestReport: the records it carries, as plain dicts (the test's own, its fixtures')
+REPORT_ATTR = (
+    "nnsight_findings"  # on a TestReport: the records it carries, as plain dicts (the test's own, its fixtures')
+)
 MARKER = "finding(claim): the claim this test checks, in words; the findings summary and report show it (default: the test name)."
 
 
@@ -28,8 +30,14 @@ def start_fixture(fixturedef: Any, request: Any) -> Recorder:
     """Open a recorder for a fixture being set up: sweeps and populations computed in (module- or session-scoped)
     fixtures are recorded as a finding of their own, naming the tests that use the fixture."""
     name, scope = fixturedef.argname, fixturedef.scope
-    return open_recorder(Finding(f"{fixturedef.baseid or '<conftest>'}::<fixture {name}>", f"measured in fixture {name!r} ({scope}-scoped)",
-                                 fixture=name, scope=scope))
+    return open_recorder(
+        Finding(
+            f"{fixturedef.baseid or '<conftest>'}::<fixture {name}>",
+            f"measured in fixture {name!r} ({scope}-scoped)",
+            fixture=name,
+            scope=scope,
+        )
+    )
 
 
 def finish_fixture(fixturedef: Any, request: Any, rec: Recorder) -> None:
@@ -38,13 +46,17 @@ def finish_fixture(fixturedef: Any, request: Any, rec: Recorder) -> None:
     if not (finding.measured() or finding.notes):
         return
     session = getattr(request, "session", None)
-    finding.used_by = [i.nodeid for i in getattr(session, "items", []) if fixturedef in _fixturedefs(i, fixturedef.argname)][:MAX_ITEMS]
+    finding.used_by = [
+        i.nodeid for i in getattr(session, "items", []) if fixturedef in _fixturedefs(i, fixturedef.argname)
+    ][:MAX_ITEMS]
     item = getattr(request, "_pyfuncitem", None) or getattr(request, "node", None)
     if item is not None:
         _pending(item).append(finding)
 
 
-_PENDING: Any = None  # pytest.StashKey[list[Finding]], made on first use (this module imports only the standard library)
+_PENDING: Any = (
+    None  # pytest.StashKey[list[Finding]], made on first use (this module imports only the standard library)
+)
 
 
 def _pending(item: Any) -> list[Finding]:
@@ -117,9 +129,14 @@ def junit_properties(finding: Finding) -> Iterator[tuple[str, Any]]:
         yield "nnsight_variants", f"{p.passed}/{p.n}"
         yield "nnsight_wilson_lower", p.lower_bound
     for m in finding.maps[:1]:
-        peak = max(((v, i, j) for i, row in enumerate(m.values) for j, v in enumerate(row) if v is not None), default=None)
+        peak = max(
+            ((v, i, j) for i, row in enumerate(m.values) for j, v in enumerate(row) if v is not None), default=None
+        )
         if peak is not None:
-            yield "nnsight_map_peak", f"{peak[0]:.6g} at {m.sites[peak[1]]} / {m.positions[peak[2]]} {m.tokens[peak[2]]!r}"
+            yield (
+                "nnsight_map_peak",
+                f"{peak[0]:.6g} at {m.sites[peak[1]]} / {m.positions[peak[2]]} {m.tokens[peak[2]]!r}",
+            )
     for s in finding.snapshots[:1]:
         yield "nnsight_snapshot_status", s.status
     for line in finding.notes:  # read by the version matrix (CI/matrix_collect.py) from the JUnit properties
@@ -167,7 +184,9 @@ def failure_message(report: Any) -> str:
     lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
     lines = [line for line in lines if line]
     if lines:
-        lines[0] = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[0])  # 'pytest_nnsight.errors.FindingFailed: ' -> 'FindingFailed: '
+        lines[0] = re.sub(
+            r"^(?:\w+\.)+(\w+: )", r"\1", lines[0]
+        )  # 'pytest_nnsight.errors.FindingFailed: ' -> 'FindingFailed: '
     if not lines:
         crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
         tail = text.strip().splitlines()
@@ -193,16 +212,25 @@ def suspicious(finding: Finding, band: float) -> list[str]:
         if m.nan_cells:
             out.append(f"{m.nan_cells} NaN cells in the {m.kind} map of {m.metric}")
         if m.kind in ("patch", "attribution"):
-            cells = [(abs(v), m.sites[i], m.positions[j]) for i, row in enumerate(m.values) for j, v in enumerate(row) if big(v)]
+            cells = [
+                (abs(v), m.sites[i], m.positions[j])
+                for i, row in enumerate(m.values)
+                for j, v in enumerate(row)
+                if big(v)
+            ]
             if cells:
                 worst = max(cells)
-                out.append(f"{len(cells)} cells of the {m.kind} map with |effect| > {band:g} (largest {worst[0]:.4g} at {worst[1]} / {worst[2]})")
+                out.append(
+                    f"{len(cells)} cells of the {m.kind} map with |effect| > {band:g} (largest {worst[0]:.4g} at {worst[1]} / {worst[2]})"
+                )
     for p in finding.populations:
         if p.nan:
             out.append(f"{p.nan} of {p.n} variants with a NaN effect at {p.site} (clean and corrupt barely differ)")
         over = [v for v in p.effects if big(v)]
         if over:
-            out.append(f"{len(over)} of {p.n} variants with |effect| > {band:g} at {p.site} (largest {max(map(abs, over)):.4g})")
+            out.append(
+                f"{len(over)} of {p.n} variants with |effect| > {band:g} at {p.site} (largest {max(map(abs, over)):.4g})"
+            )
     return out[:20]
 
 
@@ -221,7 +249,9 @@ def summary_line(finding: Finding, *, outcome: bool = True) -> str:
         e = finding.effects[-1]
         parts.append(f"normalized effect of the {e.kind} at {e.site}: {fmt(e.normalized)} (no threshold recorded)")
     for p in finding.populations:
-        parts.append(f"variants {p.passed}/{p.n} >= {fmt(p.threshold)} ({percent(p.rate)}, Wilson lower {fmt(p.lower_bound)})")
+        parts.append(
+            f"variants {p.passed}/{p.n} >= {fmt(p.threshold)} ({percent(p.rate)}, Wilson lower {fmt(p.lower_bound)})"
+        )
     vals = finding.variant_effects()
     if vals and not finding.populations:
         parts.append(f"{len(vals)} variants: effect {min(vals):.3g}..{max(vals):.3g}")

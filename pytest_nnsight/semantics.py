@@ -113,4 +113,8 @@ def _gradient(model: Any, path: str) -> str:
     if not grads:
         return "not assigned (the backward block did not run)"
     g = grads[0]
-    return "available" if isinstance(g, torch.Tensor) and bool(torch.isfinite(g).all()) else f"unavailable ({type(g).__name__})"
+    return (
+        "available"
+        if isinstance(g, torch.Tensor) and bool(torch.isfinite(g).all())
+        else f"unavailable ({type(g).__name__})"
+    )

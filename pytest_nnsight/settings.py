@@ -128,48 +128,152 @@ def parse_structure_lock(value: str | bool) -> str:
         return "on"
     if v in ("0", "false", "no", ""):
         return "off"
-    raise ValueError("expected on (record, then fail tests when the structure changed), warn, update (accept the change) or off")
+    raise ValueError(
+        "expected on (record, then fail tests when the structure changed), warn, update (accept the change) or off"
+    )
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("device", "device models are loaded on: auto (CUDA when available, else CPU), cpu, cuda or cuda:N", "auto", parse_device, "DEVICE"),
-    Option("dtype", "dtype models are loaded in: auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, float16 or bfloat16", "auto", parse_dtype, "DTYPE"),
+    Option(
+        "device",
+        "device models are loaded on: auto (CUDA when available, else CPU), cpu, cuda or cuda:N",
+        "auto",
+        parse_device,
+        "DEVICE",
+    ),
+    Option(
+        "dtype",
+        "dtype models are loaded in: auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, float16 or bfloat16",
+        "auto",
+        parse_dtype,
+        "DTYPE",
+    ),
     Option("offline", "never touch a model hub: load only local, cached and bundled weights", False, parse_bool),
-    Option("require_models", "fail, instead of skip, tests whose model weights cannot be had (for CI on GPU runners)", False, parse_bool),
-    Option("check_batching", "re-run a sample of batched work (sweep cells, population pairs, activation-cache prompts) one at a "
-           "time and fail when they disagree", False, parse_bool),
-    Option("check_batching_cells", "how many cells, pairs or prompts of each batched call --nnsight-check-batching re-runs", 3,
-           parse_positive_int, "N"),
-    Option("suspicious_effect", "flag normalized effects with |effect| above this (and NaN) as suspicious in the findings summary "
-           "and report", 1.5, parse_tolerance, "X"),
-    Option("hypothesis_profile", "hypothesis settings profile to load: nnsight-dev, nnsight-ci or any registered one; unset leaves "
-           "the hypothesis profile alone", None, parse_profile, "NAME"),
-    Option("cache_dir", "directory of the on-disk activation cache (relative paths: from the rootdir); unset: inside pytest's "
-           "cache dir, so --cache-clear clears it", None, parse_path, "DIR"),
-    Option("cache_clear", "delete the activation cache's entries at the start of the run (only them: pytest's other caches stay)", False, parse_bool),
-    Option("no_cache", "run without the activation cache: compute activations every time and keep them in memory", False, parse_bool),
-    Option("snapshot_atol", "absolute tolerance of finding_snapshot comparisons; unset: by dtype (1e-4 float32, 2e-2 float16, "
-           "5e-2 bfloat16)", None, parse_tolerance, "ATOL"),
-    Option("snapshot_rtol", "relative tolerance of finding_snapshot comparisons; unset: by dtype (1e-4 float32, 1e-2 float16, "
-           "2e-2 bfloat16)", None, parse_tolerance, "RTOL"),
-    Option("deterministic", "torch deterministic algorithms for the run (warn_only: ops without a deterministic kernel warn) "
-           "and the same seeds (random, torch, numpy) before every test; on CUDA also CUBLAS_WORKSPACE_CONFIG", False, parse_bool),
-    Option("snapshot_refresh_env", "rewrite only the recorded environment of findings snapshots whose values are still within "
-           "tolerance (accept an upgrade without rewriting numbers)", False, parse_bool),
-    Option("summary", "show the findings summary (claim, measured vs threshold, variants, snapshot status) at the end of the "
-           "run; -v shows it too", False, parse_bool),
-    Option("report", "write a findings report (findings.json, findings.md, index.html, figures/*.png) into this directory",
-           None, parse_path, "DIR"),
-    Option("review", "at the end of the run, walk the drifted and new findings snapshots one by one in the terminal (claim, "
-           "environment change, numbers, side-by-side figure) and write only the accepted ones; without a terminal, print "
-           "the same summary and write nothing", False, parse_bool),
-    Option("remote", "run intervention traces on NDIF (nnsight remote=True) for models too large for the runner: off, ndif "
-           "(needs the API key in env NDIF_API_KEY) or local (nnsight's in-process simulation of the remote path)", "off",
-           parse_remote, "MODE"),
-    Option("structure_lock", "the structure lock on every served model: on (the first serve of a model id records its structure "
-           "in __snapshots__/.nnsight-structure.lock; later runs fail every test using it, with the explained change, when it "
-           "changed), warn (report a change, fail nothing, write nothing), update (accept the served structures, as "
-           "--snapshot-update does) or off", "on", parse_structure_lock, "MODE"),
+    Option(
+        "require_models",
+        "fail, instead of skip, tests whose model weights cannot be had (for CI on GPU runners)",
+        False,
+        parse_bool,
+    ),
+    Option(
+        "check_batching",
+        "re-run a sample of batched work (sweep cells, population pairs, activation-cache prompts) one at a "
+        "time and fail when they disagree",
+        False,
+        parse_bool,
+    ),
+    Option(
+        "check_batching_cells",
+        "how many cells, pairs or prompts of each batched call --nnsight-check-batching re-runs",
+        3,
+        parse_positive_int,
+        "N",
+    ),
+    Option(
+        "suspicious_effect",
+        "flag normalized effects with |effect| above this (and NaN) as suspicious in the findings summary and report",
+        1.5,
+        parse_tolerance,
+        "X",
+    ),
+    Option(
+        "hypothesis_profile",
+        "hypothesis settings profile to load: nnsight-dev, nnsight-ci or any registered one; unset leaves "
+        "the hypothesis profile alone",
+        None,
+        parse_profile,
+        "NAME",
+    ),
+    Option(
+        "cache_dir",
+        "directory of the on-disk activation cache (relative paths: from the rootdir); unset: inside pytest's "
+        "cache dir, so --cache-clear clears it",
+        None,
+        parse_path,
+        "DIR",
+    ),
+    Option(
+        "cache_clear",
+        "delete the activation cache's entries at the start of the run (only them: pytest's other caches stay)",
+        False,
+        parse_bool,
+    ),
+    Option(
+        "no_cache",
+        "run without the activation cache: compute activations every time and keep them in memory",
+        False,
+        parse_bool,
+    ),
+    Option(
+        "snapshot_atol",
+        "absolute tolerance of finding_snapshot comparisons; unset: by dtype (1e-4 float32, 2e-2 float16, "
+        "5e-2 bfloat16)",
+        None,
+        parse_tolerance,
+        "ATOL",
+    ),
+    Option(
+        "snapshot_rtol",
+        "relative tolerance of finding_snapshot comparisons; unset: by dtype (1e-4 float32, 1e-2 float16, "
+        "2e-2 bfloat16)",
+        None,
+        parse_tolerance,
+        "RTOL",
+    ),
+    Option(
+        "deterministic",
+        "torch deterministic algorithms for the run (warn_only: ops without a deterministic kernel warn) "
+        "and the same seeds (random, torch, numpy) before every test; on CUDA also CUBLAS_WORKSPACE_CONFIG",
+        False,
+        parse_bool,
+    ),
+    Option(
+        "snapshot_refresh_env",
+        "rewrite only the recorded environment of findings snapshots whose values are still within "
+        "tolerance (accept an upgrade without rewriting numbers)",
+        False,
+        parse_bool,
+    ),
+    Option(
+        "summary",
+        "show the findings summary (claim, measured vs threshold, variants, snapshot status) at the end of the "
+        "run; -v shows it too",
+        False,
+        parse_bool,
+    ),
+    Option(
+        "report",
+        "write a findings report (findings.json, findings.md, index.html, figures/*.png) into this directory",
+        None,
+        parse_path,
+        "DIR",
+    ),
+    Option(
+        "review",
+        "at the end of the run, walk the drifted and new findings snapshots one by one in the terminal (claim, "
+        "environment change, numbers, side-by-side figure) and write only the accepted ones; without a terminal, print "
+        "the same summary and write nothing",
+        False,
+        parse_bool,
+    ),
+    Option(
+        "remote",
+        "run intervention traces on NDIF (nnsight remote=True) for models too large for the runner: off, ndif "
+        "(needs the API key in env NDIF_API_KEY) or local (nnsight's in-process simulation of the remote path)",
+        "off",
+        parse_remote,
+        "MODE",
+    ),
+    Option(
+        "structure_lock",
+        "the structure lock on every served model: on (the first serve of a model id records its structure "
+        "in __snapshots__/.nnsight-structure.lock; later runs fail every test using it, with the explained change, when it "
+        "changed), warn (report a change, fail nothing, write nothing), update (accept the served structures, as "
+        "--snapshot-update does) or off",
+        "on",
+        parse_structure_lock,
+        "MODE",
+    ),
 )
 OPTIONS_BY_NOUN: Mapping[str, Option] = {o.noun: o for o in OPTIONS}
 
@@ -221,7 +325,9 @@ def register_hypothesis_profiles() -> None:
     from hypothesis import HealthCheck, settings
 
     for name, values in HYPOTHESIS_PROFILES.items():
-        settings.register_profile(name, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], **values)
+        settings.register_profile(
+            name, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], **values
+        )
 
 
 _PREVIOUS_HYPOTHESIS_PROFILES: list[str] = []  # a stack: pytester runs nest sessions in one process
@@ -246,8 +352,10 @@ def load_hypothesis_profile(name: str, source: str) -> None:
         settings.load_profile(name)
     except InvalidArgument:
         settings.load_profile(previous)  # hypothesis has already switched its current name to the unknown one
-        raise SettingsError(f"invalid nnsight_hypothesis_profile {name!r} from {source}: no such hypothesis profile; "
-                            f"expected {' or '.join(HYPOTHESIS_PROFILES)} or one registered in a conftest.py") from None
+        raise SettingsError(
+            f"invalid nnsight_hypothesis_profile {name!r} from {source}: no such hypothesis profile; "
+            f"expected {' or '.join(HYPOTHESIS_PROFILES)} or one registered in a conftest.py"
+        ) from None
     _PREVIOUS_HYPOTHESIS_PROFILES.append(previous)
 
 

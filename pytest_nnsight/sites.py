@@ -61,14 +61,18 @@ def _layer_index(model: Any, layer: int) -> int:
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise SiteError(f"layer {layer!r} is not an int: expected 0..{n - 1} (or -{n}..-1)")
     if not -n <= layer < n:
-        raise SiteError(f"layer {layer} is out of range: {model_name(model)} has {n} layers, valid 0..{n - 1} (or -{n}..-1)")
+        raise SiteError(
+            f"layer {layer} is out of range: {model_name(model)} has {n} layers, valid 0..{n - 1} (or -{n}..-1)"
+        )
     return layer % n
 
 
 def _head_index(model: Any, layer: int, index: Any) -> int:
     heads = layout_of(model).n_heads
     if not isinstance(index, int) or isinstance(index, bool) or not -heads <= index < heads:
-        raise SiteError(f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1} (or -{heads}..-1)")
+        raise SiteError(
+            f"head {index!r} is out of range: layer {layer} has {heads} heads, valid 0..{heads - 1} (or -{heads}..-1)"
+        )
     return index % heads
 
 
@@ -88,25 +92,40 @@ def site(model: Any, name: str, layer: int | None = None, head: int | None = Non
             raise SiteError(f"site {name!r} is global: it takes no layer or head")
         path = lay.path({"embed": "embed", "final_norm": "final_norm", "logits": "lm_head"}[name])
         if path is None:
-            raise SiteError(f"{model_name(model)} ({lay.family.name} family) has no {name} site" + (" (a base model without an LM head)" if name == "logits" else ""))
+            raise SiteError(
+                f"{model_name(model)} ({lay.family.name} family) has no {name} site"
+                + (" (a base model without an LM head)" if name == "logits" else "")
+            )
         return Site(path, label=name)
     if name not in LAYER_SITES:
-        raise SiteError(f"unknown site name {name!r}: expected one of {', '.join(LAYER_SITES + GLOBAL_SITES)} (or a module path)")
+        raise SiteError(
+            f"unknown site name {name!r}: expected one of {', '.join(LAYER_SITES + GLOBAL_SITES)} (or a module path)"
+        )
     if layer is None:
-        raise SiteError(f"site {name!r} needs a layer: e.g. {name}.0" + (".0 (layer, head)" if name == "head_out" else ""))
+        raise SiteError(
+            f"site {name!r} needs a layer: e.g. {name}.0" + (".0 (layer, head)" if name == "head_out" else "")
+        )
     layer = _layer_index(model, layer)
     if name == "head_out":
         if head is None:
             raise SiteError(f"site 'head_out' needs a head: head_out.{layer}.H with H in 0..{lay.n_heads - 1}")
         h = _head_index(model, layer, head)
-        return Site(lay.in_layer(layer, "head_proj"), part="input", head=h, n_heads=lay.n_heads, label=f"head_out.{layer}.{h}")
+        return Site(
+            lay.in_layer(layer, "head_proj"), part="input", head=h, n_heads=lay.n_heads, label=f"head_out.{layer}.{h}"
+        )
     if name == "pattern":
         if not lay.family.returns_weights:
             raise SiteError(f"the {lay.family.name} family's attention returns no weights: no pattern site")
         if ensure_eager(model):  # the switch changes the forward pass: probe its order again
             _ORDER_CACHE.pop(module_of(model), None)
         h = None if head is None else _head_index(model, layer, head)
-        return Site(lay.in_layer(layer, "pattern"), item=1, head=h, n_heads=lay.n_heads, label=f"pattern.{layer}" + ("" if h is None else f".{h}"))
+        return Site(
+            lay.in_layer(layer, "pattern"),
+            item=1,
+            head=h,
+            n_heads=lay.n_heads,
+            label=f"pattern.{layer}" + ("" if h is None else f".{h}"),
+        )
     if head is not None:
         raise SiteError(f"site {name!r} takes no head (only head_out and pattern do)")
     if name == "resid_pre":
@@ -165,7 +184,9 @@ NAMED = {
     "mlp": _every("mlp_out"),
     **{name: _every(name) for name in ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out", "pattern")},
 }
-VOCAB_RE = re.compile(r"^(resid_pre|resid_post|attn_out|mlp_out|pattern|head_out)\.(-?\d+)(?:\.(-?\d+))?$|^(embed|final_norm|logits)$")
+VOCAB_RE = re.compile(
+    r"^(resid_pre|resid_post|attn_out|mlp_out|pattern|head_out)\.(-?\d+)(?:\.(-?\d+))?$|^(embed|final_norm|logits)$"
+)
 
 
 _OLD_LABEL = re.compile(r"^(block|attn|mlp) (-?\d+)$|^head (-?\d+)\.(-?\d+)$")
@@ -195,21 +216,31 @@ def resolve_site(model: Any, spec: Any) -> Site:
         vocab = VOCAB_RE.match(spec.strip())
         if vocab:
             known = find_layout(model) is not None
-            if known or vocab.group(1) or not _path_exists(model, spec.strip()):  # a raw path 'embed' still works on unknown models
+            if (
+                known or vocab.group(1) or not _path_exists(model, spec.strip())
+            ):  # a raw path 'embed' still works on unknown models
                 if vocab.group(4):
                     return site(model, vocab.group(4))
-                return site(model, vocab.group(1), int(vocab.group(2)), None if vocab.group(3) is None else int(vocab.group(3)))
+                return site(
+                    model, vocab.group(1), int(vocab.group(2)), None if vocab.group(3) is None else int(vocab.group(3))
+                )
     if not isinstance(spec, str):
-        raise SiteError(f"site {spec!r} is not a Site, an envoy or a path string: expected e.g. 'transformer.h.0' or model.transformer.h[0]")
+        raise SiteError(
+            f"site {spec!r} is not a Site, an envoy or a path string: expected e.g. 'transformer.h.0' or model.transformer.h[0]"
+        )
     path, _, part = spec.partition(":")
     part = part or "output"
     if part not in PARTS:
         raise SiteError(f"site {spec!r} names part {part!r}: expected one of {', '.join(PARTS)}")
-    if path.startswith("model.") and not _path_exists(model, path):  # nnsight names the root 'model'; Llama has a child 'model'
-        path = path[len("model."):]
+    if path.startswith("model.") and not _path_exists(
+        model, path
+    ):  # nnsight names the root 'model'; Llama has a child 'model'
+        path = path[len("model.") :]
     if not path.strip():  # the root's output is a ModelOutput, not an activation to patch
         top = ", ".join(n for n, _ in module_of(model).named_children())
-        raise SiteError(f"site {spec!r} names the whole model: expected a module inside it, e.g. a path under {top or 'the root'}")
+        raise SiteError(
+            f"site {spec!r} names the whole model: expected a module inside it, e.g. a path under {top or 'the root'}"
+        )
     _check_path(model, path)
     return Site(path, part=part)
 
@@ -223,7 +254,13 @@ def resolve_sites(model: Any, spec: Any) -> list[Site]:
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise SiteError("an empty list of sites: name at least one site, or use 'blocks', 'attn' or 'mlp'")
-        return unique_labels([one for s in spec for one in (NAMED[s](model) if isinstance(s, str) and s in NAMED else [resolve_site(model, s)])])
+        return unique_labels(
+            [
+                one
+                for s in spec
+                for one in (NAMED[s](model) if isinstance(s, str) and s in NAMED else [resolve_site(model, s)])
+            ]
+        )
     try:
         return [resolve_site(model, spec)]
     except SiteError as exc:
@@ -239,8 +276,10 @@ def unique_labels(sites: list[Site]) -> list[Site]:
     for s in sites:
         other = seen.setdefault(str(s), s)
         if _where(other) != _where(s):
-            raise SiteError(f"two different sites are both labelled {str(s)!r} ({_where(other)} and {_where(s)}): results key rows by "
-                            "label, so one would read as the other; give them distinct labels")
+            raise SiteError(
+                f"two different sites are both labelled {str(s)!r} ({_where(other)} and {_where(s)}): results key rows by "
+                "label, so one would read as the other; give them distinct labels"
+            )
     return sites
 
 
@@ -276,9 +315,15 @@ def _check_path(model: Any, path: str) -> None:
         except AttributeError:
             break
         if hasattr(container, "__len__") and int(part) >= len(container):  # a ModuleList/Sequential
-            raise SiteError(f"index {part} in site {path!r} is out of range: {parent} has {len(container)} entries, valid 0..{len(container) - 1}")
+            raise SiteError(
+                f"index {part} in site {path!r} is out of range: {parent} has {len(container)} entries, valid 0..{len(container) - 1}"
+            )
     close = difflib.get_close_matches(path, names, n=5, cutoff=0.6)
-    hint = f"close matches: {', '.join(close)}" if close else f"top-level modules: {', '.join(n for n in names if '.' not in n)}"
+    hint = (
+        f"close matches: {', '.join(close)}"
+        if close
+        else f"top-level modules: {', '.join(n for n in names if '.' not in n)}"
+    )
     raise SiteError(f"unknown site {path!r} in {type(root).__name__}; {hint}")
 
 
@@ -300,8 +345,10 @@ def site_value(model: Any, site: Site) -> Any:
     hidden = value[site.item] if isinstance(value, tuple) else value
     if site.item == 1:  # attention weights [B, H, T, T]
         if hidden is None:
-            raise SiteError(f"{site}: the attention module returned no weights; pattern sites switch the model to eager attention, "
-                            "so it was switched back or loaded with an implementation that ignores the switch")
+            raise SiteError(
+                f"{site}: the attention module returned no weights; pattern sites switch the model to eager attention, "
+                "so it was switched back or loaded with an implementation that ignores the switch"
+            )
         return hidden if site.head is None else hidden[:, site.head]
     if site.head is not None:
         b, t, d = hidden.shape

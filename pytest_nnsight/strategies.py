@@ -38,7 +38,9 @@ class CounterfactualPair:
     template: str
 
     def __repr__(self) -> str:
-        return f"CounterfactualPair({self.clean.text!r} -> {self.answer!r} | {self.corrupt.text!r} -> {self.distractor!r})"
+        return (
+            f"CounterfactualPair({self.clean.text!r} -> {self.answer!r} | {self.corrupt.text!r} -> {self.distractor!r})"
+        )
 
 
 class Slots(dict):
@@ -63,7 +65,9 @@ def _templates(templates: Any, name: str = "templates") -> tuple[str, ...]:
     if isinstance(templates, str):
         templates = [templates]
     if not isinstance(templates, Sequence) or not templates:
-        raise StrategyError(f"{name}={templates!r}: expected a non-empty list of template strings like 'The capital of {{country}} is'")
+        raise StrategyError(
+            f"{name}={templates!r}: expected a non-empty list of template strings like 'The capital of {{country}} is'"
+        )
     for t in templates:
         if not isinstance(t, str) or not t.strip():
             raise StrategyError(f"{name} contains {t!r}: every template must be a non-empty string")
@@ -74,7 +78,9 @@ def _word_list(slot: str, words: Any) -> tuple[str, ...]:
     if isinstance(words, Mapping):
         words = list(words)
     if isinstance(words, str) or not isinstance(words, Sequence) or not words:
-        raise StrategyError(f"word list for slot {{{slot}}} is {words!r}: expected a non-empty list of words (or a mapping word -> answer)")
+        raise StrategyError(
+            f"word list for slot {{{slot}}} is {words!r}: expected a non-empty list of words (or a mapping word -> answer)"
+        )
     for w in words:
         if not isinstance(w, str) or not w.strip():
             raise StrategyError(f"word list for slot {{{slot}}} contains {w!r}: every word must be a non-empty string")
@@ -86,7 +92,9 @@ def _check_slots(templates: Sequence[str], lists: Mapping[str, Any], argument: s
         missing = [s for s in slots_in(t) if s not in lists]
         if missing:
             have = ", ".join(sorted(lists)) or "none"
-            raise StrategyError(f"template {t!r} has slot(s) {', '.join('{' + s + '}' for s in missing)} without a word list: pass them in {argument} (given: {have})")
+            raise StrategyError(
+                f"template {t!r} has slot(s) {', '.join('{' + s + '}' for s in missing)} without a word list: pass them in {argument} (given: {have})"
+            )
 
 
 def prompts(templates: Any, **word_lists: Any) -> st.SearchStrategy[Prompt]:
@@ -101,7 +109,9 @@ def prompts(templates: Any, **word_lists: Any) -> st.SearchStrategy[Prompt]:
     lists = {s: _word_list(s, w) for s, w in word_lists.items()}
 
     def one(template: str) -> st.SearchStrategy[Prompt]:
-        return st.fixed_dictionaries({s: st.sampled_from(lists[s]) for s in slots_in(template)}).map(lambda v: fill(template, v))
+        return st.fixed_dictionaries({s: st.sampled_from(lists[s]) for s in slots_in(template)}).map(
+            lambda v: fill(template, v)
+        )
 
     return st.sampled_from(ts).flatmap(one)
 
@@ -109,11 +119,15 @@ def prompts(templates: Any, **word_lists: Any) -> st.SearchStrategy[Prompt]:
 def _tokenizer(model_or_tokenizer: Any) -> Any:
     tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
     if tok is None or not callable(tok) or not hasattr(tok, "convert_ids_to_tokens"):
-        raise StrategyError(f"model_or_tokenizer={type(model_or_tokenizer).__name__}: expected an nnsight model with a tokenizer, or a Hugging Face tokenizer")
+        raise StrategyError(
+            f"model_or_tokenizer={type(model_or_tokenizer).__name__}: expected an nnsight model with a tokenizer, or a Hugging Face tokenizer"
+        )
     return tok
 
 
-def _slot_tokens(tok: Any, template: str, values: Mapping[str, str], slot: str) -> tuple[int, tuple[int, ...], list[str]]:
+def _slot_tokens(
+    tok: Any, template: str, values: Mapping[str, str], slot: str
+) -> tuple[int, tuple[int, ...], list[str]]:
     """(token count, token indices covering the slot's first occurrence, tokens) of the filled template."""
     text = fill(template, values).text
     head = template[: template.index("{" + slot + "}")]
@@ -141,7 +155,9 @@ class _Block:
 class PairSpace:
     """Every counterfactual pair the strategy can draw, enumerable: `len(space)` and `space[i]`."""
 
-    def __init__(self, blocks: Sequence[_Block], answers: Mapping[str, str], vary: str, others: Mapping[str, tuple[str, ...]]):
+    def __init__(
+        self, blocks: Sequence[_Block], answers: Mapping[str, str], vary: str, others: Mapping[str, tuple[str, ...]]
+    ):
         self.blocks, self.answers, self.vary, self.others = tuple(blocks), answers, vary, others
         self._sizes = []
         for b in self.blocks:
@@ -175,14 +191,19 @@ class PairSpace:
     def make(self, block: _Block, i: int, j: int, values: Mapping[str, str]) -> CounterfactualPair:
         a, b = block.words[i], block.words[j]
         return CounterfactualPair(
-            fill(block.template, {**values, self.vary: a}), fill(block.template, {**values, self.vary: b}),
-            self.answers[a], self.answers[b], block.template,
+            fill(block.template, {**values, self.vary: a}),
+            fill(block.template, {**values, self.vary: b}),
+            self.answers[a],
+            self.answers[b],
+            block.template,
         )
 
     def sample(self, n: int, seed: int = 0) -> list[CounterfactualPair]:
         """`n` distinct pairs, the same ones for the same seed; StrategyError when fewer exist."""
         if n > len(self):
-            raise StrategyError(f"n={n} is larger than the {len(self)} distinct counterfactual pairs these templates and words give: lower n or add words/templates")
+            raise StrategyError(
+                f"n={n} is larger than the {len(self)} distinct counterfactual pairs these templates and words give: lower n or add words/templates"
+            )
         return [self[i] for i in sorted(random.Random(seed).sample(range(len(self)), n))]
 
 
@@ -213,7 +234,9 @@ def counterfactual_pairs(
     if not isinstance(words, Mapping):
         raise StrategyError(f"words={words!r}: expected a dict slot -> word list, e.g. {{'country': CAPITALS}}")
     if not isinstance(vary, str) or vary not in words:
-        raise StrategyError(f"vary={vary!r}: expected one of the slots in words ({', '.join(map(repr, words)) or 'none given'})")
+        raise StrategyError(
+            f"vary={vary!r}: expected one of the slots in words ({', '.join(map(repr, words)) or 'none given'})"
+        )
     if not isinstance(min_words, int) or min_words < 2:
         raise StrategyError(f"min_words={min_words!r}: expected an int >= 2 (a pair needs two words)")
     _check_slots(ts, words, "words")
@@ -230,7 +253,11 @@ def counterfactual_pairs(
         for w in lists[vary]:
             n, covering, tokens = _slot_tokens(tok, t, {**others, vary: w}, vary)
             if not covering or (single_token and len(covering) != 1):
-                what = "unknown to the tokenizer" if not covering else f"{len(covering)} tokens {[tokens[i] for i in covering]}"
+                what = (
+                    "unknown to the tokenizer"
+                    if not covering
+                    else f"{len(covering)} tokens {[tokens[i] for i in covering]}"
+                )
                 bad.setdefault(t, []).append(f"{w!r} ({what})")
                 continue
             groups.setdefault((n, covering), []).append(w)
@@ -271,9 +298,13 @@ def _answers(given: Any, words: Sequence[str], answer: Callable[[str], str] | No
             try:
                 out[w] = answer(w)
             except Exception as exc:
-                raise StrategyError(f"answer function {getattr(answer, '__name__', answer)!r} failed for {vary} word {w!r}: {type(exc).__name__}: {exc}") from exc
+                raise StrategyError(
+                    f"answer function {getattr(answer, '__name__', answer)!r} failed for {vary} word {w!r}: {type(exc).__name__}: {exc}"
+                ) from exc
     else:
-        raise StrategyError(f"words[{vary!r}] is a list without answers: pass a mapping word -> answer (e.g. CAPITALS) or answer=function")
+        raise StrategyError(
+            f"words[{vary!r}] is a list without answers: pass a mapping word -> answer (e.g. CAPITALS) or answer=function"
+        )
     for w, a in out.items():
         if not isinstance(a, str) or not a.strip():
             raise StrategyError(f"the answer for {vary} word {w!r} is {a!r}: expected a non-empty string")
@@ -302,7 +333,9 @@ def with_filler(prompt: Prompt, filler: str) -> Prompt:
     return Prompt(f"{filler} {prompt.text}" if filler else prompt.text, Slots(prompt.slots))
 
 
-def perturbed_pairs(pairs: st.SearchStrategy[CounterfactualPair], prefixes: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[tuple[CounterfactualPair, CounterfactualPair]]:
+def perturbed_pairs(
+    pairs: st.SearchStrategy[CounterfactualPair], prefixes: st.SearchStrategy[str] | None = None
+) -> st.SearchStrategy[tuple[CounterfactualPair, CounterfactualPair]]:
     """(pair, the same pair with one filler prefix on both prompts): for claims that fillers change nothing.
 
     Shrinks as `pairs` and `prefixes` do.
@@ -311,6 +344,8 @@ def perturbed_pairs(pairs: st.SearchStrategy[CounterfactualPair], prefixes: st.S
 
     def add(args: tuple[CounterfactualPair, str]) -> tuple[CounterfactualPair, CounterfactualPair]:
         p, f = args
-        return p, CounterfactualPair(with_filler(p.clean, f), with_filler(p.corrupt, f), p.answer, p.distractor, p.template)
+        return p, CounterfactualPair(
+            with_filler(p.clean, f), with_filler(p.corrupt, f), p.answer, p.distractor, p.template
+        )
 
     return st.tuples(pairs, prefixes).map(add)

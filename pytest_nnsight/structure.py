@@ -44,6 +44,7 @@ class ModelStructure:
 
 # -- values as specs ----------------------------------------------------------------------------
 
+
 def _dim(a: int, b: int, s: tuple[int, int]) -> Any:
     if a == b:
         return a
@@ -77,6 +78,7 @@ def symbolic(first: Any, second: Any, s: tuple[int, int]) -> Any:
 
 # -- recording ------------------------------------------------------------------------------------
 
+
 def _root_of(model: Any) -> Any:
     return getattr(model, "_model", None) or getattr(model, "_module", None) or model
 
@@ -89,19 +91,27 @@ def _probe_inputs(model: Any, tokenizer: Any, prompt: str, inputs: Any) -> tuple
         keys = list(enc)
     else:
         if tokenizer is None:
-            raise ModelUsageError(f"{type(_root_of(model)).__name__} has no tokenizer: pass tokenizer= or inputs= (token ids [1, L]) to model_structure")
+            raise ModelUsageError(
+                f"{type(_root_of(model)).__name__} has no tokenizer: pass tokenizer= or inputs= (token ids [1, L]) to model_structure"
+            )
         enc = dict(tokenizer(prompt, return_tensors="pt"))
         keys = list(enc)
     for k, v in enc.items():
         if not (isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == 1):
-            raise ArgumentError(f"model_structure input {k!r} has shape {tuple(getattr(v, 'shape', ()))}: expected one row, [1, L]")
+            raise ArgumentError(
+                f"model_structure input {k!r} has shape {tuple(getattr(v, 'shape', ()))}: expected one row, [1, L]"
+            )
     length = next(iter(enc.values())).shape[1]
     if length < 4:
-        raise ArgumentError(f"probe {prompt!r} is {length} token(s) long: use one of at least 4 tokens, so batch and sequence dims stay apart")
+        raise ArgumentError(
+            f"probe {prompt!r} is {length} token(s) long: use one of at least 4 tokens, so batch and sequence dims stay apart"
+        )
     return enc, keys
 
 
-def _forward(root: Any, enc: dict[str, Any], names: dict[int, str], positional: bool) -> tuple[dict[str, list[Any]], list[str], Any]:
+def _forward(
+    root: Any, enc: dict[str, Any], names: dict[int, str], positional: bool
+) -> tuple[dict[str, list[Any]], list[str], Any]:
     """One forward with hooks on every module: per path the first call's specs and the call count; call order."""
     import torch
 
@@ -173,7 +183,9 @@ def _attention(root: Any, enc: dict[str, Any]) -> dict[str, Any]:
         dims = ["b" if i == 0 else "s" if d == length else str(d) for i, d in enumerate(att[0].shape)]
         weights = f"materialized ({len(att)} x Tensor[{','.join(dims)}])"
     else:
-        weights = f"not materialized (output_attentions=True returns {tuple(None if a is None else '?' for a in att)!r})"
+        weights = (
+            f"not materialized (output_attentions=True returns {tuple(None if a is None else '?' for a in att)!r})"
+        )
     return {"implementation": impl, "weights": weights}
 
 
@@ -221,7 +233,9 @@ def expand(modules: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_PROBE, inputs: Any = None, semantics: bool = True) -> ModelStructure:
+def model_structure(
+    model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_PROBE, inputs: Any = None, semantics: bool = True
+) -> ModelStructure:
     """Record `model`'s structure on `prompt` (an nnsight wrapper, or a torch module with `tokenizer`).
 
     A bare torch module with a tokenizer is wrapped with `pytest_nnsight.models.wrap` first, so the
@@ -244,7 +258,9 @@ def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_
         model = wrap(model, tokenizer)
     root = _root_of(model)
     if not isinstance(root, torch.nn.Module):
-        raise ModelUsageError(f"model_structure needs an nnsight-wrapped model or a torch.nn.Module, got {type(model).__name__}")
+        raise ModelUsageError(
+            f"model_structure needs an nnsight-wrapped model or a torch.nn.Module, got {type(model).__name__}"
+        )
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     enc, keys = _probe_inputs(model, tok, prompt, inputs)
     length = next(iter(enc.values())).shape[1]
@@ -261,8 +277,11 @@ def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_
         calls, inp, sig, out = seen_a[path]
         other = seen_b.get(path, seen_a[path])
         modules[path or ROOT] = {
-            "class": type(root.get_submodule(path)).__name__, "calls": calls,
-            "input": symbolic(inp, other[1], lengths), "signature": sig, "output": symbolic(out, other[3], lengths),
+            "class": type(root.get_submodule(path)).__name__,
+            "calls": calls,
+            "input": symbolic(inp, other[1], lengths),
+            "signature": sig,
+            "output": symbolic(out, other[3], lengths),
         }
     for path, module in _model_modules(root):
         if path and path not in seen_a:
@@ -270,8 +289,12 @@ def model_structure(model: Any, tokenizer: Any = None, *, prompt: str = DEFAULT_
     call_order = list(dict.fromkeys(generalize(p or ROOT) for p in order))
     record = {
         "probe": prompt if inputs is None else f"inputs of length {length}",
-        "tokenizer": None if tok is None else {
-            "padding_side": getattr(tok, "padding_side", None), "pad_token": getattr(tok, "pad_token", None), "keys": keys,
+        "tokenizer": None
+        if tok is None
+        else {
+            "padding_side": getattr(tok, "padding_side", None),
+            "pad_token": getattr(tok, "pad_token", None),
+            "keys": keys,
         },
         "attention": _attention(root, run_a),
         "call_order": call_order,

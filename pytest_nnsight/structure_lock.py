@@ -25,10 +25,14 @@ from typing import Any, Iterator
 from .errors import StructureChangedError  # noqa: F401  (re-exported; every error class lives in errors.py)
 from .settings import STRUCTURE_LOCK_MODES as MODES, parse_structure_lock as parse_mode  # noqa: F401
 
-LOCK_NAME = ".nnsight-structure.lock"  # JSON; a dot name: syrupy skips it (any other file there counts as an unused snapshot)
+LOCK_NAME = (
+    ".nnsight-structure.lock"  # JSON; a dot name: syrupy skips it (any other file there counts as an unused snapshot)
+)
 SNAPSHOT_DIR = "__snapshots__"
 FORMAT = "pytest-nnsight structure lock"
 VERSION = 1
+
+
 @contextlib.contextmanager
 def _exclusive(directory: Path) -> Iterator[None]:
     """One writer at a time in `directory` (xdist workers may each record a model): flock on the directory itself,
@@ -77,11 +81,15 @@ class StructureLock:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except ValueError as exc:
-            raise StructureChangedError(f"structure lock {self.path}: not valid JSON ({exc}); delete it and rerun to record "
-                                        "every served model again") from None
+            raise StructureChangedError(
+                f"structure lock {self.path}: not valid JSON ({exc}); delete it and rerun to record "
+                "every served model again"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("models"), dict):
-            raise StructureChangedError(f"structure lock {self.path}: not a pytest-nnsight structure lock (no \"format\": \"{FORMAT}\"); "
-                                        "delete it and rerun to record every served model again")
+            raise StructureChangedError(
+                f'structure lock {self.path}: not a pytest-nnsight structure lock (no "format": "{FORMAT}"); '
+                "delete it and rerun to record every served model again"
+            )
         return data["models"]
 
     def write(self, label: str, entry: dict[str, Any]) -> None:
@@ -115,8 +123,12 @@ class StructureLock:
         try:
             record = model_structure(wrapper).record
         except Exception as exc:  # noqa: BLE001 - a model the probe cannot record is served unguarded, never failed
-            return Verdict(label, "error", [f"not recorded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"],
-                           seconds=time.perf_counter() - start)
+            return Verdict(
+                label,
+                "error",
+                [f"not recorded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"],
+                seconds=time.perf_counter() - start,
+            )
         seconds = time.perf_counter() - start
         versions = library_versions()
         entry = {"environment": versions, "structure": record}
@@ -130,7 +142,9 @@ class StructureLock:
         changes = environment_changes(stored.get("environment") or {}, versions)
         if old == record:
             return Verdict(label, "unchanged", changes=changes, seconds=seconds, record=record)
-        lines = explain(old, record) or ["(the records differ only in fields without an explanation rule; compare the lock file's JSON)"]
+        lines = explain(old, record) or [
+            "(the records differ only in fields without an explanation rule; compare the lock file's JSON)"
+        ]
         if self.update or self.mode == "update":
             self.write(label, entry)
             return Verdict(label, "accepted", lines, changes, seconds, record)
@@ -145,8 +159,11 @@ class StructureLock:
 
 def message_lines(verdict: Verdict, path: Path) -> list[str]:
     after = f" after {', '.join(verdict.changes)}" if verdict.changes else " (same library versions)"
-    return [f"the structure of {verdict.label} changed{after} (structure lock {SNAPSHOT_DIR}/{path.name}):", *verdict.lines,
-            "accept it with --snapshot-update or --nnsight-structure-lock update; switch the lock off with --nnsight-structure-lock off"]
+    return [
+        f"the structure of {verdict.label} changed{after} (structure lock {SNAPSHOT_DIR}/{path.name}):",
+        *verdict.lines,
+        "accept it with --snapshot-update or --nnsight-structure-lock update; switch the lock off with --nnsight-structure-lock off",
+    ]
 
 
 _STACK: list[StructureLock] = []  # one per running session (pytester nests sessions in one process)
@@ -247,9 +264,13 @@ def summary_lines() -> list[str]:
         return []
     out = []
     for label, v in lock.verdicts.items():
-        what = {"recorded": f"recorded in {SNAPSHOT_DIR}/{lock.path.name} (first serve)", "unchanged": "unchanged",
-                "changed": f"CHANGED ({len(v.lines)} line(s); " + ("tests using it fail)" if lock.mode == "on" else "warn only)"),
-                "accepted": "changed and accepted (lock rewritten)",
-                "error": v.lines[0] if v.lines else "not recorded"}.get(v.status, v.status)
+        what = {
+            "recorded": f"recorded in {SNAPSHOT_DIR}/{lock.path.name} (first serve)",
+            "unchanged": "unchanged",
+            "changed": f"CHANGED ({len(v.lines)} line(s); "
+            + ("tests using it fail)" if lock.mode == "on" else "warn only)"),
+            "accepted": "changed and accepted (lock rewritten)",
+            "error": v.lines[0] if v.lines else "not recorded",
+        }.get(v.status, v.status)
         out.append(f"{label}: {what}; {lock.probes.get(label, 0)} probe(s), {v.seconds * 1000:.0f} ms")
     return out

@@ -56,12 +56,16 @@ def sweep(
     >>> effects.argmax()                                                                   # doctest: +SKIP
     ('resid_post.1', 5, 'is', 1.0)
     """
-    args = moved_positionals("sweep", "model, clean, corrupt", old, ("metric",), {"metric": metric})  # the old sweep(m, c, x, metric)
+    args = moved_positionals(
+        "sweep", "model, clean, corrupt", old, ("metric",), {"metric": metric}
+    )  # the old sweep(m, c, x, metric)
     required("sweep", args)
     _check_arguments(batch_size, memory_budget, direction, reuse)
     req = _resolve(model, clean, corrupt, args["metric"], sites, positions, direction, min_gap)
     plan, starts = _prefix_plan(req, reuse)
-    rows = batch_size or _forward.rows_per_chunk(plan, model, len(req.tokens), req.metric.last_only, memory_budget or _forward.DEFAULT_MEMORY_BUDGET)
+    rows = batch_size or _forward.rows_per_chunk(
+        plan, model, len(req.tokens), req.metric.last_only, memory_budget or _forward.DEFAULT_MEMORY_BUDGET
+    )
     measured, plan = _measure_cells(req, plan, starts, rows)
     effects = _assemble(req, measured)
     _verify_batching(req, measured, plan, rows, check_batching, check_cells)
@@ -104,12 +108,18 @@ def _check_arguments(batch_size: Any, memory_budget: Any, direction: Any, reuse:
     check_reuse(reuse)
 
 
-def _resolve(model: Any, clean: Any, corrupt: Any, metric: Any, sites: Any, positions: Any, direction: Direction, min_gap: float) -> _Sweep:
+def _resolve(
+    model: Any, clean: Any, corrupt: Any, metric: Any, sites: Any, positions: Any, direction: Direction, min_gap: float
+) -> _Sweep:
     """Resolve the metric, sites and swept positions (errors name the bad value) into one request the phases share."""
     m = as_metric(model, metric)
     site_list = resolve_sites(model, sites)
     ct, _, _ = pair_positions(model, clean, corrupt, "last")
-    cols = list(range(len(ct))) if positions is None else resolve_position(ct, positions, prompt=text_of(clean), slots=slots_of(clean))
+    cols = (
+        list(range(len(ct)))
+        if positions is None
+        else resolve_position(ct, positions, prompt=text_of(clean), slots=slots_of(clean))
+    )
     cells = [(i, p) for i in range(len(site_list)) for p in cols]
     what = f"sweeping {len(site_list)} sites x {len(cols)} positions"
     return _Sweep(model, clean, corrupt, m, site_list, ct, cols, cells, direction == "clean->corrupt", min_gap, what)
@@ -124,15 +134,39 @@ def _prefix_plan(req: _Sweep, reuse: Reuse) -> tuple[Any, list[Any]]:
     return plan, starts
 
 
-def _measure_cells(req: _Sweep, plan: Any, starts: Sequence[Any], rows: int) -> tuple[tuple[float, float, dict, torch.Tensor], Any]:
+def _measure_cells(
+    req: _Sweep, plan: Any, starts: Sequence[Any], rows: int
+) -> tuple[tuple[float, float, dict, torch.Tensor], Any]:
     """(src, tgt, source activations, raw metric per cell) and the plan used: prefix reuse where it holds, else plain traces."""
     if plan is not None:
-        done = prefix_cells(req.model, plan, starts, text_of(req.source), text_of(req.target), req.metric, req.sites, req.cells, rows,
-                            clean_first=req.restoring, min_gap=req.min_gap, what=req.what)
+        done = prefix_cells(
+            req.model,
+            plan,
+            starts,
+            text_of(req.source),
+            text_of(req.target),
+            req.metric,
+            req.sites,
+            req.cells,
+            rows,
+            clean_first=req.restoring,
+            min_gap=req.min_gap,
+            what=req.what,
+        )
         if done is not None:
             return done, plan
-    plain = plain_cells(req.model, text_of(req.source), text_of(req.target), text_of(req.clean), req.metric, req.sites, req.cells, rows,
-                        min_gap=req.min_gap, what=req.what)
+    plain = plain_cells(
+        req.model,
+        text_of(req.source),
+        text_of(req.target),
+        text_of(req.clean),
+        req.metric,
+        req.sites,
+        req.cells,
+        rows,
+        min_gap=req.min_gap,
+        what=req.what,
+    )
     return plain, None
 
 
@@ -146,31 +180,63 @@ def _assemble(req: _Sweep, measured: tuple[float, float, dict, torch.Tensor]) ->
         raw_grid[i][j] = v
         grid[i][j] = normalized(v, tgt, src, min_gap=req.min_gap, what=req.what)
     return EffectMap(
-        tuple(tuple(r) for r in grid), tuple(str(s) for s in req.sites), tuple(req.tokens[p] for p in req.cols), req.metric.name,
-        text_of(req.clean), text_of(req.corrupt), src if req.restoring else tgt, tgt if req.restoring else src,
-        raw=tuple(tuple(r) for r in raw_grid), positions=tuple(req.cols),
+        tuple(tuple(r) for r in grid),
+        tuple(str(s) for s in req.sites),
+        tuple(req.tokens[p] for p in req.cols),
+        req.metric.name,
+        text_of(req.clean),
+        text_of(req.corrupt),
+        src if req.restoring else tgt,
+        tgt if req.restoring else src,
+        raw=tuple(tuple(r) for r in raw_grid),
+        positions=tuple(req.cols),
     )
 
 
-def _verify_batching(req: _Sweep, measured: tuple[float, float, dict, torch.Tensor], plan: Any, rows: int, flag: bool | None,
-                     check_cells: int | None) -> None:
+def _verify_batching(
+    req: _Sweep,
+    measured: tuple[float, float, dict, torch.Tensor],
+    plan: Any,
+    rows: int,
+    flag: bool | None,
+    check_cells: int | None,
+) -> None:
     """Under check_batching, re-run a sample of cells one trace each, once per model, path, sites and chunk shape."""
     active = _settings.settings_of(req.model)
     if not (flag if flag is not None else active.check_batching):
         return
     n = check_cells or active.check_batching_cells
-    key = ("prefix" if plan is not None else "plain", tuple(map(str, req.sites)), min(rows, len(req.cells)), len(req.tokens), req.metric.last_only)
+    key = (
+        "prefix" if plan is not None else "plain",
+        tuple(map(str, req.sites)),
+        min(rows, len(req.cells)),
+        len(req.tokens),
+        req.metric.last_only,
+    )
     if _verdict_known(req.model, key, n):
         return
     _, _, acts, raw = measured
     reference = reference_logits(req.model, req.metric, text_of(req.clean))
-    verify_cells(req.model, req.target, req.metric, req.sites, acts, req.cells, raw, reference, n, dtype=acts[req.sites[0]].dtype)
+    verify_cells(
+        req.model, req.target, req.metric, req.sites, acts, req.cells, raw, reference, n, dtype=acts[req.sites[0]].dtype
+    )
     _remember_verdict(req.model, key, n)
 
 
 def prefix_cells(
-    model: Any, plan: Any, starts: Sequence[Any], source: str, target: str, metric: Any, site_list: Sequence[Site],
-    cells: Sequence[tuple[int, int]], rows: int, *, clean_first: bool, min_gap: float, what: str,
+    model: Any,
+    plan: Any,
+    starts: Sequence[Any],
+    source: str,
+    target: str,
+    metric: Any,
+    site_list: Sequence[Site],
+    cells: Sequence[tuple[int, int]],
+    rows: int,
+    *,
+    clean_first: bool,
+    min_gap: float,
+    what: str,
 ) -> tuple[float, float, dict, torch.Tensor] | None:
     """Every cell by prefix reuse: one forward of [source, target] records the source activations and the target's
     residual entering each block; cells then start at their own block (chunks of `rows`, in layer order)."""
@@ -190,7 +256,10 @@ def prefix_cells(
     check = _forward.needs_identity_check(plan)
     for at in range(0, len(order), rows):
         chunk = order[at : at + rows]
-        todo = [_forward.Row(starts[cells[k][0]], (cells[k][1],), acts[site_list[cells[k][0]]][0, [cells[k][1]]]) for k in chunk]
+        todo = [
+            _forward.Row(starts[cells[k][0]], (cells[k][1],), acts[site_list[cells[k][0]]][0, [cells[k][1]]])
+            for k in chunk
+        ]
         if check:
             todo.append(_forward.Row(_forward.Start(0), (), None))
         values = run_cells(plan, cap, todo, metric, reference, None if mask is None else mask[1:].expand(len(todo), -1))
@@ -216,8 +285,17 @@ def _last_logits(output: Any, row: int) -> torch.Tensor:
 
 
 def plain_cells(
-    model: Any, source: str, target: str, clean: str, metric: Any, site_list: Sequence[Site], cells: Sequence[tuple[int, int]],
-    rows: int, *, min_gap: float, what: str,
+    model: Any,
+    source: str,
+    target: str,
+    clean: str,
+    metric: Any,
+    site_list: Sequence[Site],
+    cells: Sequence[tuple[int, int]],
+    rows: int,
+    *,
+    min_gap: float,
+    what: str,
 ) -> tuple[float, float, dict, torch.Tensor]:
     """Every cell through plain nnsight traces of `rows` patched copies of the target (no prefix reuse). The target's
     token ids are prepared once; the first trace also runs the source and target rows, each patched row copying the
@@ -244,7 +322,9 @@ def plain_cells(
                 else:
                     edits.append(Edit(site, rows_at, pos, acts[site][0, list(pos)]))
         inputs = ([src_ids, tgt_ids] if first else []) + [tgt_ids] * len(chunk)
-        values, saved = run(model, inputs, metric, edits=edits, save=site_list if first else (), reference=reference, lean=True)
+        values, saved = run(
+            model, inputs, metric, edits=edits, save=site_list if first else (), reference=reference, lean=True
+        )
         if first:
             src, tgt = float(values[0]), float(values[1])
             acts = {s: a[:1] for s, a in saved.items()}
@@ -283,8 +363,17 @@ def tolerance_for(dtype: torch.dtype) -> float:
 
 
 def verify_cells(
-    model: Any, target: Any, metric: Any, site_list: Sequence[Site], acts: dict, cells: Sequence[tuple[int, int]],
-    batched: torch.Tensor, reference: Any, n: int, *, dtype: torch.dtype,
+    model: Any,
+    target: Any,
+    metric: Any,
+    site_list: Sequence[Site],
+    acts: dict,
+    cells: Sequence[tuple[int, int]],
+    batched: torch.Tensor,
+    reference: Any,
+    n: int,
+    *,
+    dtype: torch.dtype,
 ) -> None:
     """Re-run `n` sampled cells one trace each; BatchingMismatchError when any differs from its batched value."""
     picks = random.Random(0).sample(range(len(cells)), min(n, len(cells)))
@@ -292,10 +381,18 @@ def verify_cells(
     bad = []
     for k in picks:
         i, p = cells[k]
-        single, _ = run(model, text_of(target), metric, edits=[Edit(site_list[i], (0,), (p,), acts[site_list[i]][0, [p]])], reference=reference)
+        single, _ = run(
+            model,
+            text_of(target),
+            metric,
+            edits=[Edit(site_list[i], (0,), (p,), acts[site_list[i]][0, [p]])],
+            reference=reference,
+        )
         diff = abs(float(single[0]) - float(batched[k]))
         if not diff <= tol:
-            bad.append(f"  {site_list[i]} @ {p}: batched {float(batched[k]):.6g}, single {float(single[0]):.6g}, |diff| {diff:.3g}")
+            bad.append(
+                f"  {site_list[i]} @ {p}: batched {float(batched[k]):.6g}, single {float(single[0]):.6g}, |diff| {diff:.3g}"
+            )
     if bad:
         raise BatchingMismatchError(
             f"batched sweep disagrees with single-cell runs beyond {tol:g} in {len(bad)} of {len(picks)} checked cells:\n"

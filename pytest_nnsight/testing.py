@@ -28,20 +28,42 @@ def word_tokenizer(words: Sequence[str] = DEFAULT_WORDS, *, bos: bool = True, to
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##")
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>", pad_token="<pad>", unk_token="<unk>")
-    hf.model_input_names = ["input_ids", "token_type_ids", "attention_mask"] if token_type_ids else ["input_ids", "attention_mask"]
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    hf.model_input_names = (
+        ["input_ids", "token_type_ids", "attention_mask"] if token_type_ids else ["input_ids", "attention_mask"]
+    )
     return hf
 
 
-def tiny_gpt2(*, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 4, words: Sequence[str] = DEFAULT_WORDS, **config: Any) -> tuple[Any, Any]:
+def tiny_gpt2(
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 4,
+    words: Sequence[str] = DEFAULT_WORDS,
+    **config: Any,
+) -> tuple[Any, Any]:
     """A seeded random GPT2LMHeadModel and its word tokenizer: same weights on transformers 4.57 and 5.x."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = word_tokenizer(words)
     cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        bos_token_id=1, eos_token_id=1, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **config,
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **config,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg)
@@ -49,7 +71,9 @@ def tiny_gpt2(*, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int 
     return model, tok
 
 
-def check_snapshot_lifecycle(pytester: Any, source: str, *, module: str = "test_finding", args: Sequence[str] = (), delta: float = 1.0) -> list[str]:
+def check_snapshot_lifecycle(
+    pytester: Any, source: str, *, module: str = "test_finding", args: Sequence[str] = (), delta: float = 1.0
+) -> list[str]:
     """Walk a test using `finding_snapshot` through fail -> record -> pass -> drift -> fail -> update -> pass.
 
     `source` is one test module with one snapshot assertion. The environment change is simulated by
@@ -102,7 +126,12 @@ def check_snapshot_lifecycle(pytester: Any, source: str, *, module: str = "test_
     edit(lambda rec: rec.update(finding=shift(rec["finding"])))
     result = run()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*this finding drifted after torch 0.0.0-old -> *--snapshot-update accepts it*", "*cells moved beyond tolerance*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*this finding drifted after torch 0.0.0-old -> *--snapshot-update accepts it*",
+            "*cells moved beyond tolerance*",
+        ]
+    )
     run("--snapshot-update").assert_outcomes(passed=1)
     result = run()
     result.assert_outcomes(passed=1)
@@ -113,7 +142,15 @@ def check_snapshot_lifecycle(pytester: Any, source: str, *, module: str = "test_
 TINY_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gptj", "bert")
 
 
-def tiny_model(family: str, *, seed: int = 0, n_layer: int = 2, d_model: int = 32, n_head: int = 4, words: Sequence[str] = DEFAULT_WORDS) -> tuple[Any, Any]:
+def tiny_model(
+    family: str,
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    d_model: int = 32,
+    n_head: int = 4,
+    words: Sequence[str] = DEFAULT_WORDS,
+) -> tuple[Any, Any]:
     """A seeded random model of `family` (one of TINY_FAMILIES) and its word tokenizer, built from a transformers config.
 
     Decoders come with their LM head; 'bert' is a bare BertModel (an encoder, like MiniLM). Llama-style
@@ -129,23 +166,57 @@ def tiny_model(family: str, *, seed: int = 0, n_layer: int = 2, d_model: int = 3
     tok = word_tokenizer(words)
     ids = dict(vocab_size=len(tok), bos_token_id=1, eos_token_id=1, pad_token_id=0)
     llama_like = dict(
-        hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer, num_attention_heads=n_head,
-        num_key_value_heads=max(1, n_head // 2), max_position_embeddings=64, **ids,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=max(1, n_head // 2),
+        max_position_embeddings=64,
+        **ids,
     )
     builders = {
-        "gpt_neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(
-            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer, num_attention_heads=n_head,
-            max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, **ids)),
+        "gpt_neox": lambda: t.GPTNeoXForCausalLM(
+            t.GPTNeoXConfig(
+                hidden_size=d_model,
+                intermediate_size=2 * d_model,
+                num_hidden_layers=n_layer,
+                num_attention_heads=n_head,
+                max_position_embeddings=64,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+                **ids,
+            )
+        ),
         "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**llama_like)),
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**llama_like)),
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**llama_like)),
-        "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(
-            n_embd=d_model, n_layer=n_layer, n_head=n_head, rotary_dim=4, n_positions=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)),
-        "bert": lambda: t.BertModel(t.BertConfig(
-            hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer, num_attention_heads=n_head,
-            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
-            vocab_size=len(tok)), add_pooling_layer=False),
+        "gptj": lambda: t.GPTJForCausalLM(
+            t.GPTJConfig(
+                n_embd=d_model,
+                n_layer=n_layer,
+                n_head=n_head,
+                rotary_dim=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                **ids,
+            )
+        ),
+        "bert": lambda: t.BertModel(
+            t.BertConfig(
+                hidden_size=d_model,
+                intermediate_size=2 * d_model,
+                num_hidden_layers=n_layer,
+                num_attention_heads=n_head,
+                max_position_embeddings=64,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                pad_token_id=0,
+                vocab_size=len(tok),
+            ),
+            add_pooling_layer=False,
+        ),
     }
     if family not in builders:
         from .errors import ArgumentError
@@ -157,7 +228,9 @@ def tiny_model(family: str, *, seed: int = 0, n_layer: int = 2, d_model: int = 3
     return model, tok
 
 
-def wordpiece_tokenizer(words: Sequence[str] = DEFAULT_WORDS, *, padding_side: str = "right", lowercase: bool = True) -> Any:
+def wordpiece_tokenizer(
+    words: Sequence[str] = DEFAULT_WORDS, *, padding_side: str = "right", lowercase: bool = True
+) -> Any:
     """A BERT-style WordPiece fast tokenizer built locally: [CLS] ... [SEP], uncased by default (like MiniLM's)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -167,15 +240,31 @@ def wordpiece_tokenizer(words: Sequence[str] = DEFAULT_WORDS, *, padding_side: s
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     tok.decoder = decoders.WordPiece(prefix="##")
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     hf.padding_side = padding_side
     return hf
 
 
-def tiny_bert(*, seed: int = 0, n_layer: int = 2, d_model: int = 32, n_head: int = 4, words: Sequence[str] = DEFAULT_WORDS,
-              padding_side: str = "right") -> tuple[Any, Any]:
+def tiny_bert(
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    d_model: int = 32,
+    n_head: int = 4,
+    words: Sequence[str] = DEFAULT_WORDS,
+    padding_side: str = "right",
+) -> tuple[Any, Any]:
     """A seeded random BertModel (an encoder like MiniLM, absolute positions) and an uncased WordPiece tokenizer, built locally.
 
     >>> model, tok = tiny_bert(padding_side="left")          # doctest: +SKIP
@@ -185,8 +274,15 @@ def tiny_bert(*, seed: int = 0, n_layer: int = 2, d_model: int = 32, n_head: int
 
     tok = wordpiece_tokenizer(words, padding_side=padding_side)
     cfg = t.BertConfig(
-        hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layer, num_attention_heads=n_head,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, vocab_size=len(tok),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        vocab_size=len(tok),
     )
     torch.manual_seed(seed)
     model = t.BertModel(cfg, add_pooling_layer=False)

@@ -61,7 +61,10 @@ def run(
     try:
         with torch.inference_mode():
             extra = forward_kwargs(getattr(model, "_module", model), keep_last=metric.last_only) if lean else {}
-            args, kwargs = compat.trace_args(model, batch.args, batch.kwargs), compat.trace_kwargs_of(model, batch.args, batch.kwargs)
+            args, kwargs = (
+                compat.trace_args(model, batch.args, batch.kwargs),
+                compat.trace_kwargs_of(model, batch.args, batch.kwargs),
+            )
             with model.trace(*args, **kwargs, **extra, **trace_kwargs(model)):
                 for site in order:
                     value = site_value(model, site)
@@ -95,9 +98,13 @@ def _apply(value: torch.Tensor, edit: Edit, move: bool = False) -> None:
             f"[{', '.join(map(str, value.shape))}]): expected exactly [{expected[0]}, {expected[1]}], one row per patched cell"
         )
     if value.shape[-1] != edit.values.shape[-1]:
-        raise InterventionError(f"cannot write a [{', '.join(map(str, edit.values.shape))}] value into {edit.site} of shape [{', '.join(map(str, value.shape))}]: the last dimension differs")
+        raise InterventionError(
+            f"cannot write a [{', '.join(map(str, edit.values.shape))}] value into {edit.site} of shape [{', '.join(map(str, value.shape))}]: the last dimension differs"
+        )
     if edit.values.device != value.device and not move:
-        raise InterventionError(f"value for {edit.site} is on {edit.values.device} but the model runs on {value.device}: move it with .to({str(value.device)!r})")
+        raise InterventionError(
+            f"value for {edit.site} is on {edit.values.device} but the model runs on {value.device}: move it with .to({str(value.device)!r})"
+        )
     rows = torch.tensor(edit.rows, device=value.device)
     pos = torch.tensor(edit.positions, device=value.device)
     src = edit.values.to(device=value.device, dtype=value.dtype)  # a no-op locally (devices checked above)
@@ -116,7 +123,9 @@ def _translate(exc: Exception, model: Any, sites: Sequence[Site]) -> Exception:
     text = _cause_line(exc) or name
     where = ", ".join(map(str, sites)) or "the model output"
     if compat.is_not_reached(exc):
-        return InterventionError(f"site(s) {where} were not reached in the forward pass ({name}: {text}); is the module used by this model's forward?")
+        return InterventionError(
+            f"site(s) {where} were not reached in the forward pass ({name}: {text}); is the module used by this model's forward?"
+        )
     if "expanded size" in text or "shape" in text:
         return InterventionError(f"a value written at {where} does not fit its shape: {text}")
     return InterventionError(f"the trace failed at {where}: {name}: {text}")
@@ -144,7 +153,11 @@ def reference_logits(model: Any, metric: Metric, clean: str) -> Any:
         return None
     batch = encode(model, clean)
     with torch.inference_mode():
-        with model.trace(*compat.trace_args(model, batch.args, batch.kwargs), **compat.trace_kwargs_of(model, batch.args, batch.kwargs), **trace_kwargs(model)):
+        with model.trace(
+            *compat.trace_args(model, batch.args, batch.kwargs),
+            **compat.trace_kwargs_of(model, batch.args, batch.kwargs),
+            **trace_kwargs(model),
+        ):
             last = logits_of(model.output)[:, -1, :].detach().clone().save()
     return last
 

@@ -42,8 +42,26 @@ CAPITAL_FILLERS: tuple[str, ...] = (
 
 #: Common English first names (each a single token, with its leading space, for GPT-2's tokenizer).
 FIRST_NAMES: tuple[str, ...] = (
-    "Mary", "John", "James", "Anna", "David", "Sarah", "Michael", "Laura", "Paul", "Emma",
-    "Mark", "Lisa", "Peter", "Kate", "Tom", "Alice", "Daniel", "Rachel", "Chris", "Jessica",
+    "Mary",
+    "John",
+    "James",
+    "Anna",
+    "David",
+    "Sarah",
+    "Michael",
+    "Laura",
+    "Paul",
+    "Emma",
+    "Mark",
+    "Lisa",
+    "Peter",
+    "Kate",
+    "Tom",
+    "Alice",
+    "Daniel",
+    "Rachel",
+    "Chris",
+    "Jessica",
 )
 
 #: Templates for indirect-object identification with two name slots.

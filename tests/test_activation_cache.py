@@ -68,8 +68,12 @@ def test_second_run_loads_and_runs_no_forward_and_a_key_change_recomputes(suite,
     total = [line for line in first.outlines if "FIRST" in line][0].split("sum=")[1]
     second = suite.runpytest("-s", "-p", "no:randomly")
     second.assert_outcomes(passed=2)
-    second.stdout.fnmatch_lines([f"*FIRST source=loaded forwards=0 sum={total}*",  # the same values, no forward pass
-                                 "activation cache */nnsight-activations: 0 computed (0 forward passes), 2 loaded"])
+    second.stdout.fnmatch_lines(
+        [
+            f"*FIRST source=loaded forwards=0 sum={total}*",  # the same values, no forward pass
+            "activation cache */nnsight-activations: 0 computed (0 forward passes), 2 loaded",
+        ]
+    )
     monkeypatch.setenv("AC_DTYPE", "float16")  # another storage dtype: another key
     suite.runpytest("-s", "-k", "first").stdout.fnmatch_lines(["*FIRST source=computed forwards=3*"])
     monkeypatch.delenv("AC_DTYPE")
@@ -87,13 +91,22 @@ def test_corrupt_entry_warns_and_recomputes(suite):
     data.write_bytes(bytes(raw))
     flipped = suite.runpytest("-s", "-k", "first")
     flipped.assert_outcomes(passed=1)
-    flipped.stdout.fnmatch_lines(["*FIRST source=computed forwards=3*",
-                                  "*ActivationCacheWarning: corrupt activation cache entry *ac-*.json (the sha256 of ac-*.safetensors does not match its manifest); recomputing it*"])
+    flipped.stdout.fnmatch_lines(
+        [
+            "*FIRST source=computed forwards=3*",
+            "*ActivationCacheWarning: corrupt activation cache entry *ac-*.json (the sha256 of ac-*.safetensors does not match its manifest); recomputing it*",
+        ]
+    )
     assert_valid(default_dir(suite))
     path = default_dir(suite) / f"ac-{manifest['key']}.json"
     path.write_text(path.read_text()[:40])
     truncated = suite.runpytest("-s", "-k", "first")
-    truncated.stdout.fnmatch_lines(["*FIRST source=computed forwards=3*", "*corrupt activation cache entry*its manifest cannot be read (JSONDecodeError*"])
+    truncated.stdout.fnmatch_lines(
+        [
+            "*FIRST source=computed forwards=3*",
+            "*corrupt activation cache entry*its manifest cannot be read (JSONDecodeError*",
+        ]
+    )
     assert_valid(default_dir(suite))
 
 
@@ -103,9 +116,13 @@ def test_clear_options(suite):
     suite.runpytest("-s", "-k", "first", "--cache-clear").stdout.fnmatch_lines(["*FIRST source=computed*"])
     (suite.path / "acts").mkdir()
     (suite.path / "acts" / "notes.txt").write_text("not ours")
-    suite.runpytest("-s", "-k", "first", "--nnsight-cache-dir", "acts").stdout.fnmatch_lines(["*FIRST source=computed*"])
+    suite.runpytest("-s", "-k", "first", "--nnsight-cache-dir", "acts").stdout.fnmatch_lines(
+        ["*FIRST source=computed*"]
+    )
     assert len(entries(suite.path / "acts")) == 1
-    suite.runpytest("-s", "-k", "first", "--nnsight-cache-dir", "acts", "--cache-clear").stdout.fnmatch_lines(["*FIRST source=computed*"])
+    suite.runpytest("-s", "-k", "first", "--nnsight-cache-dir", "acts", "--cache-clear").stdout.fnmatch_lines(
+        ["*FIRST source=computed*"]
+    )
     assert (suite.path / "acts" / "notes.txt").exists()  # clearing removes only cache entries
 
 
@@ -113,7 +130,11 @@ def test_unwritable_dir_is_a_clear_error_unless_caching_is_off(suite):
     (suite.path / "afile").write_text("a file, not a directory")
     result = suite.runpytest("--nnsight-cache-dir", "afile/acts")
     result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines(["*activation cache directory '*afile/acts' (from command line option --nnsight-cache-dir) is not writable*--nnsight-no-cache*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*activation cache directory '*afile/acts' (from command line option --nnsight-cache-dir) is not writable*--nnsight-no-cache*"
+        ]
+    )
     off = suite.runpytest("-s", "-p", "no:randomly", "--nnsight-cache-dir", "afile/acts", "--nnsight-no-cache")
     off.assert_outcomes(passed=2)
     off.stdout.fnmatch_lines(["*FIRST source=memory forwards=3*", "*SECOND source=memory*"])
@@ -125,11 +146,17 @@ def test_unwritable_dir_is_a_clear_error_unless_caching_is_off(suite):
 
 def test_help_lists_the_cache_options(pytester):
     pytester.runpytest("--help").stdout.fnmatch_lines(
-        ["*--nnsight-cache-dir=DIR*", "*--nnsight-cache-clear*", "*--nnsight-no-cache*", "*nnsight_cache_dir (string):*"]
+        [
+            "*--nnsight-cache-dir=DIR*",
+            "*--nnsight-cache-clear*",
+            "*--nnsight-no-cache*",
+            "*nnsight_cache_dir (string):*",
+        ]
     )
 
 
 # -- the cache object without pytest ---------------------------------------------------------------
+
 
 def test_positions_words_slots_and_whole_sequences(capitals, nnsight_models, tmp_path):
     cache = ActivationCache(tmp_path, models=nnsight_models)
@@ -148,7 +175,9 @@ def test_positions_words_slots_and_whole_sequences(capitals, nnsight_models, tmp
     batches = list(acts.iter_batches("transformer.h.0", batch_size=1))
     assert [tuple(b.shape) for b in batches] == [(1, n1, 64), (1, n1, 64)]
     with pytest.raises(PositionError, match="names 1 token\\(s\\) in 'The capital of France is' but 2 in"):
-        cache.get(capitals, prompts, sites="blocks", positions=[0, -n0])  # one index in the short prompt, two in the long one
+        cache.get(
+            capitals, prompts, sites="blocks", positions=[0, -n0]
+        )  # one index in the short prompt, two in the long one
     with pytest.raises(SiteNotCachedError, match="it holds transformer.h.0"):
         last["resid_post.1"]
 
@@ -183,6 +212,8 @@ def test_fingerprint_ignores_non_persistent_buffers_only():
 
 def test_unwritable_directory_error_names_it(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ActivationCacheError, match="activation cache directory '.*f/sub' \\(from default\\) is not writable"):
+    with pytest.raises(
+        ActivationCacheError, match="activation cache directory '.*f/sub' \\(from default\\) is not writable"
+    ):
         ActivationCache(tmp_path / "f" / "sub")
     assert os.path.isdir(ActivationCache(tmp_path / "ok").directory)

@@ -25,9 +25,18 @@ from pytest_nnsight.interventions import TopTokens
 
 def effect(**kw):
     base = dict(
-        kind="patch", site="resid_post.0", positions=(5,), position_tokens=("is",), metric="logit_diff('Paris', 'Berlin')",
-        source_prompt="The capital of France is", target_prompt="The capital of Germany is", source=10.0, target=-10.0,
-        intervened=0.0, normalized=0.5, tokens=("<bos>", "The", "capital", "of", "Germany", "is"),
+        kind="patch",
+        site="resid_post.0",
+        positions=(5,),
+        position_tokens=("is",),
+        metric="logit_diff('Paris', 'Berlin')",
+        source_prompt="The capital of France is",
+        target_prompt="The capital of Germany is",
+        source=10.0,
+        target=-10.0,
+        intervened=0.0,
+        normalized=0.5,
+        tokens=("<bos>", "The", "capital", "of", "Germany", "is"),
     )
     base.update(kw)
     return Effect(**base)
@@ -35,7 +44,15 @@ def effect(**kw):
 
 def ablation(target, intervened):
     rel = (intervened - target) / abs(target)
-    return effect(kind="zero ablation", source_prompt="", source=target, target=target, intervened=intervened, normalized=rel, direction="ablation")
+    return effect(
+        kind="zero ablation",
+        source_prompt="",
+        source=target,
+        target=target,
+        intervened=intervened,
+        normalized=rel,
+        direction="ablation",
+    )
 
 
 # -- assert_restores ------------------------------------------------------------------------------
@@ -61,7 +78,9 @@ def test_assert_restores_failure_lists_the_context():
 
 
 def test_assert_restores_refuses_nan():
-    with pytest.raises(NonFiniteMetricError, match="the normalized effect is nan at resid_post.0 on 'The capital of Germany is'"):
+    with pytest.raises(
+        NonFiniteMetricError, match="the normalized effect is nan at resid_post.0 on 'The capital of Germany is'"
+    ):
         assert_restores(effect(normalized=math.nan), at_least=0.0)
 
 
@@ -90,7 +109,14 @@ def test_assertrepr_hook_flips_reversed_comparisons():
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_measured_raises_on_every_order_comparison(value):
     m = effect(normalized=value).normalized
-    for compare in (lambda: m < 0.5, lambda: m <= 0.5, lambda: m > 0.5, lambda: m >= 0.5, lambda: 0.5 < m, lambda: 0.5 >= m):
+    for compare in (
+        lambda: m < 0.5,
+        lambda: m <= 0.5,
+        lambda: m > 0.5,
+        lambda: m >= 0.5,
+        lambda: 0.5 < m,
+        lambda: 0.5 >= m,
+    ):
         with pytest.raises(NonFiniteMetricError):
             compare()
 
@@ -105,10 +131,14 @@ def test_assert_drops_absolute_and_relative():
     with pytest.raises(FindingFailed) as info:
         assert_drops(e, 6.5)
     message = str(info.value)
-    assert message.startswith("claim: zero ablation of resid_post.0 lowers logit_diff('Paris', 'Berlin') by at least 6.5\n")
+    assert message.startswith(
+        "claim: zero ablation of resid_post.0 lowers logit_diff('Paris', 'Berlin') by at least 6.5\n"
+    )
     assert "expected:  drop >= 6.5, measured 6" in message
     assert "measured:  4 after the zero ablation, 10 before" in message
-    with pytest.raises(FindingFailed, match=r"(?s)by at least 0\.7 \(relative\).*expected:  relative drop >= 0\.7, measured 0\.6"):
+    with pytest.raises(
+        FindingFailed, match=r"(?s)by at least 0\.7 \(relative\).*expected:  relative drop >= 0\.7, measured 0\.6"
+    ):
         assert_drops(e, 0.7, relative=True)
 
 
@@ -147,7 +177,14 @@ def test_assert_beats_controls_needs_controls():
 
 
 def top(tokens):
-    return TopTokens("The capital of Germany is", "The capital of France is", "resid_post.1", 5, tuple(tokens), (0.9, 0.05, 0.01)[: len(tokens)])
+    return TopTokens(
+        "The capital of Germany is",
+        "The capital of France is",
+        "resid_post.1",
+        5,
+        tuple(tokens),
+        (0.9, 0.05, 0.01)[: len(tokens)],
+    )
 
 
 def test_assert_top_token_compares_the_first_token_ignoring_spaces():
@@ -168,8 +205,14 @@ def test_assert_top_token_compares_the_first_token_ignoring_spaces():
 
 def emap(values):
     return EffectMap(
-        tuple(tuple(r) for r in values), ("embed", "resid_post.0", "resid_post.1"), ("<bos>", "France", "is"), "ld",
-        "The France is", "The Germany is", 10.0, -10.0,
+        tuple(tuple(r) for r in values),
+        ("embed", "resid_post.0", "resid_post.1"),
+        ("<bos>", "France", "is"),
+        "ld",
+        "The France is",
+        "The Germany is",
+        10.0,
+        -10.0,
     )
 
 
@@ -184,11 +227,16 @@ def test_assert_peaks_at_marks_exactly_the_failing_cells():
     values = [row[:] for row in PEAKED]
     values[1][2], values[1][1], values[0][0] = 0.4, 0.3, math.nan
     with pytest.raises(FindingFailed) as info:
-        assert_peaks_at(emap(values), [("embed", 1), ("resid_post.0", 2), ("resid_post.1", 2)], at_least=0.9, elsewhere_at_most=0.05)
+        assert_peaks_at(
+            emap(values), [("embed", 1), ("resid_post.0", 2), ("resid_post.1", 2)], at_least=0.9, elsewhere_at_most=0.05
+        )
     message = str(info.value)
     assert message.startswith("claim: the effect map peaks at embed @ 1, resid_post.0 @ 2, resid_post.1 @ 2\n")
     assert "failing:   3 of 9 cells:" in message
-    assert "resid_post.0 @ 2 'is': 0.4 (want >= 0.9)" in message and "resid_post.0 @ 1 'France': 0.3 (want |x| <= 0.05)" in message
+    assert (
+        "resid_post.0 @ 2 'is': 0.4 (want >= 0.9)" in message
+        and "resid_post.0 @ 1 'France': 0.3 (want |x| <= 0.05)" in message
+    )
     assert "embed @ 0 '<bos>': nan (want finite)" in message
     table = message[message.index("cells marked ! failed") :].splitlines()[1:5]
     assert table[0].split() == ["0:<bos>", "1:France", "2:is"]
@@ -199,7 +247,7 @@ def test_assert_peaks_at_marks_exactly_the_failing_cells():
 
 # -- as users see it ------------------------------------------------------------------------------
 
-FINDINGS = '''\
+FINDINGS = """\
 import copy
 
 import pytest
@@ -254,7 +302,7 @@ def test_nan_never_passes(capitals, nnsight_models):
     broken = nnsight_models.get(module, capitals.tokenizer)
     effect = patch(broken, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=LD)
     assert not effect.normalized < 0.5
-'''
+"""
 
 
 def section(result, name):
@@ -297,15 +345,24 @@ def test_failures_as_users_see_them(result):
         assert has_line(weak, expected), expected
 
     peaks = section(result, "test_peaks")
-    assert ">       assert_peaks_at(effects, [(\"resid_post.0\", 4), (\"resid_post.1\", 5)], at_least=0.9, elsewhere_at_most=0.05)" in peaks
+    assert (
+        '>       assert_peaks_at(effects, [("resid_post.0", 4), ("resid_post.1", 5)], at_least=0.9, elsewhere_at_most=0.05)'
+        in peaks
+    )
     assert "FindingFailed: claim: the effect map peaks at resid_post.0 @ 4, resid_post.1 @ 5" in peaks
-    assert has_line(peaks, "E       failing:   2 of 12 cells: resid_post.0 @ 4 'France': 0.000* (want >= 0.9); resid_post.0 @ 5 'is': 1 (want |x| <= 0.05)")
+    assert has_line(
+        peaks,
+        "E       failing:   2 of 12 cells: resid_post.0 @ 4 'France': 0.000* (want >= 0.9); resid_post.0 @ 5 'is': 1 (want |x| <= 0.05)",
+    )
     table = [line for line in peaks.splitlines() if line.startswith("E       resid_post.")]
     assert [line.split()[-2:] for line in table] == [["0.00!", "1.00!"], ["0.00", "1.00"]]
 
     drops = section(result, "test_drops")
     assert ">       assert_drops(effect, 5.0)" in drops
-    assert "FindingFailed: claim: zero ablation of transformer.h.0 lowers logit_diff('Paris', 'Berlin') by at least 5" in drops
+    assert (
+        "FindingFailed: claim: zero ablation of transformer.h.0 lowers logit_diff('Paris', 'Berlin') by at least 5"
+        in drops
+    )
     assert re.search(r"E       expected:  drop >= 5, measured -?0\.0\d+", drops)
     assert "E       prompt:    'The capital of France is'" in drops
 
@@ -314,15 +371,19 @@ def test_failures_as_users_see_them(result):
     assert "E       losing to: random_donor (" in controls and "position 1 'The' (" in controls
 
     top = section(result, "test_top_token")
-    assert ">       assert_top_token(capitals, result, \"Berlin\")" in top
+    assert '>       assert_top_token(capitals, result, "Berlin")' in top
     assert "E       measured:  'Paris' 0.9" in top and "E       expected:  top token 'Berlin'" in top
 
     nan = section(result, "test_nan_never_passes")
     assert "NonFiniteMetricError: normalized effect of the patch at transformer.h.0 is nan" in nan
 
     # the helpers hide their frames: each failure points at the test's own line, never into pytest_nnsight
-    for name, needle in [("test_peaks", "assert_peaks_at("), ("test_drops", "assert_drops("), ("test_controls", "assert_beats_controls("), ("test_top_token", "assert_top_token(")]:
+    for name, needle in [
+        ("test_peaks", "assert_peaks_at("),
+        ("test_drops", "assert_drops("),
+        ("test_controls", "assert_beats_controls("),
+        ("test_top_token", "assert_top_token("),
+    ]:
         report = section(result, name)
         assert f"{path}:{line_of(FINDINGS, needle)}: FindingFailed" in report, name
         assert "pytest_nnsight/assertions.py" not in report and "_fail(" not in report, name
-

@@ -74,7 +74,11 @@ def test_map_layout_equals_sweep(model, ld, approx, true_map):
 def test_default_sites_and_positions_match_sweep(model, ld):
     a = attribution_patch(model, CLEAN, CORRUPT, metric=ld, positions="last")
     s = sweep(model, CLEAN, CORRUPT, metric=ld, positions="last", check_batching=False)
-    assert (a.sites, a.tokens, a.positions) == (s.sites, s.tokens, s.positions) == (("resid_post.0", "resid_post.1"), ("is",), (LAST,))
+    assert (
+        (a.sites, a.tokens, a.positions)
+        == (s.sites, s.tokens, s.positions)
+        == (("resid_post.0", "resid_post.1"), ("is",), (LAST,))
+    )
 
 
 def test_peaks_where_true_patching_peaks(approx, true_map):

@@ -27,8 +27,16 @@ from pytest_nnsight.testing import tiny_bert
 
 TOL = 1e-5
 
-DECODER_TEMPLATES = ("The capital of {country} is", "Everyone knows that the capital of {country} is", "Q : what is the capital of {country} ? A :")
-ENCODER_TEMPLATES = ("The capital of {country} is", "When Mary went to the store the capital of {country} is", "John gave a drink in {country}")
+DECODER_TEMPLATES = (
+    "The capital of {country} is",
+    "Everyone knows that the capital of {country} is",
+    "Q : what is the capital of {country} ? A :",
+)
+ENCODER_TEMPLATES = (
+    "The capital of {country} is",
+    "When Mary went to the store the capital of {country} is",
+    "John gave a drink in {country}",
+)
 COUNTRIES = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"))
 
 
@@ -76,7 +84,10 @@ def test_batched_equals_single_for_every_verb(served, kind, side, mixed, order):
     """Every (model kind, padding side, lengths) cell is run; hypothesis draws which templates and in what order."""
     model = served[kind, side]
     templates = DECODER_TEMPLATES if kind == "decoder" else ENCODER_TEMPLATES
-    pairs = [pair(templates[order[k]] if mixed else templates[order[0]], COUNTRIES[k], COUNTRIES[(k + 1) % 4]) for k in range(3)]
+    pairs = [
+        pair(templates[order[k]] if mixed else templates[order[0]], COUNTRIES[k], COUNTRIES[(k + 1) % 4])
+        for k in range(3)
+    ]
     metric, site = metric_for(kind), site_for(kind)
 
     # population: one batch vs each pair alone; patch on each pair gives the same numbers again
@@ -84,9 +95,18 @@ def test_batched_equals_single_for_every_verb(served, kind, side, mixed, order):
     for i, p in enumerate(pairs):
         alone = population(model, [p], site=site, position="{country}", metric=metric, threshold=0.5)
         for field in ("effects", "clean", "corrupt", "patched"):
-            assert close(getattr(batched, field)[i], getattr(alone, field)[0]), (field, i, getattr(batched, field)[i], getattr(alone, field)[0])
+            assert close(getattr(batched, field)[i], getattr(alone, field)[0]), (
+                field,
+                i,
+                getattr(batched, field)[i],
+                getattr(alone, field)[0],
+            )
         effect = patch(model, p.clean, p.corrupt, site=site, position="{country}", metric=metric(p))
-        assert close(effect.intervened, batched.patched[i]) and close(effect.clean, batched.clean[i]) and close(effect.corrupt, batched.corrupt[i])
+        assert (
+            close(effect.intervened, batched.patched[i])
+            and close(effect.clean, batched.clean[i])
+            and close(effect.corrupt, batched.corrupt[i])
+        )
         # steer: its unsteered run of the corrupt prompt is that prompt alone
         width = 64 if kind == "decoder" else 32
         steered = steer(model, p.corrupt, site=site, position="{country}", vector=torch.zeros(width), metric=metric(p))
@@ -97,7 +117,11 @@ def test_batched_equals_single_for_every_verb(served, kind, side, mixed, order):
     wide = sweep(model, p.clean, p.corrupt, metric=metric(p), sites=[site], batch_size=32)
     narrow = sweep(model, p.clean, p.corrupt, metric=metric(p), sites=[site], batch_size=1)
     assert all(close(a, b) for ra, rb in zip(wide.raw, narrow.raw) for a, b in zip(ra, rb))
-    for j in (0, len(wide.positions) // 2, len(wide.positions) - 1):  # a cell equals the plain patch() path at that cell
+    for j in (
+        0,
+        len(wide.positions) // 2,
+        len(wide.positions) - 1,
+    ):  # a cell equals the plain patch() path at that cell
         cell = patch(model, p.clean, p.corrupt, site=site, position=wide.positions[j], metric=metric(p))
         assert close(wide.raw[0][j], cell.intervened), (j, wide.raw[0][j], cell.intervened)
 
@@ -107,7 +131,9 @@ def test_batched_equals_single_for_every_verb(served, kind, side, mixed, order):
     together = _mean_activation(model, s, prompts, "{country}", [1])
     apart = torch.stack([_mean_activation(model, s, [q], "{country}", [1]) for q in prompts]).mean(0)
     assert torch.allclose(together, apart, atol=TOL, rtol=0)
-    ablate(model, p.corrupt, site=site, position="{country}", metric=metric(p), method="mean", reference_prompts=prompts)
+    ablate(
+        model, p.corrupt, site=site, position="{country}", metric=metric(p), method="mean", reference_prompts=prompts
+    )
     cache = ActivationCache(None)
     one = cache.get(model, prompts, sites=[site], positions="{country}", batch_size=32)
     each = cache.get(model, prompts, sites=[site], positions="{country}", batch_size=1)
@@ -128,7 +154,9 @@ def test_population_keeps_per_pair_metric_closures_apart(capitals):
         a, b = capitals.tokenizer.convert_tokens_to_ids([p.answer, p.distractor])
         return lambda out: logits_of(out)[:, -1, a] - logits_of(out)[:, -1, b]  # every closure is named '<lambda>'
 
-    batched = population(capitals, pairs, site="transformer.h.1", position="last", metric=per_pair, threshold=0.9, same_length=False)
+    batched = population(
+        capitals, pairs, site="transformer.h.1", position="last", metric=per_pair, threshold=0.9, same_length=False
+    )
     for i, p in enumerate(pairs):
         alone = population(capitals, [p], site="transformer.h.1", position="last", metric=per_pair, threshold=0.9)
         assert batched.effects[i] == pytest.approx(alone.effects[0], abs=TOL)
@@ -147,9 +175,13 @@ def test_a_padding_blind_custom_metric_gives_single_run_numbers_on_mixed_lengths
     def mean_logit(p):
         return lambda out: logits_of(out)[:, :, a].mean(1)
 
-    batched = population(capitals, pairs, site="transformer.h.0", position="{country}", metric=mean_logit, threshold=0.0)
+    batched = population(
+        capitals, pairs, site="transformer.h.0", position="{country}", metric=mean_logit, threshold=0.0
+    )
     for i, p in enumerate(pairs):
-        alone = population(capitals, [p], site="transformer.h.0", position="{country}", metric=mean_logit, threshold=0.0)
+        alone = population(
+            capitals, [p], site="transformer.h.0", position="{country}", metric=mean_logit, threshold=0.0
+        )
         assert batched.corrupt[i] == pytest.approx(alone.corrupt[0], abs=TOL)
         assert batched.patched[i] == pytest.approx(alone.patched[0], abs=TOL)
 
@@ -162,7 +194,9 @@ def test_a_custom_metric_taking_the_mask_sees_only_real_tokens(capitals):
         return mask.sum(-1).float()
 
     pairs = [pair(DECODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
-    result = population(capitals, pairs, site="transformer.h.0", position="{country}", metric=lambda p: real_tokens, threshold=0.0)
+    result = population(
+        capitals, pairs, site="transformer.h.0", position="{country}", metric=lambda p: real_tokens, threshold=0.0
+    )
     lengths = [len(capitals.tokenizer(p.clean.text)["input_ids"]) for p in pairs]
     assert list(result.clean) == lengths  # the mask counts each prompt's own tokens, never the padding
     assert any(m.shape[0] > 2 and not bool(m.all()) for m in seen)  # mixed lengths did share a padded trace
@@ -174,9 +208,18 @@ def test_encoder_mixed_length_population_equals_single_runs(served, side):
     model = served["encoder", side]
     assert not mixed_lengths_ok(model)
     pairs = [pair(ENCODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
-    batched = population(model, pairs, site="resid_post.0", position="{country}", metric=lambda p: cosine_to(p.clean.text), threshold=0.5)
+    batched = population(
+        model, pairs, site="resid_post.0", position="{country}", metric=lambda p: cosine_to(p.clean.text), threshold=0.5
+    )
     for i, p in enumerate(pairs):
-        alone = population(model, [p], site="resid_post.0", position="{country}", metric=lambda q: cosine_to(q.clean.text), threshold=0.5)
+        alone = population(
+            model,
+            [p],
+            site="resid_post.0",
+            position="{country}",
+            metric=lambda q: cosine_to(q.clean.text),
+            threshold=0.5,
+        )
         assert batched.effects[i] == pytest.approx(alone.effects[0], abs=TOL)
 
 
@@ -199,11 +242,27 @@ def test_pooled_metrics_match_hand_computed_values(served):
     with torch.inference_mode():
         hidden = model._module(**enc).last_hidden_state[0]
     mean, cls = hidden.mean(0), hidden[0]
-    effect = patch(model, text, "The capital of Germany is Paris", site="resid_post.0", position="France", metric=cosine_to(mean))
+    effect = patch(
+        model, text, "The capital of Germany is Paris", site="resid_post.0", position="France", metric=cosine_to(mean)
+    )
     assert effect.clean == pytest.approx(1.0, abs=1e-6)
-    e2 = patch(model, text, "The capital of Germany is Paris", site="resid_post.0", position="France", metric=distance_to(cls, pooling="cls"))
+    e2 = patch(
+        model,
+        text,
+        "The capital of Germany is Paris",
+        site="resid_post.0",
+        position="France",
+        metric=distance_to(cls, pooling="cls"),
+    )
     assert e2.clean == pytest.approx(0.0, abs=1e-5)
-    e3 = patch(model, text, "The capital of Germany is Paris", site="resid_post.0", position="France", metric=pooled_embedding(3))
+    e3 = patch(
+        model,
+        text,
+        "The capital of Germany is Paris",
+        site="resid_post.0",
+        position="France",
+        metric=pooled_embedding(3),
+    )
     assert e3.clean == pytest.approx(float(mean[3]), abs=1e-5)
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
     out = torch.arange(18.0).reshape(2, 3, 3)
@@ -215,8 +274,17 @@ def test_a_batch_encoding_is_a_prompt(served):
     model = served["encoder", "left"]
     text, other = "The capital of France is", "The capital of Germany is"
     by_text = patch(model, text, other, site="resid_post.0", position=4, metric=cosine_to(text))
-    by_ids = patch(model, model.tokenizer(text, return_tensors="pt"), dict(model.tokenizer(other)), site="resid_post.0", position=4, metric=cosine_to(text))
-    assert (by_ids.clean, by_ids.corrupt, by_ids.intervened) == pytest.approx((by_text.clean, by_text.corrupt, by_text.intervened), abs=1e-6)
+    by_ids = patch(
+        model,
+        model.tokenizer(text, return_tensors="pt"),
+        dict(model.tokenizer(other)),
+        site="resid_post.0",
+        position=4,
+        metric=cosine_to(text),
+    )
+    assert (by_ids.clean, by_ids.corrupt, by_ids.intervened) == pytest.approx(
+        (by_text.clean, by_text.corrupt, by_text.intervened), abs=1e-6
+    )
     # its record travels from an xdist worker to the controller: execnet sends plain str only (a TokenPrompt there was an INTERNALERROR)
     execnet = pytest.importorskip("execnet")
     record = findings.current().finding.to_dict()  # this test's record, as the report hook will send it
@@ -243,7 +311,12 @@ def test_fixture_served_encoder_takes_text_in_every_verb(pytester):
     )
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*pytest-nnsight models*", "BertModel: cpu float32, loaded 1x in * s; batches only prompts of equal token length*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*pytest-nnsight models*",
+            "BertModel: cpu float32, loaded 1x in * s; batches only prompts of equal token length*",
+        ]
+    )
 
 
 # -- item 6: uncased tokenizers ------------------------------------------------------------------------
@@ -251,11 +324,24 @@ def test_fixture_served_encoder_takes_text_in_every_verb(pytester):
 
 def test_a_cased_position_word_matches_an_uncased_tokenizer(served):
     model = served["encoder", "right"]
-    effect = patch(model, "The capital of France is", "The capital of Germany is", site="resid_post.0", position="France",
-                   metric=cosine_to("The capital of France is"))
+    effect = patch(
+        model,
+        "The capital of France is",
+        "The capital of Germany is",
+        site="resid_post.0",
+        position="France",
+        metric=cosine_to("The capital of France is"),
+    )
     assert effect.positions == (4,) and effect.position_tokens == ("germany",)
     with pytest.raises(PositionError, match="word 'Berlin' does not occur as whole tokens"):
-        patch(model, "The capital of France is", "The capital of Germany is", site="resid_post.0", position="Berlin", metric=cosine_to("x"))
+        patch(
+            model,
+            "The capital of France is",
+            "The capital of Germany is",
+            site="resid_post.0",
+            position="Berlin",
+            metric=cosine_to("x"),
+        )
 
 
 # -- --nnsight-check-batching covers populations and the cache ------------------------------------
@@ -263,14 +349,20 @@ def test_a_cased_position_word_matches_an_uncased_tokenizer(served):
 
 def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
     pairs = [pair(DECODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
-    population(capitals, pairs, site="transformer.h.0", position="{country}", threshold=0.5, check_batching=True)  # the real path agrees
+    population(
+        capitals, pairs, site="transformer.h.0", position="{country}", threshold=0.5, check_batching=True
+    )  # the real path agrees
     import pytest_nnsight.populations as pops
 
     real = pops._measure
 
     def skewed(req):
         src, tgt, patched = real(req)
-        return src, tgt, [v + (1e-3 if len(req.targets) == 1 else 0.0) for v in patched]  # single runs that disagree with the batch
+        return (
+            src,
+            tgt,
+            [v + (1e-3 if len(req.targets) == 1 else 0.0) for v in patched],
+        )  # single runs that disagree with the batch
 
     monkeypatch.setattr(pops, "_measure", skewed)
     with pytest.raises(BatchingMismatchError, match="batched population disagrees with single-pair runs"):
@@ -279,7 +371,9 @@ def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
 
 def test_check_batching_reruns_cached_prompts(capitals, monkeypatch):
     prompts = [pair(t, COUNTRIES[0], COUNTRIES[1]).clean for t in DECODER_TEMPLATES]
-    ActivationCache(None).get(capitals, prompts, sites=["resid_post.0"], positions="last", check_batching=True)  # agrees
+    ActivationCache(None).get(
+        capitals, prompts, sites=["resid_post.0"], positions="last", check_batching=True
+    )  # agrees
     import pytest_nnsight.trace as trace
 
     real = trace.run
@@ -322,7 +416,9 @@ def test_two_sites_sharing_one_label_are_refused_wherever_rows_are_keyed_by_labe
         attribution_patch(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=twins)
     with pytest.raises(SiteError, match="both labelled 'mine'"):
         ActivationCache(None).get(capitals, [clean], sites=twins, positions="last")
-    same = sweep(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=["resid_post.0", "resid_post.0"])  # one site twice is fine
+    same = sweep(
+        capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=["resid_post.0", "resid_post.0"]
+    )  # one site twice is fine
     assert same.values[0] == same.values[1]
 
 
@@ -337,7 +433,9 @@ def test_a_probe_on_an_encoder_reads_the_country_token_of_text_prompts(served):
             labels.append(country)
     acts = ActivationCache(None).get(model, prompts * 2, sites=["embed"], positions="{country}", batch_size=5)
     result = probe(acts, "embed", labels * 2)
-    assert result.accuracy == 1.0  # the embedding of the country token names the country: the positions were the right ones
+    assert (
+        result.accuracy == 1.0
+    )  # the embedding of the country token names the country: the positions were the right ones
 
 
 def test_any_module_served_with_a_tokenizer_takes_text(nnsight_models):
@@ -355,8 +453,14 @@ def test_any_module_served_with_a_tokenizer_takes_text(nnsight_models):
     tok = word_tokenizer()
     torch.manual_seed(0)
     model = nnsight_models.get(Bag(len(tok)), tok, device="cpu")
-    effect = patch(model, "The capital of France is", "The capital of Germany is", site="emb", position="France",
-                   metric=lambda out: out[:, 4])
+    effect = patch(
+        model,
+        "The capital of France is",
+        "The capital of Germany is",
+        site="emb",
+        position="France",
+        metric=lambda out: out[:, 4],
+    )
     assert effect.normalized == pytest.approx(1.0, abs=1e-6)
 
 
@@ -364,17 +468,32 @@ def test_attribution_patching_takes_an_encoder_and_text(served):
     from pytest_nnsight.attribution import attribution_patch
 
     model = served["encoder", "right"]
-    approx = attribution_patch(model, "The capital of France is", "The capital of Germany is", metric=cosine_to("The capital of France is"),
-                               sites=["embed", "resid_post.0"])
+    approx = attribution_patch(
+        model,
+        "The capital of France is",
+        "The capital of Germany is",
+        metric=cosine_to("The capital of France is"),
+        sites=["embed", "resid_post.0"],
+    )
     assert approx.shape == (2, 7) and approx.tokens[4] == "france"  # columns named by the clean prompt
-    exact = sweep(model, "The capital of France is", "The capital of Germany is", metric=cosine_to("The capital of France is"), sites=["embed"])
+    exact = sweep(
+        model,
+        "The capital of France is",
+        "The capital of Germany is",
+        metric=cosine_to("The capital of France is"),
+        sites=["embed"],
+    )
     assert all(abs(v) < 1e-6 for j, v in enumerate(exact.values[0]) if j != 4)  # only the country cell moves anything
-    assert all(abs(v) < 1e-4 for j, v in enumerate(approx.values[0]) if j != 4)  # the gradient approximation agrees where it is exact
+    assert all(
+        abs(v) < 1e-4 for j, v in enumerate(approx.values[0]) if j != 4
+    )  # the gradient approximation agrees where it is exact
 
 
 def test_only_a_required_second_parameter_receives_the_mask():
     from pytest_nnsight.metrics import as_metric
 
     assert as_metric(None, lambda out, mask: out).takes_mask
-    assert not as_metric(None, lambda out, k=3: out).takes_mask and not as_metric(None, lambda out, k=3: out).padding_safe
+    assert (
+        not as_metric(None, lambda out, k=3: out).takes_mask and not as_metric(None, lambda out, k=3: out).padding_safe
+    )
     assert not as_metric(None, lambda *outs: outs[0]).takes_mask

@@ -65,8 +65,12 @@ def test_training_reruns_bit_identically(tmp_path, monkeypatch):
     trainer = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, trainer)  # its dataclasses look their module up there
     spec.loader.exec_module(trainer)
-    state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.get_rng_state())
+    state = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_rng_state(),
+    )
     try:
         trainer.main([*args, str(tmp_path / "b")])
     finally:

@@ -22,7 +22,18 @@ GITHUB = {name: ROOT / "CI" / "github" / name for name in ("cpu-tests.yml", "gpu
 GITLAB = ROOT / "CI" / "gitlab" / ".gitlab-ci.yml"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 FLAGS = {o.flag: o for o in OPTIONS}
-GITLAB_RESERVED = {"stages", "variables", "default", "include", "workflow", "image", "services", "cache", "before_script", "after_script"}
+GITLAB_RESERVED = {
+    "stages",
+    "variables",
+    "default",
+    "include",
+    "workflow",
+    "image",
+    "services",
+    "cache",
+    "before_script",
+    "after_script",
+}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -55,7 +66,9 @@ def gitlab_commands(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, s
 
 
 def gitlab_jobs(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {k: v for k, v in doc.items() if k not in GITLAB_RESERVED and not str(k).startswith(".") and isinstance(v, dict)}
+    return {
+        k: v for k, v in doc.items() if k not in GITLAB_RESERVED and not str(k).startswith(".") and isinstance(v, dict)
+    }
 
 
 def _shell_lines(script: str) -> list[str]:
@@ -84,9 +97,9 @@ def pytest_args(command: str) -> list[str] | None:
     tokens = shlex.split(_substitute_commands(command))
     for i, tok in enumerate(tokens):
         if tok == "pytest" or tok.endswith("/pytest"):
-            return tokens[i + 1:]
+            return tokens[i + 1 :]
         if tok == "-m" and i + 1 < len(tokens) and tokens[i + 1] == "pytest":
-            return tokens[i + 2:]
+            return tokens[i + 2 :]
     return None
 
 
@@ -132,8 +145,16 @@ def nnsight_flag_problems(args: list[str]) -> list[str]:
 def all_pytest_calls() -> list[tuple[str, str, list[str]]]:
     calls = []
     for path in GITHUB.values():
-        calls += [(f"{path.name}:{job}", cmd, a) for job, cmd, _ in github_commands(load(path)) if (a := pytest_args(cmd)) is not None]
-    calls += [(f".gitlab-ci.yml:{job}", cmd, a) for job, cmd, _ in gitlab_commands(load(GITLAB)) if (a := pytest_args(cmd)) is not None]
+        calls += [
+            (f"{path.name}:{job}", cmd, a)
+            for job, cmd, _ in github_commands(load(path))
+            if (a := pytest_args(cmd)) is not None
+        ]
+    calls += [
+        (f".gitlab-ci.yml:{job}", cmd, a)
+        for job, cmd, _ in gitlab_commands(load(GITLAB))
+        if (a := pytest_args(cmd)) is not None
+    ]
     return calls
 
 
@@ -159,11 +180,17 @@ def test_github_workflow_has_the_required_keys(name):
         assert job.get("runs-on"), f"{name}: job {job_id} has no runs-on"
         assert isinstance(job.get("steps"), list) and job["steps"], f"{name}: job {job_id} has no steps"
         for i, step in enumerate(job["steps"]):
-            assert ("uses" in step) != ("run" in step), f"{name}: job {job_id} step {i} needs exactly one of uses/run: {step}"
+            assert ("uses" in step) != ("run" in step), (
+                f"{name}: job {job_id} step {i} needs exactly one of uses/run: {step}"
+            )
             if "uses" in step:
-                assert re.match(r"^[\w.-]+/[\w./-]+@v\d+$", step["uses"]), f"{name}: {step['uses']!r} is not pinned to a major version"
+                assert re.match(r"^[\w.-]+/[\w./-]+@v\d+$", step["uses"]), (
+                    f"{name}: {step['uses']!r} is not pinned to a major version"
+                )
         # the runner context does not exist at job level: GitHub rejects the workflow
-        assert "runner." not in str(job.get("env", {})), f"{name}: job {job_id} env uses the runner context: {job['env']}"
+        assert "runner." not in str(job.get("env", {})), (
+            f"{name}: job {job_id} env uses the runner context: {job['env']}"
+        )
 
 
 def test_gitlab_ci_has_stages_and_scripts():
@@ -174,8 +201,12 @@ def test_gitlab_ci_has_stages_and_scripts():
     assert {"cpu-tests", "gpu-tests"} <= set(jobs), f".gitlab-ci.yml jobs: {sorted(jobs)}"
     for name, job in jobs.items():
         assert isinstance(job.get("script"), list) and job["script"], f".gitlab-ci.yml: job {name} has no script"
-        assert job.get("stage") in stages, f".gitlab-ci.yml: job {name} stage {job.get('stage')!r} is not one of {stages}"
-        assert job.get("artifacts", {}).get("when") == "always", f".gitlab-ci.yml: job {name} must keep its report when tests fail"
+        assert job.get("stage") in stages, (
+            f".gitlab-ci.yml: job {name} stage {job.get('stage')!r} is not one of {stages}"
+        )
+        assert job.get("artifacts", {}).get("when") == "always", (
+            f".gitlab-ci.yml: job {name} must keep its report when tests fail"
+        )
 
 
 # -- the pytest commands -------------------------------------------------------------------------
@@ -183,10 +214,14 @@ def test_gitlab_ci_has_stages_and_scripts():
 
 def test_pytest_commands_use_only_registered_nnsight_options():
     calls = all_pytest_calls()
-    assert len(calls) == 4, f"expected the pytest runs of cpu-tests, gpu-tests (GitHub and GitLab), found {[c[0] for c in calls]}"
+    assert len(calls) == 4, (
+        f"expected the pytest runs of cpu-tests, gpu-tests (GitHub and GitLab), found {[c[0] for c in calls]}"
+    )
     problems = [f"{where}: {p}\n  {cmd}" for where, cmd, args in calls for p in nnsight_flag_problems(args)]
     assert not problems, "\n".join(problems)
-    assert "--nnsight-report" in FLAGS, "the templates upload --nnsight-report's directory, but the plugin has no such option"
+    assert "--nnsight-report" in FLAGS, (
+        "the templates upload --nnsight-report's directory, but the plugin has no such option"
+    )
 
 
 def test_pytest_commands_parse_with_the_real_option_parser(pytester):
@@ -200,7 +235,9 @@ def test_pytest_commands_parse_with_the_real_option_parser(pytester):
 
 
 def test_the_lint_catches_a_misspelt_option_and_a_missing_value():
-    args = pytest_args('python -m pytest -rA --nnsight-devcie cuda --nnsight-report --nnsight-dtype float8 -n "$(nproc)"')
+    args = pytest_args(
+        'python -m pytest -rA --nnsight-devcie cuda --nnsight-report --nnsight-dtype float8 -n "$(nproc)"'
+    )
     problems = nnsight_flag_problems(args)
     assert len(problems) == 3, problems
     assert "--nnsight-devcie: not an option" in problems[0]
@@ -216,7 +253,9 @@ def test_cpu_jobs_install_the_cpu_torch_before_the_package():
         assert installs, f"{job}: no pip install"
         first = shlex.split(installs[0])
         index = first[first.index("--index-url") + 1] if "--index-url" in first else None
-        assert "torch==2.13.0" in first and index == CPU_INDEX, f"{job}: the first install must be torch==2.13.0 from {CPU_INDEX}: {installs[0]}"
+        assert "torch==2.13.0" in first and index == CPU_INDEX, (
+            f"{job}: the first install must be torch==2.13.0 from {CPU_INDEX}: {installs[0]}"
+        )
         later = [c for c in installs[1:] if any(re.match(r"^torch([=<>!~\[]|$)", t) for t in shlex.split(c))]
         assert not later, f"{job}: a later install names torch again, without the CPU index: {later}"
         pytest_run = [expand(c, e) for w, c, e in jobs if w == job and pytest_args(c) is not None]
@@ -246,7 +285,9 @@ def test_gpu_jobs_run_on_gpu_runners_and_fail_on_missing_weights():
     save = next(s for s in steps if s.get("uses", "").startswith("actions/cache/save"))
     assert restore["with"]["path"] == save["with"]["path"] == "${{ env.HF_HOME }}"
     assert restore["with"]["key"] == save["with"]["key"] and "always()" in save["if"]
-    assert any("HF_HOME=" in s.get("run", "") for s in steps[: steps.index(restore)]), "HF_HOME must be set before the cache is restored"
+    assert any("HF_HOME=" in s.get("run", "") for s in steps[: steps.index(restore)]), (
+        "HF_HOME must be set before the cache is restored"
+    )
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["if"] == "always()" and upload["with"]["path"].rstrip("/") == report.rstrip("/")
     assert ".cache/huggingface" in gl["cache"]["paths"] and gl["variables"].get("GPU_IMAGE")
@@ -274,7 +315,9 @@ def test_upgrade_guard_files_exist_and_take_its_arguments():
     script, config = ROOT / "CI" / "matrix.py", ROOT / "CI" / "matrix.toml"
     missing = [str(p.relative_to(ROOT)) for p in (script, config) if not p.is_file()]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not in this checkout yet (the version-matrix work): upgrade-guard.yml calls them")
+        pytest.skip(
+            f"{', '.join(missing)} not in this checkout yet (the version-matrix work): upgrade-guard.yml calls them"
+        )
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "--config" in out.stdout and "--out" in out.stdout, out.stdout
@@ -293,8 +336,17 @@ def test_templates_do_not_call_this_repositorys_own_check():
 
 def test_readmes_explain_how_to_adopt_the_templates():
     guide = (ROOT / "CI" / "README.md").read_text()
-    for needle in ("cpu-tests.yml", "gpu-tests.yml", "upgrade-guard.yml", ".gitlab-ci.yml", ".github/workflows/", "HF_TOKEN",
-                   "NDIF_API_KEY", "self-hosted", "matrix.toml"):
+    for needle in (
+        "cpu-tests.yml",
+        "gpu-tests.yml",
+        "upgrade-guard.yml",
+        ".gitlab-ci.yml",
+        ".github/workflows/",
+        "HF_TOKEN",
+        "NDIF_API_KEY",
+        "self-hosted",
+        "matrix.toml",
+    ):
         assert needle in guide, f"CI/README.md does not mention {needle}"
     page = (ROOT / "docs" / "ci.md").read_text()
     section = page.split("## Running findings in CI", 1)

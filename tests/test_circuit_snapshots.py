@@ -39,8 +39,10 @@ def test_added_and_dropped_edges_fail_with_their_ranks():
     cmp = compare_findings(rec(), rec(edges=new, scores=(1.16, 0.28, 0.255, 0.16)), TOL)
     assert not cmp.ok
     text = "\n".join(explain(cmp))
-    assert "the circuit changed (the edge set must match exactly): edges added: mlp_out.1 -> logits (rank 3); " \
-           "edges dropped: head_out.0.0 -> k_in.1.1 (rank 3)" in text
+    assert (
+        "the circuit changed (the edge set must match exactly): edges added: mlp_out.1 -> logits (rank 3); "
+        "edges dropped: head_out.0.0 -> k_in.1.1 (rank 3)" in text
+    )
 
 
 def test_rank_tolerance_accepts_changes_near_the_cut_and_small_rerankings_only():
@@ -49,16 +51,23 @@ def test_rank_tolerance_accepts_changes_near_the_cut_and_small_rerankings_only()
     cmp = compare_findings(rec(), rec(edges=near), TOL, rank_tolerance=1)
     assert cmp.ok and "1 edge(s) added and 1 dropped near the cut" in "\n".join(explain(cmp))
     far = (("mlp_out.1", "logits"), EDGES[1], EDGES[2], EDGES[3])  # the top edge replaced
-    assert "only edges within 1 ranks of the cut" in "\n".join(explain(compare_findings(rec(), rec(edges=far), TOL, rank_tolerance=1)))
+    assert "only edges within 1 ranks of the cut" in "\n".join(
+        explain(compare_findings(rec(), rec(edges=far), TOL, rank_tolerance=1))
+    )
     old, swapped = rec(), rec(scores=(1.16, 0.25, 0.28, 0.16))  # stored ranked by |score|: k_in.1.1 now before k_in.1.3
     ok = compare_findings(old, swapped, Tolerance(0.1, 0), rank_tolerance=1)
-    assert ok.ok and "edges re-ranked: head_out.0.0 -> k_in.1.3 2 -> 3, head_out.0.0 -> k_in.1.1 3 -> 2" in "\n".join(explain(ok))
+    assert ok.ok and "edges re-ranked: head_out.0.0 -> k_in.1.3 2 -> 3, head_out.0.0 -> k_in.1.1 3 -> 2" in "\n".join(
+        explain(ok)
+    )
     strict = compare_findings(old, swapped, Tolerance(0.1, 0), rank_tolerance=0)
     assert "edges re-ranked beyond rank_tolerance 0" in "\n".join(explain(strict))
 
 
 def test_node_circuits_compare_their_nodes():
-    a, b = to_value(Circuit(nodes=("head_out.0.0", "head_out.1.2"))), to_value(Circuit(nodes=("head_out.0.0", "head_out.1.3")))
+    a, b = (
+        to_value(Circuit(nodes=("head_out.0.0", "head_out.1.2"))),
+        to_value(Circuit(nodes=("head_out.0.0", "head_out.1.3"))),
+    )
     assert compare_findings(a, a, TOL).ok
     assert "nodes added ['head_out.1.3'], dropped ['head_out.1.2']" in "\n".join(explain(compare_findings(a, b, TOL)))
 
@@ -85,8 +94,12 @@ def test_circuit_snapshot_lifecycle_in_pytest(pytester, monkeypatch, rank):
     result = pytester.runpytest("-p", "no:hypothesispytest")
     if rank is None:
         result.assert_outcomes(failed=1)
-        result.stdout.fnmatch_lines(["*the circuit changed (the edge set must match exactly): edges added: head_out.1.2 -> logits (rank 4);"
-                                     " edges dropped: mlp_out.1 -> logits (rank 4)*"])
+        result.stdout.fnmatch_lines(
+            [
+                "*the circuit changed (the edge set must match exactly): edges added: head_out.1.2 -> logits (rank 4);"
+                " edges dropped: mlp_out.1 -> logits (rank 4)*"
+            ]
+        )
     else:
         result.assert_outcomes(passed=1)
     path.unlink()  # record afresh (with a rank tolerance the edited file still matched, so an update keeps it)
@@ -95,5 +108,10 @@ def test_circuit_snapshot_lifecycle_in_pytest(pytester, monkeypatch, rank):
     result = pytester.runpytest("-p", "no:hypothesispytest")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*edges.head_out.1.2 -> logits  0.16 -> 0.3*"])
-    result.stdout.fnmatch_lines(["*edges re-ranked: head_out.0.0 -> k_in.1.3 2 -> 3, head_out.0.0 -> k_in.1.1 3 -> 4, head_out.1.2 -> logits 4 -> 2*"]
-                                if rank is None else ["*edges re-ranked beyond rank_tolerance 1: *head_out.1.2 -> logits 4 -> 2*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*edges re-ranked: head_out.0.0 -> k_in.1.3 2 -> 3, head_out.0.0 -> k_in.1.1 3 -> 4, head_out.1.2 -> logits 4 -> 2*"
+        ]
+        if rank is None
+        else ["*edges re-ranked beyond rank_tolerance 1: *head_out.1.2 -> logits 4 -> 2*"]
+    )

@@ -27,9 +27,18 @@ from pytest_nnsight.paths import all_edges
 from pytest_nnsight.testing import tiny_gpt2
 
 PAIRS = [
-    ("When Mary and John went to the store John gave a drink to", "When John and Mary went to the store Mary gave a drink to"),
-    ("When Mary and John went to the city John gave a drink to", "When John and Mary went to the city Mary gave a drink to"),
-    ("When John and Mary went to the store Mary gave a drink to", "When Mary and John went to the store John gave a drink to"),
+    (
+        "When Mary and John went to the store John gave a drink to",
+        "When John and Mary went to the store Mary gave a drink to",
+    ),
+    (
+        "When Mary and John went to the city John gave a drink to",
+        "When John and Mary went to the city Mary gave a drink to",
+    ),
+    (
+        "When John and Mary went to the store Mary gave a drink to",
+        "When Mary and John went to the store John gave a drink to",
+    ),
 ]
 NODES = ("head_out.0.1", "head_out.1.2", "mlp_out.0")
 
@@ -67,7 +76,11 @@ def test_faithfulness_equals_hand_written_ablation(tiny_ioi, mary_john, how):
         kept = hand_ablated(tiny_ioi, clean, corrupt, set(NODES), how)
         empty = hand_ablated(tiny_ioi, clean, corrupt, set(), how)
         full = hand_ablated(tiny_ioi, clean, corrupt, everything, how)
-        assert abs(result.ablated[i] - kept) <= 1e-4 and abs(result.empty[i] - empty) <= 1e-4 and abs(result.full[i] - full) <= 1e-4
+        assert (
+            abs(result.ablated[i] - kept) <= 1e-4
+            and abs(result.empty[i] - empty) <= 1e-4
+            and abs(result.full[i] - full) <= 1e-4
+        )
         assert abs(result.values[i] - (kept - empty) / (full - empty)) <= 1e-4
     assert len({round(v, 3) for v in result.values}) > 1  # three different pairs, three different numbers
 
@@ -95,7 +108,9 @@ def test_mean_ablation_uses_the_mean_over_the_corrupt_prompts(tiny_ioi, mary_joh
                     h[layer].mlp.output[:] = ms[layer]
             logits = tiny_ioi.lm_head.output.detach().clone().save()
     tok = tiny_ioi.tokenizer
-    expected = float(logits[0, -1, tok.convert_tokens_to_ids("Mary")] - logits[0, -1, tok.convert_tokens_to_ids("John")])
+    expected = float(
+        logits[0, -1, tok.convert_tokens_to_ids("Mary")] - logits[0, -1, tok.convert_tokens_to_ids("John")]
+    )
     assert abs(result.ablated[0] - expected) <= 1e-4
     assert hf is tiny_ioi._module
 
@@ -112,7 +127,9 @@ def test_completeness_and_minimality_are_tied_to_faithfulness(tiny_ioi, mary_joh
     rest = [f"head_out.{l}.{h}" for l in range(2) for h in range(4) if f"head_out.{l}.{h}" not in NODES] + ["mlp_out.1"]
     comp = completeness(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
     other = faithfulness(tiny_ioi, rest, PAIRS, metric=mary_john, ablation="resample")
-    assert max(abs(x - (1 - y)) for x, y in zip(comp.values, other.values)) <= 1e-4  # removing C == keeping only the rest
+    assert (
+        max(abs(x - (1 - y)) for x, y in zip(comp.values, other.values)) <= 1e-4
+    )  # removing C == keeping only the rest
     mini = minimality(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
     whole = faithfulness(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
     for node, values in zip(mini.nodes, mini.node_values):
@@ -124,7 +141,9 @@ def test_edge_circuit_nodes_are_its_endpoints_and_attn_out_means_every_head(tiny
     c = Circuit(edges=(("head_out.0.1", "k_in.1.2"), ("head_out.1.2", "logits"), ("embed", "mlp_in.0")))
     assert c.nodes == ("head_out.0.1", "head_out.1.2", "logits", "embed", "mlp_out.0")
     assert [s.label for s in c.components(tiny_ioi)] == ["head_out.0.1", "mlp_out.0", "head_out.1.2"]
-    assert [s.label for s in Circuit(nodes=("attn_out.1",)).components(tiny_ioi)] == [f"head_out.1.{h}" for h in range(4)]
+    assert [s.label for s in Circuit(nodes=("attn_out.1",)).components(tiny_ioi)] == [
+        f"head_out.1.{h}" for h in range(4)
+    ]
 
 
 def test_assert_faithful_names_the_weakest_pairs_and_the_nodes(tiny_ioi, mary_john):
@@ -134,7 +153,10 @@ def test_assert_faithful_names_the_weakest_pairs_and_the_nodes(tiny_ioi, mary_jo
         assert_faithful(result, at_least=worst + 10)
     text = str(info.value)
     assert text.startswith(f"claim: the circuit's mean faithfulness over 3 pairs is >= {worst + 10:g}")
-    assert "head_out.0.1, head_out.1.2, mlp_out.0" in text and f"{worst:.4g}: {PAIRS[result.values.index(worst)][0]!r}" in text
+    assert (
+        "head_out.0.1, head_out.1.2, mlp_out.0" in text
+        and f"{worst:.4g}: {PAIRS[result.values.index(worst)][0]!r}" in text
+    )
     with pytest.raises(FindingFailed, match=r"Wilson 95% lower bound .* measured 0.\d+"):
         assert_faithful(result, at_least=worst - 1, min_rate=0.9)  # 3 / 3 pass, but 3 pairs bound the rate at 0.44
     assert_faithful(result, at_least=worst - 1, min_rate=0.4)
@@ -204,24 +226,36 @@ def test_discover_keeps_the_top_edges_by_score(tiny_ioi, mary_john):
     assert by_threshold.edges[:5] == top.edges and all(abs(v) >= cut for v in by_threshold.scores)
 
 
-@pytest.mark.parametrize("circuit,match", [
-    (Circuit(nodes=("embed",)), r"holds no head or MLP: an empty circuit"),
-    (Circuit(nodes=tuple(f"head_out.{l}.{h}" for l in range(2) for h in range(4)) + ("mlp_out.0", "mlp_out.1")), r"holds every head and MLP"),
-    (Circuit(nodes=("head_out.0.9",)), r"node 'head_out.0.9': .*head 9 is out of range.*nodes are embed, head_out.L.H"),
-    (Circuit(nodes=("neuron.3",)), r"node 'neuron.3': unknown sender"),
-    (Circuit(edges=(("head_out.1.0", "k_in.0.2"),)), r"no edge head_out.1.0 -> k_in.0.2"),
-    (Circuit(edges=(("head_out.0.0", "k_in.3.2"),)), r"receiver 'k_in.3.2': layer 3 is out of range"),
-    ([], r"expected a Circuit, a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "circuit,match",
+    [
+        (Circuit(nodes=("embed",)), r"holds no head or MLP: an empty circuit"),
+        (
+            Circuit(nodes=tuple(f"head_out.{l}.{h}" for l in range(2) for h in range(4)) + ("mlp_out.0", "mlp_out.1")),
+            r"holds every head and MLP",
+        ),
+        (
+            Circuit(nodes=("head_out.0.9",)),
+            r"node 'head_out.0.9': .*head 9 is out of range.*nodes are embed, head_out.L.H",
+        ),
+        (Circuit(nodes=("neuron.3",)), r"node 'neuron.3': unknown sender"),
+        (Circuit(edges=(("head_out.1.0", "k_in.0.2"),)), r"no edge head_out.1.0 -> k_in.0.2"),
+        (Circuit(edges=(("head_out.0.0", "k_in.3.2"),)), r"receiver 'k_in.3.2': layer 3 is out of range"),
+        ([], r"expected a Circuit, a non-empty list"),
+    ],
+)
 def test_bad_circuits_are_refused_naming_the_value(tiny_ioi, mary_john, circuit, match):
     with pytest.raises(CircuitError, match=match):
         faithfulness(tiny_ioi, circuit, PAIRS, metric=mary_john)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"ablation": "median"}, r"ablation 'median': expected 'mean', 'resample' or 'zero'"),
-    ({"metric": None}, r"carries no answer: pass metric="),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"ablation": "median"}, r"ablation 'median': expected 'mean', 'resample' or 'zero'"),
+        ({"metric": None}, r"carries no answer: pass metric="),
+    ],
+)
 def test_bad_arguments_are_refused(tiny_ioi, mary_john, kwargs, match):
     with pytest.raises(ArgumentError, match=match):
         faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, **{"metric": mary_john, **kwargs})
@@ -267,8 +301,13 @@ def test_the_report_draws_the_circuit_with_claimed_and_missing_edges(pytester):
     pytester.makepyfile(test_reported=REPORTED)
     result = pytester.runpytest_inprocess("--nnsight-report", "out", "-p", "no:hypothesispytest")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*claim: the circuit holds the edges head_out.0.0 -> k_in.1.2, head_out.0.1 -> k_in.1.2",
-                                 "*missing: *head_out.0.1 -> k_in.1.2", "*present: *head_out.0.0 -> k_in.1.2 (rank 2)"])
+    result.stdout.fnmatch_lines(
+        [
+            "*claim: the circuit holds the edges head_out.0.0 -> k_in.1.2, head_out.0.1 -> k_in.1.2",
+            "*missing: *head_out.0.1 -> k_in.1.2",
+            "*present: *head_out.0.0 -> k_in.1.2 (rank 2)",
+        ]
+    )
     out = pytester.path / "out"
     page = (out / "index.html").read_text()
     assert page.count("<table class='circuit'>") == 2
@@ -296,7 +335,9 @@ def _complete_edges(model, nodes):
 @pytest.mark.parametrize("how", ["zero", "mean"])
 def test_edge_level_with_every_edge_between_the_nodes_equals_node_level(tiny_ioi, mary_john, how):
     nodes = faithfulness(tiny_ioi, Circuit(nodes=NODES), PAIRS, metric=mary_john, ablation=how)
-    edges = faithfulness(tiny_ioi, Circuit(edges=_complete_edges(tiny_ioi, NODES)), PAIRS, metric=mary_john, ablation=how, level="edges")
+    edges = faithfulness(
+        tiny_ioi, Circuit(edges=_complete_edges(tiny_ioi, NODES)), PAIRS, metric=mary_john, ablation=how, level="edges"
+    )
     assert max(abs(a - b) for a, b in zip(nodes.ablated, edges.ablated)) <= 1e-5
     assert edges.ablation == f"{how}, edges"
 

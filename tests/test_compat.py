@@ -145,7 +145,9 @@ def test_nnsight_own_modules_are_left_out_of_the_structure_record():
     module, tok = tiny_gpt2()
     before = model_structure(wrap(module, tok)).record
     generator = type("Generator", (torch.nn.Module,), {"__module__": "nnsight.modeling.language"})()
-    generator.add_module("streamer", type("Streamer", (torch.nn.Module,), {"__module__": "nnsight.modeling.language"})())
+    generator.add_module(
+        "streamer", type("Streamer", (torch.nn.Module,), {"__module__": "nnsight.modeling.language"})()
+    )
     module.add_module("generator", generator)
     after = model_structure(wrap(module, tok)).record
     assert "generator" not in after["modules"] and "generator.streamer" not in after["modules"]
@@ -154,10 +156,14 @@ def test_nnsight_own_modules_are_left_out_of_the_structure_record():
 
 def test_not_reached_and_cause_line_across_lines():
     OutOfOrderError = type("OutOfOrderError", (Exception,), {})
-    assert compat.is_not_reached(OutOfOrderError("'model.transformer.h.0.output.i0' was requested but the model already ran past it"))
+    assert compat.is_not_reached(
+        OutOfOrderError("'model.transformer.h.0.output.i0' was requested but the model already ran past it")
+    )
     assert compat.is_not_reached(ValueError("Execution complete but `model.unused.output.i0` was not provided"))
     assert not compat.is_not_reached(ValueError("shape mismatch"))
-    wrapped = ValueError("Traceback (most recent call last):\n  File x, line 3\n    foo\n\nIndexError: index 5 is out of range")
+    wrapped = ValueError(
+        "Traceback (most recent call last):\n  File x, line 3\n    foo\n\nIndexError: index 5 is out of range"
+    )
     assert compat.cause_line(wrapped) == "IndexError: index 5 is out of range"
     assert compat.cause_line(IndexError("index 5 is out of range")) == "index 5 is out of range"
 
@@ -167,7 +173,9 @@ def test_keyword_only_inputs_move_to_the_first_position_on_nnsight_0_5(monkeypat
     ids, mask = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
     kwargs = {"input_ids": ids, "attention_mask": mask}
     monkeypatch.setattr(compat, "installed", lambda name: (0, 5, 15))
-    assert compat.trace_args(None, (), kwargs)[0] is ids and compat.trace_kwargs_of(None, (), kwargs) == {"attention_mask": mask}
+    assert compat.trace_args(None, (), kwargs)[0] is ids and compat.trace_kwargs_of(None, (), kwargs) == {
+        "attention_mask": mask
+    }
     assert compat.trace_args(None, (ids,), {"attention_mask": mask}) == (ids,)  # already positional
     monkeypatch.setattr(compat, "installed", lambda name: (0, 6, 3))
     assert compat.trace_args(None, (), kwargs) == () and compat.trace_kwargs_of(None, (), kwargs) == kwargs

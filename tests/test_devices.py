@@ -63,19 +63,27 @@ def test_without_xdist_cuda_stays_torchs_current_device():
 
 @pytest.mark.parametrize("requested", ["cuda", "cuda:0", "cuda:3"])
 def test_cuda_without_gpus_is_a_clear_error(requested):
-    with pytest.raises(SettingsError, match=f"device '{requested}' asked for, but torch 9.9 sees no CUDA device: use cpu or auto"):
+    with pytest.raises(
+        SettingsError, match=f"device '{requested}' asked for, but torch 9.9 sees no CUDA device: use cpu or auto"
+    ):
         assign_device(requested, cuda_available=False, device_count=0, worker="gw1", torch_version="9.9")
 
 
 def test_an_index_beyond_the_visible_gpus_names_the_range():
-    with pytest.raises(SettingsError, match=r"device 'cuda:4' asked for, but only 4 CUDA device\(s\) are visible: use cuda:0 .. cuda:3"):
+    with pytest.raises(
+        SettingsError, match=r"device 'cuda:4' asked for, but only 4 CUDA device\(s\) are visible: use cuda:0 .. cuda:3"
+    ):
         assign_device("cuda:4", cuda_available=True, device_count=4, worker="gw0")
 
 
 def test_cuda_visible_devices_maps_to_the_physical_gpu():
     env = {"CUDA_VISIBLE_DEVICES": "2, 5"}
     assert [physical_device(f"cuda:{i}", env) for i in (0, 1)] == ["2", "5"]
-    assert physical_device("cuda", env) == "2" and physical_device("cuda:0", {}) is None and physical_device("cpu", env) is None
+    assert (
+        physical_device("cuda", env) == "2"
+        and physical_device("cuda:0", {}) is None
+        and physical_device("cpu", env) is None
+    )
     assert describe("cuda:1", env) == "cuda:1 (GPU 5 of CUDA_VISIBLE_DEVICES=2, 5)"
 
 
@@ -107,8 +115,13 @@ def test_zero_gpus_with_cuda_requested_is_a_usage_error(monkeypatch, pytester):
 
 
 def test_header_shows_each_workers_device():
-    assert header("cuda", workers=3, cuda=(True, 2)) == "cuda -> xdist workers round-robin over 2 visible GPUs: gw0 cuda:0, gw1 cuda:1, gw2 cuda:0"
-    assert header("cuda", worker="gw3", cuda=(True, 2)).startswith("cuda -> cuda:1 for xdist worker gw3, 2 visible GPUs")
+    assert (
+        header("cuda", workers=3, cuda=(True, 2))
+        == "cuda -> xdist workers round-robin over 2 visible GPUs: gw0 cuda:0, gw1 cuda:1, gw2 cuda:0"
+    )
+    assert header("cuda", worker="gw3", cuda=(True, 2)).startswith(
+        "cuda -> cuda:1 for xdist worker gw3, 2 visible GPUs"
+    )
     assert header("cuda:1", workers=3, cuda=(True, 2)).startswith("cuda:1 -> cuda:1, 2 visible GPUs")
     assert header("auto", cuda=(False, 0)) == "auto (CUDA when available, else CPU)"
     assert header("cpu", workers=4) == "cpu"
@@ -150,9 +163,13 @@ def test_xdist_workers_get_their_own_gpu_and_model_cache(pytester):
     pytest.importorskip("xdist")
     pytester.makeconftest(XDIST_CONFTEST)
     pytester.makepyfile(test_w=XDIST_TEST)
-    result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "--nnsight-device", "cuda", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--dist", "loadgroup", "--nnsight-device", "cuda", "-p", "no:cacheprovider"
+    )
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines(["*device cuda -> xdist workers round-robin over 2 visible GPUs: gw0 cuda:0, gw1 cuda:1*"])
+    result.stdout.fnmatch_lines(
+        ["*device cuda -> xdist workers round-robin over 2 visible GPUs: gw0 cuda:0, gw1 cuda:1*"]
+    )
     import json
 
     records = [json.loads(p.read_text()) for p in sorted(pytester.path.glob("worker-*.json"))]
@@ -169,9 +186,19 @@ def test_xdist_workers_get_their_own_gpu_and_model_cache(pytester):
 
 
 def test_remote_setting_values():
-    assert [resolve({"remote": v}, env={}).remote for v in ("ndif", "on", "true", "local", "off", "0")] == ["ndif", "ndif", "ndif", "local", "off", "off"]
+    assert [resolve({"remote": v}, env={}).remote for v in ("ndif", "on", "true", "local", "off", "0")] == [
+        "ndif",
+        "ndif",
+        "ndif",
+        "local",
+        "off",
+        "off",
+    ]
     assert resolve({}, env={"PYTEST_NNSIGHT_REMOTE": "local"}).remote == "local"
-    with pytest.raises(SettingsError, match="invalid nnsight_remote 'cloud' from command line option --nnsight-remote: expected off, ndif"):
+    with pytest.raises(
+        SettingsError,
+        match="invalid nnsight_remote 'cloud' from command line option --nnsight-remote: expected off, ndif",
+    ):
         resolve({"remote": "cloud"}, env={})
     assert trace_kwargs(settings=Settings(remote="ndif")) == {"remote": True}
     assert trace_kwargs(object(), settings=Settings(remote="ndif")) == {}  # not served for NDIF: local
@@ -184,7 +211,11 @@ def test_ndif_without_an_api_key_is_a_usage_error(monkeypatch, pytester):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_inprocess("--nnsight-remote", "ndif")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*nnsight_remote 'ndif' from command line option --nnsight-remote needs an NDIF API key in the environment variable NDIF_API_KEY*"])
+    result.stderr.fnmatch_lines(
+        [
+            "*nnsight_remote 'ndif' from command line option --nnsight-remote needs an NDIF API key in the environment variable NDIF_API_KEY*"
+        ]
+    )
     check_remote(Settings(remote="local"), env={})  # the simulation needs no key
 
 
@@ -250,7 +281,9 @@ def test_ndif_serves_hub_ids_without_downloading_weights(monkeypatch, capitals):
     class FakeWrapper:
         def __init__(self, repo_id, **kwargs):
             built.append((repo_id, kwargs))
-            self.tokenizer = copy.deepcopy(capitals.tokenizer)  # as a hub tokenizer arrives: right padding, token_type_ids
+            self.tokenizer = copy.deepcopy(
+                capitals.tokenizer
+            )  # as a hub tokenizer arrives: right padding, token_type_ids
             self.tokenizer.padding_side = "right"
             self.tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
 
@@ -264,9 +297,14 @@ def test_ndif_serves_hub_ids_without_downloading_weights(monkeypatch, capitals):
     wrapper = cache.get("meta-llama/Llama-3.1-70B", revision="abc123")
     assert isinstance(wrapper, FakeWrapper) and built == [("meta-llama/Llama-3.1-70B", {"revision": "abc123"})]
     assert cache.info(wrapper).info["kind"] == "ndif" and id(wrapper) in remote_module.NDIF_MODELS
-    assert wrapper.tokenizer.padding_side == "left" and wrapper.tokenizer.model_input_names == ["input_ids", "attention_mask"]
+    assert wrapper.tokenizer.padding_side == "left" and wrapper.tokenizer.model_input_names == [
+        "input_ids",
+        "attention_mask",
+    ]
     assert trace_kwargs(wrapper, settings=Settings(remote="ndif")) == {"remote": True}
     remote_module.NDIF_MODELS.pop(id(wrapper))
     monkeypatch.undo()
-    local = ModelCache(Settings(device="cpu", remote="ndif")).get("bundled:capitals")  # bundled: loaded here, runs locally
+    local = ModelCache(Settings(device="cpu", remote="ndif")).get(
+        "bundled:capitals"
+    )  # bundled: loaded here, runs locally
     assert trace_kwargs(local, settings=Settings(remote="ndif")) == {}

@@ -62,15 +62,22 @@ def blocks_of(page: Path, text: str | None = None) -> list[Block]:
         prev = lines[i - 1] if i else ""
         skip = SKIP.match(prev)
         if SKIP.match(prev) is None and "docs-test" in prev:
-            raise ValueError(f"{page}:{i}: malformed docs-test marker {prev.strip()!r}: write <!-- docs-test: skip (reason) -->")
+            raise ValueError(
+                f"{page}:{i}: malformed docs-test marker {prev.strip()!r}: write <!-- docs-test: skip (reason) -->"
+            )
         if skip and not (skip["reason"] or "").strip():
             raise ValueError(f"{page}:{i}: a docs-test skip marker needs a reason: <!-- docs-test: skip (reason) -->")
         body, j = [], i + 1
         while j < len(lines):
             close = FENCE.match(lines[j])
-            if close and close["fence"][0] == fence[0] and len(close["fence"]) >= len(fence) and not close["info"].strip():
+            if (
+                close
+                and close["fence"][0] == fence[0]
+                and len(close["fence"]) >= len(fence)
+                and not close["info"].strip()
+            ):
                 break
-            body.append(lines[j][len(m["indent"]):] if lines[j].startswith(m["indent"]) else lines[j])
+            body.append(lines[j][len(m["indent"]) :] if lines[j].startswith(m["indent"]) else lines[j])
             j += 1
         out.append(Block(page, i + 1, lang, "\n".join(body) + "\n", skip["reason"].strip() if skip else None))
         i = j + 1
@@ -93,17 +100,36 @@ SCRIPT_PAGES = [p for p in pages() if any(not b.is_test for b in python_blocks(p
 
 
 def test_blocks_are_found_with_their_language_skip_marker_and_nesting():
-    text = "\n".join([
-        "```python", "x = 1", "```",
-        "<!-- docs-test: skip (needs a GPU) -->", "```python", "y = 2", "```",
-        "````markdown", "```python", "not = a block", "```", "````",
-        "```bash", "make test", "```",
-        "```python", "def test_a():", "    assert x == 1", "```",
-    ])
+    text = "\n".join(
+        [
+            "```python",
+            "x = 1",
+            "```",
+            "<!-- docs-test: skip (needs a GPU) -->",
+            "```python",
+            "y = 2",
+            "```",
+            "````markdown",
+            "```python",
+            "not = a block",
+            "```",
+            "````",
+            "```bash",
+            "make test",
+            "```",
+            "```python",
+            "def test_a():",
+            "    assert x == 1",
+            "```",
+        ]
+    )
     found = blocks_of(ROOT / "README.md", text)
     assert [(b.line, b.lang, b.skip, b.is_test) for b in found] == [
-        (1, "python", None, False), (5, "python", "needs a GPU", False), (8, "markdown", None, False),
-        (13, "bash", None, False), (16, "python", None, True),
+        (1, "python", None, False),
+        (5, "python", "needs a GPU", False),
+        (8, "markdown", None, False),
+        (13, "bash", None, False),
+        (16, "python", None, True),
     ]
     assert found[2].code == "```python\nnot = a block\n```\n"
     with pytest.raises(ValueError, match="needs a reason"):
@@ -142,23 +168,37 @@ def test_test_blocks_of_every_page_pass(pytester):
     pytester.makeini(DOCS_INI)
     pytester.makepyfile(**files)
     result = pytester.runpytest_inprocess("--snapshot-update", "-q")
-    reports = [r for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "call" or r.outcome != "passed"]
+    reports = [
+        r for r in result.reprec.getreports("pytest_runtest_logreport") if r.when == "call" or r.outcome != "passed"
+    ]
     bad = sorted({(where[r.nodeid.split(".py")[0]], r.nodeid, r.outcome) for r in reports if r.outcome != "passed"})
     ran = {r.nodeid.split(".py")[0] for r in reports if r.when == "call" and r.outcome == "passed"}
     detail = "\n".join(f"{w}: {nodeid} {outcome}" for w, nodeid, outcome in bad)
-    assert not bad, f"documentation blocks that did not pass (page:line of the block):\n{detail}\n\n{result.stdout.str()[-6000:]}"
+    assert not bad, (
+        f"documentation blocks that did not pass (page:line of the block):\n{detail}\n\n{result.stdout.str()[-6000:]}"
+    )
     assert ran == set(files), f"blocks whose tests never ran: {sorted(where[f] for f in set(files) - ran)}"
     assert result.ret == 0
 
 
 def test_the_docs_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]' (make venv does)")
-    pytest.importorskip("mkdocstrings", reason="the docs extra is not installed: pip install -e '.[docs]' (make venv does)")
+    pytest.importorskip(
+        "mkdocstrings", reason="the docs extra is not installed: pip install -e '.[docs]' (make venv does)"
+    )
     env = {**os.environ, "NO_COLOR": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert (tmp_path / "site" / "notebook-to-test" / "index.html").is_file()
     reference = (tmp_path / "site" / "reference" / "index.html").read_text()
     assert "normalized" in reference and "def patch" not in reference  # rendered docstrings, not source
-    assert "<blockquote>" not in reference  # docstrings' >>> examples are code blocks (docs/_ext/doctest_fences.py), not quotes
+    assert (
+        "<blockquote>" not in reference
+    )  # docstrings' >>> examples are code blocks (docs/_ext/doctest_fences.py), not quotes

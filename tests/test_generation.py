@@ -44,7 +44,7 @@ def hf_generate(model, prompt, n, hooks=()):
     finally:
         for h in handles:
             h.remove()
-    return out[0, ids["input_ids"].shape[1]:].tolist()
+    return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
 def zero_heads(layer, heads, d_head=16):
@@ -75,7 +75,13 @@ def test_greedy_equals_transformers_generate_on_capitals(capitals):
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_ablation_at_every_step_equals_a_hook_during_cached_generation(induction, use_cache):
     heads = [0, 1, 2, 3]
-    gen = generate(induction, PROMPTS[0], max_new_tokens=6, intervention=[Ablate(f"head_out.1.{h}") for h in heads], use_cache=use_cache)
+    gen = generate(
+        induction,
+        PROMPTS[0],
+        max_new_tokens=6,
+        intervention=[Ablate(f"head_out.1.{h}") for h in heads],
+        use_cache=use_cache,
+    )
     assert list(gen.token_ids[0]) == hf_generate(induction, PROMPTS[0], 6, [zero_heads(1, heads)])
     assert gen.intervention.startswith("zero ablation of head_out.1.0 at 'all'")
 
@@ -87,8 +93,12 @@ def test_steering_at_every_step_equals_a_hook(induction):
         return out + vec
 
     gen = generate(induction, PROMPTS[1], max_new_tokens=4, intervention=Steer("mlp_out.0", vec))
-    assert list(gen.token_ids[0]) == hf_generate(induction, PROMPTS[1], 4, [("transformer.h.0.mlp", "register_forward_hook", post, {})])
-    assert gen.texts != generate(induction, PROMPTS[1], max_new_tokens=4).texts  # the steer changes the text (else the test shows nothing)
+    assert list(gen.token_ids[0]) == hf_generate(
+        induction, PROMPTS[1], 4, [("transformer.h.0.mlp", "register_forward_hook", post, {})]
+    )
+    assert (
+        gen.texts != generate(induction, PROMPTS[1], max_new_tokens=4).texts
+    )  # the steer changes the text (else the test shows nothing)
 
 
 def test_prompt_positions_resolve_in_each_prompt_and_match_a_hook(induction):
@@ -103,7 +113,9 @@ def test_prompt_positions_resolve_in_each_prompt_and_match_a_hook(induction):
         return out
 
     gen = generate(induction, [prompt, PROMPTS[0]], max_new_tokens=3, intervention=Ablate("embed", positions="last"))
-    assert list(gen.token_ids[0]) == hf_generate(induction, prompt, 3, [("transformer.drop", "register_forward_hook", post, {})])
+    assert list(gen.token_ids[0]) == hf_generate(
+        induction, prompt, 3, [("transformer.drop", "register_forward_hook", post, {})]
+    )
     assert gen.token_ids[0] != generate(induction, prompt, max_new_tokens=3).token_ids[0]
 
 
@@ -119,20 +131,32 @@ def test_patch_writes_the_source_activation_at_the_same_prompt_positions(inducti
         return out
 
     gen = generate(induction, target, max_new_tokens=3, intervention=Patch("embed", source, 2))
-    assert list(gen.token_ids[0]) == hf_generate(induction, target, 3, [("transformer.drop", "register_forward_hook", post, {})])
+    assert list(gen.token_ids[0]) == hf_generate(
+        induction, target, 3, [("transformer.drop", "register_forward_hook", post, {})]
+    )
     assert gen.texts[0].split()[0] == "t2"  # recall of what followed t1 now reads the patched t2
     assert generate(induction, target, max_new_tokens=1).texts[0] == "t9"  # and without the patch, t9
 
 
-@pytest.mark.parametrize("intervention", [
-    None, [Ablate(f"head_out.1.{h}") for h in range(4)], Ablate("resid_post.0", positions="generated"),
-    Ablate("embed", positions=[1, 2]), Steer("resid_post.0", torch.linspace(-2, 2, 64), positions="last"),
-], ids=["none", "heads", "generated", "prompt-ints", "prompt-last"])
+@pytest.mark.parametrize(
+    "intervention",
+    [
+        None,
+        [Ablate(f"head_out.1.{h}") for h in range(4)],
+        Ablate("resid_post.0", positions="generated"),
+        Ablate("embed", positions=[1, 2]),
+        Steer("resid_post.0", torch.linspace(-2, 2, 64), positions="last"),
+    ],
+    ids=["none", "heads", "generated", "prompt-ints", "prompt-last"],
+)
 def test_batched_generation_equals_one_prompt_at_a_time(induction, intervention):
     batched = generate(induction, PROMPTS, max_new_tokens=5, intervention=intervention)
     single = [generate(induction, p, max_new_tokens=5, intervention=intervention) for p in PROMPTS]
     assert batched.token_ids == tuple(s.token_ids[0] for s in single)
-    assert generate(induction, PROMPTS, max_new_tokens=5, intervention=intervention, batch_size=3).token_ids == batched.token_ids
+    assert (
+        generate(induction, PROMPTS, max_new_tokens=5, intervention=intervention, batch_size=3).token_ids
+        == batched.token_ids
+    )
 
 
 SYMBOLS = [f"t{i}" for i in range(64)]
@@ -146,13 +170,21 @@ SYMBOLS = [f"t{i}" for i in range(64)]
     sample=st.booleans(),
     cache=st.booleans(),
 )
-def test_property_batched_equals_single_over_prompt_sets_and_interventions(induction, rows, which, where, sample, cache):
+def test_property_batched_equals_single_over_prompt_sets_and_interventions(
+    induction, rows, which, where, sample, cache
+):
     """Left padding, explicit position ids and per-prompt seeding: any batch gives each prompt its single-prompt text."""
     prompts = [" ".join(r + r[:1]) for r in rows]
     vec = torch.linspace(-3, 3, 64)
-    intervention = {"none": None, "ablate": Ablate("head_out.1.2", positions=where), "steer": Steer("resid_post.0", vec, positions=where),
-                    "mean": Ablate("attn_out.1", positions=where, method="mean", reference_prompts=["t1 t2 t3 t1"])}[which]
-    kw = dict(max_new_tokens=3, intervention=intervention, do_sample=sample, seed=5 if sample else None, temperature=1.5)
+    intervention = {
+        "none": None,
+        "ablate": Ablate("head_out.1.2", positions=where),
+        "steer": Steer("resid_post.0", vec, positions=where),
+        "mean": Ablate("attn_out.1", positions=where, method="mean", reference_prompts=["t1 t2 t3 t1"]),
+    }[which]
+    kw = dict(
+        max_new_tokens=3, intervention=intervention, do_sample=sample, seed=5 if sample else None, temperature=1.5
+    )
     batched = generate(induction, prompts, use_cache=cache, **kw)  # the KV cache path too: the single runs use none
     assert batched.token_ids == tuple(generate(induction, p, **kw).token_ids[0] for p in prompts)
 
@@ -173,7 +205,9 @@ def test_eos_ends_a_row_as_in_transformers_and_batched_rows_stop_apart(nnsight_m
     """The bundled models never emit EOS here, so a tiny random model gets as EOS a word it generates."""
     from pytest_nnsight.testing import tiny_gpt2
 
-    module, tok = tiny_gpt2(seed=5)  # generates "store store France ..." after the first prompt, "is is ..." after the second
+    module, tok = tiny_gpt2(
+        seed=5
+    )  # generates "store store France ..." after the first prompt, "is is ..." after the second
     model = nnsight_models.get(module, tok, device="cpu")
     prompts = ["When Mary and John went to the store", "The capital of France is"]
     free = generate(model, prompts, max_new_tokens=8, stop_at_eos=False)
@@ -189,9 +223,12 @@ def test_eos_ends_a_row_as_in_transformers_and_batched_rows_stop_apart(nnsight_m
         for r, p in enumerate(prompts):
             ids = model.tokenizer(p, return_tensors="pt")
             with torch.inference_mode():
-                ref = module.generate(**ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, ids["input_ids"].shape[1]:]
-                ref_held = module.generate(**ids, max_new_tokens=8, min_new_tokens=k + 2, do_sample=False, eos_token_id=eos,
-                                           pad_token_id=0)[0, ids["input_ids"].shape[1]:]
+                ref = module.generate(**ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)[
+                    0, ids["input_ids"].shape[1] :
+                ]
+                ref_held = module.generate(
+                    **ids, max_new_tokens=8, min_new_tokens=k + 2, do_sample=False, eos_token_id=eos, pad_token_id=0
+                )[0, ids["input_ids"].shape[1] :]
             assert list(stopped.token_ids[r]) == ref.tolist()
             assert list(held.token_ids[r]) == ref_held.tolist()
             assert stopped.token_ids[r] == generate(model, p, max_new_tokens=8).token_ids[0]
@@ -205,7 +242,9 @@ def test_eos_ends_a_row_as_in_transformers_and_batched_rows_stop_apart(nnsight_m
 
 def gen_of(prompts, texts, tok):
     ids = tuple(tuple(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return Generation(tuple(prompts), tuple(texts), tuple(tuple(tok.convert_ids_to_tokens(list(i))) for i in ids), ids, Decoding(3))
+    return Generation(
+        tuple(prompts), tuple(texts), tuple(tuple(tok.convert_ids_to_tokens(list(i))) for i in ids), ids, Decoding(3)
+    )
 
 
 def test_text_metrics_score_each_continuation(induction):
@@ -219,9 +258,11 @@ def test_text_metrics_score_each_continuation(induction):
 
 
 def test_generation_claims_pass_and_fail_with_the_worst_variants(induction):
-    expected = [" ".join(p.split()[1:-1][: 3]) for p in PROMPTS]  # the tokens after the repeated first one
+    expected = [" ".join(p.split()[1:-1][:3]) for p in PROMPTS]  # the tokens after the repeated first one
     heads = [Ablate(f"head_out.1.{h}") for h in range(4)]
-    result = generation_population(induction, PROMPTS, metric=token_accuracy(expected), max_new_tokens=3, intervention=heads)
+    result = generation_population(
+        induction, PROMPTS, metric=token_accuracy(expected), max_new_tokens=3, intervention=heads
+    )
     assert isinstance(result, GenerationPopulation) and result.n == 4
     assert result.baseline_scores == token_accuracy(expected)(induction, result.baseline)
     assert_generation(result, at_least=1.0)
@@ -230,7 +271,11 @@ def test_generation_claims_pass_and_fail_with_the_worst_variants(induction):
         assert_generation(result, run="intervened", at_least=0.9)
     text = str(info.value)
     assert "claim: intervened token_accuracy(per prompt) >= 0.9 in at least 100% of 4 prompt variants" in text
-    assert "pass rate:" in text and "zero ablation of head_out.1.0" in text and "(expected 't9 t20 t41') (baseline 't9 t20 t41')" in text
+    assert (
+        "pass rate:" in text
+        and "zero ablation of head_out.1.0" in text
+        and "(expected 't9 t20 t41') (baseline 't9 t20 t41')" in text
+    )
     assert result.expected == tuple(expected)
 
 
@@ -240,8 +285,17 @@ def test_generated_text_snapshots_exactly_with_its_decoding(induction):
 
     gen = generate(induction, PROMPTS[:2], max_new_tokens=4)
     old = to_value(gen)
-    assert old["config"] == {"@type": "Decoding", "max_new_tokens": 4, "do_sample": False, "temperature": 1.0, "top_k": None,
-                             "seed": None, "min_new_tokens": 0, "stop_at_eos": True, "use_cache": False}
+    assert old["config"] == {
+        "@type": "Decoding",
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_k": None,
+        "seed": None,
+        "min_new_tokens": 0,
+        "stop_at_eos": True,
+        "use_cache": False,
+    }
     assert compare_findings(old, to_value(gen), Tolerance(1e-4, 1e-4)).ok
     changed = to_value(dataclasses.replace(gen, texts=(gen.texts[0], gen.texts[1] + " t1")))
     assert not compare_findings(old, changed, Tolerance(1e9, 1e9)).ok  # text is exact, whatever the numeric tolerance
@@ -253,17 +307,45 @@ def test_generated_text_snapshots_exactly_with_its_decoding(induction):
         (dict(max_new_tokens=0), ArgumentError, r"max_new_tokens=0: expected an int >= 1"),
         (dict(max_new_tokens=-2), ArgumentError, r"max_new_tokens=-2: expected an int >= 1"),
         (dict(max_new_tokens="3"), ArgumentTypeError, r"max_new_tokens='3' \(str\): expected an int >= 1"),
-        (dict(max_new_tokens=40), ArgumentError, r"max_new_tokens=40 with prompt .* \(6 tokens\) goes beyond the model's context of 32 positions: expected max_new_tokens <= 26"),
+        (
+            dict(max_new_tokens=40),
+            ArgumentError,
+            r"max_new_tokens=40 with prompt .* \(6 tokens\) goes beyond the model's context of 32 positions: expected max_new_tokens <= 26",
+        ),
         (dict(max_new_tokens=3, min_new_tokens=4), ArgumentError, r"min_new_tokens=4 is larger than max_new_tokens=3"),
         (dict(max_new_tokens=3, do_sample=True), ArgumentError, r"seed=None: sampled generation needs an int seed"),
-        (dict(max_new_tokens=3, do_sample=True, seed=0, temperature=0), ArgumentError, r"temperature=0: expected a finite number > 0"),
+        (
+            dict(max_new_tokens=3, do_sample=True, seed=0, temperature=0),
+            ArgumentError,
+            r"temperature=0: expected a finite number > 0",
+        ),
         (dict(max_new_tokens=3, batch_size=0), ArgumentError, r"batch_size=0: expected an int >= 1"),
         (dict(max_new_tokens=3, use_cache="yes"), ArgumentTypeError, r"use_cache='yes': expected True or False"),
-        (dict(max_new_tokens=3, intervention="head_out.1.0"), ArgumentTypeError, r"expected Ablate\(...\), Steer\(...\), Patch\(...\)"),
-        (dict(max_new_tokens=3, intervention=Ablate("head_out.1.9")), Exception, r"head 9 is out of range: layer 1 has 4 heads"),
-        (dict(max_new_tokens=3, intervention=Ablate("embed", method="resample")), ArgumentError, r"ablation method 'resample': expected 'zero' or 'mean'"),
-        (dict(max_new_tokens=3, intervention=Steer("embed", torch.ones(3))), InterventionError, r"shape \(3,\) does not fit embed: expected a tensor of shape \(64,\)"),
-        (dict(max_new_tokens=3, intervention=Patch("embed", "t1 t2 t3 t4 t5 t6 t7", 7)), ArgumentError, r"position 7 is beyond the shortest prompt \(6 tokens\)"),
+        (
+            dict(max_new_tokens=3, intervention="head_out.1.0"),
+            ArgumentTypeError,
+            r"expected Ablate\(...\), Steer\(...\), Patch\(...\)",
+        ),
+        (
+            dict(max_new_tokens=3, intervention=Ablate("head_out.1.9")),
+            Exception,
+            r"head 9 is out of range: layer 1 has 4 heads",
+        ),
+        (
+            dict(max_new_tokens=3, intervention=Ablate("embed", method="resample")),
+            ArgumentError,
+            r"ablation method 'resample': expected 'zero' or 'mean'",
+        ),
+        (
+            dict(max_new_tokens=3, intervention=Steer("embed", torch.ones(3))),
+            InterventionError,
+            r"shape \(3,\) does not fit embed: expected a tensor of shape \(64,\)",
+        ),
+        (
+            dict(max_new_tokens=3, intervention=Patch("embed", "t1 t2 t3 t4 t5 t6 t7", 7)),
+            ArgumentError,
+            r"position 7 is beyond the shortest prompt \(6 tokens\)",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(induction, kwargs, error, match):
@@ -276,7 +358,10 @@ def test_a_model_without_an_lm_head_is_refused(nnsight_models):
     from pytest_nnsight.testing import tiny_model
 
     bert = nnsight_models.get(*tiny_model("bert"), device="cpu")
-    with pytest.raises(ModelUsageError, match=r"generate needs a causal language model with an LM head; .* is a bert model without an LM head"):
+    with pytest.raises(
+        ModelUsageError,
+        match=r"generate needs a causal language model with an LM head; .* is a bert model without an LM head",
+    ):
         generate(bert, "the capital of france is", max_new_tokens=2)
 
 
@@ -285,7 +370,9 @@ def test_remote_generation_is_refused_with_the_reason(induction, monkeypatch):
     from pytest_nnsight.errors import ModelUsageError
 
     monkeypatch.setattr(remote, "trace_kwargs", lambda model=None, settings=None: {"remote": True})
-    with pytest.raises(ModelUsageError, match=r"generate runs the model in this process.*run generation findings locally"):
+    with pytest.raises(
+        ModelUsageError, match=r"generate runs the model in this process.*run generation findings locally"
+    ):
         generate(induction, "t1 t2 t3 t1", max_new_tokens=2)
 
 
@@ -338,7 +425,9 @@ def test_report_shows_the_lens_heatmap_and_the_texts_side_by_side(pytester):
     (gen,) = rec["generations"]
     assert [r["baseline"] for r in gen["rows"]] == measured["baseline"]
     assert [r["intervened"] for r in gen["rows"]] == measured["intervened"]
-    assert gen["config"] == "greedy, max_new_tokens 2" and gen["intervention"].startswith("zero ablation of head_out.1.0")
+    assert gen["config"] == "greedy, max_new_tokens 2" and gen["intervention"].startswith(
+        "zero ablation of head_out.1.0"
+    )
     html = (pytester.path / "out" / "index.html").read_text()
     assert "<th>prompt</th><th>expected</th><th>baseline</th><th>intervened</th>" in html
     for text in measured["baseline"] + measured["intervened"]:

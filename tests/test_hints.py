@@ -77,9 +77,11 @@ def test_saving_in_a_comprehension_does_not_escape_the_trace(model):
 def test_saving_in_an_inner_function_does_not_escape_the_trace(model):
     def run():
         with model.trace(PROMPT):
+
             def grab():
                 inner = model.transformer.h[0].output.save()
                 return inner
+
             grab()
         return inner  # noqa: F821 - the point: it is not bound here
 
@@ -123,7 +125,11 @@ def test_h9_result_after_a_generate_loop_never_assigned(model):
 
 
 def test_unrelated_errors_get_no_hint():
-    for exc in (AssertionError("assert 1 == 2"), ValueError("bad"), AttributeError("'int' object has no attribute 'foo'")):
+    for exc in (
+        AssertionError("assert 1 == 2"),
+        ValueError("bad"),
+        AttributeError("'int' object has no attribute 'foo'"),
+    ):
         assert hint_for(exc) is None
     try:
         undefined_name  # noqa: F821
@@ -131,7 +137,7 @@ def test_unrelated_errors_get_no_hint():
         assert hint_for(exc, exc.__traceback__) is None
 
 
-PYTESTER_SOURCE = '''
+PYTESTER_SOURCE = """
 import pytest
 from pytest_nnsight.models import wrap
 from pytest_nnsight.testing import tiny_gpt2
@@ -148,7 +154,7 @@ def test_reads_blocks_backwards(model):
 
 def test_unrelated_failure(model):
     assert 1 == 2, "plain failure"
-'''
+"""
 
 
 def test_hint_appears_in_the_failure_report_and_only_there(pytester):
@@ -156,8 +162,10 @@ def test_hint_appears_in_the_failure_report_and_only_there(pytester):
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=2)
     out = result.stdout.str()
-    result.stdout.fnmatch_lines([
-        "*- pytest-nnsight hint -*",
-        "pytest-nnsight hint: transformer.h.0.output was read out of execution order inside one trace*installed nnsight *, transformers *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*- pytest-nnsight hint -*",
+            "pytest-nnsight hint: transformer.h.0.output was read out of execution order inside one trace*installed nnsight *, transformers *",
+        ]
+    )
     assert out.count("pytest-nnsight hint:") == 1, out  # the plain assertion failure gets none

@@ -16,7 +16,9 @@ def test_an_unreachable_hub_switches_the_session_offline(monkeypatch):
         calls.append((source, local_files_only))
         if local_files_only:
             raise OSError(f"{source} is not in the local cache.")
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.")
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files."
+        )
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
     cache = ModelCache(Settings(device="cpu"))
@@ -34,7 +36,9 @@ def test_a_missing_model_on_a_reachable_hub_does_not_switch_offline(monkeypatch)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
     def config(source, revision=None, local_files_only=False, **kwargs):
-        raise OSError(f"{source} is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'.")
+        raise OSError(
+            f"{source} is not a local folder and is not a valid model identifier listed on 'https://huggingface.co/models'."
+        )
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
     cache = ModelCache(Settings(device="cpu"))

@@ -120,7 +120,10 @@ def test_string_and_id_answers_give_the_same_metric(capitals):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        (logit_diff("Paris Berlin", "Rome"), r"answer 'Paris Berlin' is 2 tokens \['Paris', 'Berlin'\] for this tokenizer: metrics need single-token answers"),
+        (
+            logit_diff("Paris Berlin", "Rome"),
+            r"answer 'Paris Berlin' is 2 tokens \['Paris', 'Berlin'\] for this tokenizer: metrics need single-token answers",
+        ),
         (logit_diff("Paris", "Atlantis"), r"answer 'Atlantis' is not in the vocabulary \(it tokenizes to <unk>\)"),
         (prob(""), r"answer '' is not a token string or id"),
         (rank(135), r"token id 135 is out of range: the vocabulary has 135 ids"),
@@ -157,7 +160,10 @@ def test_user_metric_returning_a_scalar_for_a_batch_is_a_metric_error(capitals):
         return output.logits[:, -1, paris].sum()
 
     run(capitals, CLEAN, as_metric(capitals, total))  # one row, one number: fine
-    with pytest.raises(MetricError, match=r"metric total returned one number for a batch of 2 rows: return one value per row \(shape \[2\]\)"):
+    with pytest.raises(
+        MetricError,
+        match=r"metric total returned one number for a batch of 2 rows: return one value per row \(shape \[2\]\)",
+    ):
         run(capitals, [CLEAN, CORRUPT], as_metric(capitals, total))
     with pytest.raises(MetricError, match=r"metric total returned one number for a batch of 2 rows"):
         patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=total)
@@ -224,7 +230,9 @@ def test_patch_reports_the_patched_runs_tokens(capitals):
     effect = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="France", metric=LD)
     assert effect.position_tokens == ("Germany",)
     assert effect.tokens == ("<bos>", "The", "capital", "of", "Germany", "is")
-    back = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="France", metric=LD, direction="corrupt->clean")
+    back = patch(
+        capitals, CLEAN, CORRUPT, site="transformer.h.0", position="France", metric=LD, direction="corrupt->clean"
+    )
     assert back.position_tokens == ("France",)
 
 
@@ -232,9 +240,14 @@ def test_controls_are_present_and_the_position_control_is_a_real_patch(capitals)
     effect = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=LD, controls=True)
     assert set(effect.controls) == {"random_donor", "position 1 'The'"}
     src = hand_act(capitals, CLEAN, H0)
-    ld_clean, ld_corrupt = hand_ld(capitals, hand_logits(capitals, CLEAN)), hand_ld(capitals, hand_logits(capitals, CORRUPT))
+    ld_clean, ld_corrupt = (
+        hand_ld(capitals, hand_logits(capitals, CLEAN)),
+        hand_ld(capitals, hand_logits(capitals, CORRUPT)),
+    )
     ld_pos1 = hand_ld(capitals, hand_logits(capitals, CORRUPT, H0, [1], src[[1]]))
-    assert effect.controls["position 1 'The'"] == pytest.approx((ld_pos1 - ld_corrupt) / (ld_clean - ld_corrupt), abs=TOL)
+    assert effect.controls["position 1 'The'"] == pytest.approx(
+        (ld_pos1 - ld_corrupt) / (ld_clean - ld_corrupt), abs=TOL
+    )
     assert all(v == v for v in effect.controls.values())  # finite, not NaN
     assert effect.controls["random_donor"] != pytest.approx(float(effect.normalized), abs=1e-3)
     assert "controls" in dict(effect.context())
@@ -249,7 +262,16 @@ def test_random_donor_control_depends_on_the_seed_only(capitals):
 
 
 def test_explicit_control_position(capitals):
-    effect = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=LD, controls=True, control_position="capital")
+    effect = patch(
+        capitals,
+        CLEAN,
+        CORRUPT,
+        site="transformer.h.0",
+        position="last",
+        metric=LD,
+        controls=True,
+        control_position="capital",
+    )
     assert "position 2 'capital'" in effect.controls
     no_controls = patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=LD)
     assert no_controls.controls == {}
@@ -285,7 +307,9 @@ def test_saved_activations_are_clones(capitals, bump_block1_input_in_place):
         with capitals.trace(CLEAN):
             shared = capitals.transformer.h[0].output.save()
             cloned = capitals.transformer.h[0].output.clone().save()
-    assert float((shared - cloned).abs().max()) == pytest.approx(50.0)  # an uncloned save sees the later in-place change
+    assert float((shared - cloned).abs().max()) == pytest.approx(
+        50.0
+    )  # an uncloned save sees the later in-place change
     site = block(capitals, 0)
     _, acts = run(capitals, CLEAN, as_metric(capitals, LD), save=[site])
     torch.testing.assert_close(acts[site], cloned, atol=1e-6, rtol=0)
@@ -308,7 +332,10 @@ def test_saved_activations_are_clones(capitals, bump_block1_input_in_place):
         (torch.zeros(1, 65), r"cannot write a \[1, 65\] value"),
         (torch.zeros(2, 64), r"cannot write a \[2, 64\] value"),
         (torch.zeros(64), r"cannot write a \[64\] value"),
-        (torch.zeros(1, 64, device="meta"), r"value for resid_post.0 is on meta but the model runs on cpu: move it with \.to\('cpu'\)"),
+        (
+            torch.zeros(1, 64, device="meta"),
+            r"value for resid_post.0 is on meta but the model runs on cpu: move it with \.to\('cpu'\)",
+        ),
     ],
     ids=["narrow", "wide", "extra-row", "unbatched", "device"],
 )
@@ -322,8 +349,12 @@ def test_edit_that_does_not_fit_is_an_intervention_error(capitals, values, messa
 
 def test_run_applies_a_set_and_an_add_edit_like_a_hand_trace(capitals):
     v = torch.randn(64, generator=torch.Generator().manual_seed(3))
-    values, _ = run(capitals, CORRUPT, as_metric(capitals, LD), edits=[Edit(block(capitals, 0), (0,), (4,), v[None], op="add")])
-    assert float(values[0]) == pytest.approx(hand_ld(capitals, hand_logits(capitals, CORRUPT, H0, [4], v[None], add=True)), abs=TOL)
+    values, _ = run(
+        capitals, CORRUPT, as_metric(capitals, LD), edits=[Edit(block(capitals, 0), (0,), (4,), v[None], op="add")]
+    )
+    assert float(values[0]) == pytest.approx(
+        hand_ld(capitals, hand_logits(capitals, CORRUPT, H0, [4], v[None], add=True)), abs=TOL
+    )
 
 
 # -- NaN --------------------------------------------------------------------------------------------
@@ -343,7 +374,10 @@ def test_nan_model_outputs_nan(nan_model):
 
 def test_nan_effect_never_passes_a_comparison(nan_model):
     effect = patch(nan_model, CLEAN, CORRUPT, site="transformer.h.0", position="last", metric=LD)
-    with pytest.raises(NonFiniteMetricError, match=r"normalized effect of the patch at transformer.h.0 is nan \(site transformer.h.0; position 5 .is.; prompt"):
+    with pytest.raises(
+        NonFiniteMetricError,
+        match=r"normalized effect of the patch at transformer.h.0 is nan \(site transformer.h.0; position 5 .is.; prompt",
+    ):
         assert effect.normalized >= 0.5
     with pytest.raises(NonFiniteMetricError):
         assert not effect.normalized < 0.5
@@ -386,7 +420,9 @@ REFERENCES = ["The capital of Germany is", SPAIN, "Japan has its capital in"]  #
 def test_mean_ablation_equals_the_hand_mean_over_unbatched_traces(capitals):
     mean = torch.stack([hand_act(capitals, p, H0)[-1] for p in REFERENCES]).mean(0)
     expected = hand_ld(capitals, hand_logits(capitals, CLEAN, H0, [5], mean[None]))
-    effect = ablate(capitals, CLEAN, site="transformer.h.0", position="last", metric=LD, method="mean", reference_prompts=REFERENCES)
+    effect = ablate(
+        capitals, CLEAN, site="transformer.h.0", position="last", metric=LD, method="mean", reference_prompts=REFERENCES
+    )
     assert effect.kind == "mean ablation (3 prompts)"
     assert float(effect.intervened) == pytest.approx(expected, abs=TOL)
 
@@ -395,7 +431,15 @@ def test_mean_ablation_by_word_uses_the_same_index_where_a_reference_lacks_the_w
     # documented fallback: 'France' is index 4 of the ablated prompt, and index 4 of each reference stands in for it
     mean = torch.stack([hand_act(capitals, p, H0)[4] for p in REFERENCES]).mean(0)
     expected = hand_ld(capitals, hand_logits(capitals, CLEAN, H0, [4], mean[None]))
-    effect = ablate(capitals, CLEAN, site="transformer.h.0", position="France", metric=LD, method="mean", reference_prompts=REFERENCES)
+    effect = ablate(
+        capitals,
+        CLEAN,
+        site="transformer.h.0",
+        position="France",
+        metric=LD,
+        method="mean",
+        reference_prompts=REFERENCES,
+    )
     assert float(effect.intervened) == pytest.approx(expected, abs=TOL)
 
 
@@ -403,10 +447,14 @@ def test_resample_ablation_equals_patching_the_donors_activation(capitals):
     donor = "The capital of Japan is"
     act = hand_act(capitals, donor, EMB)[4]
     expected = hand_ld(capitals, hand_logits(capitals, CLEAN, EMB, [4], act[None]))
-    effect = ablate(capitals, CLEAN, site="transformer.drop", position="France", metric=LD, method="resample", donor=donor)
+    effect = ablate(
+        capitals, CLEAN, site="transformer.drop", position="France", metric=LD, method="resample", donor=donor
+    )
     assert effect.kind == "resample ablation (from 'The capital of Japan is')"
     assert float(effect.intervened) == pytest.approx(expected, abs=TOL)
-    assert float(effect.intervened) < 0  # Japan's embedding at the subject: Tokyo now beats Paris, so LD(Paris, Berlin) falls
+    assert (
+        float(effect.intervened) < 0
+    )  # Japan's embedding at the subject: Tokyo now beats Paris, so LD(Paris, Berlin) falls
 
 
 @pytest.mark.parametrize(
@@ -449,22 +497,31 @@ def test_steering_from_a_zero_metric_is_an_infinity_of_the_change_sign(capitals)
         ld = output.logits[:, -1, paris] - output.logits[:, -1, berlin]
         return -((ld - cut) if up else (cut - ld)).clamp(min=0)
 
-    effect = steer(capitals, CLEAN, site="transformer.h.0", position=slice(4, None), vector=v, alpha=3.0, metric=falls_past_cut)
+    effect = steer(
+        capitals, CLEAN, site="transformer.h.0", position=slice(4, None), vector=v, alpha=3.0, metric=falls_past_cut
+    )
     assert float(effect.target) == 0.0 and float(effect.intervened) < 0
     assert float(effect.normalized) == -math.inf
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (65,), (64, 1), (32,)])
 def test_steering_vector_of_the_wrong_shape_names_the_expected_shape(capitals, shape):
-    with pytest.raises(InterventionError, match=rf"steering vector of shape {re.escape(str(tuple(shape)))} does not fit resid_post.0: expected a tensor of shape \(64,\)"):
+    with pytest.raises(
+        InterventionError,
+        match=rf"steering vector of shape {re.escape(str(tuple(shape)))} does not fit resid_post.0: expected a tensor of shape \(64,\)",
+    ):
         steer(capitals, CLEAN, site=block(capitals, 0), position="last", vector=torch.zeros(shape), metric=LD)
 
 
 def test_steering_vector_on_another_device_or_not_finite(capitals):
     with pytest.raises(InterventionError, match=r"steering vector is on meta but the model runs on cpu"):
-        steer(capitals, CLEAN, site="transformer.h.0", position="last", vector=torch.zeros(64, device="meta"), metric=LD)
+        steer(
+            capitals, CLEAN, site="transformer.h.0", position="last", vector=torch.zeros(64, device="meta"), metric=LD
+        )
     with pytest.raises(InterventionError, match=r"contains NaN or inf"):
-        steer(capitals, CLEAN, site="transformer.h.0", position="last", vector=torch.full((64,), float("nan")), metric=LD)
+        steer(
+            capitals, CLEAN, site="transformer.h.0", position="last", vector=torch.full((64,), float("nan")), metric=LD
+        )
     with pytest.raises(InterventionError, match=r"steering vector of shape list"):
         steer(capitals, CLEAN, site="transformer.h.0", position="last", vector=[0.0] * 64, metric=LD)
 
@@ -503,10 +560,15 @@ def test_patch_layer_at_the_last_position_transfers_the_answer(capitals):
 @pytest.mark.parametrize(
     "message, cause",
     [
-        ("Inplace update to inference tensor outside InferenceMode", "Inplace update to inference tensor outside InferenceMode"),
+        (
+            "Inplace update to inference tensor outside InferenceMode",
+            "Inplace update to inference tensor outside InferenceMode",
+        ),
         # nnsight 0.5-0.7 wrap the whole traceback; the cause is its last line (measured by the version matrix on 0.7.0)
-        ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    y()\nRuntimeError: Inplace update to inference tensor",
-         "RuntimeError: Inplace update to inference tensor"),
+        (
+            'Traceback (most recent call last):\n  File "x.py", line 3, in f\n    y()\nRuntimeError: Inplace update to inference tensor',
+            "RuntimeError: Inplace update to inference tensor",
+        ),
     ],
 )
 def test_translated_trace_errors_keep_the_cause_line(message, cause):

@@ -21,7 +21,9 @@ def module_name(root: Path, file: Path) -> str:
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
@@ -108,7 +110,9 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph(PACKAGE)
     found = cycles(graph)
     lines = [
-        " <-> ".join(c) + ": " + "; ".join(f"{a} imports {b} (line {graph[a][b]})" for a in c for b in c if b in graph[a])
+        " <-> ".join(c)
+        + ": "
+        + "; ".join(f"{a} imports {b} (line {graph[a][b]})" for a in c for b in c if b in graph[a])
         for c in found
     ]
     assert not found, "import cycles in pytest_nnsight:\n" + "\n".join(lines)
@@ -121,7 +125,9 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from .b import thing\n")
     (pkg / "b.py").write_text("def f():\n    from .sub import c\n")
-    (pkg / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..d import x\ndef g():\n    from .. import a\n")
+    (pkg / "sub" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..d import x\ndef g():\n    from .. import a\n"
+    )
     (pkg / "d.py").write_text("from .sub.c import g\n")
     graph = import_graph(pkg)
     assert graph["pkg.b"] == {"pkg.sub.c": 2}
@@ -141,8 +147,11 @@ def global_settings_reads(root: Path, allowed: set[str] = frozenset()) -> list[s
         if name in allowed:
             continue
         for node in ast.walk(ast.parse(file.read_text(), str(file))):
-            hit = (isinstance(node, ast.Attribute) and node.attr == "ACTIVE") or (isinstance(node, ast.Name) and node.id == "ACTIVE") or (
-                isinstance(node, ast.ImportFrom) and any(a.name == "ACTIVE" for a in node.names))
+            hit = (
+                (isinstance(node, ast.Attribute) and node.attr == "ACTIVE")
+                or (isinstance(node, ast.Name) and node.id == "ACTIVE")
+                or (isinstance(node, ast.ImportFrom) and any(a.name == "ACTIVE" for a in node.names))
+            )
             if hit:
                 found.append(f"{name}:{node.lineno}")
     return found

@@ -68,8 +68,14 @@ def test_emergence_claim_passes_and_fails_with_the_ranks(capitals):
 
 
 def test_emergence_over_variants_states_a_pass_rate(capitals):
-    lenses = [logit_lens(capitals, t, answer=a, positions="last") for t, a in
-              [("The capital of France is", "Paris"), ("The capital of Spain is", "Madrid"), ("France has its capital in", "Paris")]]
+    lenses = [
+        logit_lens(capitals, t, answer=a, positions="last")
+        for t, a in [
+            ("The capital of France is", "Paris"),
+            ("The capital of Spain is", "Madrid"),
+            ("France has its capital in", "Paris"),
+        ]
+    ]
     emerged = [x.emergence() for x in lenses]
     layer = int(emerged[0].split(".")[1])
     assert_emerges_at(lenses, layer=layer, min_rate=emerged.count(emerged[0]) / 3)
@@ -114,10 +120,16 @@ def test_lens_and_greedy_generation_on_other_families_match_transformers(nnsight
     ids = tok(prompt, return_tensors="pt")
     with torch.inference_mode():
         out = module(**ids, output_hidden_states=True)
-        norm = module.get_submodule({"gpt_neox": "gpt_neox.final_layer_norm", "llama": "model.norm", "gptj": "transformer.ln_f"}[family])
+        norm = module.get_submodule(
+            {"gpt_neox": "gpt_neox.final_layer_norm", "llama": "model.norm", "gptj": "transformer.ln_f"}[family]
+        )
         head = module.get_output_embeddings()
         rows = [head(norm(h[0])) for h in out.hidden_states[:-1]] + [out.logits[0]]
-        new = module.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, ids["input_ids"].shape[1]:].tolist()
-    assert [list(r) for r in lens.ranks] == [[int((r[p] > r[p, lens.answer_id]).sum()) for p in range(r.shape[0])] for r in rows]
+        new = module.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[
+            0, ids["input_ids"].shape[1] :
+        ].tolist()
+    assert [list(r) for r in lens.ranks] == [
+        [int((r[p] > r[p, lens.answer_id]).sum()) for p in range(r.shape[0])] for r in rows
+    ]
     assert list(generate(model, prompt, max_new_tokens=4).token_ids[0]) == new
     assert list(generate(model, prompt, max_new_tokens=4, use_cache=True).token_ids[0]) == new

@@ -74,7 +74,9 @@ def test_bundled_model_loads_offline_with_manifest(cache):
     model = cache.get("bundled:capitals")
     entry = cache.info(model)
     assert entry.info["kind"] == "bundled"
-    assert entry.info["manifest"]["weights_sha256"] == bundled.sha256_of(bundled.path_of("bundled:capitals") / "model.safetensors")
+    assert entry.info["manifest"]["weights_sha256"] == bundled.sha256_of(
+        bundled.path_of("bundled:capitals") / "model.safetensors"
+    )
 
 
 def test_module_without_tokenizer_refuses_a_prompt_clearly(cache):
@@ -84,7 +86,10 @@ def test_module_without_tokenizer_refuses_a_prompt_clearly(cache):
         with model.trace(torch.tensor([[1, 3, 4]])):
             out = model.lm_head.output.save()
     assert out.shape == (1, 3, module.config.vocab_size)
-    with pytest.raises(ModelUsageError, match=r"GPT2LMHeadModel was served without a text interface, so it cannot take the prompt 'The capital'.*tokenizer="):
+    with pytest.raises(
+        ModelUsageError,
+        match=r"GPT2LMHeadModel was served without a text interface, so it cannot take the prompt 'The capital'.*tokenizer=",
+    ):
         with model.trace("The capital"):
             model.lm_head.output.save()
 
@@ -103,7 +108,13 @@ def test_bad_model_ids(cache, bad, message):
         cache.get(bad)
 
 
-@pytest.mark.parametrize("device, dtype, message", [("tpu", None, r"invalid device 'tpu': expected auto, cpu, cuda or cuda:N"), (None, "int8", r"invalid dtype 'int8': expected auto, float32")])
+@pytest.mark.parametrize(
+    "device, dtype, message",
+    [
+        ("tpu", None, r"invalid device 'tpu': expected auto, cpu, cuda or cuda:N"),
+        (None, "int8", r"invalid dtype 'int8': expected auto, float32"),
+    ],
+)
 def test_bad_device_or_dtype(cache, device, dtype, message):
     with pytest.raises(SettingsError, match=message):
         cache.get("bundled:capitals", device=device, dtype=dtype)
@@ -169,7 +180,9 @@ def test_encoder_without_lm_head_is_wrapped_as_nnsight(cache):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+    bert = BertModel(
+        BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    )
     model = cache.get(bert)
     assert type(model) is nnsight.NNsight
     with torch.inference_mode():

@@ -106,7 +106,9 @@ EDGES = [
 @pytest.mark.parametrize("sender,receiver,positions", EDGES)
 def test_path_patch_equals_hand_written_three_run_path_patching(tiny_ioi, mary_john, sender, receiver, positions):
     expected = reference(tiny_ioi, sender, receiver, positions)
-    effect = path_patch(tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john, position=positions)
+    effect = path_patch(
+        tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john, position=positions
+    )
     assert math.isfinite(expected)
     assert abs(float(effect.normalized) - expected) <= 1e-4, (sender, receiver, float(effect.normalized), expected)
     assert effect.site == f"{sender} -> {'+'.join(receiver) if isinstance(receiver, list) else receiver}"
@@ -116,9 +118,21 @@ def test_some_edge_of_the_tiny_model_matters(tiny_ioi, mary_john):
     """Guards the comparison above against comparing zeros: the random model has edges with a visible effect."""
     effects = [abs(reference(tiny_ioi, s, r, p)) for s, r, p in EDGES]
     assert sum(e > 0.01 for e in effects) >= 5, effects
-    several = path_patch(tiny_ioi, CLEAN, CORRUPT, sender="embed", receiver=["v_in.1.0", "v_in.1.1", "v_in.1.2", "v_in.1.3"], metric=mary_john)
-    alone = [path_patch(tiny_ioi, CLEAN, CORRUPT, sender="embed", receiver=f"v_in.1.{h}", metric=mary_john).normalized for h in range(4)]
-    assert abs(float(several.normalized) - sum(alone)) > 1e-3  # the joint path is measured, not the sum of the single ones
+    several = path_patch(
+        tiny_ioi,
+        CLEAN,
+        CORRUPT,
+        sender="embed",
+        receiver=["v_in.1.0", "v_in.1.1", "v_in.1.2", "v_in.1.3"],
+        metric=mary_john,
+    )
+    alone = [
+        path_patch(tiny_ioi, CLEAN, CORRUPT, sender="embed", receiver=f"v_in.1.{h}", metric=mary_john).normalized
+        for h in range(4)
+    ]
+    assert (
+        abs(float(several.normalized) - sum(alone)) > 1e-3
+    )  # the joint path is measured, not the sum of the single ones
 
 
 def test_batched_sweep_equals_single_edges(tiny_ioi, mary_john):
@@ -143,29 +157,44 @@ def test_sweep_batching_check_catches_a_wrong_batched_value(tiny_ioi, mary_john,
 
     monkeypatch.setattr(paths, "run_edges", off_by_one)
     with pytest.raises(BatchingMismatchError, match="single-edge runs"):
-        path_sweep(tiny_ioi, CLEAN, CORRUPT, metric=mary_john, senders=["embed"], receivers=["logits", "mlp_in.0"], check_batching=True)
+        path_sweep(
+            tiny_ioi,
+            CLEAN,
+            CORRUPT,
+            metric=mary_john,
+            senders=["embed"],
+            receivers=["logits", "mlp_in.0"],
+            check_batching=True,
+        )
 
 
 def test_corrupt_to_clean_direction_is_the_mirror(tiny_ioi, mary_john):
     fwd = path_patch(tiny_ioi, CLEAN, CORRUPT, sender="head_out.0.1", receiver="logits", metric=mary_john)
-    back = path_patch(tiny_ioi, CLEAN, CORRUPT, sender="head_out.0.1", receiver="logits", metric=mary_john, direction="corrupt->clean")
-    mirrored = path_patch(tiny_ioi, CORRUPT, CLEAN, sender="head_out.0.1", receiver="logits", metric=logit_diff("John", "Mary"))
+    back = path_patch(
+        tiny_ioi, CLEAN, CORRUPT, sender="head_out.0.1", receiver="logits", metric=mary_john, direction="corrupt->clean"
+    )
+    mirrored = path_patch(
+        tiny_ioi, CORRUPT, CLEAN, sender="head_out.0.1", receiver="logits", metric=logit_diff("John", "Mary")
+    )
     assert abs(float(back.intervened) - (-float(mirrored.intervened))) <= 1e-5
     assert fwd.clean == back.clean and fwd.corrupt == back.corrupt
 
 
-@pytest.mark.parametrize("sender,receiver,match", [
-    ("head_out.1.0", "k_in.0.1", r"no edge head_out.1.0 -> k_in.0.1: k_in.0.1 reads .* before"),
-    ("head_out.1.0", "q_in.1.2", r"no edge head_out.1.0 -> q_in.1.2"),
-    ("mlp_out.0", "mlp_in.0", r"no edge mlp_out.0 -> mlp_in.0"),
-    ("head_out.0.7", "logits", r"sender 'head_out.0.7': head 7 is out of range: .* valid 0..3"),
-    ("head_out.5.0", "logits", r"layer 5 is out of range: .* valid 0..1"),
-    ("resid_post.0", "logits", r"resid_post.0.* the residual stream.*senders are embed, attn_out.L"),
-    ("embed", "head_out.1.0", r"receiver 'head_out.1.0' is an output.*k_in.1.0"),
-    ("embed", "attn_in.1", r"unknown receiver 'attn_in.1': expected q_in.L.H"),
-    ("k_in.1.0", "logits", r"'k_in.1.0' is a receiver .* not a sender"),
-    (3, "logits", r"sender 3 \(int\) is not a name"),
-])
+@pytest.mark.parametrize(
+    "sender,receiver,match",
+    [
+        ("head_out.1.0", "k_in.0.1", r"no edge head_out.1.0 -> k_in.0.1: k_in.0.1 reads .* before"),
+        ("head_out.1.0", "q_in.1.2", r"no edge head_out.1.0 -> q_in.1.2"),
+        ("mlp_out.0", "mlp_in.0", r"no edge mlp_out.0 -> mlp_in.0"),
+        ("head_out.0.7", "logits", r"sender 'head_out.0.7': head 7 is out of range: .* valid 0..3"),
+        ("head_out.5.0", "logits", r"layer 5 is out of range: .* valid 0..1"),
+        ("resid_post.0", "logits", r"resid_post.0.* the residual stream.*senders are embed, attn_out.L"),
+        ("embed", "head_out.1.0", r"receiver 'head_out.1.0' is an output.*k_in.1.0"),
+        ("embed", "attn_in.1", r"unknown receiver 'attn_in.1': expected q_in.L.H"),
+        ("k_in.1.0", "logits", r"'k_in.1.0' is a receiver .* not a sender"),
+        (3, "logits", r"sender 3 \(int\) is not a name"),
+    ],
+)
 def test_bad_edges_name_the_value_and_what_is_accepted(tiny_ioi, mary_john, sender, receiver, match):
     with pytest.raises(CircuitError, match=match):
         path_patch(tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john)
@@ -178,8 +207,17 @@ def test_a_family_without_split_inputs_is_refused_with_the_reason():
 
     tok = word_tokenizer()
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+        )
+    )
     wrapped = wrap(llama.eval(), tok)
     with pytest.raises(CircuitError, match=r"llama family\) reads its receiver inputs .* supported families: gpt2"):
         path_patch(wrapped, CLEAN, CORRUPT, sender="embed", receiver="logits", metric=logit_diff("Mary", "John"))
@@ -198,27 +236,53 @@ def test_any_batch_of_edges_equals_each_edge_alone(tiny_ioi, mary_john, data):
     """Property: whatever edges, sender positions and batch size, a batched sweep gives each edge's path_patch."""
     from pytest_nnsight.paths import all_receivers, all_senders
 
-    senders = data.draw(st.lists(st.sampled_from([s.label for s in all_senders(tiny_ioi)]), min_size=1, max_size=4, unique=True))
-    receivers = data.draw(st.lists(st.sampled_from([r.label for r in all_receivers(tiny_ioi)]), min_size=1, max_size=4, unique=True))
+    senders = data.draw(
+        st.lists(st.sampled_from([s.label for s in all_senders(tiny_ioi)]), min_size=1, max_size=4, unique=True)
+    )
+    receivers = data.draw(
+        st.lists(st.sampled_from([r.label for r in all_receivers(tiny_ioi)]), min_size=1, max_size=4, unique=True)
+    )
     positions = data.draw(st.none() | st.lists(st.integers(0, 13), min_size=1, max_size=3, unique=True))
     batch = data.draw(st.integers(1, 7))
     try:
-        paths = path_sweep(tiny_ioi, CLEAN, CORRUPT, metric=mary_john, senders=senders, receivers=receivers, position=positions,
-                           batch_size=batch, check_batching=False)
+        paths = path_sweep(
+            tiny_ioi,
+            CLEAN,
+            CORRUPT,
+            metric=mary_john,
+            senders=senders,
+            receivers=receivers,
+            position=positions,
+            batch_size=batch,
+            check_batching=False,
+        )
     except CircuitError as exc:  # every receiver reads before every sender writes
         assert "no edge among" in str(exc)
         return
     for sender, receiver, value in paths.edges():
-        alone = path_patch(tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john, position=positions)
+        alone = path_patch(
+            tiny_ioi, CLEAN, CORRUPT, sender=sender, receiver=receiver, metric=mary_john, position=positions
+        )
         assert abs(float(alone.normalized) - value) <= 1e-5, (sender, receiver, positions, batch)
 
 
 def test_edge_scores_of_pairs_of_several_lengths_batched_equal_each_pair_alone(tiny_ioi, mary_john):
     from pytest_nnsight.discovery import edge_scores
 
-    pairs = [("When Mary and John went to the store John gave a drink to", "When John and Mary went to the store Mary gave a drink to"),
-             ("When Mary and John went to the city John gave a drink to", "When John and Mary went to the city Mary gave a drink to"),
-             ("Mary and John went to the store John gave a drink to", "John and Mary went to the store Mary gave a drink to")]
+    pairs = [
+        (
+            "When Mary and John went to the store John gave a drink to",
+            "When John and Mary went to the store Mary gave a drink to",
+        ),
+        (
+            "When Mary and John went to the city John gave a drink to",
+            "When John and Mary went to the city Mary gave a drink to",
+        ),
+        (
+            "Mary and John went to the store John gave a drink to",
+            "John and Mary went to the store Mary gave a drink to",
+        ),
+    ]
     edges, together = edge_scores(tiny_ioi, pairs, metric=mary_john, method="eap-ig", steps=3, batch_size=2)
     alone = [edge_scores(tiny_ioi, [p], metric=mary_john, method="eap-ig", steps=3)[1] for p in pairs]
     assert max(abs(t - sum(a[k] for a in alone) / 3) for k, t in enumerate(together)) <= 1e-5

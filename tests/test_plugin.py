@@ -66,15 +66,34 @@ def test_markers_are_registered(pytester):
 def test_report_header_shows_versions_device_and_dtype(pytester):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest("--nnsight-dtype", "float32")
-    result.stdout.fnmatch_lines(["pytest-nnsight: nnsight *, torch *, transformers *; device auto (CUDA when available, else CPU), dtype float32"])
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-nnsight: nnsight *, torch *, transformers *; device auto (CUDA when available, else CPU), dtype float32"
+        ]
+    )
 
 
 @pytest.mark.parametrize(
     "args, env, ini, expected",
     [
-        (["--nnsight-device", "gpu"], {}, "", "*invalid nnsight_device 'gpu' from command line option --nnsight-device: expected auto, cpu, cuda or cuda:N*"),
-        ([], {"PYTEST_NNSIGHT_DTYPE": "half"}, "", "*invalid nnsight_dtype 'half' from environment variable PYTEST_NNSIGHT_DTYPE*"),
-        ([], {}, "nnsight_device = tpu", "*invalid nnsight_device 'tpu' from ini key nnsight_device in the config file*"),
+        (
+            ["--nnsight-device", "gpu"],
+            {},
+            "",
+            "*invalid nnsight_device 'gpu' from command line option --nnsight-device: expected auto, cpu, cuda or cuda:N*",
+        ),
+        (
+            [],
+            {"PYTEST_NNSIGHT_DTYPE": "half"},
+            "",
+            "*invalid nnsight_dtype 'half' from environment variable PYTEST_NNSIGHT_DTYPE*",
+        ),
+        (
+            [],
+            {},
+            "nnsight_device = tpu",
+            "*invalid nnsight_device 'tpu' from ini key nnsight_device in the config file*",
+        ),
     ],
 )
 def test_invalid_setting_is_a_usage_error(pytester, monkeypatch, args, env, ini, expected):

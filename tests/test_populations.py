@@ -40,17 +40,37 @@ def pairs(capitals):
 
 
 @pytest.mark.parametrize("position", ["last", "{country}"])
-@pytest.mark.parametrize("same_length, tol", [(True, 1e-5), (False, 1e-5)])  # left padding (the default) must not move the numbers either
+@pytest.mark.parametrize(
+    "same_length, tol", [(True, 1e-5), (False, 1e-5)]
+)  # left padding (the default) must not move the numbers either
 def test_population_equals_single_patch_runs(capitals, pairs, position, same_length, tol):
-    result = population(capitals, pairs, site="transformer.h.0", position=position, n=24, threshold=0.7, batch_size=16, same_length=same_length)
+    result = population(
+        capitals,
+        pairs,
+        site="transformer.h.0",
+        position=position,
+        n=24,
+        threshold=0.7,
+        batch_size=16,
+        same_length=same_length,
+    )
     assert result.n == 24 and len(set(result.variants)) == 24
     assert len({v.template for v in result.variants}) > 1  # different lengths, so rows are left-padded
     for i, (p, eff) in enumerate(zip(result.variants, result.effects)):
-        single = patch(capitals, p.clean, p.corrupt, site="transformer.h.0", position=position, metric=logit_diff(p.answer, p.distractor))
+        single = patch(
+            capitals,
+            p.clean,
+            p.corrupt,
+            site="transformer.h.0",
+            position=position,
+            metric=logit_diff(p.answer, p.distractor),
+        )
         raw = (result.clean[i], result.corrupt[i], result.patched[i])
         assert raw == pytest.approx((single.source, single.target, float(single.intervened)), rel=tol, abs=tol)
         # the normalized effect divides by clean - corrupt, which amplifies batch-size float rounding on small gaps
-        assert eff == pytest.approx(float(single.normalized), abs=tol * max(1.0, 16 / abs(single.source - single.target)))
+        assert eff == pytest.approx(
+            float(single.normalized), abs=tol * max(1.0, 16 / abs(single.source - single.target))
+        )
 
 
 def test_population_summary_numbers(capitals, pairs):
@@ -60,7 +80,9 @@ def test_population_summary_numbers(capitals, pairs):
     assert r.mean == pytest.approx(sum(r.effects) / 40)
     assert r.std == pytest.approx(math.sqrt(sum((e - r.mean) ** 2 for e in r.effects) / 39))
     assert r.worst(1)[0][0] == min(r.effects)
-    assert population(capitals, pairs, site="transformer.h.0", position="last", n=40, threshold=0.9).effects == r.effects  # same seed, same variants
+    assert (
+        population(capitals, pairs, site="transformer.h.0", position="last", n=40, threshold=0.9).effects == r.effects
+    )  # same seed, same variants
 
 
 def test_assert_population_failure_text(capitals, pairs):
@@ -85,13 +107,17 @@ def test_assert_population_on_lower_bound_vs_rate(capitals):
 
 
 def test_population_bad_input(capitals):
-    small = counterfactual_pairs(capitals, ["The capital of {country} is"], {"country": {"France": "Paris", "Spain": "Madrid"}})
+    small = counterfactual_pairs(
+        capitals, ["The capital of {country} is"], {"country": {"France": "Paris", "Spain": "Madrid"}}
+    )
     with pytest.raises(StrategyError, match="n=3 is larger than the 2 distinct"):
         population(capitals, small, site="transformer.h.0", position="last", n=3, threshold=0.5)
     with pytest.raises(StrategyError, match="needs n="):
         population(capitals, small, site="transformer.h.0", position="last", threshold=0.5)
     with pytest.raises(ValueError, match="on='mean'"):
-        assert_population(population(capitals, small, site="transformer.h.0", position="last", n=2, threshold=0.5), on="mean")
+        assert_population(
+            population(capitals, small, site="transformer.h.0", position="last", n=2, threshold=0.5), on="mean"
+        )
 
 
 PER_EXAMPLE = """
@@ -124,9 +150,13 @@ def test_fails(nnsight_model, pair):
 
 def test_per_example_runs_without_health_check_errors_and_shrinks(pytester):
     pytester.makepyfile(test_inner=PER_EXAMPLE)
-    result = pytester.runpytest("-p", "no:cacheprovider", "--nnsight-device=cpu", "--nnsight-hypothesis-profile=nnsight-ci")
+    result = pytester.runpytest(
+        "-p", "no:cacheprovider", "--nnsight-device=cpu", "--nnsight-hypothesis-profile=nnsight-ci"
+    )
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*test_fails(*", "*text='The capital of France is'*", "*text='The capital of Germany is'*"])
+    result.stdout.fnmatch_lines(
+        ["*test_fails(*", "*text='The capital of France is'*", "*text='The capital of Germany is'*"]
+    )
     result.stdout.no_fnmatch_line("*FailedHealthCheck*")
     result.stdout.no_fnmatch_line("*DeadlineExceeded*")
 
@@ -143,4 +173,6 @@ def test_profiles_are_selectable_and_validated(pytester):
     result = pytester.runpytest("-s", "-p", "no:cacheprovider", "--nnsight-hypothesis-profile=nnsight-ci")
     result.stdout.fnmatch_lines(["*PROFILE True None None 50*"])
     bad = pytester.runpytest("-p", "no:cacheprovider", "--nnsight-hypothesis-profile=nope")
-    bad.stderr.fnmatch_lines(["*invalid nnsight_hypothesis_profile 'nope' from command line option --nnsight-hypothesis-profile*nnsight-ci*"])
+    bad.stderr.fnmatch_lines(
+        ["*invalid nnsight_hypothesis_profile 'nope' from command line option --nnsight-hypothesis-profile*nnsight-ci*"]
+    )

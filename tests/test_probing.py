@@ -86,8 +86,18 @@ def test_probe_is_at_chance_on_noise():
     with pytest.raises(AssertionError) as info:
         assert_probe(r, 0.9, over_baseline=0.1)
     text = str(info.value)
-    assert text.startswith("claim: features linearly encodes the labels: held-out accuracy >= 0.9 and beats the baselines by 0.1\n")
-    for line in ("site:", "\nsplit:", "stratified by label, seed 0: 300 train / 100 test", "measured:", "baselines:", "expected:", "try: "):
+    assert text.startswith(
+        "claim: features linearly encodes the labels: held-out accuracy >= 0.9 and beats the baselines by 0.1\n"
+    )
+    for line in (
+        "site:",
+        "\nsplit:",
+        "stratified by label, seed 0: 300 train / 100 test",
+        "measured:",
+        "baselines:",
+        "expected:",
+        "try: ",
+    ):
         assert line in text
 
 
@@ -129,7 +139,9 @@ def test_probe_on_cached_activations_and_its_errors(capitals, nnsight_models, tm
     assert isinstance(sweep, ProbeSweep) and sweep.sites == ("resid_post.0", "resid_post.1")
     assert sweep.to_map().shape == (2, 1) and sweep.to_map().kind == "probe"
     assert "resid_post.0" in sweep.to_text()
-    with pytest.raises(SiteNotCachedError, match="site 'embed' was not cached in this entry: it holds resid_post.0, resid_post.1"):
+    with pytest.raises(
+        SiteNotCachedError, match="site 'embed' was not cached in this entry: it holds resid_post.0, resid_post.1"
+    ):
         probe(acts, "embed", labels)
     with pytest.raises(ProbeError, match="labels has 11 entries but the cached activations hold 12 prompts"):
         probe(acts, "resid_post.0", labels[:-1])
@@ -143,7 +155,9 @@ def test_pca_2d_projects_on_the_top_two_principal_directions():
     from pytest_nnsight.probing import pca_2d
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 6, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) * torch.tensor(
+        [5.0, 3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64
+    )
     x = x @ torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]  # rotate: no axis is a component
     out = pca_2d(x)
     xc = x - x.mean(0)
@@ -181,13 +195,16 @@ def test_probe_findings_get_a_pca_figure_beside_the_accuracies_in_the_report(pyt
     (p,) = rec["probes"]  # fitted, then asserted: recorded once
     assert p["site"] == "resid_post.0" and p["accuracy"] >= 0.8 and len(p["pca"]["points"]) == 120
     assert p["pca"]["labels"][:3] == ["a", "b", "c"] and sum(p["pca"]["explained"]) <= 1.0
-    assert rec["checks"][0]["what"].startswith("held-out accuracy of the probe at resid_post.0") and rec["checks"][0]["passed"]
+    assert (
+        rec["checks"][0]["what"].startswith("held-out accuracy of the probe at resid_post.0")
+        and rec["checks"][0]["passed"]
+    )
     html = (pytester.path / "out" / "index.html").read_text()
-    row = html[html.index("<div class='probe-row'"):]
+    row = html[html.index("<div class='probe-row'") :]
     assert row.index("linear probes: held-out accuracy") < row.index("figures/test_probe-probes.png")
     plt = pytest.importorskip("matplotlib.pyplot")
     pixels = plt.imread(str(pytester.path / "out" / "figures" / "test_probe-probes.png"))[..., :3]
     for hex_ in ("1f77b4", "ff7f0e", "2ca02c"):  # tab10's first three: the labels a, b, c
-        rgb = torch.tensor([int(hex_[i:i + 2], 16) / 255 for i in (0, 2, 4)])
+        rgb = torch.tensor([int(hex_[i : i + 2], 16) / 255 for i in (0, 2, 4)])
         near = (torch.from_numpy(pixels.copy()) - (0.8 * rgb + 0.2)).abs().max(-1).values < 0.08  # alpha 0.8 on white
         assert int(near.sum()) > 40, f"label colour #{hex_} is missing from the PCA figure"

@@ -67,13 +67,17 @@ def test_errors_share_the_base_class_and_a_builtin():
         if issubclass(cls, Warning) or name == "FindingFailed":  # a warning, and a failed claim (an AssertionError)
             continue
         assert issubclass(cls, NnsightTestError), name
-        assert [b for b in cls.__mro__ if b.__module__ == "builtins" and b not in (BaseException, Exception, object)], name
+        assert [b for b in cls.__mro__ if b.__module__ == "builtins" and b not in (BaseException, Exception, object)], (
+            name
+        )
 
 
 @pytest.mark.parametrize("name", sorted(pytest_nnsight._MOVED))
 def test_a_name_moved_off_the_top_level_still_imports_with_a_warning(name):
     module = f"pytest_nnsight.{pytest_nnsight._MOVED[name]}"
-    with pytest.warns(DeprecationWarning, match=rf"importing {name} from pytest_nnsight is deprecated .*import it from {module}"):
+    with pytest.warns(
+        DeprecationWarning, match=rf"importing {name} from pytest_nnsight is deprecated .*import it from {module}"
+    ):
         value = getattr(pytest_nnsight, name)
     assert value is getattr(__import__(module, fromlist=[name]), name)  # and from its module, silently
     assert name not in pytest_nnsight.__all__
@@ -83,16 +87,27 @@ def test_from_import_of_a_moved_name_warns_once():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         from pytest_nnsight import Settings  # noqa: F401
-    assert [str(w.message).split(":")[0] for w in caught] == ["importing Settings from pytest_nnsight is deprecated and stops working in the next release"]
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "importing Settings from pytest_nnsight is deprecated and stops working in the next release"
+    ]
 
 
 def test_verbs_take_the_prompts_then_keywords():
-    for verb in (sweep, attribution_patch, check_attribution, pytest_nnsight.patch, pytest_nnsight.ablate, pytest_nnsight.steer):
+    for verb in (
+        sweep,
+        attribution_patch,
+        check_attribution,
+        pytest_nnsight.patch,
+        pytest_nnsight.ablate,
+        pytest_nnsight.steer,
+    ):
         params = list(inspect.signature(verb).parameters.values())
         keyword = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
         assert "metric" in keyword, verb.__name__
         assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD][0] == "model"
-    assert {"site", "position", "metric", "threshold"} <= {p.name for p in inspect.signature(population).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    assert {"site", "position", "metric", "threshold"} <= {
+        p.name for p in inspect.signature(population).parameters.values() if p.kind is p.KEYWORD_ONLY
+    }
 
 
 # -- old spellings: the same result, and a warning naming the new one ----------------------------
@@ -100,9 +115,14 @@ def test_verbs_take_the_prompts_then_keywords():
 
 def test_sweep_with_a_positional_metric_warns_and_measures_the_same(capitals):
     new = sweep(capitals, CLEAN, CORRUPT, metric=LD, positions="last")
-    with pytest.warns(DeprecationWarning, match=r"passing metric to sweep\(\) by position .*write sweep\(model, clean, corrupt, metric=\.\.\.\)"):
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"passing metric to sweep\(\) by position .*write sweep\(model, clean, corrupt, metric=\.\.\.\)",
+    ):
         old = sweep(capitals, CLEAN, CORRUPT, LD, positions="last")
-    assert old.sites == new.sites and [v for r in old.values for v in r] == pytest.approx([v for r in new.values for v in r], abs=1e-6)
+    assert old.sites == new.sites and [v for r in old.values for v in r] == pytest.approx(
+        [v for r in new.values for v in r], abs=1e-6
+    )
 
 
 def test_a_value_given_by_position_and_by_keyword_is_refused(capitals):
@@ -110,7 +130,9 @@ def test_a_value_given_by_position_and_by_keyword_is_refused(capitals):
         sweep(capitals, CLEAN, CORRUPT, LD, metric=LD)
     with pytest.raises(ArgumentTypeError, match=r"sweep\(\) missing required keyword argument\(s\): metric="):
         sweep(capitals, CLEAN, CORRUPT)
-    with pytest.raises(ArgumentTypeError, match=r"sweep\(\) takes 3 positional arguments \(model, clean, corrupt\) but 5 were given"):
+    with pytest.raises(
+        ArgumentTypeError, match=r"sweep\(\) takes 3 positional arguments \(model, clean, corrupt\) but 5 were given"
+    ):
         sweep(capitals, CLEAN, CORRUPT, LD, "blocks")
 
 
@@ -125,8 +147,18 @@ def test_attribution_with_positional_metric_and_map_warns(capitals):
 
 
 def test_population_with_positional_site_and_position_warns(capitals):
-    pairs = [CounterfactualPair(Prompt(CLEAN, {"country": "France"}), Prompt(CORRUPT, {"country": "Germany"}), "Paris", "Berlin", "The capital of {country} is")]
-    with pytest.warns(DeprecationWarning, match=r"passing site, position to population\(\) by position .*site=\.\.\., position=\.\.\."):
+    pairs = [
+        CounterfactualPair(
+            Prompt(CLEAN, {"country": "France"}),
+            Prompt(CORRUPT, {"country": "Germany"}),
+            "Paris",
+            "Berlin",
+            "The capital of {country} is",
+        )
+    ]
+    with pytest.warns(
+        DeprecationWarning, match=r"passing site, position to population\(\) by position .*site=\.\.\., position=\.\.\."
+    ):
         old = population(capitals, pairs, "resid_post.0", "last", threshold=0.5)
     assert old.effects == population(capitals, pairs, site="resid_post.0", position="last", threshold=0.5).effects
 
@@ -134,12 +166,17 @@ def test_population_with_positional_site_and_position_warns(capitals):
 def test_positional_patch_layer_keeps_its_meaning_and_warns(capitals):
     """patch_layer(model, prompt, source_prompt, ...) patched the first prompt from the second: never swapped silently."""
     new = patch_layer(capitals, clean=CLEAN, corrupt=CORRUPT, layer=1, position=-1)
-    with pytest.warns(DeprecationWarning, match=r"prompt patched first, the source second.*clean=source_prompt, corrupt=prompt"):
+    with pytest.warns(
+        DeprecationWarning, match=r"prompt patched first, the source second.*clean=source_prompt, corrupt=prompt"
+    ):
         old = patch_layer(capitals, CORRUPT, CLEAN, 1, -1)
     assert old == new and old.tokens[0] == "Paris" and old.prompt == CORRUPT
     with pytest.warns(DeprecationWarning, match=r"keywords prompt=, source_prompt= and pos="):
         assert patch_layer(capitals, prompt=CORRUPT, source_prompt=CLEAN, layer=1, pos=-1) == new
-    with pytest.raises(ArgumentTypeError, match=r"got both clean= and its old name source_prompt="), pytest.warns(DeprecationWarning):
+    with (
+        pytest.raises(ArgumentTypeError, match=r"got both clean= and its old name source_prompt="),
+        pytest.warns(DeprecationWarning),
+    ):
         patch_layer(capitals, clean=CLEAN, source_prompt=CLEAN, corrupt=CORRUPT, layer=1, position=-1)
 
 

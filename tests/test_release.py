@@ -40,8 +40,12 @@ def dist(tmp_path_factory):
             shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(path, src / name)
-    proc = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = out.glob("*.whl")
     (sdist,) = out.glob("*.tar.gz")
@@ -62,7 +66,9 @@ def test_the_version_has_one_source():
 
 def test_the_changelog_has_an_entry_for_this_version():
     text = (ROOT / "CHANGELOG.md").read_text()
-    assert re.search(rf"^## \[?{re.escape(pytest_nnsight.__version__)}\]?", text, re.M), "CHANGELOG.md: no section for this version"
+    assert re.search(rf"^## \[?{re.escape(pytest_nnsight.__version__)}\]?", text, re.M), (
+        "CHANGELOG.md: no section for this version"
+    )
 
 
 def test_built_metadata_has_the_version_urls_classifiers_and_license(dist):
@@ -77,8 +83,13 @@ def test_built_metadata_has_the_version_urls_classifiers_and_license(dist):
 
 def test_twine_check_passes(dist):
     pytest.importorskip("twine", reason="needs the test extra: pip install -e '.[test]' (make venv does)")
-    proc = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dist)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "NO_COLOR": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", *map(str, dist)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("PASSED") == 2, proc.stdout
 
@@ -88,8 +99,16 @@ def test_the_wheel_holds_the_package_and_bundled_models_and_nothing_else(dist):
         names = z.namelist()
         top = {n.split("/", 1)[0] for n in names}
         assert top == {"pytest_nnsight", f"pytest_nnsight-{pytest_nnsight.__version__}.dist-info"}, top
-        assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".tmp")) or "/tests/" in n or ".pytest_cache" in n]
-        sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pytest_nnsight").rglob("*.py") if "__pycache__" not in p.parts}
+        assert not [
+            n
+            for n in names
+            if "__pycache__" in n or n.endswith((".pyc", ".tmp")) or "/tests/" in n or ".pytest_cache" in n
+        ]
+        sources = {
+            p.relative_to(ROOT).as_posix()
+            for p in (ROOT / "pytest_nnsight").rglob("*.py")
+            if "__pycache__" not in p.parts
+        }
         assert sources <= set(names), f"modules missing from the wheel: {sorted(sources - set(names))}"
         for model in ("capitals", "induction"):
             base = ROOT / "pytest_nnsight" / "bundled" / model
@@ -98,7 +117,9 @@ def test_the_wheel_holds_the_package_and_bundled_models_and_nothing_else(dist):
                 if f.is_file():
                     assert z.read(f"pytest_nnsight/bundled/{model}/{f.name}") == f.read_bytes(), f
             weights = z.read(f"pytest_nnsight/bundled/{model}/model.safetensors")
-            assert hashlib.sha256(weights).hexdigest() in json.dumps(manifest), f"{model}: the wheel's weights are not the manifest's"
+            assert hashlib.sha256(weights).hexdigest() in json.dumps(manifest), (
+                f"{model}: the wheel's weights are not the manifest's"
+            )
         assert "pytest_nnsight/compatibility.json" in names
 
 
@@ -107,20 +128,55 @@ def test_the_installed_wheel_lists_its_options_in_pytest_help(dist, tmp_path):
     env_dir = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     python = env_dir / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     here = [p for p in sys.path if p.endswith("site-packages")]
-    (site / "_dependencies.pth").write_text("\n".join(here) + "\n")  # torch, pytest, nnsight...: not the editable checkout
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet",
-                              str(dist[0])], capture_output=True, text=True, timeout=300)
+    (site / "_dependencies.pth").write_text(
+        "\n".join(here) + "\n"
+    )  # torch, pytest, nnsight...: not the editable checkout
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            str(dist[0]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
-    where = subprocess.run([str(python), "-c", "import pytest_nnsight; print(pytest_nnsight.__file__, pytest_nnsight.__version__)"],
-                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    where = subprocess.run(
+        [str(python), "-c", "import pytest_nnsight; print(pytest_nnsight.__file__, pytest_nnsight.__version__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert where.stdout.startswith(str(site)), where.stdout + where.stderr  # the wheel's copy, not the checkout
     assert where.stdout.split()[1] == pytest_nnsight.__version__
-    helped = subprocess.run([str(python), "-m", "pytest", "--help", "-p", "no:cacheprovider"], cwd=tmp_path, capture_output=True,
-                            text=True, env=env, timeout=300)
+    helped = subprocess.run(
+        [str(python), "-m", "pytest", "--help", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert helped.returncode == 0, helped.stderr[-3000:]
     for flag in ("--nnsight-device", "--nnsight-report", "--nnsight-review", "--nnsight-snapshot-refresh-env"):
         assert flag in helped.stdout, f"{flag} is not in the installed plugin's pytest --help"

@@ -27,30 +27,64 @@ CASES = [
 
 @pytest.mark.parametrize("site, position, metric, direction", CASES, ids=[f"{c[0]}@{c[1]}:{c[2]}" for c in CASES])
 def test_replay_equals_nnsight_patch(capitals, site, position, metric, direction):
-    spec = FindingSpec.from_patch(capitals, CLEAN, CORRUPT, site=site, position=position, metric=metric, direction=direction)
+    spec = FindingSpec.from_patch(
+        capitals, CLEAN, CORRUPT, site=site, position=position, metric=metric, direction=direction
+    )
     replayed = replay(spec)
     for q, recorded in spec.recorded.items():
         assert abs(replayed.values[q] - recorded) <= 1e-5, (
-            f"{q} at {site} @ {position} ({metric}, {direction}) on {CLEAN!r} <- {CORRUPT!r}: replay {replayed.values[q]!r} vs nnsight {recorded!r}")
+            f"{q} at {site} @ {position} ({metric}, {direction}) on {CLEAN!r} <- {CORRUPT!r}: replay {replayed.values[q]!r} vs nnsight {recorded!r}"
+        )
     assert replayed.tokens == spec.tokens
 
 
 def test_spec_round_trips_through_json(capitals, tmp_path):
-    spec = FindingSpec.from_patch(capitals, CLEAN, CORRUPT, site="head_out.1.0", position="last", metric=logit_diff("Paris", "Berlin"), name="h")
+    spec = FindingSpec.from_patch(
+        capitals, CLEAN, CORRUPT, site="head_out.1.0", position="last", metric=logit_diff("Paris", "Berlin"), name="h"
+    )
     spec.save(tmp_path / "h.json")
     assert FindingSpec.load(tmp_path / "h.json") == spec
     data = json.loads((tmp_path / "h.json").read_text())
-    assert data["sites"][0] == {"path": "transformer.h.1.attn.c_proj", "part": "input", "head": 0, "n_heads": 4, "item": 0, "label": "head_out.1.0"}
-    assert data["metric_ids"] == [capitals.tokenizer.convert_tokens_to_ids("Paris"), capitals.tokenizer.convert_tokens_to_ids("Berlin")]
+    assert data["sites"][0] == {
+        "path": "transformer.h.1.attn.c_proj",
+        "part": "input",
+        "head": 0,
+        "n_heads": 4,
+        "item": 0,
+        "label": "head_out.1.0",
+    }
+    assert data["metric_ids"] == [
+        capitals.tokenizer.convert_tokens_to_ids("Paris"),
+        capitals.tokenizer.convert_tokens_to_ids("Berlin"),
+    ]
 
 
 def test_bad_specs_get_one_clear_message(capitals, tmp_path):
     with pytest.raises(ReplayError, match="cannot be replayed: expected a built-in metric"):
-        FindingSpec.from_patch(capitals, CLEAN, CORRUPT, site="embed", position="last", metric=lambda out: out.logits[:, -1, 0])
+        FindingSpec.from_patch(
+            capitals, CLEAN, CORRUPT, site="embed", position="last", metric=lambda out: out.logits[:, -1, 0]
+        )
     with pytest.raises(ReplayError, match="missing key.*positions"):
-        FindingSpec.from_json(json.dumps({"name": "x", "model": "bundled:capitals", "clean": "a", "corrupt": "b", "sites": [], "metric": "prob"}), "x.json")
+        FindingSpec.from_json(
+            json.dumps(
+                {"name": "x", "model": "bundled:capitals", "clean": "a", "corrupt": "b", "sites": [], "metric": "prob"}
+            ),
+            "x.json",
+        )
     with pytest.raises(ReplayError, match="metric 'accuracy': expected one of logit_diff, prob"):
-        FindingSpec.from_json(json.dumps({"name": "x", "model": "m", "clean": "a", "corrupt": "b", "sites": [], "positions": [], "metric": "accuracy"}))
+        FindingSpec.from_json(
+            json.dumps(
+                {
+                    "name": "x",
+                    "model": "m",
+                    "clean": "a",
+                    "corrupt": "b",
+                    "sites": [],
+                    "positions": [],
+                    "metric": "accuracy",
+                }
+            )
+        )
     spec = FindingSpec.load(ROOT / "examples" / "findings" / "block0_last.json")
     changed = FindingSpec.from_json(spec.to_json().replace('"France"', '"Spain"'))
     with pytest.raises(ReplayError, match="the tokenizer changed"):
@@ -63,7 +97,12 @@ def test_a_tracing_change_is_reported_as_such(capitals, monkeypatch):
     original = trace._apply
 
     def shifted(value, edit, *args, **kwargs):  # a tracing change: the patch lands one position early
-        original(value, trace.Edit(edit.site, edit.rows, tuple(p - 1 for p in edit.positions), edit.values, edit.op), *args, **kwargs)
+        original(
+            value,
+            trace.Edit(edit.site, edit.rows, tuple(p - 1 for p in edit.positions), edit.values, edit.op),
+            *args,
+            **kwargs,
+        )
 
     monkeypatch.setattr(trace, "_apply", shifted)
     now = compute_with_nnsight(spec, capitals)
@@ -81,7 +120,9 @@ def test_a_model_change_is_reported_as_such(nnsight_model):
 
     module = copy.deepcopy(plain)
     with torch.no_grad():
-        module.transformer.h[1].mlp.c_proj.bias.add_(0.5 * torch.randn(module.transformer.h[1].mlp.c_proj.bias.shape, generator=torch.Generator().manual_seed(0)))
+        module.transformer.h[1].mlp.c_proj.bias.add_(
+            0.5 * torch.randn(module.transformer.h[1].mlp.c_proj.bias.shape, generator=torch.Generator().manual_seed(0))
+        )
     replayed = replay(spec, model=module, tokenizer=tok)
     now = compute_with_nnsight(spec, nnsight_model(copy.deepcopy(module), copy.deepcopy(tok)))
     status, why = diagnose(spec.recorded, now, replayed.values, atol=spec.tolerance)

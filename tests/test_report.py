@@ -23,7 +23,9 @@ def dump(key, value):
     OUT.write_text(json.dumps(d))
 """
 
-CAPITALS_FINDINGS = DUMP + """
+CAPITALS_FINDINGS = (
+    DUMP
+    + """
 import pytest
 from pytest_nnsight import assert_peaks_at, assert_restores, bundled, logit_diff, patch, sweep
 from pytest_nnsight.sites import blocks, embed
@@ -55,11 +57,14 @@ def test_population(nnsight_model):
     dump("population", {"passed": sum(e >= 0.7 for e in r.effects), "effects": list(r.effects)})
     assert_population(r, min_rate=0.5, on="rate")
 """
+)
 
 
 def _effect_test(claim: str, value_expr: str, threshold: float) -> str:
     """An inner test whose Effect is built from numbers (no model): fast, and the measured value is known to the test."""
-    return DUMP + f"""
+    return (
+        DUMP
+        + f"""
 import random, pytest
 from pytest_nnsight.assertions import assert_restores
 from pytest_nnsight.results import Effect
@@ -74,6 +79,7 @@ def test_claim():
 def test_unmarked_plain():
     assert True
 """
+    )
 
 
 def _load(path: Path) -> dict:
@@ -97,7 +103,9 @@ def test_report_files_carry_the_numbers_of_the_run(pytester):
     assert (check["threshold"], check["op"], check["passed"]) == (0.9, ">=", True)
 
     map_rec = by_test["test_map_claimed_too_narrowly"]
-    assert map_rec["claim"] == "test_map_claimed_too_narrowly" and map_rec["outcome"] == "failed"  # no marker: the test name
+    assert (
+        map_rec["claim"] == "test_map_claimed_too_narrowly" and map_rec["outcome"] == "failed"
+    )  # no marker: the test name
     (m,) = map_rec["maps"]
     assert m["sites"] == ["embed", "resid_post.0", "resid_post.1"] and m["tokens"][-2:] == ["France", "is"]
     assert m["values"] == [[pytest.approx(v, abs=1e-9) for v in row] for row in measured["map"]]
@@ -107,7 +115,9 @@ def test_report_files_carry_the_numbers_of_the_run(pytester):
     assert pop["n"] == 16 and pop["passed"] == measured["population"]["passed"] and pop["min_rate"] == 0.5
     assert pop["effects"] == [pytest.approx(v, abs=1e-9) for v in measured["population"]["effects"]]
     assert report["environment"]["torch"] == torch_version() and report["environment"]["nnsight"]
-    for record in report["findings"]:  # findings.json holds records.Finding's fields, every key, and reads back into one
+    for record in report[
+        "findings"
+    ]:  # findings.json holds records.Finding's fields, every key, and reads back into one
         assert Finding.from_dict(record).to_dict() == record
 
     md = (pytester.path / "out" / "findings.md").read_text()
@@ -127,16 +137,24 @@ def torch_version() -> str:
 
 
 def test_summary_is_quiet_by_default_and_shown_with_v_or_the_option(pytester):
-    pytester.makepyfile(test_one=_effect_test("the patch restores the answer", "random.Random(7).uniform(4.0, 5.0)", 0.5))
+    pytester.makepyfile(
+        test_one=_effect_test("the patch restores the answer", "random.Random(7).uniform(4.0, 5.0)", 0.5)
+    )
     quiet = pytester.runpytest_inprocess()
     quiet.assert_outcomes(passed=2)
     assert "pytest-nnsight findings" not in quiet.stdout.str()
     measured = _load(pytester.path / "measured.json")["normalized"]
     for args in (["-v"], ["-q", "--nnsight-summary"]):
         shown = pytester.runpytest_inprocess(*args)
-        shown.stdout.fnmatch_lines(["*pytest-nnsight findings*",
-                                    f"PASSED the patch restores the answer | normalized effect of the patch at resid_post.0: {measured:.4g} >= 0.5*test_one.py::test_claim*"])
-        assert "test_unmarked_plain" not in shown.stdout.str().split("pytest-nnsight findings")[1]  # it measured nothing
+        shown.stdout.fnmatch_lines(
+            [
+                "*pytest-nnsight findings*",
+                f"PASSED the patch restores the answer | normalized effect of the patch at resid_post.0: {measured:.4g} >= 0.5*test_one.py::test_claim*",
+            ]
+        )
+        assert (
+            "test_unmarked_plain" not in shown.stdout.str().split("pytest-nnsight findings")[1]
+        )  # it measured nothing
 
 
 def test_junit_xml_properties_carry_the_key_numbers(pytester):
@@ -146,8 +164,13 @@ def test_junit_xml_properties_carry_the_key_numbers(pytester):
     case = next(c for c in ET.parse(pytester.path / "junit.xml").iter("testcase") if c.get("name") == "test_claim")
     props = {p.get("name"): p.get("value") for p in case.iter("property")}
     assert props["nnsight_claim"] == "restores at least half"
-    assert float(props["nnsight_measured"]) == pytest.approx(measured, abs=1e-12) and props["nnsight_threshold"] == ">= -10.0"
-    plain = next(c for c in ET.parse(pytester.path / "junit.xml").iter("testcase") if c.get("name") == "test_unmarked_plain")
+    assert (
+        float(props["nnsight_measured"]) == pytest.approx(measured, abs=1e-12)
+        and props["nnsight_threshold"] == ">= -10.0"
+    )
+    plain = next(
+        c for c in ET.parse(pytester.path / "junit.xml").iter("testcase") if c.get("name") == "test_unmarked_plain"
+    )
     assert not list(plain.iter("property"))
 
 
@@ -184,7 +207,9 @@ def test_snapshot_status_new_written_matched_reverified_drifted(pytester):
     pytester.runpytest_inprocess("--nnsight-report", "out", "-q").stdout.fnmatch_lines(["findings report: *"])
     (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
     assert rec["snapshots"][0]["status"] == "drifted" and rec["outcome"] == "failed"
-    assert "nnsight 0.0.1 ->" in rec["snapshots"][0]["detail"] and "1 / 6 values moved" in rec["snapshots"][0]["detail"], rec
+    assert (
+        "nnsight 0.0.1 ->" in rec["snapshots"][0]["detail"] and "1 / 6 values moved" in rec["snapshots"][0]["detail"]
+    ), rec
 
 
 def test_without_matplotlib_the_text_report_is_written_and_says_how_to_get_figures(pytester):
@@ -192,7 +217,10 @@ def test_without_matplotlib_the_text_report_is_written_and_says_how_to_get_figur
     pytester.makepyfile(test_one=_effect_test("restores", "4.5", 0.5))
     result = pytester.runpytest_inprocess("--nnsight-report", "out")
     result.assert_outcomes(passed=2)
-    assert "figures skipped: matplotlib is not installed (pip install pytest-nnsight[report] to get them)" in result.stdout.lines
+    assert (
+        "figures skipped: matplotlib is not installed (pip install pytest-nnsight[report] to get them)"
+        in result.stdout.lines
+    )
     out = pytester.path / "out"
     assert not (out / "figures").exists()
     assert _load(out / "findings.json")["findings"][0]["checks"][0]["measured"] == pytest.approx((4.5 + 3) / 8)
@@ -209,8 +237,10 @@ def test_an_unwritable_report_directory_is_a_usage_error_naming_it(pytester):
 
 def test_recorders_do_nothing_outside_a_test_and_never_raise_inside_one(pytester):
     assert findings.current() is None or findings.current().finding.nodeid.endswith(
-        "test_recorders_do_nothing_outside_a_test_and_never_raise_inside_one")
-    pytester.makepyfile(test_one="""
+        "test_recorders_do_nothing_outside_a_test_and_never_raise_inside_one"
+    )
+    pytester.makepyfile(
+        test_one="""
 import pytest
 from pytest_nnsight import findings
 
@@ -221,15 +251,21 @@ def test_broken_inputs():
     findings.record_check("x", "not a number", ">=", 1.0)
     check = findings.current().finding.checks[0]
     assert check.measured is None and not check.passed
-""")
+"""
+    )
     pytester.runpytest_inprocess().assert_outcomes(passed=1)
 
 
 def test_one_report_under_xdist(pytester):
     pytest.importorskip("xdist")
     for k in range(4):
-        pytester.makepyfile(**{f"test_x{k}": _effect_test(f"claim {k}", f"random.Random({k}).uniform(-3.0, 5.0)", -10.0)
-                               .replace('"measured.json"', f'"measured{k}.json"')})
+        pytester.makepyfile(
+            **{
+                f"test_x{k}": _effect_test(f"claim {k}", f"random.Random({k}).uniform(-3.0, 5.0)", -10.0).replace(
+                    '"measured.json"', f'"measured{k}.json"'
+                )
+            }
+        )
     result = pytester.runpytest_subprocess("-n", "2", "--nnsight-report", "out", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=8)
     records = _load(pytester.path / "out" / "findings.json")["findings"]
@@ -241,16 +277,30 @@ def test_one_report_under_xdist(pytester):
     assert len(list((pytester.path / "out").glob("findings*.json"))) == 1
 
 
-needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
-                                    reason="needs headless Chromium (Debian: apt-get install -y chromium; .ci/run installs it)")
+needs_chromium = pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="needs headless Chromium (Debian: apt-get install -y chromium; .ci/run installs it)",
+)
 
 
 def chromium_screenshot(page: Path, tmp_path: Path, name: str, width: int, height: int):
     """`page` rendered by headless Chromium in a width x height window: the screenshot's path and RGB pixels."""
     shot = tmp_path / name
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-           f"--window-size={width},{height}", page.as_uri()]
+    cmd = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        f"--window-size={width},{height}",
+        page.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert shot.exists(), f"no screenshot; chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
     plt = pytest.importorskip("matplotlib.pyplot")
@@ -261,7 +311,9 @@ def chromium_screenshot(page: Path, tmp_path: Path, name: str, width: int, heigh
 
 @needs_chromium
 def test_html_report_renders_in_headless_chromium(pytester, tmp_path):
-    pytester.makepyfile(test_map=DUMP + """
+    pytester.makepyfile(
+        test_map=DUMP
+        + """
 import pytest
 from pytest_nnsight import assert_peaks_at
 from pytest_nnsight.results import EffectMap
@@ -270,12 +322,15 @@ from pytest_nnsight.results import EffectMap
 def test_peak():
     m = EffectMap(((0.0, 0.1, 0.6), (0.0, 0.0, 0.97)), ("resid_post.0", "resid_post.1"), ("<bos>", "France", "is"), "logit_diff", "x France is", "x Spain is", 3.0, -3.0)
     assert_peaks_at(m, [("resid_post.1", 2)], at_least=0.9, elsewhere_at_most=0.2)
-""")
+"""
+    )
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
     shot, pixels = chromium_screenshot(pytester.path / "out" / "index.html", tmp_path, "report.png", 1200, 1600)
     gray = pixels.mean(axis=2)
     dark = float((gray < 0.5).mean())
-    assert float(gray.std()) > 0.05 and 0.001 < dark < 0.5, f"a blank page? std {gray.std():.4f}, dark share {dark:.4f} ({shot})"
+    assert float(gray.std()) > 0.05 and 0.001 < dark < 0.5, (
+        f"a blank page? std {gray.std():.4f}, dark share {dark:.4f} ({shot})"
+    )
     red = (pixels[..., 0] > 0.35) & (pixels[..., 1] < 0.25) & (pixels[..., 2] < 0.3)
     assert red.sum() > 100, f"the heatmap (red cells) did not render: {int(red.sum())} red pixels in {shot}"
 
@@ -324,7 +379,9 @@ def test_a_drifted_map_is_shown_recorded_new_and_difference_with_the_environment
     plt = pytest.importorskip("matplotlib.pyplot")
     pixels = plt.imread(str(png))
     magenta = (pixels[..., 0] > 0.85) & (pixels[..., 1] < 0.25) & (pixels[..., 2] > 0.85)
-    assert magenta.sum() > 150, f"the moved cell is not marked in {png}"  # one outline per panel: recorded, new, difference
+    assert magenta.sum() > 150, (
+        f"the moved cell is not marked in {png}"
+    )  # one outline per panel: recorded, new, difference
     assert "environment: nnsight 0.0.1" in (pytester.path / "out" / "findings.md").read_text()
 
 
@@ -337,7 +394,9 @@ def test_a_reverified_map_with_changed_cells_shows_them_and_a_matched_one_shows_
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(passed=1)
     (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
     snap = rec["snapshots"][0]
-    assert snap["status"] == "re-verified" and snap["drift"]["moved"] == 0 and snap["drift"]["map"]["changed"] == [[1, 1]]
+    assert (
+        snap["status"] == "re-verified" and snap["drift"]["moved"] == 0 and snap["drift"]["map"]["changed"] == [[1, 1]]
+    )
     assert snap["drift"]["changes"][0].startswith("transformers 4.0.0 -> ")
     pytester.runpytest_inprocess("--snapshot-update").assert_outcomes(passed=1)
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(passed=1)
@@ -355,11 +414,18 @@ def test_a_drifted_population_overlays_both_histograms(pytester):
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
     (rec,) = _load(pytester.path / "out" / "findings.json")["findings"]
     pop = rec["snapshots"][0]["drift"]["population"]
-    assert pop["new"] == pytest.approx([0.5 + 0.04 * k for k in range(12)]) and pop["old"] == pytest.approx([0.2 + 0.04 * k for k in range(12)])
+    assert pop["new"] == pytest.approx([0.5 + 0.04 * k for k in range(12)]) and pop["old"] == pytest.approx(
+        [0.2 + 0.04 * k for k in range(12)]
+    )
     assert pop["threshold"] == 0.4 and pop["moved"] == 12
     plt = pytest.importorskip("matplotlib.pyplot")
     pixels = plt.imread(str(pytester.path / "out" / "figures" / "test_population-drift0.png"))[..., :3]
-    gray = (abs(pixels[..., 0] - pixels[..., 1]) < 0.03) & (abs(pixels[..., 1] - pixels[..., 2]) < 0.03) & (pixels[..., 0] > 0.6) & (pixels[..., 0] < 0.8)
+    gray = (
+        (abs(pixels[..., 0] - pixels[..., 1]) < 0.03)
+        & (abs(pixels[..., 1] - pixels[..., 2]) < 0.03)
+        & (pixels[..., 0] > 0.6)
+        & (pixels[..., 0] < 0.8)
+    )
     blue = (pixels[..., 2] > pixels[..., 0] + 0.15) & (pixels[..., 2] > 0.6)
     assert gray.sum() > 500 and blue.sum() > 500, "both histograms (recorded: gray, this run: blue) are drawn"
 
@@ -369,10 +435,13 @@ def test_without_matplotlib_a_drift_is_three_html_tables(pytester):
     pytester.makeconftest("import sys\nsys.modules['matplotlib'] = None  # import matplotlib now raises ImportError\n")
     pytester.runpytest_inprocess("--nnsight-report", "out").assert_outcomes(failed=1)
     html = (pytester.path / "out" / "index.html").read_text()
-    drift = html[html.index("<div class='drift'>"):]
+    drift = html[html.index("<div class='drift'>") :]
     assert [c for c in ("<caption>recorded", "<caption>this run", "<caption>difference") if c in drift] == [
-        "<caption>recorded", "<caption>this run", "<caption>difference"]
-    assert drift.count("class=\"fail") == 3  # the moved cell, marked in each table
+        "<caption>recorded",
+        "<caption>this run",
+        "<caption>difference",
+    ]
+    assert drift.count('class="fail') == 3  # the moved cell, marked in each table
 
 
 @needs_chromium
@@ -395,7 +464,10 @@ def test_a_record_comes_back_from_the_wire_as_the_same_dataclasses(capitals):
 
     clean, corrupt = "The capital of France is", "The capital of Germany is"
     sweep(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites="resid_post", positions=[-1])
-    assert_restores(patch(capitals, clean, corrupt, site="resid_post.0", position=-1, metric=logit_diff("Paris", "Berlin")), at_least=0.5)
+    assert_restores(
+        patch(capitals, clean, corrupt, site="resid_post.0", position=-1, metric=logit_diff("Paris", "Berlin")),
+        at_least=0.5,
+    )
     finding = findings.current().finding
     back = Finding.from_dict(execnet.loads(execnet.dumps(finding.to_dict())))
     assert back == finding and finding.maps and finding.effects and finding.checks

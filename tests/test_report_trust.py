@@ -18,8 +18,12 @@ def _report(pytester, source, *args):
     pytester.makepyfile(test_inner=EFFECT + source)
     result = pytester.runpytest("-p", "no:randomly", "--nnsight-report", "out", *args)
     data = json.loads((pytester.path / "out" / "findings.json").read_text())
-    return result, {r["nodeid"].split("::")[-1]: r for r in data["findings"]}, (pytester.path / "out" / "index.html").read_text(), \
-        (pytester.path / "out" / "findings.md").read_text()
+    return (
+        result,
+        {r["nodeid"].split("::")[-1]: r for r in data["findings"]},
+        (pytester.path / "out" / "index.html").read_text(),
+        (pytester.path / "out" / "findings.md").read_text(),
+    )
 
 
 def test_an_implausible_effect_and_a_nan_are_flagged_everywhere(pytester):
@@ -39,10 +43,18 @@ def test_plausible():
 """
     result, records, html, md = _report(pytester, source)
     result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(["*pytest-nnsight suspicious values*", "PASSED restores five times the behaviour*",
-                                 "  normalized effect 5 of the patch at resid_post.0 (|effect| > 1.5)", "PASSED a NaN effect*",
-                                 "  NaN effect of the patch at resid_post.0"])
-    assert records["test_five_times"]["suspicious"] == ["normalized effect 5 of the patch at resid_post.0 (|effect| > 1.5)"]
+    result.stdout.fnmatch_lines(
+        [
+            "*pytest-nnsight suspicious values*",
+            "PASSED restores five times the behaviour*",
+            "  normalized effect 5 of the patch at resid_post.0 (|effect| > 1.5)",
+            "PASSED a NaN effect*",
+            "  NaN effect of the patch at resid_post.0",
+        ]
+    )
+    assert records["test_five_times"]["suspicious"] == [
+        "normalized effect 5 of the patch at resid_post.0 (|effect| > 1.5)"
+    ]
     assert records["test_nan"]["suspicious"] == ["NaN effect of the patch at resid_post.0"]
     assert records["test_plausible"]["suspicious"] == []
     assert html.count("<b class='suspicious'>suspicious</b>") == 2 and "normalized effect 5 of the patch" in html
@@ -50,7 +62,10 @@ def test_plausible():
     # the band is configurable: an ini key (or --nnsight-suspicious-effect / PYTEST_NNSIGHT_SUSPICIOUS_EFFECT)
     pytester.makeini("[pytest]\nnnsight_suspicious_effect = 10\n")
     result = pytester.runpytest("-p", "no:randomly", "--nnsight-report", "out")
-    records = {r["nodeid"].split("::")[-1]: r for r in json.loads((pytester.path / "out" / "findings.json").read_text())["findings"]}
+    records = {
+        r["nodeid"].split("::")[-1]: r
+        for r in json.loads((pytester.path / "out" / "findings.json").read_text())["findings"]
+    }
     assert records["test_five_times"]["suspicious"] == [] and records["test_nan"]["suspicious"]
 
 
@@ -67,7 +82,9 @@ def test_fails():
     assert "<pre class='message'>" in html and "0.9" in html.split("<pre class='message'>")[1].split("</pre>")[0]
     assert "```\n" + message + "\n```" in md
     item = html.split("<ul>")[1].split("</ul>")[0]
-    assert item.count(">failed</a>") == 1 and "FAILED" not in item  # the outcome written once (it was 'failed: FAILED block 0 ...')
+    assert (
+        item.count(">failed</a>") == 1 and "FAILED" not in item
+    )  # the outcome written once (it was 'failed: FAILED block 0 ...')
     assert message.startswith("FindingFailed: claim: patching resid_post.0 restores at least 0.9")
 
 
@@ -92,4 +109,7 @@ def test_other():
     assert fixture["outcome"] == "fixture" and fixture["scope"] == "module"
     assert [u.split("::")[-1] for u in fixture["used_by"]] == ["test_first", "test_second"]
     assert fixture["effects"][0]["normalized"] == (4.5 + 3) / 8
-    assert "measured in fixture &#x27;measured&#x27; (module-scoped)" in html and "used by: test_inner.py::test_first" in html
+    assert (
+        "measured in fixture &#x27;measured&#x27; (module-scoped)" in html
+        and "used by: test_inner.py::test_first" in html
+    )

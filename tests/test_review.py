@@ -49,9 +49,16 @@ def _run_in_a_terminal(pytester, answers: str, *args: str) -> tuple[int, str]:
     master, slave = pty.openpty()
     try:
         os.write(master, answers.encode())
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", *args], cwd=pytester.path, stdin=slave,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
-                              env={**os.environ, "PYTEST_ADDOPTS": "", "COLUMNS": "200"})
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:xdist", *args],
+            cwd=pytester.path,
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTEST_ADDOPTS": "", "COLUMNS": "200"},
+        )
     finally:
         os.close(slave)
         os.close(master)
@@ -81,8 +88,14 @@ def test_review_without_a_terminal_shows_the_same_and_writes_nothing(pytester):
     before = a.read_bytes()
     result = pytester.runpytest_inprocess("--nnsight-review")  # stdin is not a terminal here
     result.assert_outcomes(failed=2)
-    result.stdout.fnmatch_lines(["*not a terminal: showing the findings to review and writing nothing*",
-                                 "[[]1/2] drifted: the map of a", "*environment: nnsight 0.0.1 -> *", "[[]2/2] new: the map of b"])
+    result.stdout.fnmatch_lines(
+        [
+            "*not a terminal: showing the findings to review and writing nothing*",
+            "[[]1/2] drifted: the map of a",
+            "*environment: nnsight 0.0.1 -> *",
+            "[[]2/2] new: the map of b",
+        ]
+    )
     assert "accept?" not in result.stdout.str()
     assert a.read_bytes() == before and not b.exists()
 
@@ -99,8 +112,9 @@ def _candidate(tmp_path, name, status="new"):
     return review.Candidate(Finding(f"t.py::{name}", name, snapshots=[snap], outcome="failed"), snap, None)
 
 
-@pytest.mark.parametrize("answers, written", [(["y", "y"], ["a", "b"]), (["", "y"], []), (["maybe", "n", "y"], ["b"]),
-                                              (["Yes", "q"], ["a"])])
+@pytest.mark.parametrize(
+    "answers, written", [(["y", "y"], ["a", "b"]), (["", "y"], []), (["maybe", "n", "y"], ["b"]), (["Yes", "q"], ["a"])]
+)
 def test_answers(tmp_path, answers, written):
     """y accepts, n keeps, q and end of input ('') stop, anything else asks again."""
     found = [_candidate(tmp_path, "a"), _candidate(tmp_path, "b")]

@@ -71,7 +71,9 @@ def test_a_model_carries_its_run_settings():
     served, own = Wrapper(), Wrapper()
     assert attach(served, Settings(check_batching=True, remote="local")) is served
     assert settings_of(served).check_batching and settings_of(served).remote == "local"
-    assert settings_of(own) is DEFAULTS and not DEFAULTS.check_batching and DEFAULTS.remote == "off"  # wrapped by the user
+    assert (
+        settings_of(own) is DEFAULTS and not DEFAULTS.check_batching and DEFAULTS.remote == "off"
+    )  # wrapped by the user
     key = id(served)
     del served  # the registry holds no model alive
     import gc
@@ -93,4 +95,6 @@ def test_the_fixtures_serve_models_with_the_session_settings(pytester):
             assert s.check_batching and s.check_batching_cells == 7 and s is nnsight_models.settings
         """
     )
-    pytester.runpytest_inprocess("--nnsight-check-batching", "--nnsight-check-batching-cells", "7").assert_outcomes(passed=1)
+    pytester.runpytest_inprocess("--nnsight-check-batching", "--nnsight-check-batching-cells", "7").assert_outcomes(
+        passed=1
+    )

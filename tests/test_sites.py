@@ -77,7 +77,10 @@ def test_named_helpers_point_at_the_gpt2_modules(capitals):
     assert resolve_sites(capitals, "blocks") == blocks(capitals)
     assert resolve_sites(capitals, "attn") == [attn_out(capitals, 0), attn_out(capitals, 1)]
     assert resolve_sites(capitals, "mlp") == [mlp_out(capitals, 0), mlp_out(capitals, 1)]
-    assert resolve_sites(capitals, ["transformer.h.0", capitals.transformer.h[1]]) == [Site("transformer.h.0"), Site("transformer.h.1")]
+    assert resolve_sites(capitals, ["transformer.h.0", capitals.transformer.h[1]]) == [
+        Site("transformer.h.0"),
+        Site("transformer.h.1"),
+    ]
 
 
 def test_named_helpers_read_what_a_hand_trace_reads(capitals):
@@ -117,7 +120,13 @@ def test_short_spellings_are_the_vocabulary(capitals):
 
 def test_head_site_is_a_slice_of_the_output_projection_input(capitals):
     site = head(capitals, 1, 2)
-    assert (site.path, site.part, site.head, site.n_heads, str(site)) == ("transformer.h.1.attn.c_proj", "input", 2, 4, "head_out.1.2")
+    assert (site.path, site.part, site.head, site.n_heads, str(site)) == (
+        "transformer.h.1.attn.c_proj",
+        "input",
+        2,
+        4,
+        "head_out.1.2",
+    )
     with torch.inference_mode():
         with capitals.trace(CLEAN):
             merged = capitals.transformer.h[1].attn.c_proj.input.save()
@@ -129,7 +138,9 @@ def test_head_site_is_a_slice_of_the_output_projection_input(capitals):
 
 @pytest.mark.parametrize("layer", [2, -3, 7])
 def test_out_of_range_layer_names_the_valid_range(capitals, layer):
-    with pytest.raises(SiteError, match=rf"layer {layer} is out of range: .* has 2 layers, valid 0\.\.1 \(or -2\.\.-1\)"):
+    with pytest.raises(
+        SiteError, match=rf"layer {layer} is out of range: .* has 2 layers, valid 0\.\.1 \(or -2\.\.-1\)"
+    ):
         block(capitals, layer)
     with pytest.raises(SiteError, match=r"valid 0\.\.1"):
         mlp_out(capitals, layer)
@@ -141,11 +152,16 @@ def test_non_int_layer_is_refused(capitals):
 
 
 def test_out_of_range_index_in_a_path_names_the_valid_range(capitals):
-    with pytest.raises(SiteError, match=r"index 2 in site 'transformer\.h\.2' is out of range: transformer\.h has 2 entries, valid 0\.\.1"):
+    with pytest.raises(
+        SiteError,
+        match=r"index 2 in site 'transformer\.h\.2' is out of range: transformer\.h has 2 entries, valid 0\.\.1",
+    ):
         resolve_site(capitals, "transformer.h.2")
     with pytest.raises(SiteError, match=r"valid 0\.\.1"):
         resolve_site(capitals, "model.transformer.h.9:input")
-    with pytest.raises(SiteError, match=r"index 5 in site 'transformer\.h\.5\.attn' is out of range: transformer\.h has 2 entries"):
+    with pytest.raises(
+        SiteError, match=r"index 5 in site 'transformer\.h\.5\.attn' is out of range: transformer\.h has 2 entries"
+    ):
         resolve_site(capitals, "transformer.h.5.attn")
 
 
@@ -168,7 +184,9 @@ def test_unknown_path_lists_close_matches(capitals):
 
 
 def test_path_with_no_close_match_lists_the_top_level_modules(capitals):
-    with pytest.raises(SiteError, match=r"unknown site 'zzz' in GPT2LMHeadModel; top-level modules: transformer, lm_head"):
+    with pytest.raises(
+        SiteError, match=r"unknown site 'zzz' in GPT2LMHeadModel; top-level modules: transformer, lm_head"
+    ):
         resolve_site(capitals, "zzz")
 
 
@@ -262,12 +280,17 @@ def test_part_of_a_token_is_not_a_word(capitals):
 
 def test_ambiguous_word_lists_where_it_occurs(capitals):
     prompt = "The capital of France is the capital"
-    with pytest.raises(PositionError, match=r"word 'capital' is ambiguous: it occurs at \[2, 7\] .*give an int position instead"):
+    with pytest.raises(
+        PositionError, match=r"word 'capital' is ambiguous: it occurs at \[2, 7\] .*give an int position instead"
+    ):
         resolve_position(tokens_of(capitals, prompt), "capital", prompt=prompt)
 
 
 def test_slot_without_slots_says_plain_prompts_carry_none(capitals):
-    with pytest.raises(PositionError, match=r"'\{country\}' names a template slot .* its slots: none \(plain prompt strings carry no slots\)"):
+    with pytest.raises(
+        PositionError,
+        match=r"'\{country\}' names a template slot .* its slots: none \(plain prompt strings carry no slots\)",
+    ):
         resolve_position(tokens_of(capitals, CLEAN), "{country}", prompt=CLEAN)
     with pytest.raises(PositionError, match=r"its slots: \{city\}"):
         resolve_position(tokens_of(capitals, CLEAN), "{country}", prompt=CLEAN, slots={"city": "Paris"})
@@ -280,8 +303,14 @@ def test_other_position_types_are_refused(capitals, position):
 
 
 def test_slot_position_through_patch_equals_the_word_position(capitals):
-    by_slot = patch(capitals, Prompt(CLEAN, {"country": "France"}), Prompt(CORRUPT, {"country": "Germany"}),
-                    site="transformer.drop", position="{country}", metric=LD)
+    by_slot = patch(
+        capitals,
+        Prompt(CLEAN, {"country": "France"}),
+        Prompt(CORRUPT, {"country": "Germany"}),
+        site="transformer.drop",
+        position="{country}",
+        metric=LD,
+    )
     by_word = patch(capitals, CLEAN, CORRUPT, site="transformer.drop", position="France", metric=LD)
     assert by_slot.positions == by_word.positions == (4,)
     assert by_slot.position_tokens == ("Germany",)  # the token of the run that is patched
@@ -291,7 +320,9 @@ def test_slot_position_through_patch_equals_the_word_position(capitals):
 def test_slot_at_different_indices_in_the_two_prompts_is_refused(capitals):
     clean = Prompt(CLEAN, {"country": "France"})
     corrupt = Prompt("Germany has its capital in", {"country": "Germany"})
-    with pytest.raises(PositionError, match=r"slot \{country\} sits at \[4\] in the clean prompt but at \[1\] in the corrupt one"):
+    with pytest.raises(
+        PositionError, match=r"slot \{country\} sits at \[4\] in the clean prompt but at \[1\] in the corrupt one"
+    ):
         patch(capitals, clean, corrupt, site="transformer.h.0", position="{country}", metric=LD)
 
 
@@ -307,7 +338,9 @@ def test_prompts_of_different_lengths_print_both_tokenizations(capitals):
 
 
 def test_a_bad_position_in_patch_prints_both_tokenizations(capitals):
-    with pytest.raises(PositionError, match=r"(?s)word 'Spain' does not occur.*clean:   \[.*4:France.*\]\n  corrupt: \[.*4:Germany.*\]"):
+    with pytest.raises(
+        PositionError, match=r"(?s)word 'Spain' does not occur.*clean:   \[.*4:France.*\]\n  corrupt: \[.*4:Germany.*\]"
+    ):
         patch(capitals, CLEAN, CORRUPT, site="transformer.h.0", position="Spain", metric=LD)
 
 

@@ -73,7 +73,9 @@ def test_changed_environment_within_tolerance_passes_and_is_reported_reverified(
     _edit_env(recorded, nnsight="0.7.0")
     result = _run(pytester)
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*pytest-nnsight snapshots*", "*test_map: re-verified under a new environment: nnsight 0.7.0 -> *"])
+    result.stdout.fnmatch_lines(
+        ["*pytest-nnsight snapshots*", "*test_map: re-verified under a new environment: nnsight 0.7.0 -> *"]
+    )
     assert json.loads(recorded.read_text())["environment"]["nnsight"] == "0.7.0"  # a pass rewrites nothing
 
 
@@ -82,17 +84,19 @@ def test_drift_leads_with_the_environment_change_then_the_cell_diff(pytester, re
     monkeypatch.setenv("VALUES", MOVED)
     result = _run(pytester)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*this finding drifted after transformers 4.57.6 -> *",
-        "*cells moved beyond tolerance: 2 / 8 (25.0%)*tolerance: atol=0.0001, rtol=0.0001*",
-        "*abs error: max 0.6, mean *, median *",
-        "*rel error: max *",
-        "*moved cells (old -> new):*",
-        "*values[[]resid_post.1 / 1 'capital'[]]  0.9 -> 0.3*",
-        "*values[[]resid_post.1 / 2 'is'[]]*1 -> 0.5*",
-        "*peak: old 1 at resid_post.1 / 2 'is', new 0.5 at resid_post.1 / 2 'is'*",
-        "*run pytest --snapshot-update to accept the change*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*this finding drifted after transformers 4.57.6 -> *",
+            "*cells moved beyond tolerance: 2 / 8 (25.0%)*tolerance: atol=0.0001, rtol=0.0001*",
+            "*abs error: max 0.6, mean *, median *",
+            "*rel error: max *",
+            "*moved cells (old -> new):*",
+            "*values[[]resid_post.1 / 1 'capital'[]]  0.9 -> 0.3*",
+            "*values[[]resid_post.1 / 2 'is'[]]*1 -> 0.5*",
+            "*peak: old 1 at resid_post.1 / 2 'is', new 0.5 at resid_post.1 / 2 'is'*",
+            "*run pytest --snapshot-update to accept the change*",
+        ]
+    )
     _run(pytester, "--snapshot-update").stdout.fnmatch_lines(["*1 snapshot updated*"])
     assert json.loads(recorded.read_text())["environment"]["transformers"] != "4.57.6"
     _run(pytester).assert_outcomes(passed=1)
@@ -104,8 +108,10 @@ def test_tolerance_per_call_and_from_ini(pytester, recorded, monkeypatch):
     monkeypatch.setenv("ATOL", "0.1")
     _run(pytester).assert_outcomes(passed=1)
     monkeypatch.delenv("ATOL")
-    pytester.makeini("[pytest]\n" "nnsight_snapshot_atol = 0.1\n")
-    pytester.makepyfile(test_finding=FINDING.replace('finding_snapshot(atol=float(os.environ.get("ATOL", "1e-4")))', "finding_snapshot"))
+    pytester.makeini("[pytest]\nnnsight_snapshot_atol = 0.1\n")
+    pytester.makepyfile(
+        test_finding=FINDING.replace('finding_snapshot(atol=float(os.environ.get("ATOL", "1e-4")))', "finding_snapshot")
+    )
     _run(pytester).assert_outcomes(passed=1)
 
 
@@ -155,7 +161,9 @@ def test_module_finding(finding_snapshot):
 def test_skipped_is_not_stale(pytester, monkeypatch):
     pytester.makepyfile(test_skippable=SKIPPABLE, test_gpu_module=MODULE_SKIP)
     _run(pytester, "--snapshot-update").assert_outcomes(passed=4)
-    files = [_snap(pytester, "test_skippable", n) for n in ("test_gpu_finding", "test_cpu_finding", "test_skips_inside")]
+    files = [
+        _snap(pytester, "test_skippable", n) for n in ("test_gpu_finding", "test_cpu_finding", "test_skips_inside")
+    ]
     files.append(_snap(pytester, "test_gpu_module", "test_module_finding"))
     assert all(f.exists() for f in files)
     monkeypatch.setenv("SKIP_GPU", "1")
@@ -192,12 +200,16 @@ def test_changed_weights_fail_unless_the_test_opts_in(pytester, monkeypatch):
     pytester.makepyfile(test_w=WEIGHTS)
     _run(pytester, "--snapshot-update").assert_outcomes(passed=1)
     env = json.loads(_snap(pytester, "test_w", "test_weights").read_text())["environment"]
-    assert env["model"] == "Linear" and len(env["weights"]) == 32 and env["device"] == "cpu" and env["dtype"] == "float32"
+    assert (
+        env["model"] == "Linear" and len(env["weights"]) == 32 and env["device"] == "cpu" and env["dtype"] == "float32"
+    )
     _run(pytester).assert_outcomes(passed=1)
     monkeypatch.setenv("PERTURB", "1")
     result = _run(pytester)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*the model's weights changed: fingerprint * -> * (model Linear)*", "*across_weights=True*"])
+    result.stdout.fnmatch_lines(
+        ["*the model's weights changed: fingerprint * -> * (model Linear)*", "*across_weights=True*"]
+    )
     monkeypatch.setenv("ACROSS", "1")
     result = _run(pytester)
     result.assert_outcomes(passed=1)
@@ -209,9 +221,13 @@ def test_malformed_or_future_snapshot_names_the_file_and_is_never_overwritten(py
     for args in ([], ["--snapshot-update"]):
         result = _run(pytester, *args)
         result.assert_outcomes(failed=1)
-        result.stdout.fnmatch_lines(["*SnapshotFileError: findings snapshot *test_map.json, line 4 column 3: not valid JSON*"])
+        result.stdout.fnmatch_lines(
+            ["*SnapshotFileError: findings snapshot *test_map.json, line 4 column 3: not valid JSON*"]
+        )
         assert "oops" in recorded.read_text()
-    recorded.write_text(json.dumps({"format": "pytest-nnsight finding", "version": 99, "environment": {}, "finding": 1}))
+    recorded.write_text(
+        json.dumps({"format": "pytest-nnsight finding", "version": 99, "environment": {}, "finding": 1})
+    )
     result = _run(pytester)
     result.stdout.fnmatch_lines(["*format version 99 was written by a newer pytest-nnsight*"])
 
@@ -280,7 +296,9 @@ def test_public_lifecycle_helper(pytester):
 def test_under_xdist_reverified_is_reported_and_skipped_survive(pytester, monkeypatch):
     pytest.importorskip("xdist")
     pytester.makepyfile(test_skippable=SKIPPABLE)
-    _run(pytester, "--snapshot-update").assert_outcomes(passed=3)  # recorded in one process (writing under -n: test_faults)
+    _run(pytester, "--snapshot-update").assert_outcomes(
+        passed=3
+    )  # recorded in one process (writing under -n: test_faults)
     cpu = _snap(pytester, "test_skippable", "test_cpu_finding")
     _edit_env(cpu, nnsight="0.7.0")
     monkeypatch.setenv("SKIP_GPU", "1")
@@ -288,9 +306,13 @@ def test_under_xdist_reverified_is_reported_and_skipped_survive(pytester, monkey
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.no_fnmatch_line("*deleted*")
     assert _snap(pytester, "test_skippable", "test_gpu_finding").exists()
-    assert json.loads(cpu.read_text())["environment"]["nnsight"] != "0.7.0"  # --snapshot-update records the new environment
+    assert (
+        json.loads(cpu.read_text())["environment"]["nnsight"] != "0.7.0"
+    )  # --snapshot-update records the new environment
     _edit_env(cpu, nnsight="0.7.0")
-    _run(pytester, "-n", "2").stdout.fnmatch_lines(["*test_cpu_finding: re-verified under a new environment: nnsight 0.7.0 -> *"])
+    _run(pytester, "-n", "2").stdout.fnmatch_lines(
+        ["*test_cpu_finding: re-verified under a new environment: nnsight 0.7.0 -> *"]
+    )
 
 
 def test_population_results_and_nested_dataclasses_serialize_generically():
@@ -298,20 +320,42 @@ def test_population_results_and_nested_dataclasses_serialize_generically():
     from pytest_nnsight.populations import PopulationResult
     from pytest_nnsight.strategies import CounterfactualPair
 
-    pair = CounterfactualPair(Prompt("The capital of France is", {"country": "France"}), Prompt("The capital of Spain is", {"country": "Spain"}),
-                              "Paris", "Madrid", "The capital of {country} is")
-    result = PopulationResult(n=1, effects=(0.97,), passed=1, rate=1.0, lower_bound=0.2, mean=0.97, std=0.0, threshold=0.8,
-                              site="resid_post.0", position="last", metric="logit_diff", variants=(pair,))
+    pair = CounterfactualPair(
+        Prompt("The capital of France is", {"country": "France"}),
+        Prompt("The capital of Spain is", {"country": "Spain"}),
+        "Paris",
+        "Madrid",
+        "The capital of {country} is",
+    )
+    result = PopulationResult(
+        n=1,
+        effects=(0.97,),
+        passed=1,
+        rate=1.0,
+        lower_bound=0.2,
+        mean=0.97,
+        std=0.0,
+        threshold=0.8,
+        site="resid_post.0",
+        position="last",
+        metric="logit_diff",
+        variants=(pair,),
+    )
     value = to_value(result)
     assert value["@type"] == "PopulationResult" and value["effects"] == [0.97]
-    assert value["variants"][0]["clean"] == {"@type": "Prompt", "text": "The capital of France is", "slots": {"country": "France"}}
+    assert value["variants"][0]["clean"] == {
+        "@type": "Prompt",
+        "text": "The capital of France is",
+        "slots": {"country": "France"},
+    }
     moved = to_value(PopulationResult(**{**result.__dict__, "effects": (0.5,), "mean": 0.5}))
     assert len(compare_findings(value, moved, Tolerance(1e-3, 0)).moved) == 2
 
 
 def test_plain_use_extension_named_snapshots_and_with_tolerance(pytester, monkeypatch):
     # not test_api.py: this process has imported tests/test_api.py under that module name (import file mismatch)
-    pytester.makepyfile(test_extension_api="""
+    pytester.makepyfile(
+        test_extension_api="""
 import os
 from pytest_nnsight.snapshots import FindingSnapshotExtension
 
@@ -325,9 +369,13 @@ def test_named(finding_snapshot):
     loose = finding_snapshot.with_tolerance(atol=0.5)
     assert [1.0 + shift()] == loose(name="loose")
     assert [2.0] == finding_snapshot(name="exact")
-""")
+"""
+    )
     _run(pytester, "--snapshot-update").assert_outcomes(passed=2)
-    assert _snap(pytester, "test_extension_api", "test_named[loose]").exists() and _snap(pytester, "test_extension_api", "test_named[exact]").exists()
+    assert (
+        _snap(pytester, "test_extension_api", "test_named[loose]").exists()
+        and _snap(pytester, "test_extension_api", "test_named[exact]").exists()
+    )
     monkeypatch.setenv("SHIFT", "0.1")
     result = _run(pytester)
     result.assert_outcomes(passed=1, failed=1)
@@ -348,4 +396,6 @@ def test_a_dtype_change_is_an_environment_change_not_a_weights_change():
     notes.clear()  # not a note of this run's own snapshots
     other_weights = dumps(record([1.0, 2.0], {**env, "weights": "bbb"}))
     assert not ext.matches(serialized_data=other_weights, snapshot_data=old)
-    assert "the model's weights changed: fingerprint aaa -> bbb (model m)" in list(ext.diff_lines(other_weights, old))[0]
+    assert (
+        "the model's weights changed: fingerprint aaa -> bbb (model m)" in list(ext.diff_lines(other_weights, old))[0]
+    )

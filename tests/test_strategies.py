@@ -32,7 +32,9 @@ def test_prompts_fill_every_slot(p):
 def test_prompts_shrink_to_first_template_and_word():
     from hypothesis import find
 
-    found = find(prompts(["The capital of {country} is", "{country} has its capital in"], country=COUNTRIES), lambda p: True)
+    found = find(
+        prompts(["The capital of {country} is", "{country} has its capital in"], country=COUNTRIES), lambda p: True
+    )
     assert found.text == "The capital of France is"
 
 
@@ -46,7 +48,9 @@ def test_prompts_shrink_to_first_template_and_word():
     ],
 )
 def test_prompts_reject_bad_arguments_eagerly(call, message):
-    with pytest.raises(StrategyError, match=message.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("[", r"\[")):
+    with pytest.raises(
+        StrategyError, match=message.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("[", r"\[")
+    ):
         call()
 
 
@@ -59,13 +63,22 @@ def test_pairs_line_up_token_for_token(capitals, data):
     clean, corrupt = tok.tokenize(pair.clean.text), tok.tokenize(pair.corrupt.text)
     assert len(clean) == len(corrupt)
     diff = [i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b]
-    assert len(diff) == 1 and clean[diff[0]] == pair.clean.slots["country"] and corrupt[diff[0]] == pair.corrupt.slots["country"]
-    assert pair.answer == CAPITALS[pair.clean.slots["country"]] and pair.distractor == CAPITALS[pair.corrupt.slots["country"]]
+    assert (
+        len(diff) == 1
+        and clean[diff[0]] == pair.clean.slots["country"]
+        and corrupt[diff[0]] == pair.corrupt.slots["country"]
+    )
+    assert (
+        pair.answer == CAPITALS[pair.clean.slots["country"]]
+        and pair.distractor == CAPITALS[pair.corrupt.slots["country"]]
+    )
     assert pair.answer != pair.distractor
 
 
 def test_pair_space_counts_and_samples(capitals):
-    strategy = counterfactual_pairs(capitals, ["The capital of {country} is"], {"country": {"France": "Paris", "Spain": "Madrid", "Peru": "Lima"}})
+    strategy = counterfactual_pairs(
+        capitals, ["The capital of {country} is"], {"country": {"France": "Paris", "Spain": "Madrid", "Peru": "Lima"}}
+    )
     assert len(strategy.space) == 6  # 3 words x 2 partners each
     assert len(set(strategy.space.sample(6))) == 6
     assert strategy.space.sample(4, seed=3) == strategy.space.sample(4, seed=3)
@@ -78,7 +91,11 @@ def test_pairs_drop_unknown_words_and_name_them_when_too_few(capitals):
     strategy = counterfactual_pairs(capitals, ["The capital of {country} is"], {"country": words})
     assert {p.clean.slots["country"] for p in strategy.space.sample(2)} == {"France", "Germany"}
     with pytest.raises(StrategyError, match=r"only 1 of 3 words.*'Narnia' \(unknown to the tokenizer\); 'Atlantis'"):
-        counterfactual_pairs(capitals, ["The capital of {country} is"], {"country": {"France": "Paris", "Narnia": "Cair", "Atlantis": "P"}})
+        counterfactual_pairs(
+            capitals,
+            ["The capital of {country} is"],
+            {"country": {"France": "Paris", "Narnia": "Cair", "Atlantis": "P"}},
+        )
 
 
 def test_pairs_bad_arguments(capitals):
@@ -87,8 +104,10 @@ def test_pairs_bad_arguments(capitals):
     with pytest.raises(StrategyError, match="without answers"):
         counterfactual_pairs(capitals, CAPITAL_TEMPLATES, {"country": ["France", "Spain"]})
     with pytest.raises(StrategyError, match="answer function 'boom' failed for country word 'France'"):
+
         def boom(word):
             raise KeyError(word)
+
         counterfactual_pairs(capitals, CAPITAL_TEMPLATES, {"country": ["France", "Spain"]}, answer=boom)
     with pytest.raises(StrategyError, match="model_or_tokenizer=int"):
         counterfactual_pairs(3, CAPITAL_TEMPLATES, {"country": CAPITALS})
@@ -97,7 +116,9 @@ def test_pairs_bad_arguments(capitals):
 
 
 def test_answer_function(capitals):
-    strategy = counterfactual_pairs(capitals, ["The capital of {country} is"], {"country": ["France", "Spain"]}, answer=CAPITALS.__getitem__)
+    strategy = counterfactual_pairs(
+        capitals, ["The capital of {country} is"], {"country": ["France", "Spain"]}, answer=CAPITALS.__getitem__
+    )
     assert {(p.answer, p.distractor) for p in strategy.space.sample(2)} == {("Paris", "Madrid"), ("Madrid", "Paris")}
 
 

@@ -37,13 +37,21 @@ def structure(module=None, tok=None, **kw):
 def test_record_is_symbolic_collapsed_and_in_call_order():
     rec = structure()
     mods = rec["modules"]
-    assert mods["transformer.h.*"]["output"] == "Tensor[b,s,32] float32" and mods["transformer.h.*"]["indices"] == ["0", "1"]
+    assert mods["transformer.h.*"]["output"] == "Tensor[b,s,32] float32" and mods["transformer.h.*"]["indices"] == [
+        "0",
+        "1",
+    ]
     assert mods["transformer.h.*.attn"]["output"] == {"tuple": ["Tensor[b,s,32] float32", None]}
     assert mods["lm_head"]["output"] == f"Tensor[b,s,{len(word_tokenizer())}] float32"
     assert mods["transformer.wpe"]["output"] == "Tensor[1,s,32] float32"  # positions broadcast over the batch
     assert mods["transformer.h"]["calls"] == 0  # a ModuleList never runs
     order = rec["call_order"]
-    assert order.index("transformer.wte") < order.index("transformer.h.*") < order.index("transformer.ln_f") < order.index("lm_head")
+    assert (
+        order.index("transformer.wte")
+        < order.index("transformer.h.*")
+        < order.index("transformer.ln_f")
+        < order.index("lm_head")
+    )
     assert rec["tokenizer"] == {"padding_side": "left", "pad_token": "<pad>", "keys": ["input_ids", "attention_mask"]}
     assert rec["attention"]["implementation"] == "sdpa"
     assert expand(collapse(expand(mods))) == expand(mods)
@@ -63,7 +71,9 @@ def test_plain_module_with_ids_and_module_with_tokenizer():
     assert rec["modules"]["1"]["output"] == "Tensor[b,s,3] float32" and rec["tokenizer"] is None
     assert rec["attention"]["weights"].startswith("unknown")
     module, tok = tiny_gpt2()
-    assert model_structure(module, tok).record["modules"] == structure()["modules"]  # a torch module + tokenizer is wrapped first
+    assert (
+        model_structure(module, tok).record["modules"] == structure()["modules"]
+    )  # a torch module + tokenizer is wrapped first
 
 
 def test_short_probe_is_refused_with_its_length():
@@ -75,11 +85,16 @@ def test_h1_h2_block_tuple_to_tensor_is_explained():
     """H1/H2: transformers 4.57 -> 5 turned GPT-2 block outputs from (hidden,) into hidden: .output[0] means batch row 0."""
     old, new = structure(tuple_blocks(tiny_gpt2()[0]), tiny_gpt2()[1]), structure()
     lines = explain(old, new)
-    assert ("transformer.h.*: output changed from tuple(Tensor[b,s,32]) to Tensor[b,s,32]; code that reads .output[0] now "
-            "selects batch row 0 instead of the hidden states, and writes to .output[0] change only batch row 0 (H1/H2)") in lines, lines
+    assert (
+        "transformer.h.*: output changed from tuple(Tensor[b,s,32]) to Tensor[b,s,32]; code that reads .output[0] now "
+        "selects batch row 0 instead of the hidden states, and writes to .output[0] change only batch row 0 (H1/H2)"
+    ) in lines, lines
     back = explain(new, old)
-    assert any(line.startswith("transformer.h.*: output changed from Tensor[b,s,32] to tuple(Tensor[b,s,32])") and "TypeError" in line
-               for line in back), back
+    assert any(
+        line.startswith("transformer.h.*: output changed from Tensor[b,s,32] to tuple(Tensor[b,s,32])")
+        and "TypeError" in line
+        for line in back
+    ), back
 
 
 def test_change_in_one_layer_names_that_layer_only():
@@ -93,8 +108,16 @@ def test_h1_h2_patch_reads_the_hidden_states_on_tuple_and_tensor_blocks():
     effects = []
     for module in (tiny_gpt2()[0], tuple_blocks(tiny_gpt2()[0])):
         model = wrap(module, tiny_gpt2()[1])
-        effects.append(patch(model, "The capital of France is", "The capital of Germany is", site="transformer.h.0",
-                             position="last", metric=logit_diff("Paris", "Berlin")))
+        effects.append(
+            patch(
+                model,
+                "The capital of France is",
+                "The capital of Germany is",
+                site="transformer.h.0",
+                position="last",
+                metric=logit_diff("Paris", "Berlin"),
+            )
+        )
     assert effects[0].normalized == pytest.approx(effects[1].normalized, abs=1e-5), (effects[0], effects[1])
     assert effects[0].intervened == pytest.approx(effects[1].intervened, abs=1e-5)
 
@@ -108,11 +131,15 @@ def test_h4_padding_side_change_is_explained_and_pinned():
     old = model_structure(model).record
     model.tokenizer.padding_side = "right"  # what a wrapper that keeps the tokenizer's side gives
     lines = explain(old, model_structure(model).record)
-    assert lines[0] == ("tokenizer: padding side changed from left to right; shorter prompts in a batch now end with pad tokens, "
-                        "so position -1 / 'last' reads a pad and batched results differ from single-prompt runs (H4/H5)"), lines
+    assert lines[0] == (
+        "tokenizer: padding side changed from left to right; shorter prompts in a batch now end with pad tokens, "
+        "so position -1 / 'last' reads a pad and batched results differ from single-prompt runs (H4/H5)"
+    ), lines
     # the nnsight probe sees the consequence itself: the padded row's last logits no longer equal the prompt alone
-    assert len(lines) == 2 and lines[1].startswith("nnsight: in a padded batch, model.trace([short, long]), the short row's "
-                                                   "last-position logits now differ from the same prompt alone"), lines
+    assert len(lines) == 2 and lines[1].startswith(
+        "nnsight: in a padded batch, model.trace([short, long]), the short row's "
+        "last-position logits now differ from the same prompt alone"
+    ), lines
     assert old["nnsight"]["padding"] == "same as alone"
 
 
@@ -128,7 +155,9 @@ def test_h5_batched_last_token_equals_single_prompt_under_the_pinned_tokenizer()
         with model.trace(short):
             single = model.lm_head.output[:, -1].save()
     diff = (batched[0] - single[0]).abs().max().item()
-    assert diff < 1e-5, f"short prompt batched with a longer one: last-token logits differ by {diff} (padding side {model.tokenizer.padding_side})"
+    assert diff < 1e-5, (
+        f"short prompt batched with a longer one: last-token logits differ by {diff} (padding side {model.tokenizer.padding_side})"
+    )
 
 
 def test_h6_prompts_of_different_lengths_are_refused_not_shifted():
@@ -136,8 +165,14 @@ def test_h6_prompts_of_different_lengths_are_refused_not_shifted():
     module, tok = tiny_gpt2()
     model = wrap(module, tok)
     with pytest.raises(PositionError):
-        patch(model, "The capital of France is", "The capital of the city of Germany is", site="transformer.h.0",
-              position=2, metric=logit_diff("Paris", "Berlin"))
+        patch(
+            model,
+            "The capital of France is",
+            "The capital of the city of Germany is",
+            site="transformer.h.0",
+            position=2,
+            metric=logit_diff("Paris", "Berlin"),
+        )
 
 
 def test_h7_token_type_ids_are_pinned_out_and_explained_when_they_return():
@@ -148,7 +183,9 @@ def test_h7_token_type_ids_are_pinned_out_and_explained_when_they_return():
     assert old["tokenizer"]["keys"] == ["input_ids", "attention_mask"]  # prevented
     model.tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
     lines = explain(old, model_structure(model).record)
-    assert any(line.startswith("tokenizer: now returns token_type_ids; GPT-2-style models embed them") for line in lines), lines
+    assert any(
+        line.startswith("tokenizer: now returns token_type_ids; GPT-2-style models embed them") for line in lines
+    ), lines
     assert any(line.startswith("transformer.wte: now runs 2 times per forward (was 1)") for line in lines), lines
 
 
@@ -161,34 +198,61 @@ def test_sdpa_attention_weights_not_materialized_is_explained():
     module.set_attn_implementation("sdpa")
     lines = explain(old, structure(module, tok))
     # what code reads comes first (the attention output's element 1), then the attention setup behind it
-    assert lines[0] == "transformer.h.*.attn: output[1] is now None (was Tensor[b,4,s,s]); code that reads it (e.g. attention weights) gets None", lines
+    assert (
+        lines[0]
+        == "transformer.h.*.attn: output[1] is now None (was Tensor[b,4,s,s]); code that reads it (e.g. attention weights) gets None"
+    ), lines
     assert lines[1].startswith("attention: implementation changed from 'eager' to 'sdpa'"), lines
     assert lines[2].startswith("attention: weights are no longer materialized"), lines
 
 
 def test_dtype_and_width_changes_are_explained():
     lines = explain(structure(), structure(tiny_gpt2()[0].to(torch.float64), tiny_gpt2()[1]))
-    assert "transformer.ln_f: output dtype changed from float32 to float64; numbers move at float64 precision and the snapshot tolerance by dtype changes" in lines
+    assert (
+        "transformer.ln_f: output dtype changed from float32 to float64; numbers move at float64 precision and the snapshot tolerance by dtype changes"
+        in lines
+    )
     lines = explain(structure(), structure(*tiny_gpt2(n_embd=64)))
-    assert any(line.startswith("transformer.h.*: output shape changed from [b,s,32] to [b,s,64]; saved values, patches and steering vectors")
-               for line in lines), lines
+    assert any(
+        line.startswith(
+            "transformer.h.*: output shape changed from [b,s,32] to [b,s,64]; saved values, patches and steering vectors"
+        )
+        for line in lines
+    ), lines
 
 
 def test_module_renamed_removed_added_and_call_order():
     def rec(mods, order):
         return {"modules": mods, "call_order": order}
-    lin = {"class": "Linear", "calls": 1, "input": "Tensor[b,s,8] float32", "signature": "1 args; kwargs: -", "output": "Tensor[b,s,8] float32"}
+
+    lin = {
+        "class": "Linear",
+        "calls": 1,
+        "input": "Tensor[b,s,8] float32",
+        "signature": "1 args; kwargs: -",
+        "output": "Tensor[b,s,8] float32",
+    }
     ln = {**lin, "class": "LayerNorm"}
-    old = rec({"model": lin, "norm": ln, "proj": lin, "drop": {"class": "Dropout", "calls": 1}}, ["model", "norm", "proj"])
-    new = rec({"model": lin, "final_norm": ln, "proj": lin, "extra": {**lin, "class": "GELU"}}, ["model", "proj", "final_norm"])
+    old = rec(
+        {"model": lin, "norm": ln, "proj": lin, "drop": {"class": "Dropout", "calls": 1}}, ["model", "norm", "proj"]
+    )
+    new = rec(
+        {"model": lin, "final_norm": ln, "proj": lin, "extra": {**lin, "class": "GELU"}},
+        ["model", "proj", "final_norm"],
+    )
     lines = explain(old, new)
-    assert "norm: renamed to final_norm (LayerNorm); code that reads model.norm now fails with AttributeError: use final_norm" in lines
+    assert (
+        "norm: renamed to final_norm (LayerNorm); code that reads model.norm now fails with AttributeError: use final_norm"
+        in lines
+    )
     assert "drop: module removed (was Dropout); code that reads model.drop now fails with AttributeError" in lines
     assert "extra: new module (GELU, runs 1x)" in lines
     assert not any("call order" in line for line in lines)  # a rename is not an order change
     moved = explain(rec({"a": lin, "b": lin}, ["a", "b"]), rec({"a": lin, "b": lin}, ["b", "a"]))
-    assert moved == ["call order changed: b now runs before a; inside one trace nnsight (0.5+) requires reading modules in "
-                     "execution order, so code written in the old order raises OutOfOrderError"]
+    assert moved == [
+        "call order changed: b now runs before a; inside one trace nnsight (0.5+) requires reading modules in "
+        "execution order, so code written in the old order raises OutOfOrderError"
+    ]
 
 
 def test_h10_h11_broadcastable_values_are_refused():
@@ -196,7 +260,14 @@ def test_h10_h11_broadcastable_values_are_refused():
     module, tok = tiny_gpt2()
     model = wrap(module, tok)
     with pytest.raises(InterventionError, match="broadcastable shape would silently change every position"):
-        steer(model, PROMPT, site="transformer.h.0", position="last", vector=torch.ones(1), metric=logit_diff("Paris", "Berlin"))
+        steer(
+            model,
+            PROMPT,
+            site="transformer.h.0",
+            position="last",
+            vector=torch.ones(1),
+            metric=logit_diff("Paris", "Berlin"),
+        )
 
 
 def test_h13_bad_layer_is_a_site_error_on_every_nnsight():
@@ -214,7 +285,9 @@ def test_h8_attribution_gradients_are_real():
     from pytest_nnsight import attribution_patch
 
     model = wrap(*tiny_gpt2())
-    effects = attribution_patch(model, "The capital of France is", "The capital of Germany is", metric=logit_diff("Paris", "Berlin"))
+    effects = attribution_patch(
+        model, "The capital of France is", "The capital of Germany is", metric=logit_diff("Paris", "Berlin")
+    )
     values = torch.as_tensor(effects.values, dtype=torch.float64)
     assert torch.isfinite(values).all() and values.abs().max() > 0, effects
 
@@ -223,7 +296,7 @@ def test_h8_attribution_gradients_are_real():
 # tests/test_plugin.py::test_ten_tests_load_the_model_once_and_verbose_leaves_nnsight_debug_off, with its control.
 
 
-SNAPSHOT_TEST = '''
+SNAPSHOT_TEST = """
 import os
 from pytest_nnsight.models import wrap
 from pytest_nnsight.testing import tiny_gpt2
@@ -244,7 +317,7 @@ def test_tiny_structure(structure_snapshot):
 def test_assert_form(structure_snapshot):
     from pytest_nnsight.structure import model_structure
     assert model_structure(wrap(*tiny_gpt2())) == structure_snapshot
-'''
+"""
 
 
 def test_structure_snapshot_fails_with_the_explanation_when_a_block_output_changes(pytester, monkeypatch):
@@ -259,14 +332,20 @@ def test_structure_snapshot_fails_with_the_explanation_when_a_block_output_chang
     written.write_text(text.replace('"torch": "', '"torch": "0.0.0-old+', 1))  # the same structure from another torch
     upgraded = pytester.runpytest_inprocess()
     upgraded.assert_outcomes(passed=2)
-    upgraded.stdout.fnmatch_lines(["*test_tiny_structure: structure unchanged under a new environment: torch 0.0.0-old+* -> *"])
+    upgraded.stdout.fnmatch_lines(
+        ["*test_tiny_structure: structure unchanged under a new environment: torch 0.0.0-old+* -> *"]
+    )
     written.write_text(text)
     monkeypatch.delenv("SIMULATE_TRANSFORMERS_4")
     result = pytester.runpytest_inprocess()
     result.assert_outcomes(failed=1, passed=1)
     out = result.stdout.str()
-    explanation = ("transformer.h.*: output changed from tuple(Tensor[b,s,32]) to Tensor[b,s,32]; code that reads .output[0] now "
-                   "selects batch row 0 instead of the hidden states")
+    explanation = (
+        "transformer.h.*: output changed from tuple(Tensor[b,s,32]) to Tensor[b,s,32]; code that reads .output[0] now "
+        "selects batch row 0 instead of the hidden states"
+    )
     assert "the structure of GPT2LMHeadModel changed (same library versions):" in out, out
     assert explanation in out and "run pytest --snapshot-update to accept the change" in out, out
-    assert "SIMULATE" not in written.read_text() and '"tuple"' in written.read_text()  # the failing run did not overwrite it
+    assert (
+        "SIMULATE" not in written.read_text() and '"tuple"' in written.read_text()
+    )  # the failing run did not overwrite it

@@ -83,22 +83,28 @@ def test_lock_fails_raw_trace_tests_after_a_container_change(pytester):
     first = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     first.assert_outcomes(passed=2)
     assert _lock(pytester).is_file(), "the first serve records the model in the lock"
-    assert re.match(r"bundled:capitals: recorded in __snapshots__/\.nnsight-structure\.lock \(first serve\); 1 probe\(s\), \d+ ms",
-                    _summary_line(first))
+    assert re.match(
+        r"bundled:capitals: recorded in __snapshots__/\.nnsight-structure\.lock \(first serve\); 1 probe\(s\), \d+ ms",
+        _summary_line(first),
+    )
 
     _as_recorded_under_transformers_4(pytester)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=2)  # every test using the model
     out = result.stdout.str()
     failures = out.split("= FAILURES =", 1)[1].split("short test summary info", 1)[0]  # under CI pytest does not cut
-    assert failures.count("the structure of bundled:capitals changed after transformers 4.57.6 -> ") == 2, out  # summaries
-    result.stdout.fnmatch_lines([
-        "*the structure of bundled:capitals changed after transformers 4.57.6 -> * (structure lock __snapshots__/.nnsight-structure.lock):",
-        "*transformer.h.*: output changed from tuple(Tensor[[]b,s,64]) to Tensor[[]b,s,64]; code that reads .output[[]0] now selects "
-        "batch row 0 instead of the hidden states, and writes to .output[[]0] change only batch row 0 (H1/H2)",
-        "*nnsight: inside a trace, transformer.h.0.output changed from tuple(Tensor[[]b,s,64]) to Tensor[[]b,s,64]*",
-        "*accept it with --snapshot-update or --nnsight-structure-lock update*",
-    ])
+    assert failures.count("the structure of bundled:capitals changed after transformers 4.57.6 -> ") == 2, (
+        out
+    )  # summaries
+    result.stdout.fnmatch_lines(
+        [
+            "*the structure of bundled:capitals changed after transformers 4.57.6 -> * (structure lock __snapshots__/.nnsight-structure.lock):",
+            "*transformer.h.*: output changed from tuple(Tensor[[]b,s,64]) to Tensor[[]b,s,64]; code that reads .output[[]0] now selects "
+            "batch row 0 instead of the hidden states, and writes to .output[[]0] change only batch row 0 (H1/H2)",
+            "*nnsight: inside a trace, transformer.h.0.output changed from tuple(Tensor[[]b,s,64]) to Tensor[[]b,s,64]*",
+            "*accept it with --snapshot-update or --nnsight-structure-lock update*",
+        ]
+    )
     assert re.search(r"bundled:capitals: CHANGED \(2 line\(s\); tests using it fail\); 1 probe\(s\)", out), out
 
     # switched off, the same tests run (and pass: they index .output directly); warn reports without failing
@@ -110,18 +116,23 @@ def test_lock_fails_raw_trace_tests_after_a_container_change(pytester):
     accepted = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--snapshot-update")
     accepted.assert_outcomes(passed=2)
     assert "changed and accepted" in _summary_line(accepted)
-    assert "tuple" not in json.dumps(json.loads(_lock(pytester).read_text())["models"]["bundled:capitals"]["structure"]["modules"]["transformer.h.*"])
+    assert "tuple" not in json.dumps(
+        json.loads(_lock(pytester).read_text())["models"]["bundled:capitals"]["structure"]["modules"]["transformer.h.*"]
+    )
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
 
 
 def test_lock_passes_and_costs_one_probe_per_model(pytester):
-    pytester.makepyfile(test_raw=RAW, test_more="""
+    pytester.makepyfile(
+        test_raw=RAW,
+        test_more="""
         def test_third(nnsight_model):
             assert nnsight_model("bundled:capitals") is nnsight_model("bundled:capitals")
 
         def test_other_model(nnsight_model):
             nnsight_model("bundled:induction")
-    """)
+    """,
+    )
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
@@ -136,19 +147,28 @@ def test_raw_output_indexing_error_gets_a_hint_naming_the_container(pytester):
     pytester.makepyfile(test_raw=RAW, test_seed=SEED_PATCH)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["*IndexError: too many indices*",
-                                 "pytest-nnsight hint: this code indexes .output[[]0], but transformer.h.* of bundled:capitals returns a "
-                                 "bare Tensor[[]b,s,64] here, not a tuple: .output[[]0] is batch row 0*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*IndexError: too many indices*",
+            "pytest-nnsight hint: this code indexes .output[[]0], but transformer.h.* of bundled:capitals returns a "
+            "bare Tensor[[]b,s,64] here, not a tuple: .output[[]0] is batch row 0*",
+        ]
+    )
     _as_recorded_under_transformers_4(pytester)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--nnsight-structure-lock", "warn")
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["pytest-nnsight hint: this code indexes a module's .output, and the structure of bundled:capitals "
-                                 "changed after transformers 4.57.6 -> *: transformer.h.*: output changed from tuple(Tensor[[]b,s,64]) "
-                                 "to Tensor[[]b,s,64]; code that reads .output[[]0] now selects batch row 0*"])
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-nnsight hint: this code indexes a module's .output, and the structure of bundled:capitals "
+            "changed after transformers 4.57.6 -> *: transformer.h.*: output changed from tuple(Tensor[[]b,s,64]) "
+            "to Tensor[[]b,s,64]; code that reads .output[[]0] now selects batch row 0*"
+        ]
+    )
 
 
 def test_numeric_snapshot_drift_names_the_structure_change_first(pytester):
-    pytester.makepyfile(test_snap="""
+    pytester.makepyfile(
+        test_snap="""
         import torch
 
         def test_raw_values(nnsight_model, finding_snapshot):
@@ -157,7 +177,8 @@ def test_numeric_snapshot_drift_names_the_structure_change_first(pytester):
                 with model.trace("The capital of France is"):
                     logits = model.lm_head.output[0, -1, :4].save()
             assert {"logits": [float(x) for x in logits]} == finding_snapshot
-    """)
+    """
+    )
     pytester.runpytest_inprocess("-p", "no:cacheprovider", "--snapshot-update").assert_outcomes(passed=1)
     snap = next((pytester.path / "__snapshots__").rglob("test_raw_values*.json"))
     data = json.loads(snap.read_text())
@@ -168,12 +189,16 @@ def test_numeric_snapshot_drift_names_the_structure_change_first(pytester):
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--nnsight-structure-lock", "warn")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    first = out.index("this finding drifted in the same run as a structure change of bundled:capitals (transformers 4.57.6 -> ")
+    first = out.index(
+        "this finding drifted in the same run as a structure change of bundled:capitals (transformers 4.57.6 -> "
+    )
     assert first < out.index("this finding drifted after"), out
-    assert "transformer.h.*: output changed from tuple(Tensor[b,s,64]) to Tensor[b,s,64]" in out[first:first + 400]
+    assert "transformer.h.*: output changed from tuple(Tensor[b,s,64]) to Tensor[b,s,64]" in out[first : first + 400]
 
 
-@pytest.mark.parametrize("raw, mode", [("on", "on"), ("WARN", "warn"), ("update", "update"), ("off", "off"), ("false", "off"), ("1", "on")])
+@pytest.mark.parametrize(
+    "raw, mode", [("on", "on"), ("WARN", "warn"), ("update", "update"), ("off", "off"), ("false", "off"), ("1", "on")]
+)
 def test_modes(raw, mode):
     assert parse_mode(raw) == mode
 
@@ -182,7 +207,9 @@ def test_bad_mode_is_a_usage_error(pytester):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_inprocess("--nnsight-structure-lock", "strict")
     assert result.ret != 0
-    result.stderr.fnmatch_lines(["*invalid nnsight_structure_lock 'strict' from command line option --nnsight-structure-lock: expected on*"])
+    result.stderr.fnmatch_lines(
+        ["*invalid nnsight_structure_lock 'strict' from command line option --nnsight-structure-lock: expected on*"]
+    )
 
 
 def _write_many(path, worker):

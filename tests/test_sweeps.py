@@ -62,8 +62,16 @@ def test_batched_sweep_equals_the_naive_map(capitals, naive, batch_size):
     values, raw, ld_clean, ld_corrupt = naive
     effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, batch_size=batch_size, check_batching=False)
     assert effects.shape == (2, 6)
-    assert effects.sites == ("resid_post.0", "resid_post.1") and effects.tokens == TOKENS and effects.positions == tuple(range(6))
-    assert (effects.clean_prompt, effects.corrupt_prompt, effects.metric) == (CLEAN, CORRUPT, "logit_diff('Paris', 'Berlin')")
+    assert (
+        effects.sites == ("resid_post.0", "resid_post.1")
+        and effects.tokens == TOKENS
+        and effects.positions == tuple(range(6))
+    )
+    assert (effects.clean_prompt, effects.corrupt_prompt, effects.metric) == (
+        CLEAN,
+        CORRUPT,
+        "logit_diff('Paris', 'Berlin')",
+    )
     assert effects.clean == pytest.approx(ld_clean, abs=TOL) and effects.corrupt == pytest.approx(ld_corrupt, abs=TOL)
     torch.testing.assert_close(torch.tensor(effects.raw), torch.tensor(raw), atol=TOL, rtol=0)
     torch.testing.assert_close(effects.tensor(), torch.tensor(values, dtype=torch.float64), atol=TOL, rtol=0)
@@ -128,7 +136,9 @@ def test_attn_and_mlp_sweeps_equal_hand_patches(capitals, kind):
 
 
 def test_mixed_site_list_keeps_its_order_and_input_sites_match_outputs(capitals):
-    effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, sites=[embed(capitals), "transformer.h.1:input", *blocks(capitals)])
+    effects = sweep(
+        capitals, CLEAN, CORRUPT, metric=LD, sites=[embed(capitals), "transformer.h.1:input", *blocks(capitals)]
+    )
     assert effects.sites == ("embed", "transformer.h.1:input", "resid_post.0", "resid_post.1")
     # block 1's input is block 0's output: the two rows are the same patch
     assert effects.row("transformer.h.1:input") == pytest.approx(effects.row("resid_post.0"), abs=TOL)
@@ -149,7 +159,13 @@ def test_positions_select_columns_of_the_full_map(capitals, naive, positions, ex
 
 
 def test_slot_positions_in_a_sweep(capitals):
-    effects = sweep(capitals, Prompt(CLEAN, {"country": "France"}), Prompt(CORRUPT, {"country": "Germany"}), metric=LD, positions="{country}")
+    effects = sweep(
+        capitals,
+        Prompt(CLEAN, {"country": "France"}),
+        Prompt(CORRUPT, {"country": "Germany"}),
+        metric=LD,
+        positions="{country}",
+    )
     assert effects.positions == (4,) and effects.tokens == ("France",)
 
 
@@ -198,7 +214,11 @@ def count_runs(monkeypatch):
 
 def test_check_batching_reruns_the_asked_cells_and_passes(capitals, count_runs, naive):
     effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, batch_size=4, check_batching=True, check_cells=5, reuse="none")
-    assert count_runs == {"single": 5, "batched": 4, "broken": False}  # 4 rows a trace: [clean, corrupt] + 2 cells, then 4, 4, 2
+    assert count_runs == {
+        "single": 5,
+        "batched": 4,
+        "broken": False,
+    }  # 4 rows a trace: [clean, corrupt] + 2 cells, then 4, 4, 2
     torch.testing.assert_close(torch.tensor(effects.raw), torch.tensor(naive[1]), atol=TOL, rtol=0)
 
 
@@ -215,8 +235,12 @@ def test_check_batching_catches_a_broken_batch_path(capitals, count_runs):
 
 def test_check_batching_follows_the_setting_and_is_what_catches_the_bug(capitals, count_runs, attach_settings):
     count_runs["broken"] = True
-    sweep(capitals, CLEAN, CORRUPT, metric=LD, check_batching=False, reuse="none")  # without the check a broken batch passes silently
-    attach_settings(capitals, Settings(check_batching=True, check_batching_cells=2))  # the model carries its run settings
+    sweep(
+        capitals, CLEAN, CORRUPT, metric=LD, check_batching=False, reuse="none"
+    )  # without the check a broken batch passes silently
+    attach_settings(
+        capitals, Settings(check_batching=True, check_batching_cells=2)
+    )  # the model carries its run settings
     with pytest.raises(BatchingMismatchError, match="in 2 of 2 checked cells"):
         sweep(capitals, CLEAN, CORRUPT, metric=LD, reuse="none")
     attach_settings(capitals, Settings(check_batching=False))
@@ -227,13 +251,17 @@ def test_check_batching_catches_a_broken_prefix_path(capitals, monkeypatch):
     sweeps.forget_verdicts()
     real = sweeps.run_cells
     monkeypatch.setattr(sweeps, "run_cells", lambda *a, **kw: real(*a, **kw) + 0.5)
-    with pytest.raises(BatchingMismatchError, match=r"in 4 of 12 checked cells"):  # the 8 cells before 'Germany' run no row
+    with pytest.raises(
+        BatchingMismatchError, match=r"in 4 of 12 checked cells"
+    ):  # the 8 cells before 'Germany' run no row
         sweep(capitals, CLEAN, CORRUPT, metric=LD, check_batching=True, check_cells=12)
 
 
 def test_tolerance_for_low_precision_dtypes():
     assert sweeps.tolerance_for(torch.float32) == 1e-4
-    assert sweeps.tolerance_for(torch.float16) > 1e-3 and sweeps.tolerance_for(torch.bfloat16) > sweeps.tolerance_for(torch.float16)
+    assert sweeps.tolerance_for(torch.float16) > 1e-3 and sweeps.tolerance_for(torch.bfloat16) > sweeps.tolerance_for(
+        torch.float16
+    )
 
 
 # -- EffectMap helpers ----------------------------------------------------------------------------
@@ -244,8 +272,15 @@ NAN = float("nan")
 @pytest.fixture
 def emap():
     return EffectMap(
-        values=((0.1, 0.9, NAN), (0.5, -0.2, 0.3)), sites=("resid_post.0", "resid_post.1"), tokens=("a", "b", "c"), metric="m",
-        clean_prompt="x a b", corrupt_prompt="x a c", clean=2.0, corrupt=-1.0, positions=(2, 4, 6),
+        values=((0.1, 0.9, NAN), (0.5, -0.2, 0.3)),
+        sites=("resid_post.0", "resid_post.1"),
+        tokens=("a", "b", "c"),
+        metric="m",
+        clean_prompt="x a b",
+        corrupt_prompt="x a c",
+        clean=2.0,
+        corrupt=-1.0,
+        positions=(2, 4, 6),
     )
 
 

@@ -29,7 +29,7 @@ def fence(text: str) -> str:
         indent = lines[i][: len(lines[i]) - len(stripped)]
         block = []
         while i < len(lines) and lines[i].strip() and lines[i].startswith(indent):
-            block.append(FLAG.sub("", lines[i][len(indent):]))
+            block.append(FLAG.sub("", lines[i][len(indent) :]))
             i += 1
         out += [f"{indent}```pycon", *(indent + b for b in block), f"{indent}```"]
     return "\n".join(out)

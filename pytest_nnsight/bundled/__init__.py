@@ -45,7 +45,9 @@ def verified_path(model_id: str) -> Path:
     weights = folder / "model.safetensors"
     expected = manifest(model_id).get("weights_sha256")
     if not weights.is_file():
-        raise ModelLoadError(f"bundled model {model_id!r} is missing its weights file {str(weights)!r}; reinstall pytest-nnsight")
+        raise ModelLoadError(
+            f"bundled model {model_id!r} is missing its weights file {str(weights)!r}; reinstall pytest-nnsight"
+        )
     actual = sha256_of(weights)
     if expected and actual != expected:
         raise ModelLoadError(

@@ -14,9 +14,17 @@ from importlib import import_module
 from typing import Any
 
 _LAZY = {
-    "FindingSnapshotExtension": "extension", "FindingSnapshotAssertion": "extension", "snapshot_environment": "extension",
-    "Tolerance": "compare", "calibrate_tolerance": "compare", "default_tolerance": "compare", "compare_findings": "compare",
-    "to_record": "encode", "dumps": "encode", "loads": "encode", "FORMAT": "encode",
+    "FindingSnapshotExtension": "extension",
+    "FindingSnapshotAssertion": "extension",
+    "snapshot_environment": "extension",
+    "Tolerance": "compare",
+    "calibrate_tolerance": "compare",
+    "default_tolerance": "compare",
+    "compare_findings": "compare",
+    "to_record": "encode",
+    "dumps": "encode",
+    "loads": "encode",
+    "FORMAT": "encode",
 }
 
 

@@ -83,7 +83,11 @@ class Cell:
 
     @property
     def rel_err(self) -> float:
-        return self.abs_err / abs(self.old) if self.old not in (0.0,) and math.isfinite(self.old) else (0.0 if self.abs_err == 0 else math.inf)
+        return (
+            self.abs_err / abs(self.old)
+            if self.old not in (0.0,) and math.isfinite(self.old)
+            else (0.0 if self.abs_err == 0 else math.inf)
+        )
 
 
 @dataclass
@@ -124,7 +128,11 @@ def _walk(old: Any, new: Any, path: tuple[Any, ...], cmp: Comparison) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
         if set(old) != set(new):
             added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
-            cmp.structural.append(f"{_fmt_path(path)}: keys changed" + (f", added {added}" if added else "") + (f", removed {removed}" if removed else ""))
+            cmp.structural.append(
+                f"{_fmt_path(path)}: keys changed"
+                + (f", added {added}" if added else "")
+                + (f", removed {removed}" if removed else "")
+            )
         for k in old:
             if k in new:
                 _walk(old[k], new[k], path + (k,), cmp)
@@ -143,7 +151,11 @@ def _walk(old: Any, new: Any, path: tuple[Any, ...], cmp: Comparison) -> None:
 
 
 def _edge_list(circuit: dict) -> list[tuple[str, str, Any]]:
-    return [(e[0], e[1], e[2] if len(e) > 2 else None) for e in circuit.get("edges", []) if isinstance(e, list) and len(e) >= 2]
+    return [
+        (e[0], e[1], e[2] if len(e) > 2 else None)
+        for e in circuit.get("edges", [])
+        if isinstance(e, list) and len(e) >= 2
+    ]
 
 
 def _circuit(old: dict, new: dict, path: tuple[Any, ...], cmp: Comparison) -> None:
@@ -163,15 +175,33 @@ def _circuit(old: dict, new: dict, path: tuple[Any, ...], cmp: Comparison) -> No
     tol = cmp.rank_tolerance
     added = [e for e in rank_n if e not in rank_o]
     dropped = [e for e in rank_o if e not in rank_n]
-    near_cut = tol is not None and all(rank_n[e] >= len(n) - tol for e in added) and all(rank_o[e] >= len(o) - tol for e in dropped)
+    near_cut = (
+        tol is not None
+        and all(rank_n[e] >= len(n) - tol for e in added)
+        and all(rank_o[e] >= len(o) - tol for e in dropped)
+    )
     if (added or dropped) and not near_cut:
         name = lambda e, ranks: f"{e[0]} -> {e[1]} (rank {ranks[e] + 1})"  # noqa: E731
-        rule = "the edge set must match exactly" if tol is None else f"only edges within {tol} ranks of the cut may come and go"
-        cmp.structural.append(f"{where}: the circuit changed ({rule}): " + "; ".join(
-            part for part in (f"edges added: {', '.join(name(e, rank_n) for e in added)}" if added else "",
-                              f"edges dropped: {', '.join(name(e, rank_o) for e in dropped)}" if dropped else "") if part))
+        rule = (
+            "the edge set must match exactly"
+            if tol is None
+            else f"only edges within {tol} ranks of the cut may come and go"
+        )
+        cmp.structural.append(
+            f"{where}: the circuit changed ({rule}): "
+            + "; ".join(
+                part
+                for part in (
+                    f"edges added: {', '.join(name(e, rank_n) for e in added)}" if added else "",
+                    f"edges dropped: {', '.join(name(e, rank_o) for e in dropped)}" if dropped else "",
+                )
+                if part
+            )
+        )
     elif added or dropped:
-        cmp.notes.append(f"{where}: {len(added)} edge(s) added and {len(dropped)} dropped near the cut (within rank_tolerance {tol})")
+        cmp.notes.append(
+            f"{where}: {len(added)} edge(s) added and {len(dropped)} dropped near the cut (within rank_tolerance {tol})"
+        )
     moves = [(e, rank_o[e], rank_n[e]) for e in rank_o if e in rank_n and rank_o[e] != rank_n[e]]
     text = ", ".join(f"{s} -> {r} {a + 1} -> {b + 1}" for (s, r), a, b in moves[:10])
     if moves and tol is not None and any(abs(a - b) > tol for _, a, b in moves):
@@ -202,7 +232,11 @@ def cell_label(finding: Any, path: tuple[Any, ...]) -> str:
     m = _map_of(finding)
     if m is not None and len(path) == 3 and path[0] in ("values", "raw") and isinstance(path[1], int):
         i, j = path[1], path[2]
-        sites, tokens, positions = m.get("sites", []), m.get("tokens", []), m.get("positions") or list(range(len(m.get("tokens", []))))
+        sites, tokens, positions = (
+            m.get("sites", []),
+            m.get("tokens", []),
+            m.get("positions") or list(range(len(m.get("tokens", [])))),
+        )
         if i < len(sites) and j < len(tokens):
             return f"{path[0]}[{sites[i]} / {positions[j] if j < len(positions) else j} {tokens[j]!r}]"
     return _fmt_path(path)
@@ -242,23 +276,31 @@ def explain(cmp: Comparison, show: int = 10) -> list[str]:
         if len(cmp.structural) > show:
             lines.append(f"  ... only showing the first {show} of {len(cmp.structural)} changes")
         if any(_renamed(s) for s in cmp.structural):
-            lines.append("  (site labels were renamed to the one vocabulary: 'block N' is 'resid_post.N', 'attn N' 'attn_out.N', "
-                         "'mlp N' 'mlp_out.N', 'head L.H' 'head_out.L.H'; if only labels changed, --snapshot-update re-records them)")
+            lines.append(
+                "  (site labels were renamed to the one vocabulary: 'block N' is 'resid_post.N', 'attn N' 'attn_out.N', "
+                "'mlp N' 'mlp_out.N', 'head L.H' 'head_out.L.H'; if only labels changed, --snapshot-update re-records them)"
+            )
     lines += cmp.notes[:show]
     n, k = len(cmp.cells), len(cmp.moved)
     if n:
         lines.append(f"cells moved beyond tolerance: {k} / {n} ({100 * k / n:.1f}%)   tolerance: {cmp.tolerance}")
         abs_e = [c.abs_err for c in cmp.cells]
         rel_e = [c.rel_err for c in cmp.cells if c.old != 0 and math.isfinite(c.old)]
-        lines.append(f"abs error: max {_g(max(abs_e))}, mean {_g(statistics.fmean(abs_e))}, median {_g(statistics.median(abs_e))}")
+        lines.append(
+            f"abs error: max {_g(max(abs_e))}, mean {_g(statistics.fmean(abs_e))}, median {_g(statistics.median(abs_e))}"
+        )
         if rel_e:
-            lines.append(f"rel error: max {_g(max(rel_e))}, mean {_g(statistics.fmean(rel_e))}, median {_g(statistics.median(rel_e))}"
-                         + (f" (over the {len(rel_e)} cells not 0 before)" if len(rel_e) < n else ""))
+            lines.append(
+                f"rel error: max {_g(max(rel_e))}, mean {_g(statistics.fmean(rel_e))}, median {_g(statistics.median(rel_e))}"
+                + (f" (over the {len(rel_e)} cells not 0 before)" if len(rel_e) < n else "")
+            )
     if cmp.moved:
         width = max(len(cell_label(cmp.old_finding, c.path)) for c in cmp.moved[:show])
         lines.append("moved cells (old -> new):")
         for c in cmp.moved[:show]:
-            lines.append(f"  {cell_label(cmp.old_finding, c.path):<{width}}  {_g(c.old)} -> {_g(c.new)}  (abs {_g(c.abs_err)}, rel {_g(c.rel_err)})")
+            lines.append(
+                f"  {cell_label(cmp.old_finding, c.path):<{width}}  {_g(c.old)} -> {_g(c.new)}  (abs {_g(c.abs_err)}, rel {_g(c.rel_err)})"
+            )
         if k > show:
             lines.append(f"  ... only showing the first {show} of {k} moved cells")
     old_peak, new_peak = peak(cmp.old_finding), peak(cmp.new_finding)
@@ -269,11 +311,15 @@ def explain(cmp: Comparison, show: int = 10) -> list[str]:
 
 def environment_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between two recorded environments, weights aside: ['nnsight 0.7.0 -> 0.8.1']."""
-    keys = [k for k in ENV_ORDER if k in old or k in new] + sorted(k for k in set(old) | set(new) if k not in ENV_ORDER and k != "weights")
+    keys = [k for k in ENV_ORDER if k in old or k in new] + sorted(
+        k for k in set(old) | set(new) if k not in ENV_ORDER and k != "weights"
+    )
     return [f"{k} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k)]
 
 
-def calibrate_tolerance(*runs: Callable[[], Any], repeats: int = 3, factor: float = 10.0, floor: float = 1e-6) -> Tolerance:
+def calibrate_tolerance(
+    *runs: Callable[[], Any], repeats: int = 3, factor: float = 10.0, floor: float = 1e-6
+) -> Tolerance:
     """A tolerance from measured noise: run each callable `repeats` times, compare every result with the first.
 
     Rule: atol = factor x the largest absolute difference seen (at least `floor`), rtol = factor x
@@ -286,7 +332,9 @@ def calibrate_tolerance(*runs: Callable[[], Any], repeats: int = 3, factor: floa
     if not runs or not all(callable(r) for r in runs):
         raise ArgumentTypeError("calibrate_tolerance(*runs): pass one or more callables that each return the finding")
     if not isinstance(repeats, int) or repeats < 1 or (len(runs) == 1 and repeats < 2):
-        raise ArgumentError(f"repeats={repeats!r}: expected an int >= 1 (>= 2 with a single callable, to see any noise)")
+        raise ArgumentError(
+            f"repeats={repeats!r}: expected an int >= 1 (>= 2 with a single callable, to see any noise)"
+        )
     if not (factor >= 1):
         raise ArgumentError(f"factor={factor!r}: expected a number >= 1")
     results = [to_value(run(), 12) for run in runs for _ in range(repeats)]
@@ -294,7 +342,9 @@ def calibrate_tolerance(*runs: Callable[[], Any], repeats: int = 3, factor: floa
     for other in results[1:]:
         cmp = compare_findings(results[0], other, Tolerance(0.0, 0.0))
         if cmp.structural:
-            raise ArgumentError("calibrate_tolerance: the runs disagree in shape or labels: " + "; ".join(cmp.structural[:3]))
+            raise ArgumentError(
+                "calibrate_tolerance: the runs disagree in shape or labels: " + "; ".join(cmp.structural[:3])
+            )
         for c in cmp.cells:
             if math.isfinite(c.abs_err):
                 max_abs = max(max_abs, c.abs_err)
@@ -305,7 +355,9 @@ def calibrate_tolerance(*runs: Callable[[], Any], repeats: int = 3, factor: floa
     return Tolerance(max(factor * max_abs, floor), factor * max_rel, rule)
 
 
-def tolerance_from(atol: float | None, rtol: float | None, tolerance: Tolerance | None, default: Tolerance) -> Tolerance:
+def tolerance_from(
+    atol: float | None, rtol: float | None, tolerance: Tolerance | None, default: Tolerance
+) -> Tolerance:
     """The per-call tolerance: an explicit Tolerance, else atol/rtol over the default."""
     if tolerance is not None:
         if not isinstance(tolerance, Tolerance):

@@ -47,8 +47,14 @@ def to_value(data: Any, decimals: int = DECIMALS, path: str = "finding") -> Any:
         return data
     if isinstance(data, float):  # Measured too
         return _float(data, decimals)
-    if dataclasses.is_dataclass(data) and not isinstance(data, type) and callable(getattr(data, "snapshot_record", None)):
-        return to_value({"@type": type(data).__name__, **data.snapshot_record()}, decimals, path)  # e.g. a Circuit: one edge per line
+    if (
+        dataclasses.is_dataclass(data)
+        and not isinstance(data, type)
+        and callable(getattr(data, "snapshot_record", None))
+    ):
+        return to_value(
+            {"@type": type(data).__name__, **data.snapshot_record()}, decimals, path
+        )  # e.g. a Circuit: one edge per line
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         out: dict[str, Any] = {"@type": type(data).__name__}
         for f in dataclasses.fields(data):
@@ -56,17 +62,33 @@ def to_value(data: Any, decimals: int = DECIMALS, path: str = "finding") -> Any:
         return out
     if _is_tensor(data):
         t = data.detach().cpu()
-        values = t.float().tolist() if t.is_floating_point() and str(t.dtype) in ("torch.bfloat16", "torch.float16") else t.tolist()
-        return {"@type": "tensor", "dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape), "values": to_value(values, decimals, path)}
+        values = (
+            t.float().tolist()
+            if t.is_floating_point() and str(t.dtype) in ("torch.bfloat16", "torch.float16")
+            else t.tolist()
+        )
+        return {
+            "@type": "tensor",
+            "dtype": str(t.dtype).replace("torch.", ""),
+            "shape": list(t.shape),
+            "values": to_value(values, decimals, path),
+        }
     if _is_numpy(data):
         if getattr(data, "ndim", 0) == 0 and hasattr(data, "item"):
             return to_value(data.item(), decimals, path)
-        return {"@type": "ndarray", "dtype": str(data.dtype), "shape": list(data.shape), "values": to_value(data.tolist(), decimals, path)}
+        return {
+            "@type": "ndarray",
+            "dtype": str(data.dtype),
+            "shape": list(data.shape),
+            "values": to_value(data.tolist(), decimals, path),
+        }
     if isinstance(data, Mapping):
         out = {}
         for k, v in data.items():
             if not isinstance(k, (str, int, float, bool)) and k is not None:
-                raise SnapshotValueError(f"cannot snapshot {path}: dict key {k!r} ({type(k).__name__}) is not a string or number")
+                raise SnapshotValueError(
+                    f"cannot snapshot {path}: dict key {k!r} ({type(k).__name__}) is not a string or number"
+                )
             out[str(k)] = to_value(v, decimals, f"{path}[{k!r}]")
         return out
     if isinstance(data, (list, tuple)):
@@ -79,7 +101,13 @@ def to_value(data: Any, decimals: int = DECIMALS, path: str = "finding") -> Any:
 
 def record(data: Any, environment: dict[str, Any], decimals: int = DECIMALS) -> dict[str, Any]:
     """The whole snapshot: format header, the environment that produced it, the finding."""
-    return {"format": FORMAT, "version": VERSION, "decimals": decimals, "environment": dict(environment), "finding": to_value(data, decimals)}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "decimals": decimals,
+        "environment": dict(environment),
+        "finding": to_value(data, decimals),
+    }
 
 
 def _scalar(x: Any) -> bool:
@@ -111,12 +139,16 @@ def loads(text: str, location: str = "<snapshot>") -> dict[str, Any]:
     try:
         rec = json.loads(text, parse_constant=lambda c: NONFINITE[c])
     except json.JSONDecodeError as exc:
-        raise SnapshotFileError(f"findings snapshot {location}, line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg}); {fix}") from None
+        raise SnapshotFileError(
+            f"findings snapshot {location}, line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg}); {fix}"
+        ) from None
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        raise SnapshotFileError(f"findings snapshot {location}: not a pytest-nnsight finding (no \"format\": \"{FORMAT}\" header); {fix}")
+        raise SnapshotFileError(
+            f'findings snapshot {location}: not a pytest-nnsight finding (no "format": "{FORMAT}" header); {fix}'
+        )
     version = rec.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise SnapshotFileError(f"findings snapshot {location}: \"version\" is {version!r}, expected an integer; {fix}")
+        raise SnapshotFileError(f'findings snapshot {location}: "version" is {version!r}, expected an integer; {fix}')
     if version > VERSION:
         raise SnapshotFileError(
             f"findings snapshot {location}: format version {version} was written by a newer pytest-nnsight; "

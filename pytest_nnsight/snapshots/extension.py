@@ -44,7 +44,9 @@ def _first_param(model: Any) -> Any:
     return None
 
 
-def snapshot_environment(model: Any = None, cache: Any = None, data: Any = None, settings: Any = None) -> dict[str, Any]:
+def snapshot_environment(
+    model: Any = None, cache: Any = None, data: Any = None, settings: Any = None
+) -> dict[str, Any]:
     """What produced a finding: library versions, device type, dtype, model id and revision, weights fingerprint.
 
     `settings` (the run's, given by the fixture) name the device and dtype of a finding with no model or tensor."""
@@ -133,7 +135,9 @@ class FindingSnapshotExtension(SingleFileSnapshotExtension):
         return dumps(record(data, env, self.decimals))
 
     def read_snapshot_data_from_location(self, *, snapshot_location: str, snapshot_name: str, session_id: str) -> Any:
-        text = super().read_snapshot_data_from_location(snapshot_location=snapshot_location, snapshot_name=snapshot_name, session_id=session_id)
+        text = super().read_snapshot_data_from_location(
+            snapshot_location=snapshot_location, snapshot_name=snapshot_name, session_id=session_id
+        )
         if text is None:
             return None
         loads(text, snapshot_location)  # a broken file: SnapshotFileError naming it, never an overwrite
@@ -147,7 +151,9 @@ class FindingSnapshotExtension(SingleFileSnapshotExtension):
             raise TypeError(f"FindingSnapshotExtension writes text, got {type(data).__name__}")
         atomic_write(snapshot_collection.location, data)
 
-    def discover_snapshots(self, *, test_location: Any, ignore_extensions: list[str] | None = None) -> SnapshotCollections:
+    def discover_snapshots(
+        self, *, test_location: Any, ignore_extensions: list[str] | None = None
+    ) -> SnapshotCollections:
         found = super().discover_snapshots(test_location=test_location, ignore_extensions=ignore_extensions)
         kept = SnapshotCollections()
         for collection in found:
@@ -160,8 +166,12 @@ class FindingSnapshotExtension(SingleFileSnapshotExtension):
         new, old = loads(serialized_data, "<received>"), loads(snapshot_data, self._location or "<snapshot>")
         env_old, env_new = old["environment"], new["environment"]
         default = default_tolerance(env_new.get("dtype") or env_old.get("dtype"), state.atol, state.rtol)
-        cmp = compare_findings(old["finding"], new["finding"], tolerance_from(opts.atol, opts.rtol, opts.tolerance, default),
-                               rank_tolerance=opts.rank_tolerance)
+        cmp = compare_findings(
+            old["finding"],
+            new["finding"],
+            tolerance_from(opts.atol, opts.rtol, opts.tolerance, default),
+            rank_tolerance=opts.rank_tolerance,
+        )
         changes = environment_changes(env_old, env_new)
         w_old, w_new = env_old.get("weights"), env_new.get("weights")
         # a fingerprint hashes the weights as loaded: in another dtype it differs without the weights changing
@@ -217,8 +227,12 @@ def _structure_change_line(item: Any) -> str | None:
         return None
     v = changed[models[0]]
     first = v.lines[0] if v.lines else "see the structure lock"
-    return (f"this finding drifted in the same run as a structure change of {v.label}" + (f" ({', '.join(v.changes)})" if v.changes else "")
-            + f": {first}" + (f" (+{len(v.lines) - 1} more line(s) in the structure lock failure)" if len(v.lines) > 1 else ""))
+    return (
+        f"this finding drifted in the same run as a structure change of {v.label}"
+        + (f" ({', '.join(v.changes)})" if v.changes else "")
+        + f": {first}"
+        + (f" (+{len(v.lines) - 1} more line(s) in the structure lock failure)" if len(v.lines) > 1 else "")
+    )
 
 
 @dataclass(eq=False, order=False, repr=False)
@@ -231,12 +245,22 @@ class FindingSnapshotAssertion(SnapshotAssertion, _TestOptions):
     _OWN = tuple(f.name for f in fields(_TestOptions))  # the options a test sets
 
     @classmethod
-    def from_snapshot(cls, snapshot: SnapshotAssertion, *, cache: Any = None, settings: Any = None) -> "FindingSnapshotAssertion":
+    def from_snapshot(
+        cls, snapshot: SnapshotAssertion, *, cache: Any = None, settings: Any = None
+    ) -> "FindingSnapshotAssertion":
         """The equivalent of ``snapshot.use_extension(FindingSnapshotExtension)``, as this class."""
-        return cls(session=snapshot.session, extension_class=FindingSnapshotExtension, test_location=snapshot.test_location,
-                   update_snapshots=snapshot.update_snapshots, update_new_snapshots_only=snapshot.update_new_snapshots_only,
-                   include=snapshot.include, exclude=snapshot.exclude, matcher=snapshot.matcher, cache=cache,
-                   settings=settings)
+        return cls(
+            session=snapshot.session,
+            extension_class=FindingSnapshotExtension,
+            test_location=snapshot.test_location,
+            update_snapshots=snapshot.update_snapshots,
+            update_new_snapshots_only=snapshot.update_new_snapshots_only,
+            include=snapshot.include,
+            exclude=snapshot.exclude,
+            matcher=snapshot.matcher,
+            cache=cache,
+            settings=settings,
+        )
 
     def with_defaults(self, **kwargs: Any) -> "FindingSnapshotAssertion":
         new = super().with_defaults(**kwargs)
@@ -247,28 +271,49 @@ class FindingSnapshotAssertion(SnapshotAssertion, _TestOptions):
     @staticmethod
     def _check(atol: Any, rtol: Any, tolerance: Any) -> None:
         if atol is not None or rtol is not None:
-            Tolerance(0.0 if atol is None else atol, 0.0 if rtol is None else rtol)  # raises on a negative or non-number
+            Tolerance(
+                0.0 if atol is None else atol, 0.0 if rtol is None else rtol
+            )  # raises on a negative or non-number
         if tolerance is not None and not isinstance(tolerance, Tolerance):
             raise ArgumentTypeError(f"tolerance={tolerance!r}: expected a Tolerance (from calibrate_tolerance)")
 
-    def with_tolerance(self, atol: float | None = None, rtol: float | None = None, *, tolerance: Tolerance | None = None) -> "FindingSnapshotAssertion":
+    def with_tolerance(
+        self, atol: float | None = None, rtol: float | None = None, *, tolerance: Tolerance | None = None
+    ) -> "FindingSnapshotAssertion":
         """A copy comparing every assertion with this tolerance (a new assertion: its own snapshot index)."""
         self._check(atol, rtol, tolerance)
         new = self.with_defaults()
         new.atol, new.rtol, new.tolerance = atol, rtol, tolerance
         return new
 
-    def __call__(self, *, atol: float | None = None, rtol: float | None = None, tolerance: Tolerance | None = None,
-                 model: Any = None, across_weights: bool | None = None, rank_tolerance: int | None = None, **kwargs: Any) -> "FindingSnapshotAssertion":
+    def __call__(
+        self,
+        *,
+        atol: float | None = None,
+        rtol: float | None = None,
+        tolerance: Tolerance | None = None,
+        model: Any = None,
+        across_weights: bool | None = None,
+        rank_tolerance: int | None = None,
+        **kwargs: Any,
+    ) -> "FindingSnapshotAssertion":
         """Options for the next assertion only; syrupy's own keywords (name=, ...) pass through.
 
         `rank_tolerance=k` (circuits): an edge may move up to k ranks, and edges within k ranks of the cut may come
         and go; without it the edge set must match exactly."""
         self._check(atol, rtol, tolerance)
-        if rank_tolerance is not None and (isinstance(rank_tolerance, bool) or not isinstance(rank_tolerance, int) or rank_tolerance < 0):
+        if rank_tolerance is not None and (
+            isinstance(rank_tolerance, bool) or not isinstance(rank_tolerance, int) or rank_tolerance < 0
+        ):
             raise ArgumentTypeError(f"rank_tolerance={rank_tolerance!r}: expected an int >= 0 (ranks an edge may move)")
-        for name, value in (("atol", atol), ("rtol", rtol), ("tolerance", tolerance), ("model", model), ("across_weights", across_weights),
-                            ("rank_tolerance", rank_tolerance)):
+        for name, value in (
+            ("atol", atol),
+            ("rtol", rtol),
+            ("tolerance", tolerance),
+            ("model", model),
+            ("across_weights", across_weights),
+            ("rank_tolerance", rank_tolerance),
+        ):
             if value is not None:
                 previous = getattr(self, name)
                 setattr(self, name, value)
@@ -281,8 +326,11 @@ class FindingSnapshotAssertion(SnapshotAssertion, _TestOptions):
     def _assert(self, data: Any) -> bool:
         ext = self.extension
         if isinstance(ext, FindingSnapshotExtension):
-            ext.options = Options(**{n: getattr(self, n) for n in self._OWN}, item=getattr(self.test_location, "item", None),
-                                  update=self.update_snapshots)
+            ext.options = Options(
+                **{n: getattr(self, n) for n in self._OWN},
+                item=getattr(self.test_location, "item", None),
+                update=self.update_snapshots,
+            )
         ok = super()._assert(data)
         record_snapshot(self, data)  # new, matched, re-verified, drifted: for the findings report
         return ok

@@ -49,11 +49,15 @@ def active() -> SnapshotState:
 
 
 def configure(config: pytest.Config, settings: Any) -> None:
-    _STACK.append(SnapshotState(
-        update=bool(getattr(config.option, "update_snapshots", False)),
-        refresh_env=bool(getattr(settings, "snapshot_refresh_env", False)),
-        atol=getattr(settings, "snapshot_atol", None), rtol=getattr(settings, "snapshot_rtol", None), config=config,
-    ))
+    _STACK.append(
+        SnapshotState(
+            update=bool(getattr(config.option, "update_snapshots", False)),
+            refresh_env=bool(getattr(settings, "snapshot_refresh_env", False)),
+            atol=getattr(settings, "snapshot_atol", None),
+            rtol=getattr(settings, "snapshot_rtol", None),
+            config=config,
+        )
+    )
 
 
 def unconfigure(config: pytest.Config) -> None:

@@ -37,13 +37,21 @@ def loads(text: str, location: str = "<snapshot>") -> dict[str, Any]:
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SnapshotFileError(f"structure snapshot {location}, line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg}); {fix}") from None
+        raise SnapshotFileError(
+            f"structure snapshot {location}, line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg}); {fix}"
+        ) from None
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        raise SnapshotFileError(f"structure snapshot {location}: not a pytest-nnsight structure (no \"format\": \"{FORMAT}\" header); {fix}")
+        raise SnapshotFileError(
+            f'structure snapshot {location}: not a pytest-nnsight structure (no "format": "{FORMAT}" header); {fix}'
+        )
     if not isinstance(rec.get("version"), int) or rec["version"] > VERSION:
-        raise SnapshotFileError(f"structure snapshot {location}: format version {rec.get('version')!r}, this pytest-nnsight reads {VERSION}; {fix}")
+        raise SnapshotFileError(
+            f"structure snapshot {location}: format version {rec.get('version')!r}, this pytest-nnsight reads {VERSION}; {fix}"
+        )
     if not isinstance(rec.get("environment"), dict) or not isinstance(rec.get("structure"), dict):
-        raise SnapshotFileError(f"structure snapshot {location}: missing or malformed 'environment' or 'structure' section; {fix}")
+        raise SnapshotFileError(
+            f"structure snapshot {location}: missing or malformed 'environment' or 'structure' section; {fix}"
+        )
     return rec
 
 
@@ -62,12 +70,18 @@ class StructureSnapshotExtension(FindingSnapshotExtension):
 
     def serialize(self, data: Any, *, exclude: Any = None, include: Any = None, matcher: Any = None) -> str:
         structure = data if isinstance(data, ModelStructure) else model_structure(data, prompt=self.probe)
-        rec = {"format": FORMAT, "version": VERSION, "environment": structure_environment(structure), "structure": structure.record}
+        rec = {
+            "format": FORMAT,
+            "version": VERSION,
+            "environment": structure_environment(structure),
+            "structure": structure.record,
+        }
         return dumps(rec)
 
     def read_snapshot_data_from_location(self, *, snapshot_location: str, snapshot_name: str, session_id: str) -> Any:
         text = SingleFileSnapshotExtension.read_snapshot_data_from_location(
-            self, snapshot_location=snapshot_location, snapshot_name=snapshot_name, session_id=session_id)
+            self, snapshot_location=snapshot_location, snapshot_name=snapshot_name, session_id=session_id
+        )
         if text is None:
             return None
         loads(text, snapshot_location)
@@ -94,7 +108,11 @@ class StructureSnapshotExtension(FindingSnapshotExtension):
         new, old = loads(serialized_data, "<received>"), loads(snapshot_data, self._location or "<snapshot>")
         changes = environment_changes(old["environment"], new["environment"])
         model = new["environment"].get("model")
-        yield f"the structure of {model} changed" + (f" after {', '.join(changes)}" if changes else " (same library versions)") + ":"
+        yield (
+            f"the structure of {model} changed"
+            + (f" after {', '.join(changes)}" if changes else " (same library versions)")
+            + ":"
+        )
         lines = explain(old["structure"], new["structure"])
         yield from lines or ["(the records differ only in fields without an explanation rule; compare the JSON)"]
         yield ACCEPT
@@ -109,9 +127,16 @@ class StructureSnapshotAssertion(SnapshotAssertion):
 
     @classmethod
     def from_snapshot(cls, snapshot: SnapshotAssertion) -> "StructureSnapshotAssertion":
-        return cls(session=snapshot.session, extension_class=StructureSnapshotExtension, test_location=snapshot.test_location,
-                   update_snapshots=snapshot.update_snapshots, update_new_snapshots_only=snapshot.update_new_snapshots_only,
-                   include=snapshot.include, exclude=snapshot.exclude, matcher=snapshot.matcher)
+        return cls(
+            session=snapshot.session,
+            extension_class=StructureSnapshotExtension,
+            test_location=snapshot.test_location,
+            update_snapshots=snapshot.update_snapshots,
+            update_new_snapshots_only=snapshot.update_new_snapshots_only,
+            include=snapshot.include,
+            exclude=snapshot.exclude,
+            matcher=snapshot.matcher,
+        )
 
     @property
     def index(self) -> Any:

@@ -47,7 +47,11 @@ def clean_error():
 
 def digest(root: Path) -> dict[str, str]:
     """sha256 of every file under `root` (names relative), to prove nothing the user owns changed."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture

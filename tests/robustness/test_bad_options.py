@@ -9,7 +9,12 @@ PASSING = "def test_nothing():\n    pass\n"
 
 # id: (command line args, ini text, env, fragments expected on stderr)
 OPTION_CASES = {
-    "device unknown": (["--nnsight-device", "gpu"], "", {}, [r"'gpu'", r"command line option --nnsight-device", r"auto, cpu, cuda or cuda:N"]),
+    "device unknown": (
+        ["--nnsight-device", "gpu"],
+        "",
+        {},
+        [r"'gpu'", r"command line option --nnsight-device", r"auto, cpu, cuda or cuda:N"],
+    ),
     "device cuda index": (["--nnsight-device", "cuda:x"], "", {}, [r"'cuda:x'", r"auto, cpu, cuda or cuda:N"]),
     "dtype unknown": (["--nnsight-dtype", "float8"], "", {}, [r"'float8'", r"float32, float16 or bfloat16"]),
     "batching cells zero": (["--nnsight-check-batching-cells", "0"], "", {}, [r"'0'", r"positive integer"]),
@@ -17,13 +22,28 @@ OPTION_CASES = {
     "snapshot atol negative": (["--nnsight-snapshot-atol=-1"], "", {}, [r"'-1'", r"number >= 0"]),
     "snapshot rtol NaN": (["--nnsight-snapshot-rtol", "nan"], "", {}, [r"'nan'", r"finite number >= 0"]),
     "snapshot atol infinite": (["--nnsight-snapshot-atol", "inf"], "", {}, [r"'inf'", r"finite number >= 0"]),
-    "hypothesis profile unknown": (["--nnsight-hypothesis-profile", "nosuch"], "", {}, [r"'nosuch'", r"nnsight-dev or nnsight-ci"]),
+    "hypothesis profile unknown": (
+        ["--nnsight-hypothesis-profile", "nosuch"],
+        "",
+        {},
+        [r"'nosuch'", r"nnsight-dev or nnsight-ci"],
+    ),
     "hypothesis profile malformed": (["--nnsight-hypothesis-profile", "a b"], "", {}, [r"'a b'", r"profile name"]),
-    "env bool not a bool": ([], "", {"PYTEST_NNSIGHT_OFFLINE": "maybe"}, [r"'maybe'", r"environment variable PYTEST_NNSIGHT_OFFLINE", r"true or false"]),
+    "env bool not a bool": (
+        [],
+        "",
+        {"PYTEST_NNSIGHT_OFFLINE": "maybe"},
+        [r"'maybe'", r"environment variable PYTEST_NNSIGHT_OFFLINE", r"true or false"],
+    ),
     "env cache dir blank": ([], "", {"PYTEST_NNSIGHT_CACHE_DIR": "  "}, [r"'  '", r"directory path"]),
     "ini dtype": ([], "[pytest]\nnnsight_dtype = half\n", {}, [r"'half'", r"ini key nnsight_dtype", r"float32"]),
     "ini bool": ([], "[pytest]\nnnsight_require_models = sometimes\n", {}, [r"'sometimes'", r"true or false"]),
-    "ini deterministic": ([], "[pytest]\nnnsight_deterministic = strict\n", {}, [r"'strict'", r"nnsight_deterministic", r"true or false"]),
+    "ini deterministic": (
+        [],
+        "[pytest]\nnnsight_deterministic = strict\n",
+        {},
+        [r"'strict'", r"nnsight_deterministic", r"true or false"],
+    ),
 }
 
 
@@ -36,7 +56,9 @@ def test_bad_option_is_a_usage_error_naming_it(pytester, monkeypatch, case):
         pytester.makeini(ini)
     pytester.makepyfile(PASSING)
     result = pytester.runpytest_inprocess(*args)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR, f"{case}: exit {result.ret}\n{result.stdout.str()}\n{result.stderr.str()}"
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, (
+        f"{case}: exit {result.ret}\n{result.stdout.str()}\n{result.stderr.str()}"
+    )
     err = result.stderr.str()
     import re
 
@@ -91,7 +113,9 @@ def test_a_failing_finding_shows_no_nnsight_frames(pytester):
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "MetricError: metric <lambda> raised KeyError" in out, out
-    assert "site-packages/nnsight/" not in out and "/nnsight/intervention" not in out, out  # nnsight's frames, not pytest_nnsight's
+    assert "site-packages/nnsight/" not in out and "/nnsight/intervention" not in out, (
+        out
+    )  # nnsight's frames, not pytest_nnsight's
 
 
 def test_report_dir_under_a_regular_file_is_a_usage_error(pytester):

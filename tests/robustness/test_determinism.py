@@ -16,7 +16,7 @@ from pytest_nnsight.sites import attn_out, block, embed
 
 CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
 
-SUITE = '''
+SUITE = """
 import json
 from pytest_nnsight import attribution_patch, logit_diff, patch, sweep
 
@@ -40,19 +40,38 @@ def test_effect_and_attribution(nnsight_model, finding_snapshot):
         f.write(json.dumps({"effect": [effect.clean, effect.corrupt, effect.intervened], "controls": effect.controls,
                             "attribution": approx.values}) + "\\n")
     assert {"effect": effect, "attribution": approx} == finding_snapshot(model=model)
-'''
+"""
 
 
 def _start(cwd) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
-    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nnsight-device", "cpu", "--snapshot-update"],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--nnsight-device",
+            "cpu",
+            "--snapshot-update",
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _result(proc: subprocess.Popen, cwd) -> tuple[bytes, dict[str, str]]:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    snaps = {str(p.relative_to(cwd)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((cwd / "__snapshots__").rglob("*.json"))}
+    snaps = {
+        str(p.relative_to(cwd)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((cwd / "__snapshots__").rglob("*.json"))
+    }
     return (cwd / "maps.json").read_bytes(), snaps
 
 
@@ -73,26 +92,44 @@ def test_two_runs_give_bit_identical_maps_and_snapshots(pytester):
     assert maps_a == maps_b, f"effect maps differ between two identical runs:\n{maps_a.decode()}\n{maps_b.decode()}"
 
 
-@pytest.mark.parametrize("sites, sizes", [("blocks", (1, 3, 7, 64)), ("head_out", (5, 13, 64))], ids=["blocks", "heads"])
+@pytest.mark.parametrize(
+    "sites, sizes", [("blocks", (1, 3, 7, 64)), ("head_out", (5, 13, 64))], ids=["blocks", "heads"]
+)
 def test_sweep_results_agree_across_batch_sizes(capitals, sites, sizes):
-    maps = {bs: sweep(capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, batch_size=bs, check_batching=False)
-            for bs in sizes}
+    maps = {
+        bs: sweep(
+            capitals,
+            CLEAN,
+            CORRUPT,
+            metric=logit_diff("Paris", "Berlin"),
+            sites=sites,
+            batch_size=bs,
+            check_batching=False,
+        )
+        for bs in sizes
+    }
     ref = maps[sizes[0]]
     for bs, m in maps.items():
         assert m.sites == ref.sites and m.tokens == ref.tokens
         worst = max(abs(a - b) for ra, rb in zip(m.raw, ref.raw) for a, b in zip(ra, rb))
-        assert worst <= 1e-5, f"batch_size={bs} differs from batch_size={sizes[0]} by {worst:.3g} (raw logit_diff) on {CLEAN!r} <- {CORRUPT!r}"
+        assert worst <= 1e-5, (
+            f"batch_size={bs} differs from batch_size={sizes[0]} by {worst:.3g} (raw logit_diff) on {CLEAN!r} <- {CORRUPT!r}"
+        )
 
 
 def test_sweep_over_mixed_sites_agrees_across_batch_sizes(capitals):
     sites = [embed(capitals), attn_out(capitals, 0), block(capitals, 0), "head_out.1.2", block(capitals, 1)]
-    a = sweep(capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, batch_size=2, check_batching=False)
-    b = sweep(capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, batch_size=30, check_batching=False)
+    a = sweep(
+        capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, batch_size=2, check_batching=False
+    )
+    b = sweep(
+        capitals, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites=sites, batch_size=30, check_batching=False
+    )
     worst = max(abs(x - y) for rx, ry in zip(a.values, b.values) for x, y in zip(rx, ry))
     assert worst <= 1e-5, f"batch sizes 2 and 30 differ by {worst:.3g}"
 
 
-DETERMINISTIC_TESTS = '''
+DETERMINISTIC_TESTS = """
 import os, random
 
 import numpy
@@ -116,7 +153,7 @@ def test_a():
 
 def test_b():
     assert _draws() == FIRST["a"], "every test starts from the same seeds"
-'''
+"""
 
 
 @pytest.mark.parametrize("how", ["flag", "ini"])
@@ -127,8 +164,10 @@ def test_deterministic_option_turns_on_algorithms_and_seeds_each_test(pytester, 
         pytester.makeini("[pytest]\nnnsight_deterministic = true\n")
     result = pytester.runpytest_inprocess("-p", "no:randomly", *(["--nnsight-deterministic"] if how == "flag" else []))
     result.assert_outcomes(passed=2)
-    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before, \
-        "the run left torch's deterministic mode changed"
+    assert (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    ) == before, "the run left torch's deterministic mode changed"
 
 
 def test_without_the_option_nothing_is_seeded(pytester):

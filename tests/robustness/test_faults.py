@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 
 # Loaded by the child run: with FAULT_AT set, the chosen write signals the parent (a marker file) and hangs until killed.
-CONFTEST = '''
+CONFTEST = """
 import os, time
 from pathlib import Path
 
@@ -58,9 +58,9 @@ if FAULT == "cache-rows":  # in the middle of streaming rows into the data file
             _hang(self.fh.name)
 
     cache_store._StreamWriter.write_rows = write_rows
-'''
+"""
 
-TESTS = '''
+TESTS = """
 import pytest
 from pytest_nnsight import assert_restores, logit_diff, patch, sweep
 
@@ -83,9 +83,18 @@ def test_effect(nnsight_model, finding_snapshot):
     assert_restores(effect, 0.5)
     assert effect == finding_snapshot(model=model)
 
-'''
+"""
 
-ARGS = ("-p", "no:cacheprovider", "--nnsight-device", "cpu", "--nnsight-cache-dir", "cache", "--nnsight-report", "report")
+ARGS = (
+    "-p",
+    "no:cacheprovider",
+    "--nnsight-device",
+    "cpu",
+    "--nnsight-cache-dir",
+    "cache",
+    "--nnsight-report",
+    "report",
+)
 
 
 def _child(cwd: Path, fault: str, *args: str, timeout: float = 120, base: tuple[str, ...] = ARGS) -> str:
@@ -94,12 +103,20 @@ def _child(cwd: Path, fault: str, *args: str, timeout: float = 120, base: tuple[
     mark.unlink(missing_ok=True)
     env = {**os.environ, "FAULT_AT": fault, "FAULT_MARK": str(mark)}
     env.pop("PYTEST_ADDOPTS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *base, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *base, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + timeout
     while fault and not mark.exists():
         if proc.poll() is not None:
             out = proc.stdout.read().decode()
-            pytest.fail(f"the run ended (exit {proc.returncode}) before the {fault} write it should be killed in:\n{out}")
+            pytest.fail(
+                f"the run ended (exit {proc.returncode}) before the {fault} write it should be killed in:\n{out}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"no {fault} write within {timeout} s")
@@ -125,7 +142,9 @@ def check_files(root: Path) -> dict[str, int]:
         elif p.name.startswith("ac-"):
             blob = p.parent / data["data"]
             assert blob.stat().st_size == data["bytes"], f"{blob.name}: size differs from its manifest"
-            assert hashlib.sha256(blob.read_bytes()).hexdigest() == data["sha256"], f"{blob.name}: checksum differs from its manifest"
+            assert hashlib.sha256(blob.read_bytes()).hexdigest() == data["sha256"], (
+                f"{blob.name}: checksum differs from its manifest"
+            )
             counts["manifests"] += 1
         elif p.name == "findings.json":
             assert data["findings"], p
@@ -160,7 +179,7 @@ def test_killed_mid_write_then_rerun(pytester):
     assert leftovers(root) == [], f"temp files a killed run left are still there after the rerun: {leftovers(root)}"
 
 
-XDIST_TESTS = '''
+XDIST_TESTS = """
 import pytest
 from pytest_nnsight import ablate, logit_diff
 
@@ -181,7 +200,7 @@ def test_cache(activation_cache, nnsight_model, i):
     acts = activation_cache.get(model, prompts, sites="blocks", positions="last")
     assert acts["resid_post.1"].shape[0] == len(prompts)
     print(f"CACHE key={len(prompts)} source={acts.source}")
-'''
+"""
 
 
 def test_two_xdist_workers_lose_nothing(pytester):
@@ -189,7 +208,9 @@ def test_two_xdist_workers_lose_nothing(pytester):
     pytester.makepyfile(test_parallel=XDIST_TESTS)
     root = pytester.path
     # the activation cache in its default directory (under .pytest_cache, as every worker must resolve it alike)
-    out = _child(root, "", "-n", "2", "--snapshot-update", base=("--nnsight-device", "cpu", "--nnsight-report", "report"))
+    out = _child(
+        root, "", "-n", "2", "--snapshot-update", base=("--nnsight-device", "cpu", "--nnsight-report", "report")
+    )
     assert "16 passed" in out, out
     counts = check_files(root)
     assert counts["snapshots"] == 8 and counts["manifests"] == 4, f"{counts}\n{out}"

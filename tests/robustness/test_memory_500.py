@@ -91,12 +91,18 @@ def _run(pytester, device: str) -> dict:
 def test_rss_flat_over_500_finding_tests(pytester):
     rss = _run(pytester, "cpu")["rss"]
     drift = max(rss[1:]) - rss[0]
-    print(f"RSS after {EVERY} tests {rss[0]:.1f} MB, drift over the next {N - EVERY}: {drift:+.1f} MB; samples {[round(r, 1) for r in rss]}")
-    assert drift < RSS_BOUND_MB, f"RSS grew {drift:.1f} MB over {N - EVERY} tests after warm-up (bound {RSS_BOUND_MB} MB): {rss}"
+    print(
+        f"RSS after {EVERY} tests {rss[0]:.1f} MB, drift over the next {N - EVERY}: {drift:+.1f} MB; samples {[round(r, 1) for r in rss]}"
+    )
+    assert drift < RSS_BOUND_MB, (
+        f"RSS grew {drift:.1f} MB over {N - EVERY} tests after warm-up (bound {RSS_BOUND_MB} MB): {rss}"
+    )
 
 
 @pytest.mark.gpu
 def test_cuda_memory_flat_over_500_finding_tests(pytester):
     cuda = _run(pytester, "cuda")["cuda"]
     drift = max(cuda[1:]) - cuda[0]
-    assert drift < CUDA_BOUND_MB, f"CUDA allocated memory grew {drift:.2f} MB after warm-up (bound {CUDA_BOUND_MB} MB): {cuda}"
+    assert drift < CUDA_BOUND_MB, (
+        f"CUDA allocated memory grew {drift:.2f} MB after warm-up (bound {CUDA_BOUND_MB} MB): {cuda}"
+    )

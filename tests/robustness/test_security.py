@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest_nnsight
 
 PACKAGE = Path(pytest_nnsight.__file__).parent
-UNSAFE = re.compile(r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.loads?\(|\btorch\.load\(|\bnp\.load\(|\bnumpy\.load\(|allow_pickle|"
-                    r"\bdill\b|\bjoblib\.load|trust_remote_code\s*=\s*True|(?<![.\w])eval\(|(?<![.\w])exec\(")
+UNSAFE = re.compile(
+    r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.loads?\(|\btorch\.load\(|\bnp\.load\(|\bnumpy\.load\(|allow_pickle|"
+    r"\bdill\b|\bjoblib\.load|trust_remote_code\s*=\s*True|(?<![.\w])eval\(|(?<![.\w])exec\("
+)
 
 
 def test_the_package_never_unpickles_nor_trusts_remote_code():
@@ -33,7 +35,12 @@ def test_loading_a_local_checkpoint_never_asks_for_remote_code(tmp_path, monkeyp
     module.save_pretrained(tmp_path / "ckpt")
     tok.save_pretrained(tmp_path / "ckpt")
     calls: list[tuple[str, dict]] = []
-    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoModel, transformers.AutoTokenizer):
+    for cls in (
+        transformers.AutoConfig,
+        transformers.AutoModelForCausalLM,
+        transformers.AutoModel,
+        transformers.AutoTokenizer,
+    ):
         original = cls.from_pretrained
 
         def recording(*args, _original=original, _name=cls.__name__, **kwargs):
@@ -46,7 +53,9 @@ def test_loading_a_local_checkpoint_never_asks_for_remote_code(tmp_path, monkeyp
     names = [name for name, _ in calls]
     assert "AutoModelForCausalLM" in names and "AutoConfig" in names, names
     for name, kwargs in calls:
-        assert not kwargs.get("trust_remote_code", False), f"{name}.from_pretrained was called with trust_remote_code: {kwargs}"
+        assert not kwargs.get("trust_remote_code", False), (
+            f"{name}.from_pretrained was called with trust_remote_code: {kwargs}"
+        )
 
 
 def test_a_snapshot_file_is_parsed_as_json_only(tmp_path):

@@ -23,7 +23,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .cache_store import PREFIX, _locked, _StreamWriter, _write_atomic, check_writable, clear_directory, sha256_of
 from .environment import library_versions
-from .errors import ActivationCacheError, ActivationCacheWarning, ArgumentError, PositionError, SiteNotCachedError
+from .errors import (
+    ActivationCacheError,
+    ActivationCacheWarning,
+    ArgumentError,
+    PositionError,
+    SiteNotCachedError,
+    check_positive_int,
+)
 
 FORMAT = 1
 DIR_NAME = "nnsight-activations"
@@ -212,8 +219,7 @@ class ActivationCache:
             raise PositionError(
                 f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} {str(prompts)[:60]!r}"
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ArgumentError(f"batch_size {batch_size!r}: expected a positive int")
+        check_positive_int("batch_size", batch_size)
         module = getattr(model, "_module", model)
         param = next(module.parameters())
         model_dtype = str(param.dtype).replace("torch.", "")

@@ -627,14 +627,13 @@ def test_activation_cache_bad_arguments(capitals, clean_error, tmp_path):
     cache = ActivationCache(tmp_path / "c")
     for kwargs, kind, fragments in (
         (dict(prompts=CLEAN), PositionError, (r"got str 'The capital", r"non-empty list of prompts")),
-        (
-            dict(
-                prompts=[],
-            ),
-            PositionError,
-            (r"got list", r"non-empty list"),
-        ),
+        (dict(prompts=[]), PositionError, (r"got list", r"non-empty list")),
         (dict(prompts=[CLEAN], batch_size=0), ArgumentError, (r"batch_size 0", r"positive int")),
+        (
+            dict(prompts=[CLEAN], batch_size=True),
+            ArgumentError,
+            (r"batch_size True", r"positive int"),
+        ),  # a bool is not a count
         (dict(prompts=[CLEAN], dtype="int8"), ArgumentError, (r"'int8'", r"float32, float16")),
         (dict(prompts=[CLEAN], sites="transformer.h.4"), SiteError, (r"index 4", r"valid 0\.\.1")),
     ):

@@ -37,8 +37,8 @@ docs: venv
 	$(PY) -m mkdocs build --strict --site-dir site
 
 # bench needs the optional `bench` extra (TransformerLens 4.x) for its side-by-side entry; it is installed here.
-# ruff (pip install ruff) with the pyproject configuration; LINT_PATHS narrows it (e.g. the files a change touches)
-LINT_PATHS ?= pytest_nnsight tests examples benchmarks CI docs
+# ruff (pip install ruff) with the pyproject configuration, over the whole tree; LINT_PATHS narrows it (e.g. the files a change touches)
+LINT_PATHS ?= .
 lint: venv
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install --quiet "ruff>=0.6"
 	$(PY) -m ruff check $(LINT_PATHS)

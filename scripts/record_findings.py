@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pytest_nnsight import kl_div, logit_diff, logprob, prob
 from pytest_nnsight.models import ModelCache
-from pytest_nnsight.settings import Settings
 from pytest_nnsight.replay import FindingSpec
+from pytest_nnsight.settings import Settings
 
 OUT = Path(__file__).resolve().parent.parent / "examples" / "findings"
 TEST = "examples/test_capitals_replay.py::test_recorded_finding_holds[{}]"
@@ -29,8 +29,17 @@ FINDINGS = [  # name, site, position, metric, direction
 def main() -> None:
     model = ModelCache(Settings(device="cpu", offline=True)).get("bundled:capitals")
     for name, site, position, metric, direction in FINDINGS:
-        spec = FindingSpec.from_patch(model, CLEAN, CORRUPT, site=site, position=position, metric=metric, direction=direction,
-                                      name=name, test=TEST.format(name))
+        spec = FindingSpec.from_patch(
+            model,
+            CLEAN,
+            CORRUPT,
+            site=site,
+            position=position,
+            metric=metric,
+            direction=direction,
+            name=name,
+            test=TEST.format(name),
+        )
         spec.save(OUT / f"{name}.json")
         print(f"{name}: {spec.recorded}")
 

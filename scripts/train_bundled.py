@@ -186,9 +186,7 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(dict.fromkeys([PAD, BOS, UNK, *words]))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, BOS_ID)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, BOS_ID)])
     tok.decoder = decoders.WordPiece(prefix="##")  # decode() joins words with spaces
     # Passed to the constructor (not set as attributes) so save_pretrained keeps them.
     return PreTrainedTokenizerFast(
@@ -236,9 +234,7 @@ def train(
     for step in range(settings.steps):
         inputs, labels = batch(step)
         logits = model(**inputs, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), labels.flatten(), ignore_index=-100
-        )
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -320,9 +316,7 @@ def capitals_words() -> list[str]:
     return words + list(CAPITALS) + list(CAPITALS.values())
 
 
-def capitals_rows(
-    tok: PreTrainedTokenizerFast, templates: Sequence[str]
-) -> tuple[list[list[int]], list[int]]:
+def capitals_rows(tok: PreTrainedTokenizerFast, templates: Sequence[str]) -> tuple[list[list[int]], list[int]]:
     """Token ids (with ``<bos>``) and answer id of every (template, country) prompt."""
     prompts, answers = [], []
     for template in templates:
@@ -351,7 +345,7 @@ def capitals_batcher(
     lengths = torch.tensor([len(p) for p in prompts])
     base = torch.full((n, width), PAD_ID, dtype=torch.long)
     for i, p in enumerate(prompts):
-        base[i, width - len(p):] = torch.tensor(p)
+        base[i, width - len(p) :] = torch.tensor(p)
     cols = torch.arange(width).expand(n, width)
     real_start = (width - lengths).unsqueeze(1)
     labels = torch.full((n, width), -100, dtype=torch.long)
@@ -367,9 +361,7 @@ def capitals_batcher(
     return batch
 
 
-def capitals_accuracy(
-    model: GPT2LMHeadModel, prompts: list[list[int]], answers: list[int]
-) -> tuple[int, int]:
+def capitals_accuracy(model: GPT2LMHeadModel, prompts: list[list[int]], answers: list[int]) -> tuple[int, int]:
     """(correct, total) over unpadded single-prompt forwards."""
     preds = last_token_predictions(model, prompts)
     return sum(p == a for p, a in zip(preds, answers)), len(answers)

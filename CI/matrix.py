@@ -576,9 +576,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         for nodeid, n, c in details:
             out.append(f"- **{n}** `{nodeid}`: {c['outcome']}")
             lines = c["drift"] or c["snapshot"] or [ln for ln in c["message"].splitlines() if ln.strip()]
-            shown = (
-                lines if c["outcome"] != "errored" else lines[:ERROR_LINES]
-            )  # an error's traceback is cut between lines
+            # an error's traceback is cut between lines
+            shown = lines if c["outcome"] != "errored" else lines[:ERROR_LINES]
             out += [f"  - {line}" for line in _fold_all(shown)]
             if len(shown) < len(lines):
                 out.append(f"  - ({len(lines) - len(shown)} more line(s) in drift.json)")

@@ -27,9 +27,8 @@ def _message(report: pytest.TestReport) -> str:
 
 def _drift_lines(text: str) -> list[str]:
     """The drift summary of a snapshot failure: the 'drifted after' line and the statistics under it."""
-    lines = [
-        ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")
-    ]  # the exception's own lines, not the source
+    # the exception's own lines, not the source
+    lines = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")]
     out: list[str] = []
     for i, ln in enumerate(lines):
         if "drifted after" in ln:

@@ -20,9 +20,8 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-os.environ.setdefault(
-    "OMP_WAIT_POLICY", "PASSIVE"
-)  # read when torch loads: OpenMP spin-waits distort per-cell loops on a loaded box
+# read when torch loads: OpenMP spin-waits distort per-cell loops on a loaded box
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -419,10 +418,11 @@ def main() -> int:
 
     entries += bench_generation_batching(args.device, args.reps, interleaved)
     if not args.skip_side_by_side:
+        # benchmarks/side_by_side.py: the GPT-2-small shape against TransformerLens and raw hooks
         from side_by_side import (
             scaling,
             side_by_side,
-        )  # benchmarks/side_by_side.py: the GPT-2-small shape against TransformerLens and raw hooks
+        )
 
         entries += side_by_side(args.device, args.rounds_gpt2s)
         entries += scaling(args.device)

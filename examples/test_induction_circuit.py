@@ -112,9 +112,8 @@ def test_path_patching_confirms_the_key_edge(induction):
         receiver="k_in.1.0",
         metric=logit_diff(KEY[0].answer, KEY[0].distractor),
     )
-    assert (
-        0.1 <= one.normalized <= 0.5
-    )  # one head's key alone carries a share: the four heads split the work (0.17-0.19)
+    # one head's key alone carries a share: the four heads split the work (0.17-0.19)
+    assert 0.1 <= one.normalized <= 0.5
     q = path_patch(
         induction,
         KEY[0].clean,

@@ -240,9 +240,8 @@ class ActivationCache:
         if any(hasattr(t, "ids") for t in texts):  # prompts given as token ids keep them
             ids = [list(t.ids) if hasattr(t, "ids") else list(tok(t)["input_ids"]) for t in texts]
         else:
-            ids = [
-                list(row) for row in tok(texts)["input_ids"]
-            ]  # one batched call: a rerun that loads pays little for its key
+            # one batched call: a rerun that loads pays little for its key
+            ids = [list(row) for row in tok(texts)["input_ids"]]
         for p, text, row in zip(prompts, texts, ids):
             tokens = Tokens(tok.convert_ids_to_tokens(row), normalizer_of(tok))
             check_context(model, tokens, text)

@@ -482,9 +482,8 @@ def _decode(
     cache = None
     for step in range(config.max_new_tokens):
         if not config.use_cache:
-            logits, _ = _next_logits(
-                model, ids, mask, _edits(bound, texts, pads, lengths, ids.shape[1])
-            )  # [B, V] float32 on CPU
+            # [B, V] float32 on CPU
+            logits, _ = _next_logits(model, ids, mask, _edits(bound, texts, pads, lengths, ids.shape[1]))
         elif step == 0:  # the prompts, keeping their keys and values
             logits, cache = _next_logits(
                 model, ids, mask, _edits(bound, texts, pads, lengths, ids.shape[1]), cache=True

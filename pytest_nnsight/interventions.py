@@ -136,6 +136,7 @@ def _baselines(
     """The unpatched metric of [source, target], the reference logits and the source activation at `s`; within a test,
     computed once per (model, prompts, metric object, direction) and once per site (see forward.baseline_scope)."""
     cache = _forward.baselines()
+    # a remote run never reuses local runs
     key = (
         (
             id(_forward.module_of(model)),
@@ -148,17 +149,18 @@ def _baselines(
         )
         if cache is not None
         else None
-    )  # a remote run never reuses local runs
+    )
     hit = cache.get(key) if cache is not None else None
     if hit is None:
         reference = reference_logits(model, m, clean)
         base, acts = run(model, [source, target], m, save=[s], reference=reference)
+        # keep: ids stay unique
         hit = {
             "keep": (model, spec),
             "base": base,
             "reference": reference,
             "acts": {s: acts[s][0]},
-        }  # keep: ids stay unique
+        }
         if cache is not None:
             cache[key] = hit
     if s not in hit["acts"]:

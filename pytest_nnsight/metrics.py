@@ -89,9 +89,8 @@ class MetricSpec:
     def bind(self, model: Any) -> Metric:
         tokenizer = getattr(model, "tokenizer", None)
         ids = [token_id(tokenizer, t) for t in self.tokens]
-        return Metric(
-            self.name, self.build(*ids), self.needs_reference, last_only=True
-        )  # every built-in reads the last position
+        # every built-in reads the last position
+        return Metric(self.name, self.build(*ids), self.needs_reference, last_only=True)
 
     def __repr__(self) -> str:
         return self.name

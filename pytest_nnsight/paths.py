@@ -246,9 +246,8 @@ class Bound:
             keep = torch.zeros_like(diff)
             keep[..., s.head * width : (s.head + 1) * width] = diff[..., s.head * width : (s.head + 1) * width]
             proj = self.module(self.lay.in_layer(s.layer, "head_proj"))
-            diff = proj(keep) - proj(
-                torch.zeros_like(keep)
-            )  # the head's slice of the output projection, bias cancelled
+            # the head's slice of the output projection, bias cancelled
+            diff = proj(keep) - proj(torch.zeros_like(keep))
         return diff * mask.to(diff.dtype).unsqueeze(-1)
 
     def receive(self, r: Receiver, resid: torch.Tensor) -> torch.Tensor:

@@ -85,9 +85,8 @@ def pytest_configure(config: pytest.Config) -> None:
             _settings.load_hypothesis_profile(resolved.hypothesis_profile, resolved.source_of("hypothesis_profile"))
         report_state = _report.configure(config, resolved)  # an unwritable --nnsight-report DIR stops the run now
         if resolved.review and report_state.directory is None and getattr(config, "cache", None) is not None:
-            report_state.directory = Path(
-                config.cache.mkdir("nnsight-review")
-            )  # the review's figures: a report in the cache
+            # the review's figures: a report in the cache
+            report_state.directory = Path(config.cache.mkdir("nnsight-review"))
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = resolved
@@ -100,9 +99,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.rootpath, resolved.structure_lock, bool(getattr(config.option, "update_snapshots", False))
     )
     config.stash[REPORT_KEY] = report_state
-    config.pluginmanager.register(
-        report_state, "nnsight-findings"
-    )  # collects the records of every report, workers' too
+    # collects the records of every report, workers' too
+    config.pluginmanager.register(report_state, "nnsight-findings")
     if not hasattr(config, "workerinput"):  # the controller clears once, before xdist workers start
         from .activation_cache import clear_at_start
 

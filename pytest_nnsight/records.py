@@ -248,9 +248,8 @@ class Finding:
     generations: list[GenerationRecord] = field(default_factory=list)
     circuits: list[CircuitRecord] = field(default_factory=list)
     probes: list[ProbeRecord] = field(default_factory=list)
-    notes: list[str] = field(
-        default_factory=list
-    )  # lines for the snapshots section (re-verified under a new environment)
+    # lines for the snapshots section (re-verified under a new environment)
+    notes: list[str] = field(default_factory=list)
     outcome: str = ""  # set by the run: passed, failed, error, skipped, xfailed, xpassed, fixture
     when: str = ""
     duration: Number = None

@@ -484,9 +484,8 @@ def _html(records: Sequence[Finding], env: dict[str, str], figures: dict[int, li
                 f"<p>variants: {p.passed}/{p.n} &ge; {fmt(p.threshold)} (rate {_rate3(p.rate)}, Wilson 95% lower "
                 f"{fmt(p.lower_bound)}), mean {fmt(p.mean)} &plusmn; {fmt(p.std)} at {e(p.site)} @ {e(p.position)}</p>"
             )
-        drift_figures = [
-            f for f in figures.get(k, []) if re.search(r"-(drift\d+|probes)\.png$", f)
-        ]  # placed beside their text
+        # placed beside their text
+        drift_figures = [f for f in figures.get(k, []) if re.search(r"-(drift\d+|probes)\.png$", f)]
         for n, s in enumerate(rec.snapshots):
             parts.append(f"<p>snapshot <code>{e(s.name)}</code>: <b>{e(s.status)}</b> {e(s.detail)}</p>")
             if s.drift is not None:

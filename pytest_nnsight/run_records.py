@@ -184,9 +184,8 @@ def failure_message(report: Any) -> str:
     lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
     lines = [line for line in lines if line]
     if lines:
-        lines[0] = re.sub(
-            r"^(?:\w+\.)+(\w+: )", r"\1", lines[0]
-        )  # 'pytest_nnsight.errors.FindingFailed: ' -> 'FindingFailed: '
+        # 'pytest_nnsight.errors.FindingFailed: ' -> 'FindingFailed: '
+        lines[0] = re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", lines[0])
     if not lines:
         crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
         tail = text.strip().splitlines()

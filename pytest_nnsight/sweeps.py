@@ -56,9 +56,8 @@ def sweep(
     >>> effects.argmax()                                                                   # doctest: +SKIP
     ('resid_post.1', 5, 'is', 1.0)
     """
-    args = moved_positionals(
-        "sweep", "model, clean, corrupt", old, ("metric",), {"metric": metric}
-    )  # the old sweep(m, c, x, metric)
+    # the old sweep(m, c, x, metric)
+    args = moved_positionals("sweep", "model, clean, corrupt", old, ("metric",), {"metric": metric})
     required("sweep", args)
     _check_arguments(batch_size, memory_budget, direction, reuse)
     req = _resolve(model, clean, corrupt, args["metric"], sites, positions, direction, min_gap)

@@ -175,9 +175,8 @@ def test_positions_words_slots_and_whole_sequences(capitals, nnsight_models, tmp
     batches = list(acts.iter_batches("transformer.h.0", batch_size=1))
     assert [tuple(b.shape) for b in batches] == [(1, n1, 64), (1, n1, 64)]
     with pytest.raises(PositionError, match="names 1 token\\(s\\) in 'The capital of France is' but 2 in"):
-        cache.get(
-            capitals, prompts, sites="blocks", positions=[0, -n0]
-        )  # one index in the short prompt, two in the long one
+        # one index in the short prompt, two in the long one
+        cache.get(capitals, prompts, sites="blocks", positions=[0, -n0])
     with pytest.raises(SiteNotCachedError, match="it holds transformer.h.0"):
         last["resid_post.1"]
 

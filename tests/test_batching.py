@@ -349,20 +349,20 @@ def test_a_cased_position_word_matches_an_uncased_tokenizer(served):
 
 def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
     pairs = [pair(DECODER_TEMPLATES[k], COUNTRIES[k], COUNTRIES[k + 1]) for k in range(3)]
-    population(
-        capitals, pairs, site="transformer.h.0", position="{country}", threshold=0.5, check_batching=True
-    )  # the real path agrees
+    # the real path agrees
+    population(capitals, pairs, site="transformer.h.0", position="{country}", threshold=0.5, check_batching=True)
     import pytest_nnsight.populations as pops
 
     real = pops._measure
 
     def skewed(req):
         src, tgt, patched = real(req)
+        # single runs that disagree with the batch
         return (
             src,
             tgt,
             [v + (1e-3 if len(req.targets) == 1 else 0.0) for v in patched],
-        )  # single runs that disagree with the batch
+        )
 
     monkeypatch.setattr(pops, "_measure", skewed)
     with pytest.raises(BatchingMismatchError, match="batched population disagrees with single-pair runs"):
@@ -371,9 +371,8 @@ def test_check_batching_reruns_population_pairs(capitals, monkeypatch):
 
 def test_check_batching_reruns_cached_prompts(capitals, monkeypatch):
     prompts = [pair(t, COUNTRIES[0], COUNTRIES[1]).clean for t in DECODER_TEMPLATES]
-    ActivationCache(None).get(
-        capitals, prompts, sites=["resid_post.0"], positions="last", check_batching=True
-    )  # agrees
+    # agrees
+    ActivationCache(None).get(capitals, prompts, sites=["resid_post.0"], positions="last", check_batching=True)
     import pytest_nnsight.trace as trace
 
     real = trace.run
@@ -416,9 +415,8 @@ def test_two_sites_sharing_one_label_are_refused_wherever_rows_are_keyed_by_labe
         attribution_patch(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=twins)
     with pytest.raises(SiteError, match="both labelled 'mine'"):
         ActivationCache(None).get(capitals, [clean], sites=twins, positions="last")
-    same = sweep(
-        capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=["resid_post.0", "resid_post.0"]
-    )  # one site twice is fine
+    # one site twice is fine
+    same = sweep(capitals, clean, corrupt, metric=logit_diff("Paris", "Berlin"), sites=["resid_post.0", "resid_post.0"])
     assert same.values[0] == same.values[1]
 
 
@@ -433,9 +431,8 @@ def test_a_probe_on_an_encoder_reads_the_country_token_of_text_prompts(served):
             labels.append(country)
     acts = ActivationCache(None).get(model, prompts * 2, sites=["embed"], positions="{country}", batch_size=5)
     result = probe(acts, "embed", labels * 2)
-    assert (
-        result.accuracy == 1.0
-    )  # the embedding of the country token names the country: the positions were the right ones
+    # the embedding of the country token names the country: the positions were the right ones
+    assert result.accuracy == 1.0
 
 
 def test_any_module_served_with_a_tokenizer_takes_text(nnsight_models):
@@ -484,9 +481,8 @@ def test_attribution_patching_takes_an_encoder_and_text(served):
         sites=["embed"],
     )
     assert all(abs(v) < 1e-6 for j, v in enumerate(exact.values[0]) if j != 4)  # only the country cell moves anything
-    assert all(
-        abs(v) < 1e-4 for j, v in enumerate(approx.values[0]) if j != 4
-    )  # the gradient approximation agrees where it is exact
+    # the gradient approximation agrees where it is exact
+    assert all(abs(v) < 1e-4 for j, v in enumerate(approx.values[0]) if j != 4)
 
 
 def test_only_a_required_second_parameter_receives_the_mask():

@@ -127,9 +127,8 @@ def test_completeness_and_minimality_are_tied_to_faithfulness(tiny_ioi, mary_joh
     rest = [f"head_out.{l}.{h}" for l in range(2) for h in range(4) if f"head_out.{l}.{h}" not in NODES] + ["mlp_out.1"]
     comp = completeness(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
     other = faithfulness(tiny_ioi, rest, PAIRS, metric=mary_john, ablation="resample")
-    assert (
-        max(abs(x - (1 - y)) for x, y in zip(comp.values, other.values)) <= 1e-4
-    )  # removing C == keeping only the rest
+    # removing C == keeping only the rest
+    assert max(abs(x - (1 - y)) for x, y in zip(comp.values, other.values)) <= 1e-4
     mini = minimality(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
     whole = faithfulness(tiny_ioi, c, PAIRS, metric=mary_john, ablation="resample")
     for node, values in zip(mini.nodes, mini.node_values):

@@ -281,9 +281,8 @@ def test_ndif_serves_hub_ids_without_downloading_weights(monkeypatch, capitals):
     class FakeWrapper:
         def __init__(self, repo_id, **kwargs):
             built.append((repo_id, kwargs))
-            self.tokenizer = copy.deepcopy(
-                capitals.tokenizer
-            )  # as a hub tokenizer arrives: right padding, token_type_ids
+            # as a hub tokenizer arrives: right padding, token_type_ids
+            self.tokenizer = copy.deepcopy(capitals.tokenizer)
             self.tokenizer.padding_side = "right"
             self.tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
 
@@ -304,7 +303,6 @@ def test_ndif_serves_hub_ids_without_downloading_weights(monkeypatch, capitals):
     assert trace_kwargs(wrapper, settings=Settings(remote="ndif")) == {"remote": True}
     remote_module.NDIF_MODELS.pop(id(wrapper))
     monkeypatch.undo()
-    local = ModelCache(Settings(device="cpu", remote="ndif")).get(
-        "bundled:capitals"
-    )  # bundled: loaded here, runs locally
+    # bundled: loaded here, runs locally
+    local = ModelCache(Settings(device="cpu", remote="ndif")).get("bundled:capitals")
     assert trace_kwargs(local, settings=Settings(remote="ndif")) == {}

@@ -199,6 +199,5 @@ def test_the_docs_site_builds_strictly(tmp_path):
     assert (tmp_path / "site" / "notebook-to-test" / "index.html").is_file()
     reference = (tmp_path / "site" / "reference" / "index.html").read_text()
     assert "normalized" in reference and "def patch" not in reference  # rendered docstrings, not source
-    assert (
-        "<blockquote>" not in reference
-    )  # docstrings' >>> examples are code blocks (docs/_ext/doctest_fences.py), not quotes
+    # docstrings' >>> examples are code blocks (docs/_ext/doctest_fences.py), not quotes
+    assert "<blockquote>" not in reference

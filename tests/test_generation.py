@@ -96,9 +96,8 @@ def test_steering_at_every_step_equals_a_hook(induction):
     assert list(gen.token_ids[0]) == hf_generate(
         induction, PROMPTS[1], 4, [("transformer.h.0.mlp", "register_forward_hook", post, {})]
     )
-    assert (
-        gen.texts != generate(induction, PROMPTS[1], max_new_tokens=4).texts
-    )  # the steer changes the text (else the test shows nothing)
+    # the steer changes the text (else the test shows nothing)
+    assert gen.texts != generate(induction, PROMPTS[1], max_new_tokens=4).texts
 
 
 def test_prompt_positions_resolve_in_each_prompt_and_match_a_hook(induction):
@@ -205,9 +204,8 @@ def test_eos_ends_a_row_as_in_transformers_and_batched_rows_stop_apart(nnsight_m
     """The bundled models never emit EOS here, so a tiny random model gets as EOS a word it generates."""
     from pytest_nnsight.testing import tiny_gpt2
 
-    module, tok = tiny_gpt2(
-        seed=5
-    )  # generates "store store France ..." after the first prompt, "is is ..." after the second
+    # generates "store store France ..." after the first prompt, "is is ..." after the second
+    module, tok = tiny_gpt2(seed=5)
     model = nnsight_models.get(module, tok, device="cpu")
     prompts = ["When Mary and John went to the store", "The capital of France is"]
     free = generate(model, prompts, max_new_tokens=8, stop_at_eos=False)

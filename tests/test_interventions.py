@@ -307,9 +307,8 @@ def test_saved_activations_are_clones(capitals, bump_block1_input_in_place):
         with capitals.trace(CLEAN):
             shared = capitals.transformer.h[0].output.save()
             cloned = capitals.transformer.h[0].output.clone().save()
-    assert float((shared - cloned).abs().max()) == pytest.approx(
-        50.0
-    )  # an uncloned save sees the later in-place change
+    # an uncloned save sees the later in-place change
+    assert float((shared - cloned).abs().max()) == pytest.approx(50.0)
     site = block(capitals, 0)
     _, acts = run(capitals, CLEAN, as_metric(capitals, LD), save=[site])
     torch.testing.assert_close(acts[site], cloned, atol=1e-6, rtol=0)
@@ -452,9 +451,8 @@ def test_resample_ablation_equals_patching_the_donors_activation(capitals):
     )
     assert effect.kind == "resample ablation (from 'The capital of Japan is')"
     assert float(effect.intervened) == pytest.approx(expected, abs=TOL)
-    assert (
-        float(effect.intervened) < 0
-    )  # Japan's embedding at the subject: Tokyo now beats Paris, so LD(Paris, Berlin) falls
+    # Japan's embedding at the subject: Tokyo now beats Paris, so LD(Paris, Berlin) falls
+    assert float(effect.intervened) < 0
 
 
 @pytest.mark.parametrize(

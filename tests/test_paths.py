@@ -130,9 +130,8 @@ def test_some_edge_of_the_tiny_model_matters(tiny_ioi, mary_john):
         path_patch(tiny_ioi, CLEAN, CORRUPT, sender="embed", receiver=f"v_in.1.{h}", metric=mary_john).normalized
         for h in range(4)
     ]
-    assert (
-        abs(float(several.normalized) - sum(alone)) > 1e-3
-    )  # the joint path is measured, not the sum of the single ones
+    # the joint path is measured, not the sum of the single ones
+    assert abs(float(several.normalized) - sum(alone)) > 1e-3
 
 
 def test_batched_sweep_equals_single_edges(tiny_ioi, mary_john):

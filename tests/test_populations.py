@@ -40,9 +40,8 @@ def pairs(capitals):
 
 
 @pytest.mark.parametrize("position", ["last", "{country}"])
-@pytest.mark.parametrize(
-    "same_length, tol", [(True, 1e-5), (False, 1e-5)]
-)  # left padding (the default) must not move the numbers either
+# left padding (the default) must not move the numbers either
+@pytest.mark.parametrize("same_length, tol", [(True, 1e-5), (False, 1e-5)])
 def test_population_equals_single_patch_runs(capitals, pairs, position, same_length, tol):
     result = population(
         capitals,
@@ -80,9 +79,10 @@ def test_population_summary_numbers(capitals, pairs):
     assert r.mean == pytest.approx(sum(r.effects) / 40)
     assert r.std == pytest.approx(math.sqrt(sum((e - r.mean) ** 2 for e in r.effects) / 39))
     assert r.worst(1)[0][0] == min(r.effects)
+    # same seed, same variants
     assert (
         population(capitals, pairs, site="transformer.h.0", position="last", n=40, threshold=0.9).effects == r.effects
-    )  # same seed, same variants
+    )
 
 
 def test_assert_population_failure_text(capitals, pairs):

@@ -137,9 +137,8 @@ def test_the_installed_wheel_lists_its_options_in_pytest_help(dist, tmp_path):
         ).stdout.strip()
     )
     here = [p for p in sys.path if p.endswith("site-packages")]
-    (site / "_dependencies.pth").write_text(
-        "\n".join(here) + "\n"
-    )  # torch, pytest, nnsight...: not the editable checkout
+    # torch, pytest, nnsight...: not the editable checkout
+    (site / "_dependencies.pth").write_text("\n".join(here) + "\n")
     install = subprocess.run(
         [
             sys.executable,

@@ -103,9 +103,8 @@ def test_report_files_carry_the_numbers_of_the_run(pytester):
     assert (check["threshold"], check["op"], check["passed"]) == (0.9, ">=", True)
 
     map_rec = by_test["test_map_claimed_too_narrowly"]
-    assert (
-        map_rec["claim"] == "test_map_claimed_too_narrowly" and map_rec["outcome"] == "failed"
-    )  # no marker: the test name
+    # no marker: the test name
+    assert map_rec["claim"] == "test_map_claimed_too_narrowly" and map_rec["outcome"] == "failed"
     (m,) = map_rec["maps"]
     assert m["sites"] == ["embed", "resid_post.0", "resid_post.1"] and m["tokens"][-2:] == ["France", "is"]
     assert m["values"] == [[pytest.approx(v, abs=1e-9) for v in row] for row in measured["map"]]
@@ -152,9 +151,8 @@ def test_summary_is_quiet_by_default_and_shown_with_v_or_the_option(pytester):
                 f"PASSED the patch restores the answer | normalized effect of the patch at resid_post.0: {measured:.4g} >= 0.5*test_one.py::test_claim*",
             ]
         )
-        assert (
-            "test_unmarked_plain" not in shown.stdout.str().split("pytest-nnsight findings")[1]
-        )  # it measured nothing
+        # it measured nothing
+        assert "test_unmarked_plain" not in shown.stdout.str().split("pytest-nnsight findings")[1]
 
 
 def test_junit_xml_properties_carry_the_key_numbers(pytester):
@@ -379,9 +377,8 @@ def test_a_drifted_map_is_shown_recorded_new_and_difference_with_the_environment
     plt = pytest.importorskip("matplotlib.pyplot")
     pixels = plt.imread(str(png))
     magenta = (pixels[..., 0] > 0.85) & (pixels[..., 1] < 0.25) & (pixels[..., 2] > 0.85)
-    assert magenta.sum() > 150, (
-        f"the moved cell is not marked in {png}"
-    )  # one outline per panel: recorded, new, difference
+    # one outline per panel: recorded, new, difference
+    assert magenta.sum() > 150, f"the moved cell is not marked in {png}"
     assert "environment: nnsight 0.0.1" in (pytester.path / "out" / "findings.md").read_text()
 
 

@@ -82,9 +82,8 @@ def test_fails():
     assert "<pre class='message'>" in html and "0.9" in html.split("<pre class='message'>")[1].split("</pre>")[0]
     assert "```\n" + message + "\n```" in md
     item = html.split("<ul>")[1].split("</ul>")[0]
-    assert (
-        item.count(">failed</a>") == 1 and "FAILED" not in item
-    )  # the outcome written once (it was 'failed: FAILED block 0 ...')
+    # the outcome written once (it was 'failed: FAILED block 0 ...')
+    assert item.count(">failed</a>") == 1 and "FAILED" not in item
     assert message.startswith("FindingFailed: claim: patching resid_post.0 restores at least 0.9")
 
 

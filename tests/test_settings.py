@@ -71,9 +71,8 @@ def test_a_model_carries_its_run_settings():
     served, own = Wrapper(), Wrapper()
     assert attach(served, Settings(check_batching=True, remote="local")) is served
     assert settings_of(served).check_batching and settings_of(served).remote == "local"
-    assert (
-        settings_of(own) is DEFAULTS and not DEFAULTS.check_batching and DEFAULTS.remote == "off"
-    )  # wrapped by the user
+    # wrapped by the user
+    assert settings_of(own) is DEFAULTS and not DEFAULTS.check_batching and DEFAULTS.remote == "off"
     key = id(served)
     del served  # the registry holds no model alive
     import gc

@@ -296,9 +296,8 @@ def test_public_lifecycle_helper(pytester):
 def test_under_xdist_reverified_is_reported_and_skipped_survive(pytester, monkeypatch):
     pytest.importorskip("xdist")
     pytester.makepyfile(test_skippable=SKIPPABLE)
-    _run(pytester, "--snapshot-update").assert_outcomes(
-        passed=3
-    )  # recorded in one process (writing under -n: test_faults)
+    # recorded in one process (writing under -n: test_faults)
+    _run(pytester, "--snapshot-update").assert_outcomes(passed=3)
     cpu = _snap(pytester, "test_skippable", "test_cpu_finding")
     _edit_env(cpu, nnsight="0.7.0")
     monkeypatch.setenv("SKIP_GPU", "1")
@@ -306,9 +305,8 @@ def test_under_xdist_reverified_is_reported_and_skipped_survive(pytester, monkey
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.no_fnmatch_line("*deleted*")
     assert _snap(pytester, "test_skippable", "test_gpu_finding").exists()
-    assert (
-        json.loads(cpu.read_text())["environment"]["nnsight"] != "0.7.0"
-    )  # --snapshot-update records the new environment
+    # --snapshot-update records the new environment
+    assert json.loads(cpu.read_text())["environment"]["nnsight"] != "0.7.0"
     _edit_env(cpu, nnsight="0.7.0")
     _run(pytester, "-n", "2").stdout.fnmatch_lines(
         ["*test_cpu_finding: re-verified under a new environment: nnsight 0.7.0 -> *"]

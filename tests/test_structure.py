@@ -71,9 +71,8 @@ def test_plain_module_with_ids_and_module_with_tokenizer():
     assert rec["modules"]["1"]["output"] == "Tensor[b,s,3] float32" and rec["tokenizer"] is None
     assert rec["attention"]["weights"].startswith("unknown")
     module, tok = tiny_gpt2()
-    assert (
-        model_structure(module, tok).record["modules"] == structure()["modules"]
-    )  # a torch module + tokenizer is wrapped first
+    # a torch module + tokenizer is wrapped first
+    assert model_structure(module, tok).record["modules"] == structure()["modules"]
 
 
 def test_short_probe_is_refused_with_its_length():
@@ -346,6 +345,5 @@ def test_structure_snapshot_fails_with_the_explanation_when_a_block_output_chang
     )
     assert "the structure of GPT2LMHeadModel changed (same library versions):" in out, out
     assert explanation in out and "run pytest --snapshot-update to accept the change" in out, out
-    assert (
-        "SIMULATE" not in written.read_text() and '"tuple"' in written.read_text()
-    )  # the failing run did not overwrite it
+    # the failing run did not overwrite it
+    assert "SIMULATE" not in written.read_text() and '"tuple"' in written.read_text()

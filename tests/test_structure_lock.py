@@ -93,9 +93,8 @@ def test_lock_fails_raw_trace_tests_after_a_container_change(pytester):
     result.assert_outcomes(failed=2)  # every test using the model
     out = result.stdout.str()
     failures = out.split("= FAILURES =", 1)[1].split("short test summary info", 1)[0]  # under CI pytest does not cut
-    assert failures.count("the structure of bundled:capitals changed after transformers 4.57.6 -> ") == 2, (
-        out
-    )  # summaries
+    # summaries
+    assert failures.count("the structure of bundled:capitals changed after transformers 4.57.6 -> ") == 2, out
     result.stdout.fnmatch_lines(
         [
             "*the structure of bundled:capitals changed after transformers 4.57.6 -> * (structure lock __snapshots__/.nnsight-structure.lock):",

@@ -214,11 +214,12 @@ def count_runs(monkeypatch):
 
 def test_check_batching_reruns_the_asked_cells_and_passes(capitals, count_runs, naive):
     effects = sweep(capitals, CLEAN, CORRUPT, metric=LD, batch_size=4, check_batching=True, check_cells=5, reuse="none")
+    # 4 rows a trace: [clean, corrupt] + 2 cells, then 4, 4, 2
     assert count_runs == {
         "single": 5,
         "batched": 4,
         "broken": False,
-    }  # 4 rows a trace: [clean, corrupt] + 2 cells, then 4, 4, 2
+    }
     torch.testing.assert_close(torch.tensor(effects.raw), torch.tensor(naive[1]), atol=TOL, rtol=0)
 
 
@@ -235,12 +236,10 @@ def test_check_batching_catches_a_broken_batch_path(capitals, count_runs):
 
 def test_check_batching_follows_the_setting_and_is_what_catches_the_bug(capitals, count_runs, attach_settings):
     count_runs["broken"] = True
-    sweep(
-        capitals, CLEAN, CORRUPT, metric=LD, check_batching=False, reuse="none"
-    )  # without the check a broken batch passes silently
-    attach_settings(
-        capitals, Settings(check_batching=True, check_batching_cells=2)
-    )  # the model carries its run settings
+    # without the check a broken batch passes silently
+    sweep(capitals, CLEAN, CORRUPT, metric=LD, check_batching=False, reuse="none")
+    # the model carries its run settings
+    attach_settings(capitals, Settings(check_batching=True, check_batching_cells=2))
     with pytest.raises(BatchingMismatchError, match="in 2 of 2 checked cells"):
         sweep(capitals, CLEAN, CORRUPT, metric=LD, reuse="none")
     attach_settings(capitals, Settings(check_batching=False))

@@ -52,9 +52,8 @@ def to_value(data: Any, decimals: int = DECIMALS, path: str = "finding") -> Any:
         and not isinstance(data, type)
         and callable(getattr(data, "snapshot_record", None))
     ):
-        return to_value(
-            {"@type": type(data).__name__, **data.snapshot_record()}, decimals, path
-        )  # e.g. a Circuit: one edge per line
+        # e.g. a Circuit: one edge per line
+        return to_value({"@type": type(data).__name__, **data.snapshot_record()}, decimals, path)
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         out: dict[str, Any] = {"@type": type(data).__name__}
         for f in dataclasses.fields(data):

@@ -271,9 +271,8 @@ class FindingSnapshotAssertion(SnapshotAssertion, _TestOptions):
     @staticmethod
     def _check(atol: Any, rtol: Any, tolerance: Any) -> None:
         if atol is not None or rtol is not None:
-            Tolerance(
-                0.0 if atol is None else atol, 0.0 if rtol is None else rtol
-            )  # raises on a negative or non-number
+            # raises on a negative or non-number
+            Tolerance(0.0 if atol is None else atol, 0.0 if rtol is None else rtol)
         if tolerance is not None and not isinstance(tolerance, Tolerance):
             raise ArgumentTypeError(f"tolerance={tolerance!r}: expected a Tolerance (from calibrate_tolerance)")
 

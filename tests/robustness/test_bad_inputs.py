@@ -629,11 +629,12 @@ def test_activation_cache_bad_arguments(capitals, clean_error, tmp_path):
         (dict(prompts=CLEAN), PositionError, (r"got str 'The capital", r"non-empty list of prompts")),
         (dict(prompts=[]), PositionError, (r"got list", r"non-empty list")),
         (dict(prompts=[CLEAN], batch_size=0), ArgumentError, (r"batch_size 0", r"positive int")),
+        # a bool is not a count
         (
             dict(prompts=[CLEAN], batch_size=True),
             ArgumentError,
             (r"batch_size True", r"positive int"),
-        ),  # a bool is not a count
+        ),
         (dict(prompts=[CLEAN], dtype="int8"), ArgumentError, (r"'int8'", r"float32, float16")),
         (dict(prompts=[CLEAN], sites="transformer.h.4"), SiteError, (r"index 4", r"valid 0\.\.1")),
     ):
@@ -676,9 +677,8 @@ def test_a_model_emitting_inf_fails_claims_with_a_non_finite_error(capitals, cle
     from pytest_nnsight import FindingFailed
 
     with pytest.raises(FindingFailed, match=r"12 of 12 cells: resid_post.0 @ 0 '<bos>': nan \(want finite\)"):
-        assert_peaks_at(
-            effects, [("resid_post.1", -1)]
-        )  # a claim, not a misuse: an assertion failure listing the NaN cells
+        # a claim, not a misuse: an assertion failure listing the NaN cells
+        assert_peaks_at(effects, [("resid_post.1", -1)])
 
 
 @pytest.mark.parametrize(

@@ -113,9 +113,8 @@ def test_a_failing_finding_shows_no_nnsight_frames(pytester):
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "MetricError: metric <lambda> raised KeyError" in out, out
-    assert "site-packages/nnsight/" not in out and "/nnsight/intervention" not in out, (
-        out
-    )  # nnsight's frames, not pytest_nnsight's
+    # nnsight's frames, not pytest_nnsight's
+    assert "site-packages/nnsight/" not in out and "/nnsight/intervention" not in out, out
 
 
 def test_report_dir_under_a_regular_file_is_a_usage_error(pytester):

@@ -344,6 +344,13 @@ def record_note(rec: Recorder, line: str) -> None:
 
 
 @_safe
+def record_unserved(rec: Recorder, model: str) -> None:
+    """A verb ran on a model the fixtures did not serve, so it ran with the default settings, not the run's options."""
+    if model not in rec.finding.unserved and len(rec.finding.unserved) < 20:
+        rec.finding.unserved.append(model)
+
+
+@_safe
 def record_snapshot(rec: Recorder, assertion: Any, data: Any) -> None:
     """The status of the finding_snapshot assertion that just ran: new, written, matched, re-verified, drifted, updated."""
     from .snapshots.syrupy_adapter import last_result  # stdlib only

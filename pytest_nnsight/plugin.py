@@ -269,9 +269,12 @@ def _findings_summary(terminalreporter: pytest.TerminalReporter, config: pytest.
     state = config.stash.get(REPORT_KEY, None)
     if state is None:
         return
-    _run_records.terminal_summary(
-        terminalreporter, state.records, config.stash[SETTINGS_KEY].summary or config.get_verbosity() > 0
+    settings = config.stash[SETTINGS_KEY]
+    asked = ["--nnsight-check-batching"] * settings.check_batching + [f"--nnsight-remote {settings.remote}"] * (
+        settings.remote != "off"
     )
+    _run_records.unserved_summary(terminalreporter, state.records, asked)
+    _run_records.terminal_summary(terminalreporter, state.records, settings.summary or config.get_verbosity() > 0)
     for line in _report.terminal_lines(state):
         terminalreporter.write_line(line, red=line.startswith("could not"), bold=True)
 

@@ -250,6 +250,8 @@ class Finding:
     probes: list[ProbeRecord] = field(default_factory=list)
     # lines for the snapshots section (re-verified under a new environment)
     notes: list[str] = field(default_factory=list)
+    # models a verb ran on that the fixtures did not serve: the run's --nnsight-check-batching/--nnsight-remote missed them
+    unserved: list[str] = field(default_factory=list)
     outcome: str = ""  # set by the run: passed, failed, error, skipped, xfailed, xpassed, fixture
     when: str = ""
     duration: Number = None

@@ -43,7 +43,7 @@ def start_fixture(fixturedef: Any, request: Any) -> Recorder:
 def finish_fixture(fixturedef: Any, request: Any, rec: Recorder) -> None:
     """Close a fixture's recorder; a record with anything in it rides on the reports of the test that set the fixture up."""
     finding = close_recorder(rec)
-    if not (finding.measured() or finding.notes):
+    if not (finding.measured() or finding.notes or finding.unserved):
         return
     session = getattr(request, "session", None)
     finding.used_by = [
@@ -80,7 +80,7 @@ def _fixturedefs(item: Any, name: str) -> Sequence[Any]:
 def finish(item: Any, rec: Recorder) -> None:
     """Close the test's recorder, keep its record in the item's stash, add its key numbers to the JUnit XML properties."""
     finding = close_recorder(rec)
-    if not (finding.measured() or finding.marked or finding.notes):
+    if not (finding.measured() or finding.marked or finding.notes or finding.unserved):
         return
     _pending(item).append(finding)  # sent by attach() when the call's report is made
     try:
@@ -149,6 +149,7 @@ class RunRecords:
 
     records: list[Finding] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)  # (nodeid, line) for the snapshots section
+    unserved: dict[str, list[str]] = field(default_factory=dict)  # nodeid -> models the fixtures did not serve
     band: float = 1.5  # |normalized effect| above this is suspicious (--nnsight-suspicious-effect)
 
     def add(self, report: Any) -> None:
@@ -158,6 +159,9 @@ class RunRecords:
                 continue
             finding = Finding.from_dict(data)
             self.notes += [(report.nodeid, line) for line in finding.notes if (report.nodeid, line) not in self.notes]
+            if finding.unserved:
+                seen = self.unserved.setdefault(finding.nodeid, [])
+                seen += [m for m in finding.unserved if m not in seen]
             if not (finding.measured() or finding.marked):
                 continue  # notes only (a structure snapshot re-verified): not a finding
             if finding.fixture:
@@ -277,3 +281,24 @@ def terminal_summary(terminalreporter: Any, records: RunRecords, show: bool) -> 
     terminalreporter.section("pytest-nnsight findings")
     for finding in records.records:
         terminalreporter.write_line(summary_line(finding))
+
+
+def unserved_summary(terminalreporter: Any, records: RunRecords, asked: Sequence[str]) -> None:
+    """'pytest-nnsight settings not applied': the run asked for options that travel with served models
+    (`asked`: --nnsight-check-batching, --nnsight-remote ...), and some tests ran verbs on models the fixtures
+    did not serve, which ran with the defaults instead. Said, never silent."""
+    if not asked or not records.unserved:
+        return
+    terminalreporter.section("pytest-nnsight settings not applied")
+    n = len(records.unserved)
+    terminalreporter.write_line(
+        f"{' and '.join(asked)} did not reach {n} test{'s' if n != 1 else ''} that ran verbs on a model the fixtures "
+        "did not serve (such a model runs with the default settings):",
+        yellow=True,
+    )
+    for nodeid, models in records.unserved.items():
+        terminalreporter.write_line(f"  {nodeid}: {', '.join(models)}")
+    terminalreporter.write_line(
+        "serve the model through nnsight_model(module, tokenizer) to have the run's options apply to it, "
+        "or pass check_batching=True to the verb"
+    )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .errors import SettingsError
+from .findings import current, record_unserved
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -393,7 +394,21 @@ def settings_of(model: Any) -> Settings:
     entry = _SERVED.get(id(model))
     if entry is not None and entry[0]() is model:
         return entry[1]
+    if current() is not None:  # inside a test: the run's summary names the tests the run's options did not reach
+        record_unserved(_describe(model))
     return DEFAULTS
+
+
+def _describe(model: Any) -> str:
+    """The wrapper's class, the module it wraps and, where known, its checkpoint: 'LanguageModel of GPT2LMHeadModel (gpt2)'."""
+    what = type(model).__name__
+    try:
+        inner = getattr(model, "_module", None)
+        name = getattr(getattr(inner if inner is not None else model, "config", None), "_name_or_path", "")
+    except Exception:  # a description never stops a verb
+        return what
+    what += f" of {type(inner).__name__}" if inner is not None else ""
+    return f"{what} ({name})" if isinstance(name, str) and name else what
 
 
 def resolve(

@@ -97,3 +97,43 @@ def test_the_fixtures_serve_models_with_the_session_settings(pytester):
     pytester.runpytest_inprocess("--nnsight-check-batching", "--nnsight-check-batching-cells", "7").assert_outcomes(
         passed=1
     )
+
+
+UNSERVED = """
+import pytest
+from pytest_nnsight import logit_diff, sweep
+from pytest_nnsight.models import wrap
+from pytest_nnsight.testing import tiny_gpt2
+
+CLEAN, CORRUPT = "The capital of France is", "The capital of Germany is"
+
+@pytest.fixture(scope="module")
+def own_model():
+    return wrap(*tiny_gpt2())  # wrapped by the user, not served by the fixtures
+
+def test_own(own_model):
+    sweep(own_model, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites="resid_post", positions=[-1])
+
+def test_served(nnsight_model):
+    model = nnsight_model(*tiny_gpt2())
+    sweep(model, CLEAN, CORRUPT, metric=logit_diff("Paris", "Berlin"), sites="resid_post", positions=[-1])
+"""
+
+
+def test_a_requested_option_that_missed_a_self_wrapped_model_is_said(pytester):
+    """--nnsight-check-batching travels with served models; a test whose model the fixtures did not serve is named."""
+    pytester.makepyfile(test_unserved=UNSERVED)
+    result = pytester.runpytest_inprocess("--nnsight-check-batching")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*pytest-nnsight settings not applied*",
+            "--nnsight-check-batching did not reach 1 test that ran verbs on a model the fixtures did not serve*",
+            "  test_unserved.py::test_own: * of GPT2LMHeadModel",
+            "serve the model through nnsight_model(module, tokenizer)*",
+        ]
+    )
+    assert "test_unserved.py::test_served:" not in result.stdout.str()
+    quiet = pytester.runpytest_inprocess()  # nothing asked: the defaults are what every model ran with
+    quiet.assert_outcomes(passed=2)
+    assert "settings not applied" not in quiet.stdout.str()

@@ -152,7 +152,7 @@ def finding_snapshot(snapshot: Any, request: pytest.FixtureRequest) -> Any:
 
         def test_capitals_map(nnsight_model, finding_snapshot):
             model = nnsight_model("bundled:capitals")
-            effects = sweep(model, "The capital of France is", "The capital of Germany is", logit_diff("Paris", "Berlin"))
+            effects = sweep(model, "The capital of France is", "The capital of Germany is", metric=logit_diff("Paris", "Berlin"))
             assert effects == finding_snapshot(model=model, atol=1e-3)
     """
     from .snapshots.extension import FindingSnapshotAssertion

@@ -5,7 +5,7 @@ site's activation), then one trace per chunk of patched corrupt runs. Prompts of
 are left-padded by nnsight 0.8, so each row's positions are shifted by its padding.
 
 >>> pairs = counterfactual_pairs(model, CAPITAL_TEMPLATES, {"country": CAPITALS})              # doctest: +SKIP
->>> result = population(model, pairs, "transformer.h.0", "last", n=64, threshold=0.7)         # doctest: +SKIP
+>>> result = population(model, pairs, site="resid_post.0", position="last", n=64, threshold=0.7)  # doctest: +SKIP
 >>> assert_population(result, min_rate=0.9)                                                    # doctest: +SKIP
 """
 

@@ -31,7 +31,7 @@ from .compare import (
     tolerance_from,
 )
 from .encode import DECIMALS, dumps, loads, record
-from .syrupy_adapter import after_this_assertion
+from .syrupy_adapter import after_this_assertion, assertion_like
 
 ACCEPT = "run pytest --snapshot-update to accept the change"
 
@@ -249,18 +249,7 @@ class FindingSnapshotAssertion(SnapshotAssertion, _TestOptions):
         cls, snapshot: SnapshotAssertion, *, cache: Any = None, settings: Any = None
     ) -> "FindingSnapshotAssertion":
         """The equivalent of ``snapshot.use_extension(FindingSnapshotExtension)``, as this class."""
-        return cls(
-            session=snapshot.session,
-            extension_class=FindingSnapshotExtension,
-            test_location=snapshot.test_location,
-            update_snapshots=snapshot.update_snapshots,
-            update_new_snapshots_only=snapshot.update_new_snapshots_only,
-            include=snapshot.include,
-            exclude=snapshot.exclude,
-            matcher=snapshot.matcher,
-            cache=cache,
-            settings=settings,
-        )
+        return assertion_like(snapshot, cls, FindingSnapshotExtension, cache=cache, settings=settings)
 
     def with_defaults(self, **kwargs: Any) -> "FindingSnapshotAssertion":
         new = super().with_defaults(**kwargs)

@@ -26,6 +26,7 @@ from . import hooks
 from .compare import environment_changes
 from .encode import dumps
 from .extension import ACCEPT, FindingSnapshotExtension, Options
+from .syrupy_adapter import assertion_like
 
 FORMAT = "pytest-nnsight structure"
 VERSION = 1
@@ -127,16 +128,8 @@ class StructureSnapshotAssertion(SnapshotAssertion):
 
     @classmethod
     def from_snapshot(cls, snapshot: SnapshotAssertion) -> "StructureSnapshotAssertion":
-        return cls(
-            session=snapshot.session,
-            extension_class=StructureSnapshotExtension,
-            test_location=snapshot.test_location,
-            update_snapshots=snapshot.update_snapshots,
-            update_new_snapshots_only=snapshot.update_new_snapshots_only,
-            include=snapshot.include,
-            exclude=snapshot.exclude,
-            matcher=snapshot.matcher,
-        )
+        """The equivalent of ``snapshot.use_extension(StructureSnapshotExtension)``, as this class."""
+        return assertion_like(snapshot, cls, StructureSnapshotExtension)
 
     @property
     def index(self) -> Any:

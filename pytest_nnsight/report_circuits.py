@@ -79,19 +79,14 @@ def circuit_figures(rec: Finding, slug: str, plt: Any, png: Any) -> dict[str, by
                 continue
             (x0, y0), (x1, y1) = pos[s], pos[_node_of(r)]
             width = 0.6 + 5.5 * (abs(v) / top if v is not None else 0.3)
-            ax.annotate(
-                "",
-                xy=(x1, y1),
-                xytext=(x0, y0),
-                arrowprops=dict(
-                    arrowstyle="-|>",
-                    lw=width,
-                    color="#2166ac" if (v or 0) >= 0 else "#b2182b",
-                    alpha=0.75,
-                    shrinkA=14,
-                    shrinkB=14,
-                    connectionstyle="arc3,rad=0.12",
-                ),
+            _arrow(
+                ax,
+                (x0, y0),
+                (x1, y1),
+                arrowstyle="-|>",
+                lw=width,
+                color="#2166ac" if (v or 0) >= 0 else "#b2182b",
+                alpha=0.75,
             )
             kind = r.split("_")[0] if r[:2] in ("q_", "k_", "v_") else ""
             if kind:
@@ -105,37 +100,11 @@ def circuit_figures(rec: Finding, slug: str, plt: Any, png: Any) -> dict[str, by
                     va="center",
                 )
             if (s, r) in claimed:
-                ax.annotate(
-                    "",
-                    xy=(x1, y1),
-                    xytext=(x0, y0),
-                    arrowprops=dict(
-                        arrowstyle="-",
-                        lw=1.4,
-                        color="black",
-                        linestyle="--",
-                        shrinkA=14,
-                        shrinkB=14,
-                        connectionstyle="arc3,rad=0.12",
-                    ),
-                )
+                _arrow(ax, (x0, y0), (x1, y1), arrowstyle="-", lw=1.4, color="black", linestyle="--")
         for s, r in c.missing:
             if s in pos and _node_of(r) in pos:
                 (x0, y0), (x1, y1) = pos[s], pos[_node_of(r)]
-                ax.annotate(
-                    "",
-                    xy=(x1, y1),
-                    xytext=(x0, y0),
-                    arrowprops=dict(
-                        arrowstyle="-|>",
-                        lw=2,
-                        color="#ff00ff",
-                        linestyle=":",
-                        shrinkA=14,
-                        shrinkB=14,
-                        connectionstyle="arc3,rad=0.12",
-                    ),
-                )
+                _arrow(ax, (x0, y0), (x1, y1), arrowstyle="-|>", lw=2, color="#ff00ff", linestyle=":")
         for n, (x, y) in pos.items():
             ax.scatter(
                 [x], [y], s=900, color="#fff7bc" if n.startswith("mlp") else "#e0ecf4", edgecolors="#333", zorder=3
@@ -169,6 +138,13 @@ def circuit_figures(rec: Finding, slug: str, plt: Any, png: Any) -> dict[str, by
         fig.tight_layout()
         out[f"figures/{slug}-circuit{k}.png"] = png(fig, plt)
     return out
+
+
+def _arrow(ax: Any, start: tuple[float, float], end: tuple[float, float], **style: Any) -> None:
+    """An edge from `start` to `end`, slightly curved, stopping short of the node circles; `style`: matplotlib arrowprops."""
+    ax.annotate(
+        "", xy=end, xytext=start, arrowprops=dict(shrinkA=14, shrinkB=14, connectionstyle="arc3,rad=0.12", **style)
+    )
 
 
 def _stage(y: float) -> str:

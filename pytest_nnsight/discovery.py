@@ -192,9 +192,8 @@ def _gradients(
         raise exc.with_traceback(None)  # noqa: B904
     except (AttributeError, IndexError, ValueError, RuntimeError, TypeError, NotImplementedError) as exc:
         err = _translate(exc, model, order)
-        err.original = (
-            exc  # nnsight's own exception, for debugging; not chained, so tracebacks stay short (as trace.run)
-        )
+        # nnsight's own exception, for debugging; not chained, so tracebacks stay short (as trace.run)
+        err.original = exc
         raise err from None
     writes = [s for s in order if s in write_sites]
     return dict(zip(writes, grads[::-1])), saved

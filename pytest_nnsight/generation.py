@@ -578,9 +578,8 @@ class TextMetric:
 
     name: str
     fn: Callable[[Any, Generation, int], float]
-    expected: Any = (
-        None  # what the continuation is compared with (a string, one per prompt, or a function), if anything
-    )
+    # what the continuation is compared with (a string, one per prompt, or a function), if anything
+    expected: Any = None
 
     def expected_texts(self, generation: Generation) -> tuple[str, ...]:
         """The expected continuation of each prompt, or () for a metric without one."""

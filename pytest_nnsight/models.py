@@ -120,9 +120,8 @@ class ModelCache:
         self._modules: dict[int, Any] = {}  # keeps user-passed modules alive while their id() is a key
         self._lock = threading.RLock()
         self.load_counts: Counter[ModelKey] = Counter()
-        self.hub_unreachable: str | None = (
-            None  # why the hub could not be reached; the rest of the session loads offline
-        )
+        # why the hub could not be reached; the rest of the session loads offline
+        self.hub_unreachable: str | None = None
         self.on_serve: Any = None  # called with the LoadedModel on every serve (the plugin's structure lock)
 
     # -- public ---------------------------------------------------------------

@@ -15,9 +15,8 @@ from typing import Any, Iterator, Sequence
 from .findings import MAX_ITEMS, Recorder, close_recorder, open_recorder
 from .records import Finding, fmt, number, percent
 
-REPORT_ATTR = (
-    "nnsight_findings"  # on a TestReport: the records it carries, as plain dicts (the test's own, its fixtures')
-)
+# on a TestReport: the records it carries, as plain dicts (the test's own, its fixtures')
+REPORT_ATTR = "nnsight_findings"
 MARKER = "finding(claim): the claim this test checks, in words; the findings summary and report show it (default: the test name)."
 
 
@@ -54,9 +53,8 @@ def finish_fixture(fixturedef: Any, request: Any, rec: Recorder) -> None:
         _pending(item).append(finding)
 
 
-_PENDING: Any = (
-    None  # pytest.StashKey[list[Finding]], made on first use (this module imports only the standard library)
-)
+# pytest.StashKey[list[Finding]], made on first use (this module imports only the standard library)
+_PENDING: Any = None
 
 
 def _pending(item: Any) -> list[Finding]:

@@ -25,9 +25,8 @@ from typing import Any, Iterator
 from .errors import StructureChangedError  # noqa: F401  (re-exported; every error class lives in errors.py)
 from .settings import STRUCTURE_LOCK_MODES as MODES, parse_structure_lock as parse_mode  # noqa: F401
 
-LOCK_NAME = (
-    ".nnsight-structure.lock"  # JSON; a dot name: syrupy skips it (any other file there counts as an unused snapshot)
-)
+# JSON; a dot name: syrupy skips it (any other file there counts as an unused snapshot)
+LOCK_NAME = ".nnsight-structure.lock"
 SNAPSHOT_DIR = "__snapshots__"
 FORMAT = "pytest-nnsight structure lock"
 VERSION = 1

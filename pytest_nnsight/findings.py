@@ -36,7 +36,7 @@ MAX_VALUES = 4096  # per population: effects kept for the histogram
 MAX_PROBES = 24  # per test: a probe sweep over every layer of a deep model stays bounded
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the stack finds and removes this recorder, not one with an equal finding
 class Recorder:
     """The Finding of the test (or fixture) now running, and the result objects already recorded into it.
 

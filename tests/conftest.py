@@ -11,7 +11,7 @@ import torch  # noqa: F401
 import transformers  # noqa: F401
 
 from pytest_nnsight.metrics import logit_diff
-from pytest_nnsight.models import import_nnsight, wrap
+from pytest_nnsight.models import import_nnsight
 from pytest_nnsight.testing import tiny_gpt2
 
 
@@ -61,11 +61,12 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def tiny_ioi():
-    """A seeded random 2-layer GPT-2 (seed 3, 4 heads, d_model 32) wrapped for nnsight, whose word tokenizer knows the
-    IOI prompts' words: the model of the path-patching and circuit tests (one per module)."""
+def tiny_ioi(nnsight_models):
+    """A seeded random 2-layer GPT-2 (seed 3, 4 heads, d_model 32) served like a user's module (`nnsight_model(module,
+    tokenizer)`, so the run's --nnsight-check-batching reaches it), whose word tokenizer knows the IOI prompts' words:
+    the model of the path-patching and circuit tests (one per module)."""
     hf, tok = tiny_gpt2(seed=3)
-    return wrap(hf, tok)
+    return nnsight_models.get(hf, tok, device="cpu")
 
 
 @pytest.fixture(scope="module")

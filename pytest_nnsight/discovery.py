@@ -260,19 +260,8 @@ def edge_attribution(
             if (s, r) in index:
                 v = float(att.scores[0, index[(s, r)]])
                 raw[i][j], grid[i][j] = tgt + v, v / (src - tgt)
-    clean_m, corrupt_m = (src, tgt) if direction == "clean->corrupt" else (tgt, src)
-    return PathMap(
-        tuple(map(tuple, grid)),
-        tuple(s.label for s in S),
-        tuple(r.label for r in R),
-        m.name,
-        text_of(clean),
-        text_of(corrupt),
-        clean_m,
-        corrupt_m,
-        tuple(map(tuple, raw)),
-        kind=f"edge attribution ({method}{f', {steps} steps' if method == 'eap-ig' else ''})",
-    )
+    kind = f"edge attribution ({method}{f', {steps} steps' if method == 'eap-ig' else ''})"
+    return PathMap.from_grids(grid, raw, S, R, m, clean, corrupt, src, tgt, direction, kind=kind)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

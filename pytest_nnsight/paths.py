@@ -456,6 +456,37 @@ class PathMap:
     raw: tuple[tuple[float, ...], ...] = ()
     kind: str = "path patch"
 
+    @classmethod
+    def from_grids(
+        cls,
+        grid: Sequence[Sequence[float]],
+        raw: Sequence[Sequence[float]],
+        senders: Sequence[Any],
+        receivers: Sequence[Any],
+        metric: Any,
+        clean: Any,
+        corrupt: Any,
+        src: float,
+        tgt: float,
+        direction: str,
+        kind: str = "path patch",
+    ) -> "PathMap":
+        """The map of `grid` (normalized) and `raw` over sender x receiver sites; `src`/`tgt` are the metric on the
+        patch's source and target runs, stored as clean/corrupt whichever way `direction` patched."""
+        clean_m, corrupt_m = (src, tgt) if direction == "clean->corrupt" else (tgt, src)
+        return cls(
+            tuple(map(tuple, grid)),
+            tuple(s.label for s in senders),
+            tuple(r.label for r in receivers),
+            metric.name,
+            text_of(clean),
+            text_of(corrupt),
+            clean_m,
+            corrupt_m,
+            tuple(map(tuple, raw)),
+            kind=kind,
+        )
+
     def __getitem__(self, edge: tuple[str, str]) -> float:
         """map[sender, receiver]."""
         sender, receiver = edge
@@ -570,18 +601,7 @@ def path_sweep(
     for (i, j), v in zip(edges, raw):
         raw_grid[i][j] = v
         grid[i][j] = normalized(v, pc.tgt, pc.src, min_gap=min_gap, what=what)
-    clean_m, corrupt_m = (pc.src, pc.tgt) if direction == "clean->corrupt" else (pc.tgt, pc.src)
-    return PathMap(
-        tuple(map(tuple, grid)),
-        tuple(s.label for s in S),
-        tuple(r.label for r in R),
-        m.name,
-        text_of(clean),
-        text_of(corrupt),
-        clean_m,
-        corrupt_m,
-        tuple(map(tuple, raw_grid)),
-    )
+    return PathMap.from_grids(grid, raw_grid, S, R, m, clean, corrupt, pc.src, pc.tgt, direction)
 
 
 def run_edges(

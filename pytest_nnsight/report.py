@@ -126,16 +126,7 @@ def _figures(rec: Finding, slug: str, plt: Any) -> dict[str, bytes]:
         ax.set_ylabel("site (layer)")
         for i in range(n_rows):
             for j in range(n_cols):
-                v = values[i][j]
-                ax.text(
-                    j,
-                    i,
-                    "nan" if not math.isfinite(v) else f"{v:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black",
-                )
+                _cell_text(ax, i, j, values[i][j], lim, 8)
         for i, j in m.claimed:
             ax.add_patch(
                 plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5, linestyle="--")
@@ -175,6 +166,19 @@ def _figures(rec: Finding, slug: str, plt: Any) -> dict[str, bytes]:
     out.update(lens_figures(rec, slug, plt, _png))
     out.update(circuit_figures(rec, slug, plt, _png))
     return out
+
+
+def _cell_text(ax: Any, i: int, j: int, v: float, lim: float, fontsize: int) -> None:
+    """A heatmap cell's value in two decimals ('nan' when not finite), white on the dark end of the colour scale."""
+    ax.text(
+        j,
+        i,
+        "nan" if not math.isfinite(v) else f"{v:.2f}",
+        ha="center",
+        va="center",
+        fontsize=fontsize,
+        color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black",
+    )
 
 
 def _diff_grid(old: list[list[Any]], new: list[list[Any]]) -> list[list[float | None]] | None:
@@ -250,15 +254,7 @@ def _drift_figure(drift: Drift, snap: SnapshotRecord, plt: Any) -> bytes:
         if len(grid) * len(grid[0]) <= 160:
             for i, row in enumerate(grid):
                 for j, v in enumerate(row):
-                    ax.text(
-                        j,
-                        i,
-                        "nan" if not math.isfinite(v) else f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if math.isfinite(v) and abs(v) > 0.6 * lim else "black",
-                    )
+                    _cell_text(ax, i, j, v, lim, 7)
         for i, j in changed - moved:
             ax.add_patch(
                 plt.Rectangle(
